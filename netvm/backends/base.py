@@ -1,0 +1,130 @@
+"""The Backend protocol: small, kernel-shaped primitives, and the values they exchange.
+
+Every decision (idempotency, rollback, allocation, ownership) lives in NetworkManager;
+a backend only does what it is told and raises netvm's errors (netvm.errors.host_error)
+with the errno the kernel gives for the same situation.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class TapOptions:
+    """How a TAP is opened: who may open it later, and its queue and header flags."""
+
+    owner: int | None = None
+    group: int | None = None
+    multi_queue: bool = False
+    vnet_hdr: bool = False
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    kind: str | None
+    """rtnetlink's IFLA_INFO_KIND: "bridge", "tun", "veth"... (None for a plain device)."""
+    master: int | None
+    mtu: int
+    up: bool
+    alias: str | None
+    tap: TapOptions | None = None
+    """For a TAP (kind "tun"): the flags it was created with."""
+
+
+@dataclass(frozen=True)
+class Address:
+    index: int
+    interface: ipaddress.IPv4Interface
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One netfilter rule, with only the matches netvm writes.
+
+    A rule with anything else is listed with that part in `other` (as text), so it never
+    compares equal to a rule netvm would write.
+    """
+
+    target: str
+    source: ipaddress.IPv4Network | None = None
+    in_iface: str | None = None
+    out_iface: str | None = None
+    ctstate: tuple[str, ...] = ()
+    comment: str | None = None
+    other: str = ""
+
+
+FILTER = "filter"
+NAT = "nat"
+# Targets that are not user chains (any other target must name an existing chain).
+STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "REJECT", "MASQUERADE", "LOG"})
+
+
+class Firewall(Protocol):
+    """The netfilter seam: chains and rules of the IPv4 tables `filter` and `nat`."""
+
+    def list_chains(self, table: str) -> list[str]: ...
+
+    def create_chain(self, table: str, chain: str) -> None: ...
+
+    def delete_chain(self, table: str, chain: str) -> None:
+        """The chain must be empty and no rule may jump to it."""
+
+    def list_rules(self, table: str, chain: str) -> list[Rule]: ...
+
+    def insert_rule(self, table: str, chain: str, rule: Rule, position: int = 0) -> None: ...
+
+    def delete_rule(self, table: str, chain: str, rule: Rule) -> None:
+        """Delete the first rule equal to `rule`; NotFound if there is none."""
+
+
+class Backend(Firewall, Protocol):
+    """Links, addresses, the ip_forward switch and the firewall of one network namespace."""
+
+    def get_link(self, name: str) -> Link | None:
+        """One lookup by name (never a dump); None when there is no such device."""
+
+    def list_links(self, master: int | None = None) -> list[Link]:
+        """Every link, or only the ports of the bridge with index `master`."""
+
+    def create_bridge(self, name: str, mtu: int, alias: str | None = None) -> None: ...
+
+    def create_tap(self, name: str, options: TapOptions) -> None:
+        """A persistent TAP; DeviceExists if any device has that name (never reused)."""
+
+    def set_link(
+        self,
+        name: str,
+        *,
+        master: int | None = None,
+        mtu: int | None = None,
+        up: bool | None = None,
+        alias: str | None = None,
+    ) -> None:
+        """Change several attributes of a link in one request."""
+
+    def delete_link(self, name: str) -> None: ...
+
+    def delete_links(self, names: Sequence[str]) -> None:
+        """Delete many links paying the kernel's per-request grace period once.
+
+        Names that are already gone are skipped.
+        """
+
+    def list_addresses(self, index: int | None = None) -> list[Address]: ...
+
+    def add_address(self, index: int, interface: ipaddress.IPv4Interface) -> None: ...
+
+    def delete_address(self, index: int, interface: ipaddress.IPv4Interface) -> None: ...
+
+    def get_ip_forward(self) -> bool: ...
+
+    def set_ip_forward(self, enabled: bool) -> None: ...
+
+    def close(self) -> None: ...

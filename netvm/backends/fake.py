@@ -1,0 +1,258 @@
+"""FakeBackend: an in-memory model of one network namespace's links, addresses and rules.
+
+It enforces the kernel's rules and raises the errno the kernel raises for the same request
+(checked by the contract tests, which run against both backends), and it can be told to
+fail the k-th change so that rollback can be tested at every step.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from netvm.backends.base import FILTER, NAT, STANDARD_TARGETS, Address, Link, Rule, TapOptions
+from netvm.config import IFNAMSIZ, MAX_MTU, MIN_MTU
+from netvm.errors import host_error
+from netvm.naming import MAX_BRIDGE_PORTS
+
+BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
+    FILTER: ("INPUT", "FORWARD", "OUTPUT"),
+    NAT: ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+}
+
+
+@dataclass
+class FakeState:
+    """Everything the fake kernel holds; tests may read it, the backend changes it."""
+
+    links: dict[str, Link] = field(default_factory=dict)
+    addresses: list[Address] = field(default_factory=list)
+    ip_forward: bool = False
+    chains: dict[str, dict[str, list[Rule]]] = field(
+        default_factory=lambda: {t: {c: [] for c in cs} for t, cs in BUILTIN_CHAINS.items()}
+    )
+    next_index: int = 2
+
+    def __post_init__(self) -> None:
+        self.links.setdefault("lo", Link(1, "lo", None, None, 65536, False, None))
+
+
+class FakeBackend:
+    """A Backend over a FakeState (a fresh one unless given)."""
+
+    def __init__(self, state: FakeState | None = None) -> None:
+        self.state = state if state is not None else FakeState()
+        self.mutations = 0
+        self._fail_at: int | None = None
+        self._fail_errno = errno.EIO
+
+    # Fault injection -------------------------------------------------------------------
+
+    def fail_at(self, k: int | None, error: int = errno.EIO) -> None:
+        """Make the k-th change from now (1-based) fail with `error`; None disarms."""
+        self._fail_at = None if k is None else self.mutations + k
+        self._fail_errno = error
+
+    def _mutate(self, operation: str, device: str | None) -> None:
+        self.mutations += 1
+        if self._fail_at is not None and self.mutations == self._fail_at:
+            self._fail_at = None
+            raise host_error(operation, device, self._fail_errno, "injected fault")
+
+    # Links ------------------------------------------------------------------------------
+
+    def _by_index(self, index: int) -> Link | None:
+        return next((link for link in self.state.links.values() if link.index == index), None)
+
+    def _require(self, operation: str, name: str) -> Link:
+        link = self.state.links.get(name)
+        if link is None:
+            raise host_error(operation, name, errno.ENODEV)
+        return link
+
+    def _new_link(
+        self, operation: str, name: str, kind: str | None, mtu: int, tap: TapOptions | None = None
+    ) -> None:
+        if len(name.encode()) >= IFNAMSIZ:
+            raise host_error(operation, name, errno.ERANGE)
+        if name in self.state.links:
+            raise host_error(operation, name, errno.EBUSY if kind == "tun" else errno.EEXIST)
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise host_error(operation, name, errno.EINVAL)
+        self._mutate(operation, name)
+        index = self.state.next_index
+        self.state.next_index += 1
+        self.state.links[name] = Link(index, name, kind, None, mtu, False, None, tap)
+
+    def add_link(self, name: str, kind: str | None, mtu: int = 1500) -> None:
+        """Add a device netvm has no primitive for (a veth, a dummy), as a user would."""
+        self._new_link("create link", name, kind, mtu)
+
+    def get_link(self, name: str) -> Link | None:
+        return self.state.links.get(name)
+
+    def list_links(self, master: int | None = None) -> list[Link]:
+        links = sorted(self.state.links.values(), key=lambda link: link.index)
+        return [link for link in links if master is None or link.master == master]
+
+    def create_bridge(self, name: str, mtu: int, alias: str | None = None) -> None:
+        self._new_link("create bridge", name, "bridge", mtu)
+        if alias is not None:
+            self.state.links[name] = replace(self.state.links[name], alias=alias)
+
+    def create_tap(self, name: str, options: TapOptions) -> None:
+        self._new_link("create tap", name, "tun", 1500, tap=options)
+
+    def set_link(
+        self,
+        name: str,
+        *,
+        master: int | None = None,
+        mtu: int | None = None,
+        up: bool | None = None,
+        alias: str | None = None,
+    ) -> None:
+        operation = "set link"
+        link = self._require(operation, name)
+        changes: dict[str, object] = {}
+        if master is not None:
+            bridge = self._by_index(master)
+            if bridge is None:
+                raise host_error(operation, name, errno.EINVAL, f"no device with index {master}")
+            if bridge.kind != "bridge":
+                raise host_error(operation, name, errno.EOPNOTSUPP, f"{bridge.name} is no bridge")
+            if bridge.index == link.index:
+                raise host_error(operation, name, errno.ELOOP)
+            if link.master != master:
+                ports = sum(1 for other in self.state.links.values() if other.master == master)
+                if ports >= MAX_BRIDGE_PORTS:
+                    raise host_error(operation, name, errno.EXFULL, f"{bridge.name} is full")
+            changes["master"] = master
+        if mtu is not None:
+            if not MIN_MTU <= mtu <= MAX_MTU:
+                raise host_error(operation, name, errno.EINVAL)
+            changes["mtu"] = mtu
+        if up is not None:
+            changes["up"] = up
+        if alias is not None:
+            changes["alias"] = alias or None
+        self._mutate(operation, name)
+        self.state.links[name] = replace(link, **changes)  # type: ignore[arg-type]
+
+    def _remove(self, link: Link) -> None:
+        del self.state.links[link.name]
+        self.state.addresses = [a for a in self.state.addresses if a.index != link.index]
+        for other in list(self.state.links.values()):
+            if other.master == link.index:
+                self.state.links[other.name] = replace(other, master=None)
+
+    def delete_link(self, name: str) -> None:
+        link = self._require("delete link", name)
+        self._mutate("delete link", name)
+        self._remove(link)
+
+    def delete_links(self, names: Sequence[str]) -> None:
+        present = [self.state.links[n] for n in names if n in self.state.links]
+        if not present:
+            return
+        self._mutate("delete links", ",".join(link.name for link in present))
+        for link in present:
+            self._remove(link)
+
+    # Addresses --------------------------------------------------------------------------
+
+    def list_addresses(self, index: int | None = None) -> list[Address]:
+        return [a for a in self.state.addresses if index is None or a.index == index]
+
+    def _device(self, operation: str, index: int) -> str:
+        link = self._by_index(index)
+        if link is None:
+            raise host_error(operation, f"index {index}", errno.ENODEV)
+        return link.name
+
+    def add_address(self, index: int, interface: ipaddress.IPv4Interface) -> None:
+        device = self._device("add address", index)
+        if Address(index, interface) in self.state.addresses:
+            raise host_error("add address", device, errno.EEXIST, str(interface))
+        self._mutate("add address", device)
+        self.state.addresses.append(Address(index, interface))
+
+    def delete_address(self, index: int, interface: ipaddress.IPv4Interface) -> None:
+        device = self._device("delete address", index)
+        if Address(index, interface) not in self.state.addresses:
+            raise host_error("delete address", device, errno.EADDRNOTAVAIL, str(interface))
+        self._mutate("delete address", device)
+        self.state.addresses.remove(Address(index, interface))
+
+    # ip_forward -------------------------------------------------------------------------
+
+    def get_ip_forward(self) -> bool:
+        return self.state.ip_forward
+
+    def set_ip_forward(self, enabled: bool) -> None:
+        self._mutate("set ip_forward", None)
+        self.state.ip_forward = enabled
+
+    # Firewall ---------------------------------------------------------------------------
+
+    def _table(self, operation: str, table: str) -> dict[str, list[Rule]]:
+        if table not in self.state.chains:
+            raise host_error(operation, f"table {table}", errno.ENOENT)
+        return self.state.chains[table]
+
+    def _chain(self, operation: str, table: str, chain: str) -> list[Rule]:
+        chains = self._table(operation, table)
+        if chain not in chains:
+            raise host_error(operation, f"chain {table}/{chain}", errno.ENOENT)
+        return chains[chain]
+
+    def list_chains(self, table: str) -> list[str]:
+        return list(self._table("list chains", table))
+
+    def create_chain(self, table: str, chain: str) -> None:
+        chains = self._table("create chain", table)
+        if chain in chains:
+            raise host_error("create chain", f"chain {table}/{chain}", errno.EEXIST)
+        self._mutate("create chain", f"chain {table}/{chain}")
+        chains[chain] = []
+
+    def delete_chain(self, table: str, chain: str) -> None:
+        operation = "delete chain"
+        where = f"chain {table}/{chain}"
+        rules = self._chain(operation, table, chain)
+        if chain in BUILTIN_CHAINS[table]:
+            raise host_error(operation, where, errno.EPERM)
+        if rules:
+            raise host_error(operation, where, errno.ENOTEMPTY)
+        if any(r.target == chain for rs in self.state.chains[table].values() for r in rs):
+            raise host_error(operation, where, errno.EMLINK)
+        self._mutate(operation, where)
+        del self.state.chains[table][chain]
+
+    def list_rules(self, table: str, chain: str) -> list[Rule]:
+        return list(self._chain("list rules", table, chain))
+
+    def insert_rule(self, table: str, chain: str, rule: Rule, position: int = 0) -> None:
+        operation = "insert rule"
+        where = f"chain {table}/{chain}"
+        rules = self._chain(operation, table, chain)
+        if rule.target not in STANDARD_TARGETS and rule.target not in self.state.chains[table]:
+            raise host_error(operation, where, errno.ENOENT, f"no target {rule.target}")
+        if not 0 <= position <= len(rules):
+            raise host_error(operation, where, errno.E2BIG)
+        self._mutate(operation, where)
+        rules.insert(position, rule)
+
+    def delete_rule(self, table: str, chain: str, rule: Rule) -> None:
+        operation = "delete rule"
+        where = f"chain {table}/{chain}"
+        rules = self._chain(operation, table, chain)
+        if rule not in rules:
+            raise host_error(operation, where, errno.ENOENT)
+        self._mutate(operation, where)
+        rules.remove(rule)
+
+    def close(self) -> None:
+        """Nothing to release: the state lives as long as the object."""

@@ -1,0 +1,243 @@
+"""The netfilter seam, implemented with python-iptables (libiptc, the legacy xtables tables).
+
+`import iptc` normally runs ldconfig, gcc and modprobe (about 17 processes, ~200 ms) to find
+its libraries; `load_iptc` finds them by soname instead, so no netvm call creates a process.
+libiptc keeps process-wide state (one cached handle per table, global extension registry), and
+a handle reads and commits in the namespace of the thread that initialised it: every use goes
+through `_LOCK` and starts with a fresh handle made in the calling (namespace) thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import importlib.util
+import ipaddress
+import os
+import sys
+import sysconfig
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+from netvm.backends.base import STANDARD_TARGETS, Rule
+from netvm.errors import NetvmError, host_error
+
+_LOCK = threading.RLock()
+T = TypeVar("T")
+
+_SONAMES = {
+    "ip4tc": ("libip4tc.so.2", "libip4tc.so.0"),
+    "ip6tc": ("libip6tc.so.2", "libip6tc.so.0"),
+    "iptc": ("libiptc.so.0",),
+    "xtables": tuple(f"libxtables.so.{v}" for v in range(12, 9, -1)),
+}
+MISSING_IPTABLES = (
+    "python-iptables needs the xtables libraries and extensions: "
+    "install Debian's 'iptables' package (apt-get install iptables)"
+)
+
+
+def _xtables_dir() -> str:
+    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+    for candidate in (
+        f"/usr/lib/{multiarch}/xtables",
+        "/usr/lib64/xtables",
+        "/usr/lib/xtables",
+        "/usr/local/lib/xtables",
+    ):
+        if os.path.isdir(candidate):
+            return candidate
+    raise NetvmError(MISSING_IPTABLES)
+
+
+def load_iptc() -> ModuleType:
+    """Import python-iptables without the process spawns of its library search."""
+    loaded = sys.modules.get("iptc")
+    if loaded is not None:
+        return loaded
+    os.environ.setdefault("XTABLES_LIBDIR", _xtables_dir())
+    spec = importlib.util.find_spec("iptc")
+    if spec is None or spec.origin is None:
+        raise NetvmError("python-iptables is not installed (pip install python-iptables)")
+    util_spec = importlib.util.spec_from_file_location(
+        "iptc.util", Path(spec.origin).with_name("util.py")
+    )
+    assert util_spec is not None
+    assert util_spec.loader is not None
+    util = importlib.util.module_from_spec(util_spec)
+    util_spec.loader.exec_module(util)
+    patched: Any = util
+    search_by_path: Callable[[str], Any] = patched._do_find_library
+
+    def find_without_spawning(name: str) -> Any:
+        if "/" in name:
+            return search_by_path(name)
+        stem = name.removeprefix("lib").split(".")[0]
+        for soname in _SONAMES.get(stem, ()):
+            try:
+                return ctypes.CDLL(soname, mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                continue
+        for folder in sys.path:
+            try:
+                return ctypes.CDLL(os.path.join(folder, name), mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                continue
+        return None
+
+    patched._do_find_library = find_without_spawning
+    patched.find_libc = lambda: ctypes.CDLL("libc.so.6", mode=ctypes.RTLD_GLOBAL)
+    # The kernel loads ip_tables and iptable_* itself when a table is first asked for.
+    patched.load_kernel = lambda *args, **kwargs: None
+    sys.modules["iptc.util"] = util
+    try:
+        import iptc
+    except Exception as exc:
+        sys.modules.pop("iptc.util", None)
+        raise NetvmError(f"{MISSING_IPTABLES} ({exc})") from exc
+    module: ModuleType = iptc
+    return module
+
+
+class IptablesFirewall:
+    """Firewall over python-iptables; every method must run in the namespace's thread."""
+
+    def __init__(self) -> None:
+        self._iptc = load_iptc()
+
+    @contextmanager
+    def _table(self, operation: str, table: str, where: str, commit: bool) -> Iterator[Any]:
+        iptc = self._iptc
+        with _LOCK:
+            try:
+                handle = iptc.Table(table, autocommit=False)
+                handle.refresh()
+                yield handle
+                if commit:
+                    handle.commit()
+            except iptc.IPTCError as exc:
+                code = iptc.ip4tc._get_errno_loc()[0] or errno.EIO
+                raise host_error(operation, where, code, str(exc)) from None
+
+    def list_chains(self, table: str) -> list[str]:
+        with self._table("list chains", table, f"table {table}", commit=False) as handle:
+            return [chain.name for chain in handle.chains]
+
+    def create_chain(self, table: str, chain: str) -> None:
+        where = f"chain {table}/{chain}"
+        with self._table("create chain", table, where, commit=True) as handle:
+            if handle.is_chain(chain):
+                raise host_error("create chain", where, errno.EEXIST)
+            handle.create_chain(chain)
+
+    def delete_chain(self, table: str, chain: str) -> None:
+        where = f"chain {table}/{chain}"
+        with self._table("delete chain", table, where, commit=True) as handle:
+            if not handle.is_chain(chain):
+                raise host_error("delete chain", where, errno.ENOENT)
+            handle.delete_chain(chain)
+
+    def _chain(self, handle: Any, operation: str, table: str, chain: str) -> Any:
+        if not handle.is_chain(chain):
+            raise host_error(operation, f"chain {table}/{chain}", errno.ENOENT)
+        return self._iptc.Chain(handle, chain)
+
+    def list_rules(self, table: str, chain: str) -> list[Rule]:
+        where = f"chain {table}/{chain}"
+        with self._table("list rules", table, where, commit=False) as handle:
+            return [to_rule(r) for r in self._chain(handle, "list rules", table, chain).rules]
+
+    def insert_rule(self, table: str, chain: str, rule: Rule, position: int = 0) -> None:
+        where = f"chain {table}/{chain}"
+        with self._table("insert rule", table, where, commit=True) as handle:
+            target_chain = self._chain(handle, "insert rule", table, chain)
+            if len(target_chain.rules) < position or position < 0:
+                raise host_error("insert rule", where, errno.E2BIG)
+            if rule.target not in STANDARD_TARGETS and not handle.is_chain(rule.target):
+                raise host_error("insert rule", where, errno.ENOENT, f"no target {rule.target}")
+            target_chain.insert_rule(self._to_iptc(rule), position)
+
+    def delete_rule(self, table: str, chain: str, rule: Rule) -> None:
+        where = f"chain {table}/{chain}"
+        with self._table("delete rule", table, where, commit=True) as handle:
+            target_chain = self._chain(handle, "delete rule", table, chain)
+            for candidate in target_chain.rules:
+                if to_rule(candidate) == rule:
+                    target_chain.delete_rule(candidate)
+                    return
+            raise host_error("delete rule", where, errno.ENOENT)
+
+    def _to_iptc(self, rule: Rule) -> Any:
+        if rule.other:
+            raise ValueError(f"cannot write a rule with unmodelled parts: {rule.other}")
+        result = self._iptc.Rule()
+        if rule.source is not None:
+            result.src = str(rule.source)
+        if rule.in_iface is not None:
+            result.in_interface = rule.in_iface
+        if rule.out_iface is not None:
+            result.out_interface = rule.out_iface
+        if rule.ctstate:
+            match = result.create_match("conntrack")
+            match.ctstate = ",".join(rule.ctstate)
+        if rule.comment is not None:
+            match = result.create_match("comment")
+            match.comment = rule.comment
+        result.target = result.create_target(rule.target)
+        return result
+
+
+def _parameters(thing: Any) -> str:
+    params: dict[str, list[str]] = thing.get_all_parameters()
+    return " ".join(f"--{k} {' '.join(v)}".strip() for k, v in sorted(params.items()))
+
+
+def to_rule(entry: Any) -> Rule:
+    """Read a libiptc entry into a Rule; what netvm does not model goes into `other`."""
+    other: list[str] = []
+    source: ipaddress.IPv4Network | None = None
+    src = entry.src
+    if src not in ("0.0.0.0/0.0.0.0", "0.0.0.0/0"):
+        try:
+            source = ipaddress.IPv4Network(src)
+        except ValueError:
+            other.append(f"-s {src}")
+    if entry.dst not in ("0.0.0.0/0.0.0.0", "0.0.0.0/0"):
+        other.append(f"-d {entry.dst}")
+    if entry.protocol not in ("ip", "0", 0, None):
+        other.append(f"-p {entry.protocol}")
+    comment: str | None = None
+    ctstate: tuple[str, ...] = ()
+    for match in entry.matches:
+        params = match.get_all_parameters()
+        if match.name == "comment" and comment is None and list(params) == ["comment"]:
+            comment = " ".join(params["comment"]).strip('"')
+        elif match.name == "conntrack" and not ctstate and list(params) == ["ctstate"]:
+            ctstate = tuple(sorted(",".join(params["ctstate"]).split(",")))
+        else:
+            other.append(f"-m {match.name} {_parameters(match)}".strip())
+    target = entry.target.name if entry.target is not None else ""
+    target_params = _parameters(entry.target) if entry.target is not None else ""
+    if target_params:
+        other.append(f"-j {target} {target_params}")
+    for attr, flag in (("in_interface", "-i"), ("out_interface", "-o")):
+        value = getattr(entry, attr)
+        if value is not None and value.startswith("!"):
+            other.append(f"{flag} {value}")
+    in_iface = entry.in_interface if entry.in_interface and "!" not in entry.in_interface else None
+    out_iface = (
+        entry.out_interface if entry.out_interface and "!" not in entry.out_interface else None
+    )
+    return Rule(
+        target=target,
+        source=source,
+        in_iface=in_iface,
+        out_iface=out_iface,
+        ctstate=ctstate,
+        comment=comment,
+        other=" ".join(other),
+    )

@@ -1,0 +1,70 @@
+"""TUN/TAP devices through /dev/net/tun ioctls (no netlink, no process)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+
+from netvm.backends.base import TapOptions
+from netvm.config import IFNAMSIZ
+from netvm.errors import host_error
+
+TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
+TUNSETOWNER = 0x400454CC
+TUNSETGROUP = 0x400454CE
+
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
+IFF_VNET_HDR = 0x4000
+IFF_TUN_EXCL = 0x8000
+
+TUN_DEVICE = "/dev/net/tun"
+
+
+def tap_flags(options: TapOptions) -> int:
+    flags = IFF_TAP | IFF_NO_PI
+    if options.multi_queue:
+        flags |= IFF_MULTI_QUEUE
+    if options.vnet_hdr:
+        flags |= IFF_VNET_HDR
+    return flags
+
+
+def ifreq(name: str, flags: int) -> bytes:
+    return struct.pack("16sH22x", name.encode(), flags)
+
+
+def create_persistent_tap(name: str, options: TapOptions) -> None:
+    """Create a persistent TAP in the calling thread's network namespace.
+
+    IFF_TUN_EXCL makes the kernel refuse (EBUSY) when any device has that name, so an
+    existing TAP is never silently reused. If a step fails before TUNSETPERSIST, closing
+    the descriptor removes the half-made device.
+    """
+    if len(name.encode()) >= IFNAMSIZ:
+        raise host_error("create tap", name, errno.ERANGE)
+    operation = "open " + TUN_DEVICE
+    try:
+        fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise host_error(operation, name, exc.errno or errno.EIO) from None
+    try:
+        steps: list[tuple[str, int, bytes | int]] = [
+            ("create tap", TUNSETIFF, ifreq(name, tap_flags(options) | IFF_TUN_EXCL))
+        ]
+        if options.owner is not None:
+            steps.append(("set tap owner", TUNSETOWNER, options.owner))
+        if options.group is not None:
+            steps.append(("set tap group", TUNSETGROUP, options.group))
+        steps.append(("make tap persistent", TUNSETPERSIST, 1))
+        for step, request, argument in steps:
+            operation = step
+            fcntl.ioctl(fd, request, argument)
+    except OSError as exc:
+        raise host_error(operation, name, exc.errno or errno.EIO) from None
+    finally:
+        os.close(fd)

@@ -1,0 +1,444 @@
+"""NetworkManager: composes backend primitives into idempotent, all-or-nothing operations."""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+
+from netvm import naming
+from netvm.backends.base import FILTER, NAT, Backend, Link, Rule, TapOptions
+from netvm.backends.kernel import KernelBackend
+from netvm.config import NetworkConfig
+from netvm.errors import ConflictError, DeviceExists, HostError, NetvmError, host_error
+from netvm.leases import LeaseStore, LeaseTransaction
+from netvm.naming import VmNetwork
+
+log = logging.getLogger("netvm")
+
+BRIDGE_ALIAS = "netvm-bridge"
+"""The ifalias that marks a bridge as created by netvm (teardown deletes only such a one)."""
+IP_FORWARD_FLAG = "ip_forward_enabled_by_netvm"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """One VM as list() sees it: from the leases and from the kernel."""
+
+    vm_id: str
+    tap_name: str
+    network: VmNetwork | None
+    """None when a netvm TAP is on the bridge but its lease is gone (e.g. state_dir lost)."""
+    tap_present: bool
+    on_bridge: bool
+
+
+class _Undo:
+    """Steps that reverse what an operation did so far, run newest first on failure."""
+
+    def __init__(self) -> None:
+        self._steps: list[tuple[str, Callable[[], object]]] = []
+
+    def push(self, description: str, step: Callable[[], object]) -> None:
+        self._steps.append((description, step))
+
+    def run(self) -> None:
+        for description, step in reversed(self._steps):
+            try:
+                step()
+            except NetvmError as exc:
+                log.error("rollback: could not %s: %s", description, exc)
+        self._steps.clear()
+
+
+class NetworkManager:
+    """Host networking for microVMs on one bridge.
+
+    `backend` defaults to the kernel in the current network namespace.
+    """
+
+    def __init__(self, config: NetworkConfig | None = None, backend: Backend | None = None) -> None:
+        self.config = config if config is not None else NetworkConfig()
+        self._owns_backend = backend is None
+        self.backend: Backend = backend if backend is not None else KernelBackend()
+        self.leases = LeaseStore(
+            self.config.state_dir, self.config.bridge_name, self.config.vm_subnet
+        )
+        self.tag = f"netvm:{self.config.bridge_name}"
+        self._bridge_index: int | None = None
+
+    @classmethod
+    def from_env(cls, backend: Backend | None = None) -> NetworkManager:
+        return cls(NetworkConfig.from_env(), backend)
+
+    def close(self) -> None:
+        self.leases.close()
+        if self._owns_backend:
+            self.backend.close()
+
+    def __enter__(self) -> NetworkManager:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # Names of netvm's own firewall objects ----------------------------------------------
+
+    @property
+    def forward_chain(self) -> str:
+        return f"NETVM-FWD-{self.config.bridge_name}"
+
+    @property
+    def nat_chain(self) -> str:
+        return f"NETVM-NAT-{self.config.bridge_name}"
+
+    def expected_rules(self) -> dict[tuple[str, str], list[Rule]]:
+        """(table, chain) -> the rules netvm keeps there, in order."""
+        bridge, egress, tag = self.config.bridge_name, self.config.host_egress_iface, self.tag
+        return {
+            (FILTER, "FORWARD"): [Rule(self.forward_chain, comment=tag)],
+            (FILTER, self.forward_chain): [
+                Rule("ACCEPT", in_iface=bridge, out_iface=egress, comment=tag),
+                Rule(
+                    "ACCEPT",
+                    in_iface=egress,
+                    out_iface=bridge,
+                    ctstate=("ESTABLISHED", "RELATED"),
+                    comment=tag,
+                ),
+            ],
+            (NAT, "POSTROUTING"): [Rule(self.nat_chain, comment=tag)],
+            (NAT, self.nat_chain): [
+                Rule("MASQUERADE", source=self.config.vm_subnet, out_iface=egress, comment=tag)
+            ],
+        }
+
+    # Host set-up ------------------------------------------------------------------------
+
+    def ensure_host(self) -> None:
+        """Bridge, gateway address, MTU, up, ip_forward, NAT and FORWARD rules.
+
+        Only what is missing is added; running it again changes nothing. If a step fails,
+        what this call created is removed before the error is raised.
+        """
+        undo = _Undo()
+        try:
+            bridge = self._ensure_bridge(undo)
+            self._ensure_gateway(bridge, undo)
+            self._ensure_ip_forward(undo)
+            self._ensure_firewall(undo)
+        except BaseException:
+            undo.run()
+            self._bridge_index = None
+            raise
+        self._bridge_index = bridge.index
+
+    def _ensure_bridge(self, undo: _Undo) -> Link:
+        name, mtu = self.config.bridge_name, self.config.mtu
+        link = self.backend.get_link(name)
+        if link is None:
+            self.backend.create_bridge(name, mtu, alias=BRIDGE_ALIAS)
+            undo.push(f"delete bridge {name}", lambda: self.backend.delete_link(name))
+            log.info("created bridge %s", name)
+            link = self.backend.get_link(name)
+            if link is None:
+                raise host_error("create bridge", name, errno.ENODEV, "it vanished")
+        self._check_bridge(link)
+        if link.mtu != mtu or not link.up:
+            before = link
+            self.backend.set_link(name, mtu=mtu, up=True)
+            undo.push(
+                f"restore {name}", lambda: self.backend.set_link(name, mtu=before.mtu, up=before.up)
+            )
+        return link
+
+    def _check_bridge(self, link: Link) -> None:
+        name = link.name
+        if link.kind != "bridge":
+            raise ConflictError(
+                f"{name} already exists but is not a bridge (kind {link.kind or 'none'}); "
+                "netvm does not adopt it: remove it or choose another bridge_name"
+            )
+        if link.alias != BRIDGE_ALIAS:
+            raise ConflictError(
+                f"bridge {name} already exists but netvm did not create it "
+                f"(its ifalias is {link.alias!r}, not {BRIDGE_ALIAS!r}); netvm does not adopt it: "
+                "remove it or choose another bridge_name"
+            )
+
+    def _ensure_gateway(self, bridge: Link, undo: _Undo) -> None:
+        gateway = self.config.gateway
+        addresses = self.backend.list_addresses()
+        if any(a.index == bridge.index and a.interface == gateway for a in addresses):
+            return
+        for address in addresses:
+            if address.interface.ip == gateway.ip:
+                raise ConflictError(
+                    f"the gateway address {gateway.ip} is already assigned "
+                    f"({address.interface} on interface index {address.index}); "
+                    "remove it or choose another vm_subnet"
+                )
+        self.backend.add_address(bridge.index, gateway)
+        undo.push(
+            f"remove {gateway} from {bridge.name}",
+            lambda: self.backend.delete_address(bridge.index, gateway),
+        )
+
+    def _ensure_ip_forward(self, undo: _Undo) -> None:
+        if self.backend.get_ip_forward():
+            return
+        with self.leases.transaction() as tx:
+            self.backend.set_ip_forward(True)
+            tx.set_flag(IP_FORWARD_FLAG, "1")
+        undo.push("switch ip_forward back off", lambda: self._restore_ip_forward())
+
+    def _restore_ip_forward(self) -> None:
+        with self.leases.transaction() as tx:
+            self.backend.set_ip_forward(False)
+            tx.set_flag(IP_FORWARD_FLAG, None)
+
+    def _ensure_firewall(self, undo: _Undo) -> None:
+        expected = self.expected_rules()
+        for table, chain in ((FILTER, self.forward_chain), (NAT, self.nat_chain)):
+            self._ensure_chain(table, chain, expected[(table, chain)], undo)
+        for table, builtin in ((FILTER, "FORWARD"), (NAT, "POSTROUTING")):
+            (jump,) = expected[(table, builtin)]
+            if jump not in self.backend.list_rules(table, builtin):
+                self._insert(table, builtin, jump, 0, undo)
+
+    def _insert(self, table: str, chain: str, rule: Rule, position: int, undo: _Undo) -> None:
+        self.backend.insert_rule(table, chain, rule, position)
+        undo.push(
+            f"delete a rule from {table}/{chain}",
+            lambda: self.backend.delete_rule(table, chain, rule),
+        )
+
+    def _reinserter(self, table: str, chain: str, rule: Rule) -> Callable[[], None]:
+        return lambda: self.backend.insert_rule(table, chain, rule, 0)
+
+    def _ensure_chain(self, table: str, chain: str, expected: list[Rule], undo: _Undo) -> None:
+        if chain not in self.backend.list_chains(table):
+            self.backend.create_chain(table, chain)
+            undo.push(
+                f"delete chain {table}/{chain}", lambda: self.backend.delete_chain(table, chain)
+            )
+            current: list[Rule] = []
+        else:
+            current = self.backend.list_rules(table, chain)
+        foreign = [rule for rule in current if rule.comment != self.tag]
+        if foreign:
+            raise ConflictError(
+                f"chain {table}/{chain} holds {len(foreign)} rule(s) netvm did not write "
+                f"(no comment {self.tag!r}); remove them, netvm will not"
+            )
+        for rule in current:
+            if rule not in expected:
+                self.backend.delete_rule(table, chain, rule)
+                undo.push(
+                    f"restore a rule in {table}/{chain}", self._reinserter(table, chain, rule)
+                )
+        for position, rule in enumerate(expected):
+            if rule not in current:
+                self._insert(table, chain, rule, position, undo)
+
+    # VMs --------------------------------------------------------------------------------
+
+    def attach(self, vm_id: str, tap: TapOptions | None = None) -> VmNetwork:
+        """Lease an address and put the VM's TAP on the bridge (MTU set, up).
+
+        Attaching a vm_id again returns the same network. If a step fails, the TAP and
+        the lease this call created are removed.
+        """
+        naming.validate_vm_id(vm_id)
+        options = tap if tap is not None else TapOptions()
+        with self.leases.transaction() as tx:
+            lease, _ = tx.acquire(vm_id)
+            network = VmNetwork.for_slot(vm_id, self.config.vm_subnet, lease.slot)
+            self._ensure_tap(network, options)
+        return network
+
+    def _ensure_tap(self, network: VmNetwork, options: TapOptions) -> None:
+        name = network.tap_name
+        try:
+            self.backend.create_tap(name, options)
+        except DeviceExists:
+            self._reuse_tap(network, options)
+            return
+        try:
+            self._enslave(name, naming.tap_alias(network.vm_id))
+        except BaseException:
+            self._delete_quietly(name)
+            raise
+        log.debug("attached %s as %s", network.vm_id, name)
+
+    def _reuse_tap(self, network: VmNetwork, options: TapOptions) -> None:
+        """The TAP exists: accept it only if it is this VM's, and mend its settings."""
+        link = self.backend.get_link(network.tap_name)
+        if link is None:
+            raise host_error("attach", network.tap_name, errno.EAGAIN, "the TAP vanished; retry")
+        self._check_tap(link, network.vm_id)
+        if link.tap is not None and link.tap != options:
+            raise ConflictError(
+                f"TAP {link.name} of {network.vm_id!r} exists with other flags ({link.tap}) "
+                f"than requested ({options}); detach it first"
+            )
+        bridge = self._bridge()
+        if link.master != bridge or link.mtu != self.config.mtu or not link.up:
+            self._enslave(link.name, naming.tap_alias(network.vm_id))
+
+    def _check_tap(self, link: Link, vm_id: str) -> None:
+        if link.kind != "tun" or link.alias != naming.tap_alias(vm_id):
+            raise ConflictError(
+                f"{link.name} already exists and is not netvm's TAP for {vm_id!r} "
+                f"(kind {link.kind or 'none'}, ifalias {link.alias!r}); netvm leaves it alone: "
+                "remove it or use another vm_id"
+            )
+
+    def _bridge(self) -> int:
+        if self._bridge_index is None:
+            link = self.backend.get_link(self.config.bridge_name)
+            if link is None:
+                raise host_error(
+                    "attach",
+                    self.config.bridge_name,
+                    errno.ENODEV,
+                    "the bridge does not exist: run ensure_host() first",
+                )
+            self._check_bridge(link)
+            self._bridge_index = link.index
+        return self._bridge_index
+
+    def _enslave(self, name: str, alias: str) -> None:
+        """One request: master, MTU, up and alias. A cached bridge index is checked on failure."""
+        cached = self._bridge_index is not None
+        try:
+            self.backend.set_link(
+                name, master=self._bridge(), mtu=self.config.mtu, up=True, alias=alias
+            )
+        except HostError as exc:
+            if not cached or exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV):
+                raise
+            self._bridge_index = None
+            self.backend.set_link(
+                name, master=self._bridge(), mtu=self.config.mtu, up=True, alias=alias
+            )
+
+    def _delete_quietly(self, name: str) -> None:
+        try:
+            self.backend.delete_link(name)
+        except NetvmError as exc:
+            log.error("rollback: could not delete %s: %s", name, exc)
+
+    def detach(self, vm_id: str) -> None:
+        """Delete the VM's TAP and free its lease; a VM that is already gone is success."""
+        naming.validate_vm_id(vm_id)
+        name = naming.tap_name(vm_id)
+        with self.leases.transaction() as tx:
+            link = self.backend.get_link(name)
+            if link is not None:
+                self._check_tap(link, vm_id)
+                try:
+                    self.backend.delete_link(name)
+                except HostError as exc:
+                    if exc.errno != errno.ENODEV:
+                        raise
+            tx.release(vm_id)
+
+    def _list(self, tx: LeaseTransaction) -> list[Attachment]:
+        bridge = self.backend.get_link(self.config.bridge_name)
+        ports: dict[str, Link] = {}
+        if bridge is not None and bridge.kind == "bridge":
+            ports = {link.name: link for link in self.backend.list_links(master=bridge.index)}
+        result: list[Attachment] = []
+        leased: set[str] = set()
+        for lease in tx.all():
+            leased.add(lease.tap_name)
+            link = ports.get(lease.tap_name) or self.backend.get_link(lease.tap_name)
+            ours = link is not None and naming.vm_id_from_alias(link.alias) == lease.vm_id
+            result.append(
+                Attachment(
+                    vm_id=lease.vm_id,
+                    tap_name=lease.tap_name,
+                    network=VmNetwork.for_slot(lease.vm_id, self.config.vm_subnet, lease.slot),
+                    tap_present=ours,
+                    on_bridge=ours and lease.tap_name in ports,
+                )
+            )
+        for link in ports.values():
+            vm_id = naming.vm_id_from_alias(link.alias)
+            if link.kind == "tun" and vm_id is not None and link.name not in leased:
+                result.append(Attachment(vm_id, link.name, None, True, True))
+        return result
+
+    def gc(self, keep: Iterable[str] = ()) -> list[str]:
+        """Detach every VM of this bridge whose vm_id is not in `keep`; return their vm_ids.
+
+        The TAPs are deleted in one kernel request.
+        """
+        kept = {naming.validate_vm_id(vm_id) for vm_id in keep}
+        with self.leases.transaction() as tx:
+            doomed = [a for a in self._list(tx) if a.vm_id not in kept]
+            self.backend.delete_links([a.tap_name for a in doomed if a.tap_present])
+            for attachment in doomed:
+                tx.release(attachment.vm_id)
+        return sorted(a.vm_id for a in doomed)
+
+    def teardown_host(self) -> None:
+        """Remove every netvm TAP of this bridge, netvm's rules and chains, and the bridge
+        if netvm created it. Nothing that is not netvm's is touched; running it on a clean
+        host is success.
+        """
+        self.gc(keep=())
+        problems: list[str] = []
+        tag_rules = self.expected_rules()
+        for table, builtin, chain in (
+            (FILTER, "FORWARD", self.forward_chain),
+            (NAT, "POSTROUTING", self.nat_chain),
+        ):
+            (jump,) = tag_rules[(table, builtin)]
+            for rule in self.backend.list_rules(table, builtin):
+                if rule == jump:
+                    self.backend.delete_rule(table, builtin, rule)
+            if chain not in self.backend.list_chains(table):
+                continue
+            remaining = self.backend.list_rules(table, chain)
+            for rule in remaining:
+                if rule.comment == self.tag:
+                    self.backend.delete_rule(table, chain, rule)
+            if any(rule.comment != self.tag for rule in remaining):
+                problems.append(f"chain {table}/{chain} kept: it holds rules netvm did not write")
+            else:
+                self.backend.delete_chain(table, chain)
+        bridge = self.backend.get_link(self.config.bridge_name)
+        if bridge is not None and bridge.kind == "bridge" and bridge.alias == BRIDGE_ALIAS:
+            others = self.backend.list_links(master=bridge.index)
+            if others:
+                names = ", ".join(link.name for link in others)
+                problems.append(f"bridge {bridge.name} kept: ports netvm did not create: {names}")
+            else:
+                self.backend.delete_link(bridge.name)
+        self._bridge_index = None
+        self._teardown_ip_forward()
+        if problems:
+            raise ConflictError("teardown incomplete: " + "; ".join(problems))
+
+    def _teardown_ip_forward(self) -> None:
+        """Switch ip_forward off only if netvm switched it on and no netvm bridge is left."""
+        with self.leases.transaction() as tx:
+            if tx.get_flag(IP_FORWARD_FLAG) is None:
+                return
+            if any(link.alias == BRIDGE_ALIAS for link in self.backend.list_links()):
+                return
+            if self.backend.get_ip_forward():
+                self.backend.set_ip_forward(False)
+            tx.set_flag(IP_FORWARD_FLAG, None)
+
+    # Defined last: inside the class body, the name `list` is this method from here on.
+    def list(self) -> list[Attachment]:
+        """Every VM of this bridge: leased ones, and netvm TAPs on the bridge without a lease."""
+        with self.leases.transaction() as tx:
+            return self._list(tx)

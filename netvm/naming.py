@@ -1,0 +1,139 @@
+"""Pure functions that turn a vm_id into names and addresses, and the VmNetwork value."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from netvm.errors import ConfigError
+
+TAP_PREFIX = "tap-"
+MAX_VM_ID_LENGTH = 64
+VM_ID_RULE = f"1 to {MAX_VM_ID_LENGTH} printable characters without white space"
+# A Linux bridge takes at most 1023 ports (BR_MAX_PORTS - 1); the 1024th enslave gets EXFULL.
+MAX_BRIDGE_PORTS = 1023
+# First octet of every guest MAC: locally administered (bit 1 set), unicast (bit 0 clear).
+MAC_FIRST_OCTET = 0x02
+# Second octet: a constant so that the remaining four octets can be the guest's IPv4 address,
+# which makes the MAC unique on the bridge wherever the address is.
+MAC_SECOND_OCTET = 0x6E
+
+
+def validate_vm_id(vm_id: object) -> str:
+    if (
+        not isinstance(vm_id, str)
+        or not 0 < len(vm_id) <= MAX_VM_ID_LENGTH
+        or not vm_id.isprintable()
+        or any(c.isspace() for c in vm_id)
+    ):
+        raise ConfigError("vm_id", vm_id, VM_ID_RULE)
+    return vm_id
+
+
+def _digest(vm_id: str) -> bytes:
+    """Stable across processes and Python runs (unlike the built-in hash())."""
+    return hashlib.sha256(vm_id.encode()).digest()
+
+
+def tap_name(vm_id: str) -> str:
+    """`tap-` and 11 hex digits of the vm_id's SHA-256: 15 characters, the kernel's maximum."""
+    return TAP_PREFIX + _digest(validate_vm_id(vm_id)).hex()[:11]
+
+
+def tap_alias(vm_id: str) -> str:
+    """The ifalias that marks a TAP as netvm's and records its vm_id."""
+    return f"netvm:{vm_id}"
+
+
+def vm_id_from_alias(alias: str | None) -> str | None:
+    if alias and alias.startswith("netvm:"):
+        return alias.removeprefix("netvm:")
+    return None
+
+
+def guest_capacity(subnet: ipaddress.IPv4Network) -> int:
+    """Guests one bridge can hold: the subnet's hosts less the gateway, at most 1023 ports."""
+    return min(subnet.num_addresses - 3, MAX_BRIDGE_PORTS)
+
+
+def capacity_reason(subnet: ipaddress.IPv4Network) -> str:
+    hosts = subnet.num_addresses - 3
+    if hosts > MAX_BRIDGE_PORTS:
+        return (
+            f"a Linux bridge takes at most {MAX_BRIDGE_PORTS} ports, "
+            f"fewer than the subnet's {hosts} guest addresses"
+        )
+    return f"{subnet.num_addresses} addresses less network, gateway and broadcast"
+
+
+def preferred_slot(vm_id: str, capacity: int) -> int:
+    """The slot a vm_id gets when it is free, the same on every fresh host."""
+    return int.from_bytes(_digest(vm_id)[:8], "big") % capacity
+
+
+def guest_ip(subnet: ipaddress.IPv4Network, slot: int) -> ipaddress.IPv4Address:
+    """Slot 0 is the address after the gateway; the broadcast address is never reached."""
+    if not 0 <= slot < subnet.num_addresses - 3:
+        raise ValueError(f"slot {slot} is outside {subnet}")
+    return subnet.network_address + 2 + slot
+
+
+def gateway_ip(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    return subnet.network_address + 1
+
+
+def guest_mac(ip: ipaddress.IPv4Address) -> bytes:
+    return bytes((MAC_FIRST_OCTET, MAC_SECOND_OCTET)) + ip.packed
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+@dataclass(frozen=True)
+class VmNetwork:
+    """What a VM needs to know about its network, as attach() returns it."""
+
+    vm_id: str
+    tap_name: str
+    guest_ip: ipaddress.IPv4Address
+    guest_mac: bytes
+    gateway_ip: ipaddress.IPv4Address
+    netmask: ipaddress.IPv4Address
+    prefixlen: int
+
+    @classmethod
+    def for_slot(cls, vm_id: str, subnet: ipaddress.IPv4Network, slot: int) -> VmNetwork:
+        ip = guest_ip(subnet, slot)
+        return cls(
+            vm_id=vm_id,
+            tap_name=tap_name(vm_id),
+            guest_ip=ip,
+            guest_mac=guest_mac(ip),
+            gateway_ip=gateway_ip(subnet),
+            netmask=subnet.netmask,
+            prefixlen=subnet.prefixlen,
+        )
+
+    def mac_string(self) -> str:
+        """The MAC as `02:6e:ac:1e:00:2a`."""
+        return format_mac(self.guest_mac)
+
+    def kernel_ip_arg(self) -> str:
+        """The kernel's `ip=` boot argument: `ip=<guest>::<gateway>:<netmask>::eth0:off`."""
+        return f"ip={self.guest_ip}::{self.gateway_ip}:{self.netmask}::eth0:off"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form (strings and ints only)."""
+        return {
+            "vm_id": self.vm_id,
+            "tap_name": self.tap_name,
+            "guest_ip": str(self.guest_ip),
+            "guest_mac": self.mac_string(),
+            "gateway_ip": str(self.gateway_ip),
+            "netmask": str(self.netmask),
+            "prefixlen": self.prefixlen,
+            "kernel_ip_arg": self.kernel_ip_arg(),
+        }

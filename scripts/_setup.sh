@@ -1,0 +1,35 @@
+# Shared by scripts/test, scripts/demo and scripts/bench: make .venv and install what is
+# missing (pip packages; Debian's iptables and iproute2 when root and they are absent).
+# Usage: source scripts/_setup.sh; netvm_setup EXTRA   (EXTRA: test, bench or "")
+VENV=${NETVM_VENV:-.venv}
+
+netvm_have_xtables() {
+    ldconfig -p 2>/dev/null | grep -q 'libip4tc\.so' &&
+        ls -d /usr/lib/*/xtables /usr/lib/xtables /usr/lib64/xtables >/dev/null 2>&1 &&
+        command -v iptables-legacy >/dev/null 2>&1
+}
+
+netvm_setup() {
+    local extra=${1:-}
+    if ! netvm_have_xtables || ! command -v ip >/dev/null 2>&1; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "== installing Debian's iptables and iproute2 packages"
+            apt-get update -qq >/dev/null
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables iproute2 >/dev/null
+        else
+            echo "note: Debian's iptables package is missing and this is not root:" \
+                "kernel tests will be skipped" >&2
+        fi
+    fi
+    if [ ! -x "$VENV/bin/python" ]; then
+        echo "== creating $VENV"
+        python3 -m venv "$VENV"
+    fi
+    local spec=".${extra:+[$extra]}"
+    local stamp="$VENV/.netvm-installed-${extra:-base}"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        echo "== installing netvm${extra:+ with [$extra]} into $VENV"
+        "$VENV/bin/pip" install -q --disable-pip-version-check -e "$spec"
+        touch "$stamp"
+    fi
+}

@@ -1,0 +1,92 @@
+"""Fixtures shared by every test: backends (fake and kernel), configs, managers.
+
+Tests marked `privileged` need CAP_NET_ADMIN, /dev/net/tun and Debian's iptables package;
+without them they are skipped with the reason, except when NETVM_REQUIRE_PRIVILEGED=1 (CI),
+where they fail, so that a broken privilege check cannot hide the kernel tests.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netvm import FakeBackend, KernelBackend, NetworkConfig, NetworkManager
+from netvm.backends.base import Backend
+from netvm.testing import throwaway_netns
+
+CAP_NET_ADMIN = 12
+
+
+def has_net_admin() -> bool:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    return False
+
+
+def privileged_missing() -> str | None:
+    """Why privileged tests cannot run here, or None if they can."""
+    if not has_net_admin():
+        return "needs CAP_NET_ADMIN (run as root)"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun"
+    try:
+        from netvm.backends.iptables import load_iptc
+
+        load_iptc()
+    except Exception as exc:
+        return f"needs python-iptables with Debian's iptables package: {exc}"
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("privileged") is None:
+        return
+    reason = privileged_missing()
+    if reason is None:
+        return
+    if os.environ.get("NETVM_REQUIRE_PRIVILEGED") == "1":
+        pytest.fail(f"privileged test cannot run, and NETVM_REQUIRE_PRIVILEGED=1: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh, randomly named network namespace, deleted afterwards."""
+    with throwaway_netns("netvm-test-") as name:
+        yield name
+
+
+@pytest.fixture(params=["fake", pytest.param("kernel", marks=pytest.mark.privileged)])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    """The same tests run on the in-memory model and on the kernel in a throwaway netns."""
+    if request.param == "fake":
+        yield FakeBackend()
+        return
+    with throwaway_netns("netvm-test-") as name:
+        kernel = KernelBackend(name)
+        try:
+            yield kernel
+        finally:
+            kernel.close()
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> NetworkConfig:
+    return NetworkConfig(
+        bridge_name="nvbr0",
+        vm_subnet="192.0.2.0/24",
+        host_egress_iface="up0",
+        mtu=1500,
+        state_dir=tmp_path / "state",
+    )
+
+
+@pytest.fixture
+def manager(config: NetworkConfig, backend: Backend) -> Iterator[NetworkManager]:
+    with NetworkManager(config, backend) as mgr:
+        yield mgr
