@@ -66,16 +66,16 @@ def parse_subnet(field_name: str, value: object) -> ipaddress.IPv4Network:
 
 
 def parse_mtu(field_name: str, value: object) -> int:
+    """An MTU from an int, or from the decimal text of one (an environment variable)."""
+    number = value
     if isinstance(value, str):
         text = value.strip()
-        if not text.isdigit():
-            raise ConfigError(field_name, value, MTU_RULE)
-        value = int(text)
-    if not isinstance(value, int) or isinstance(value, bool):
+        number = int(text) if text.isdigit() else None
+    if not isinstance(number, int) or isinstance(number, bool):
         raise ConfigError(field_name, value, MTU_RULE)
-    if not MIN_MTU <= value <= MAX_MTU:
+    if not MIN_MTU <= number <= MAX_MTU:
         raise ConfigError(field_name, value, MTU_RULE)
-    return value
+    return number
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,8 @@ class NetworkConfig:
                 "host_egress_iface", self.host_egress_iface, "must differ from bridge_name"
             )
         object.__setattr__(self, "vm_subnet", parse_subnet("vm_subnet", self.vm_subnet))
+        if isinstance(self.mtu, str):
+            raise ConfigError("mtu", self.mtu, MTU_RULE)
         parse_mtu("mtu", self.mtu)
         if not isinstance(self.state_dir, str | Path) or not str(self.state_dir):
             raise ConfigError("state_dir", self.state_dir, "a non-empty directory path")

@@ -1,0 +1,293 @@
+"""NetworkManager scenarios, run on the FakeBackend and on the kernel in a throwaway netns."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+
+import pytest
+
+from netvm import (
+    ConfigError,
+    ConflictError,
+    NetworkConfig,
+    NetworkManager,
+    NotFound,
+    Rule,
+    TapOptions,
+)
+from netvm.backends.base import FILTER, NAT, Backend
+from netvm.manager import BRIDGE_ALIAS
+from netvm.naming import tap_name
+from netvm.testing import snapshot
+
+
+def rules_of(backend: Backend, table: str, chain: str) -> list[Rule]:
+    return backend.list_rules(table, chain)
+
+
+def test_ensure_host_builds_bridge_address_forwarding_and_rules(manager: NetworkManager) -> None:
+    backend, config = manager.backend, manager.config
+    manager.ensure_host()
+    bridge = backend.get_link("nvbr0")
+    assert bridge is not None
+    assert (bridge.kind, bridge.alias, bridge.mtu, bridge.up) == (
+        "bridge",
+        BRIDGE_ALIAS,
+        1500,
+        True,
+    )
+    assert [str(a.interface) for a in backend.list_addresses(bridge.index)] == ["192.0.2.1/24"]
+    assert backend.get_ip_forward() is True
+    for (table, chain), rules in manager.expected_rules().items():
+        assert rules_of(backend, table, chain) == rules
+    (masquerade,) = rules_of(backend, NAT, manager.nat_chain)
+    assert (masquerade.target, masquerade.source, masquerade.out_iface) == (
+        "MASQUERADE",
+        config.vm_subnet,
+        "up0",
+    )
+    assert all(
+        r.comment == "netvm:nvbr0" for rules in manager.expected_rules().values() for r in rules
+    )
+
+
+def test_ensure_host_n_times_equals_once(manager: NetworkManager) -> None:
+    manager.ensure_host()
+    once = snapshot(manager.backend)
+    bridge = manager.backend.get_link("nvbr0")
+    manager.ensure_host()
+    manager.ensure_host()
+    assert snapshot(manager.backend) == once
+    again = manager.backend.get_link("nvbr0")
+    assert bridge is not None
+    assert again is not None
+    assert again.index == bridge.index
+
+
+def test_jump_rules_go_above_an_existing_drop(manager: NetworkManager) -> None:
+    manager.backend.insert_rule(FILTER, "FORWARD", Rule("DROP", in_iface="up0"))
+    manager.ensure_host()
+    forward = rules_of(manager.backend, FILTER, "FORWARD")
+    assert forward == [
+        Rule(manager.forward_chain, comment="netvm:nvbr0"),
+        Rule("DROP", in_iface="up0"),
+    ]
+
+
+def test_attach_puts_a_tap_on_the_bridge(manager: NetworkManager) -> None:
+    manager.ensure_host()
+    vm = manager.attach("vm-1")
+    tap = manager.backend.get_link(vm.tap_name)
+    bridge = manager.backend.get_link("nvbr0")
+    assert tap is not None
+    assert bridge is not None
+    assert (tap.kind, tap.master, tap.mtu, tap.up, tap.alias) == (
+        "tun",
+        bridge.index,
+        1500,
+        True,
+        "netvm:vm-1",
+    )
+    assert vm.tap_name == tap_name("vm-1")
+    assert vm.guest_ip in manager.config.vm_subnet
+    assert vm.gateway_ip == ipaddress.IPv4Address("192.0.2.1")
+    assert vm.kernel_ip_arg() == f"ip={vm.guest_ip}::192.0.2.1:255.255.255.0::eth0:off"
+
+
+def test_attach_again_returns_the_same_network_and_device(manager: NetworkManager) -> None:
+    manager.ensure_host()
+    first = manager.attach("vm-1")
+    link = manager.backend.get_link(first.tap_name)
+    state = snapshot(manager.backend)
+    assert manager.attach("vm-1") == first
+    again = manager.backend.get_link(first.tap_name)
+    assert link is not None
+    assert again is not None
+    assert again.index == link.index
+    assert snapshot(manager.backend) == state
+
+
+def test_attach_mends_a_netvm_tap_that_fell_off_the_bridge(
+    manager: NetworkManager, config: NetworkConfig
+) -> None:
+    manager.ensure_host()
+    vm = manager.attach("vm-1")
+    manager.backend.set_link(vm.tap_name, mtu=1400, up=False)
+    assert manager.attach("vm-1") == vm
+    tap = manager.backend.get_link(vm.tap_name)
+    assert tap is not None
+    assert (tap.mtu, tap.up) == (1500, True)
+
+
+def test_reattach_with_other_tap_flags_is_a_conflict(manager: NetworkManager) -> None:
+    manager.ensure_host()
+    manager.attach("vm-1")
+    with pytest.raises(ConflictError, match="other flags"):
+        manager.attach("vm-1", TapOptions(multi_queue=True))
+
+
+def test_different_vms_get_different_addresses_macs_and_taps(manager: NetworkManager) -> None:
+    manager.ensure_host()
+    vms = [manager.attach(f"vm-{i}") for i in range(20)]
+    assert len({v.guest_ip for v in vms}) == len({v.guest_mac for v in vms}) == 20
+    assert len({v.tap_name for v in vms}) == 20
+    bridge = manager.backend.get_link("nvbr0")
+    assert bridge is not None
+    assert len(manager.backend.list_links(master=bridge.index)) == 20
+
+
+def test_detach_removes_the_tap_and_frees_the_lease(manager: NetworkManager) -> None:
+    manager.ensure_host()
+    before = snapshot(manager.backend)
+    vm = manager.attach("vm-1")
+    manager.detach("vm-1")
+    assert manager.backend.get_link(vm.tap_name) is None
+    assert manager.list() == []
+    assert snapshot(manager.backend) == before
+    manager.detach("vm-1")
+    manager.detach("never-attached")
+
+
+@pytest.mark.parametrize("vm_id", ["", "has space"])
+def test_attach_and_detach_refuse_a_bad_vm_id(manager: NetworkManager, vm_id: str) -> None:
+    manager.ensure_host()
+    before = snapshot(manager.backend)
+    with pytest.raises(ConfigError, match="vm_id"):
+        manager.attach(vm_id)
+    with pytest.raises(ConfigError, match="vm_id"):
+        manager.detach(vm_id)
+    assert snapshot(manager.backend) == before
+
+
+def test_attach_before_ensure_host_says_what_to_do(manager: NetworkManager) -> None:
+    before = snapshot(manager.backend)
+    with pytest.raises(NotFound, match="run ensure_host"):
+        manager.attach("vm-1")
+    assert snapshot(manager.backend) == before
+    assert manager.leases.all() == []
+
+
+def test_list_and_gc(manager: NetworkManager) -> None:
+    manager.ensure_host()
+    for i in range(4):
+        manager.attach(f"vm-{i}")
+    listed = {a.vm_id: a for a in manager.list()}
+    assert sorted(listed) == ["vm-0", "vm-1", "vm-2", "vm-3"]
+    assert all(a.tap_present and a.on_bridge and a.network is not None for a in listed.values())
+    assert manager.gc(keep=["vm-1", "vm-3"]) == ["vm-0", "vm-2"]
+    assert sorted(a.vm_id for a in manager.list()) == ["vm-1", "vm-3"]
+    assert manager.backend.get_link(tap_name("vm-0")) is None
+    assert manager.gc(keep=["vm-1", "vm-3"]) == []
+
+
+def test_teardown_leaves_the_namespace_as_it_was(manager: NetworkManager) -> None:
+    pristine = snapshot(manager.backend)
+    manager.ensure_host()
+    for i in range(5):
+        manager.attach(f"vm-{i}")
+    manager.teardown_host()
+    assert snapshot(manager.backend) == pristine
+    assert manager.leases.all() == []
+    manager.teardown_host()
+
+
+def test_teardown_keeps_ip_forward_on_when_it_was_on_before(manager: NetworkManager) -> None:
+    manager.backend.set_ip_forward(True)
+    manager.ensure_host()
+    manager.teardown_host()
+    assert manager.backend.get_ip_forward() is True
+
+
+def test_a_changed_egress_replaces_netvms_stale_rules(
+    manager: NetworkManager, config: NetworkConfig
+) -> None:
+    manager.ensure_host()
+    moved = NetworkManager(dataclasses.replace(config, host_egress_iface="up1"), manager.backend)
+    moved.ensure_host()
+    for (table, chain), rules in moved.expected_rules().items():
+        assert rules_of(manager.backend, table, chain) == rules
+    moved.close()
+
+
+# Things that are not netvm's -----------------------------------------------------------
+
+
+def test_a_bridge_netvm_did_not_create_is_not_adopted(manager: NetworkManager) -> None:
+    manager.backend.create_bridge("nvbr0", 1500)
+    before = snapshot(manager.backend)
+    with pytest.raises(ConflictError, match="netvm did not create it"):
+        manager.ensure_host()
+    assert snapshot(manager.backend) == before
+    manager.teardown_host()
+    assert snapshot(manager.backend) == before
+
+
+def test_a_device_of_the_bridges_name_that_is_no_bridge_is_an_error(
+    manager: NetworkManager,
+) -> None:
+    manager.backend.create_tap("nvbr0", TapOptions())
+    before = snapshot(manager.backend)
+    with pytest.raises(ConflictError, match="not a bridge"):
+        manager.ensure_host()
+    assert snapshot(manager.backend) == before
+
+
+def test_a_foreign_tap_with_the_vms_name_is_left_alone(manager: NetworkManager) -> None:
+    manager.ensure_host()
+    manager.backend.create_tap(tap_name("vm-1"), TapOptions())
+    before = snapshot(manager.backend)
+    with pytest.raises(ConflictError, match="not netvm's TAP"):
+        manager.attach("vm-1")
+    with pytest.raises(ConflictError, match="not netvm's TAP"):
+        manager.detach("vm-1")
+    assert snapshot(manager.backend) == before
+    assert manager.leases.all() == []
+    assert manager.gc() == []
+    assert snapshot(manager.backend) == before
+
+
+def test_a_foreign_rule_in_netvms_chain_is_an_error_and_kept(manager: NetworkManager) -> None:
+    manager.ensure_host()
+    foreign = Rule("ACCEPT", in_iface="other0")
+    manager.backend.insert_rule(FILTER, manager.forward_chain, foreign, 0)
+    with pytest.raises(ConflictError, match="did not write"):
+        manager.ensure_host()
+    with pytest.raises(ConflictError, match="teardown incomplete"):
+        manager.teardown_host()
+    assert rules_of(manager.backend, FILTER, manager.forward_chain) == [foreign]
+
+
+def test_foreign_rules_elsewhere_survive_teardown(manager: NetworkManager) -> None:
+    mine = Rule("ACCEPT", in_iface="nvbr0", out_iface="up0")
+    manager.backend.insert_rule(FILTER, "FORWARD", mine)
+    manager.backend.insert_rule(NAT, "POSTROUTING", Rule("MASQUERADE", out_iface="up0"))
+    manager.ensure_host()
+    manager.teardown_host()
+    assert rules_of(manager.backend, FILTER, "FORWARD") == [mine]
+    assert rules_of(manager.backend, NAT, "POSTROUTING") == [Rule("MASQUERADE", out_iface="up0")]
+
+
+def test_the_gateway_address_on_another_device_is_a_conflict(manager: NetworkManager) -> None:
+    manager.backend.create_tap("other0", TapOptions())
+    other = manager.backend.get_link("other0")
+    assert other is not None
+    manager.backend.add_address(other.index, ipaddress.IPv4Interface("192.0.2.1/25"))
+    before = snapshot(manager.backend)
+    with pytest.raises(ConflictError, match=r"192\.0\.2\.1 is already assigned"):
+        manager.ensure_host()
+    assert snapshot(manager.backend) == before
+
+
+def test_a_foreign_port_on_netvms_bridge_keeps_the_bridge(manager: NetworkManager) -> None:
+    manager.ensure_host()
+    manager.attach("vm-1")
+    manager.backend.create_tap("other0", TapOptions())
+    bridge = manager.backend.get_link("nvbr0")
+    assert bridge is not None
+    manager.backend.set_link("other0", master=bridge.index)
+    with pytest.raises(ConflictError, match="other0"):
+        manager.teardown_host()
+    assert manager.backend.get_link("other0") is not None
+    assert manager.backend.get_link("nvbr0") is not None
+    assert manager.backend.get_link(tap_name("vm-1")) is None

@@ -1,0 +1,128 @@
+"""A failure at any step of ensure_host or attach leaves the state exactly as before.
+
+On the fake, FakeBackend.fail_at(k) fails the k-th change; on the kernel, a thin wrapper
+fails the k-th mutating call before it reaches the kernel. Each test walks k = 1, 2, ...
+until the operation succeeds, so every step is made to fail once.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from netvm import FakeBackend, HostError, NetworkConfig, NetworkManager
+from netvm.backends.base import Backend
+from netvm.errors import host_error
+from netvm.testing import snapshot
+
+MUTATORS = frozenset(
+    {
+        "create_bridge",
+        "create_tap",
+        "set_link",
+        "delete_link",
+        "delete_links",
+        "add_address",
+        "delete_address",
+        "set_ip_forward",
+        "create_chain",
+        "delete_chain",
+        "insert_rule",
+        "delete_rule",
+    }
+)
+
+
+class FailingKernel:
+    """Delegates to a backend; the k-th mutating call raises EIO instead."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.remaining: int | None = None
+
+    def fail_at(self, k: int | None) -> None:
+        self.remaining = k
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.inner, name)
+        if name not in MUTATORS:
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.remaining is not None:
+                self.remaining -= 1
+                if self.remaining == 0:
+                    self.remaining = None
+                    raise host_error(name, None, errno.EIO, "injected fault")
+            return attribute(*args, **kwargs)
+
+        return call
+
+
+def armed(backend: Backend) -> Any:
+    return backend if isinstance(backend, FakeBackend) else FailingKernel(backend)
+
+
+def walk_failures(
+    target: Any, operation: Callable[[NetworkManager], object], manager: NetworkManager
+) -> int:
+    """Fail step k of `operation` for k = 1.. until it succeeds; return the number of steps."""
+    for k in range(1, 50):
+        before = snapshot(target)
+        leases = manager.leases.all()
+        target.fail_at(k)
+        try:
+            operation(manager)
+        except HostError as exc:
+            failure = str(exc)
+            assert "injected fault" in failure
+            assert snapshot(target) == before, f"step {k} left state behind"
+            assert manager.leases.all() == leases, f"step {k} left a lease behind"
+            continue
+        target.fail_at(None)
+        return k - 1
+    pytest.fail("the operation never succeeded")
+
+
+def test_every_step_of_ensure_host_rolls_back(backend: Backend, config: NetworkConfig) -> None:
+    target = armed(backend)
+    with NetworkManager(config, target) as manager:
+        steps = walk_failures(target, lambda m: m.ensure_host(), manager)
+    # bridge, up, address, ip_forward, 2 chains, 3 rules in them, 2 jumps
+    assert steps == 11
+
+
+def test_every_step_of_attach_rolls_back(backend: Backend, config: NetworkConfig) -> None:
+    target = armed(backend)
+    with NetworkManager(config, target) as manager:
+        manager.ensure_host()
+        steps = walk_failures(target, lambda m: m.attach("vm-1"), manager)
+        assert steps == 2
+        assert [a.vm_id for a in manager.list()] == ["vm-1"]
+
+
+def test_ensure_host_repairs_after_a_partial_state(backend: Backend, config: NetworkConfig) -> None:
+    """A half set-up host (as after a crash) is completed, not duplicated."""
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        complete = snapshot(backend)
+        manager.backend.delete_rule(
+            "nat", "POSTROUTING", manager.expected_rules()[("nat", "POSTROUTING")][0]
+        )
+        manager.backend.set_ip_forward(False)
+        manager.ensure_host()
+        assert snapshot(backend) == complete
+
+
+def test_fake_fail_at_fails_exactly_the_kth_change() -> None:
+    fake = FakeBackend()
+    fake.fail_at(2, errno.ENOMEM)
+    fake.create_bridge("br0", 1500)
+    with pytest.raises(HostError) as failed:
+        fake.create_bridge("br1", 1500)
+    assert failed.value.errno == errno.ENOMEM
+    fake.create_bridge("br1", 1500)
+    assert {link.name for link in fake.list_links()} == {"lo", "br0", "br1"}

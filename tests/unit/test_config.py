@@ -1,0 +1,134 @@
+"""NetworkConfig: defaults, validation of every field, and from_env()."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from netvm import ConfigError, NetworkConfig
+
+
+def test_default_config_is_the_originals() -> None:
+    config = NetworkConfig()
+    assert config.bridge_name == "fcbr0"
+    assert config.vm_subnet == ipaddress.IPv4Network("172.30.0.0/24")
+    assert config.host_egress_iface == "eth0"
+    assert config.mtu == 1500
+    assert config.state_dir == Path("/run/netvm")
+    assert str(config.gateway) == "172.30.0.1/24"
+
+
+def test_config_is_frozen() -> None:
+    config = NetworkConfig()
+    with pytest.raises(AttributeError):
+        config.mtu = 9000  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("subnet", "why"),
+    [
+        ("10.0.0.0/31", "no room for a guest"),
+        ("10.0.0.0/32", "no room for a guest"),
+        ("not-a-cidr", "CIDR"),
+        ("10.0.0.1/24", "host bits set"),
+        ("2001:db8::/64", "IPv6"),
+        ("", "CIDR"),
+        ("10.0.0.0/33", "CIDR"),
+    ],
+)
+def test_bad_subnets_are_refused_naming_field_value_and_rule(subnet: str, why: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        NetworkConfig(vm_subnet=subnet)  # type: ignore[arg-type]
+    message = str(error.value)
+    assert "vm_subnet" in message
+    assert repr(subnet) in message
+    assert "/30 or larger" in message
+    assert why in message
+    assert error.value.field == "vm_subnet"
+
+
+def test_a_slash_30_is_the_smallest_subnet() -> None:
+    assert NetworkConfig(vm_subnet="192.0.2.0/30").vm_subnet.prefixlen == 30  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "name", ["", "x" * 16, ".", "..", "a/b", "a:b", "a b", "tab\t", "new\nline", "é" * 8]
+)
+@pytest.mark.parametrize("field", ["bridge_name", "host_egress_iface"])
+def test_bad_interface_names_are_refused(field: str, name: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        NetworkConfig(**{field: name})  # type: ignore[arg-type]
+    assert error.value.field == field
+    assert "1 to 15 bytes" in str(error.value)
+
+
+def test_fifteen_bytes_is_the_longest_name() -> None:
+    assert NetworkConfig(bridge_name="b" * 15).bridge_name == "b" * 15
+
+
+def test_bridge_and_egress_must_differ() -> None:
+    with pytest.raises(ConfigError, match="host_egress_iface"):
+        NetworkConfig(bridge_name="br0", host_egress_iface="br0")
+
+
+@pytest.mark.parametrize("mtu", [67, 65522, 0, -1, True, 1500.0, "1500"])
+def test_bad_mtus_are_refused(mtu: object) -> None:
+    with pytest.raises(ConfigError) as error:
+        NetworkConfig(mtu=mtu)  # type: ignore[arg-type]
+    assert error.value.field == "mtu"
+    assert "68 to 65521" in str(error.value)
+
+
+@pytest.mark.parametrize("mtu", [68, 9000, 65521])
+def test_mtu_range_edges_are_accepted(mtu: int) -> None:
+    assert NetworkConfig(mtu=mtu).mtu == mtu
+
+
+def test_from_env_uses_defaults_when_unset() -> None:
+    assert NetworkConfig.from_env({}) == NetworkConfig()
+
+
+def test_from_env_reads_every_variable() -> None:
+    config = NetworkConfig.from_env(
+        {
+            "MICROVM_NETWORK_BRIDGE": "br7",
+            "MICROVM_NETWORK_SUBNET": "198.51.100.0/24",
+            "MICROVM_NETWORK_EGRESS": "up7",
+            "MICROVM_NETWORK_MTU": "9000",
+            "MICROVM_NETWORK_STATE_DIR": "/tmp/x",
+        }
+    )
+    assert (config.bridge_name, str(config.vm_subnet), config.host_egress_iface) == (
+        "br7",
+        "198.51.100.0/24",
+        "up7",
+    )
+    assert (config.mtu, config.state_dir) == (9000, Path("/tmp/x"))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("MICROVM_NETWORK_BRIDGE", "a-name-far-too-long"),
+        ("MICROVM_NETWORK_BRIDGE", ""),
+        ("MICROVM_NETWORK_SUBNET", "10.0.0.0/31"),
+        ("MICROVM_NETWORK_SUBNET", "garbage"),
+        ("MICROVM_NETWORK_SUBNET", ""),
+        ("MICROVM_NETWORK_EGRESS", "eth 0"),
+        ("MICROVM_NETWORK_MTU", "0"),
+        ("MICROVM_NETWORK_MTU", "abc"),
+        ("MICROVM_NETWORK_MTU", "1500.5"),
+        ("MICROVM_NETWORK_MTU", "-1"),
+        ("MICROVM_NETWORK_MTU", ""),
+        ("MICROVM_NETWORK_STATE_DIR", ""),
+    ],
+)
+def test_from_env_refuses_a_set_but_invalid_value(variable: str, value: str) -> None:
+    """The original fell back silently to the default here; netvm names the variable."""
+    with pytest.raises(ConfigError) as error:
+        NetworkConfig.from_env({variable: value})
+    assert error.value.field == variable
+    assert variable in str(error.value)
+    assert repr(value) in str(error.value)
