@@ -57,10 +57,12 @@ class HostError(NetvmError):
         self.device = device
         self.errno = errno
         where = f" on {device}" if device else ""
-        reason = os.strerror(errno) if errno else "unknown error"
-        name = errno_codes.errorcode.get(errno, str(errno))
+        reason = ""
+        if errno:
+            name = errno_codes.errorcode.get(errno, str(errno))
+            reason = f": {os.strerror(errno)} ({name})"
         extra = f": {detail}" if detail else ""
-        super().__init__(f"{operation}{where} failed: {reason} ({name}){extra}")
+        super().__init__(f"{operation}{where} failed{reason}{extra}")
 
 
 class PermissionDenied(HostError):

@@ -122,7 +122,8 @@ class LeaseStore:
             db.execute("BEGIN IMMEDIATE")
         except (OSError, sqlite3.Error) as exc:
             code = getattr(exc, "errno", None) or 0
-            raise HostError("open lease store", str(self.path), code, str(exc)) from exc
+            hint = "state_dir must be a writable directory (state_dir, MICROVM_NETWORK_STATE_DIR)"
+            raise HostError("open lease store", str(self.path), code, f"{exc}; {hint}") from exc
         try:
             for statement in _SCHEMA:
                 db.execute(statement)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from netvm import ConfigError, SubnetExhausted, naming
+from netvm import ConfigError, HostError, PermissionDenied, SubnetExhausted, naming
 from netvm.leases import LeaseStore
 
 SLASH24 = ipaddress.IPv4Network("192.0.2.0/24")
@@ -126,3 +126,14 @@ def test_processes_attaching_at_once_get_distinct_slots(tmp_path: Path) -> None:
         shared = pool.starmap(_acquire_many, [(str(tmp_path), "", 1)] * 4)
     assert len({run[0] for run in shared}) == 1
     assert len(LeaseStore(tmp_path, "br0", SLASH24).all()) == 161
+
+
+def test_an_unwritable_state_dir_says_what_to_set(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    store = LeaseStore(blocker / "state", "br0", SLASH24)
+    with pytest.raises(HostError) as error:
+        store.all()
+    assert "open lease store" in str(error.value)
+    assert "MICROVM_NETWORK_STATE_DIR" in str(error.value)
+    assert not isinstance(error.value, PermissionDenied)
