@@ -14,8 +14,16 @@ from netvm.errors import (
     PermissionDenied,
     SubnetExhausted,
 )
+from netvm.glue import (
+    cloud_hypervisor_net,
+    firecracker_boot_args,
+    firecracker_network_interface,
+    qemu_args,
+    tap_options_for,
+)
 from netvm.manager import Attachment, NetworkManager
 from netvm.naming import VmNetwork
+from netvm.status import HostStatus, RuleStatus, host_status
 
 __all__ = [
     "Address",
@@ -28,6 +36,7 @@ __all__ = [
     "FakeState",
     "Firewall",
     "HostError",
+    "HostStatus",
     "KernelBackend",
     "Link",
     "NetvmError",
@@ -36,7 +45,14 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "Rule",
+    "RuleStatus",
     "SubnetExhausted",
     "TapOptions",
     "VmNetwork",
+    "cloud_hypervisor_net",
+    "firecracker_boot_args",
+    "firecracker_network_interface",
+    "host_status",
+    "qemu_args",
+    "tap_options_for",
 ]

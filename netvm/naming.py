@@ -121,9 +121,51 @@ class VmNetwork:
         """The MAC as `02:6e:ac:1e:00:2a`."""
         return format_mac(self.guest_mac)
 
-    def kernel_ip_arg(self) -> str:
-        """The kernel's `ip=` boot argument: `ip=<guest>::<gateway>:<netmask>::eth0:off`."""
-        return f"ip={self.guest_ip}::{self.gateway_ip}:{self.netmask}::eth0:off"
+    def kernel_ip_arg(
+        self,
+        hostname: str | None = None,
+        device: str = "eth0",
+        dns: tuple[str | ipaddress.IPv4Address, ...] = (),
+    ) -> str:
+        """The kernel's `ip=` boot argument (Documentation/admin-guide/nfs/nfsroot.rst).
+
+        Fields, in the kernel's order: `<client-ip>:<server-ip>:<gw-ip>:<netmask>:<hostname>:
+        <device>:<autoconf>:<dns0-ip>:<dns1-ip>:<ntp0-ip>`. With no arguments the result is
+        `ip=<guest>::<gateway>:<netmask>::eth0:off`; `hostname`, the guest's `device` name and
+        up to two `dns` servers fill their fields. Trailing empty fields are left out.
+        """
+        if hostname is not None and (
+            not 0 < len(hostname) <= 64
+            or not all(c.isascii() and (c.isalnum() or c in "-.") for c in hostname)
+        ):
+            raise ConfigError(
+                "hostname", hostname, "1 to 64 characters: ASCII letters, digits, '-' and '.'"
+            )
+        if (
+            not isinstance(device, str)
+            or not 0 < len(device.encode()) < 16
+            or any(c in "/:" or c.isspace() or not c.isprintable() for c in device)
+        ):
+            raise ConfigError("device", device, "a guest interface name of 1 to 15 bytes")
+        if len(dns) > 2:
+            raise ConfigError("dns", list(dns), "at most 2 servers (the kernel's dns0 and dns1)")
+        servers: list[str] = []
+        for server in dns:
+            try:
+                servers.append(str(ipaddress.IPv4Address(server)))
+            except ValueError:
+                raise ConfigError("dns", server, "an IPv4 address") from None
+        fields = [
+            str(self.guest_ip),
+            "",
+            str(self.gateway_ip),
+            str(self.netmask),
+            hostname or "",
+            device,
+            "off",
+            *servers,
+        ]
+        return "ip=" + ":".join(fields)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form (strings and ints only)."""

@@ -1,0 +1,471 @@
+"""The `netvm` command: host networking for microVMs from a shell or another language.
+
+    netvm [global options] COMMAND [options]
+
+Commands: ensure-host, attach VM_ID, detach VM_ID, list, gc --keep [VM_ID...], teardown,
+status. Global options may come before or after the command. Exit status: 0 on success,
+1 when netvm reports an error (one line on stderr saying what failed and what to do),
+2 for a usage error, 130 when interrupted. `--json` prints one JSON document on stdout whose
+schema (version 1) is described in docs/cli.md.
+
+`main()` takes the backend from `backend_factory(netns)` (the kernel unless given), which is
+how tests run the whole command in-process on the in-memory FakeBackend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import json
+import logging
+import os
+import pwd
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
+from typing import Any
+
+from netvm import glue
+from netvm.backends.base import Backend, TapOptions
+from netvm.backends.kernel import KernelBackend
+from netvm.config import (
+    ENV_BRIDGE,
+    ENV_EGRESS,
+    ENV_MTU,
+    ENV_STATE_DIR,
+    ENV_SUBNET,
+    NetworkConfig,
+    parse_mtu,
+    parse_subnet,
+    validate_ifname,
+)
+from netvm.errors import ConfigError, HostError, NetvmError, NotFound
+from netvm.manager import Attachment, NetworkManager
+from netvm.naming import VmNetwork
+from netvm.status import HostStatus, host_status
+
+JSON_SCHEMA_VERSION = 1
+"""Bumped only when a key of the `--json` output changes meaning or disappears."""
+
+BackendFactory = Callable[[str | None], Backend]
+"""Makes the backend for `--netns NAME` (None: the current namespace)."""
+
+log = logging.getLogger("netvm")
+
+
+def _kernel_backend(netns: str | None) -> Backend:
+    return KernelBackend(netns)
+
+
+# Argument parsing -----------------------------------------------------------------------
+
+
+def _uid(value: str) -> int:
+    """A user id, or a user name looked up in the passwd database."""
+    if value.isdigit():
+        return int(value)
+    try:
+        return pwd.getpwnam(value).pw_uid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such user: {value!r}") from None
+
+
+def _gid(value: str) -> int:
+    """A group id, or a group name looked up in the group database."""
+    if value.isdigit():
+        return int(value)
+    try:
+        return grp.getgrnam(value).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no such group: {value!r}") from None
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {value!r}")
+    return int(value)
+
+
+def _add_global_options(parser: argparse.ArgumentParser, in_subcommand: bool) -> None:
+    """The same options on the main parser and on every command, so that both
+    `netvm --netns X list` and `netvm list --netns X` work. In a command their default is
+    SUPPRESS, so a value given before the command is not overwritten."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if in_subcommand else value
+
+    group = parser.add_argument_group("global options")
+    group.add_argument(
+        "--netns",
+        metavar="NAME",
+        default=default(None),
+        help="act inside this network namespace (a name under /run/netns, or a path)",
+    )
+    group.add_argument(
+        "--bridge", metavar="NAME", default=default(None), help=f"bridge name ({ENV_BRIDGE})"
+    )
+    group.add_argument(
+        "--subnet", metavar="CIDR", default=default(None), help=f"VM subnet ({ENV_SUBNET})"
+    )
+    group.add_argument(
+        "--egress",
+        metavar="IFACE",
+        default=default(None),
+        help=f"egress interface for NAT ({ENV_EGRESS})",
+    )
+    group.add_argument("--mtu", default=default(None), help=f"bridge and TAP MTU ({ENV_MTU})")
+    group.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=default(None),
+        help=f"lease store directory ({ENV_STATE_DIR})",
+    )
+    group.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print one JSON document on stdout (schema: docs/cli.md)",
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default(0),
+        help="log what netvm does on stderr (-vv: debug)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="netvm",
+        description="Host networking for microVMs: bridge, NAT, per-VM TAPs.",
+        epilog=(
+            "Each global option overrides its MICROVM_NETWORK_* variable, which overrides "
+            "the default. Exit status: 0 success, 1 error, 2 usage error."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"netvm {_version()}")
+    _add_global_options(parser, in_subcommand=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        _add_global_options(sub, in_subcommand=True)
+        return sub
+
+    command("ensure-host", "create what is missing of the bridge, gateway, ip_forward and rules")
+    attach = command("attach", "lease an address and put the VM's TAP on the bridge")
+    attach.add_argument("vm_id", metavar="VM_ID")
+    tap = attach.add_argument_group("TAP options")
+    tap.add_argument(
+        "--owner", type=_uid, metavar="UID", help="user that may open the TAP (uid or name)"
+    )
+    tap.add_argument(
+        "--group", type=_gid, metavar="GID", help="group that may open the TAP (gid or name)"
+    )
+    tap.add_argument("--multi-queue", action="store_true", help="create a multi-queue TAP")
+    tap.add_argument("--vnet-hdr", action="store_true", help="create the TAP with IFF_VNET_HDR")
+    vmm = attach.add_argument_group("VMM configuration")
+    vmm.add_argument(
+        "--for",
+        dest="vmm",
+        choices=glue.VMMS,
+        help="pick TAP flags for this VMM and print its configuration",
+    )
+    vmm.add_argument(
+        "--queues",
+        type=_positive,
+        metavar="N",
+        help="queue pairs of a multi-queue TAP (default 2; 1 without --multi-queue)",
+    )
+    vmm.add_argument("--iface-id", default="eth0", help="Firecracker's iface_id (default eth0)")
+    guest = attach.add_argument_group("kernel ip= argument")
+    guest.add_argument("--hostname", help="the guest's host name")
+    guest.add_argument(
+        "--guest-device", default="eth0", metavar="NAME", help="guest interface (default eth0)"
+    )
+    guest.add_argument(
+        "--dns", action="append", default=[], metavar="IP", help="DNS server (up to 2)"
+    )
+    detach = command("detach", "delete the VM's TAP and free its address")
+    detach.add_argument("vm_id", metavar="VM_ID")
+    command("list", "the VMs of the bridge: leases and TAPs")
+    gc = command("gc", "detach every VM of the bridge except those kept")
+    gc.add_argument(
+        "--keep",
+        nargs="*",
+        required=True,
+        metavar="VM_ID",
+        help="VMs to keep (required; give it with no VM_ID to detach every VM)",
+    )
+    command("teardown", "remove netvm's TAPs, rules, bridge, and ip_forward if netvm set it")
+    command("status", "what of the host set-up is present, and how many VMs are attached")
+    return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("netvm")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> NetworkConfig:
+    """Options override MICROVM_NETWORK_* variables, which override the defaults.
+
+    A bad option value is reported under the option's name, a bad variable under its own.
+    """
+    env = dict(environ)
+    if args.bridge is not None:
+        env[ENV_BRIDGE] = validate_ifname("--bridge", args.bridge)
+    if args.subnet is not None:
+        parse_subnet("--subnet", args.subnet)
+        env[ENV_SUBNET] = args.subnet
+    if args.egress is not None:
+        env[ENV_EGRESS] = validate_ifname("--egress", args.egress)
+    if args.mtu is not None:
+        env[ENV_MTU] = str(parse_mtu("--mtu", args.mtu))
+    if args.state_dir is not None:
+        if not args.state_dir:
+            raise ConfigError("--state-dir", args.state_dir, "a non-empty directory path")
+        env[ENV_STATE_DIR] = args.state_dir
+    return NetworkConfig.from_env(env)
+
+
+# Output ---------------------------------------------------------------------------------
+
+
+def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
+    if args.json:
+        print(json.dumps({"version": JSON_SCHEMA_VERSION, **document}, indent=2))
+    elif text:
+        print(text)
+
+
+def _tap_dict(tap: TapOptions) -> dict[str, Any]:
+    return {
+        "owner": tap.owner,
+        "group": tap.group,
+        "multi_queue": tap.multi_queue,
+        "vnet_hdr": tap.vnet_hdr,
+    }
+
+
+def _tap_text(tap: TapOptions) -> str:
+    def onoff(flag: bool) -> str:
+        return "on" if flag else "off"
+
+    owner = "-" if tap.owner is None else str(tap.owner)
+    group = "-" if tap.group is None else str(tap.group)
+    return (
+        f"owner={owner} group={group} multi_queue={onoff(tap.multi_queue)} "
+        f"vnet_hdr={onoff(tap.vnet_hdr)}"
+    )
+
+
+def _status_text(status: HostStatus) -> str:
+    def yes(flag: bool, word: str = "present") -> str:
+        return word if flag else "MISSING"
+
+    if not status.bridge_present:
+        bridge = "MISSING"
+    else:
+        kind = "netvm bridge" if status.bridge_owned else f"NOT netvm's ({status.bridge_kind})"
+        state = "up" if status.up else "DOWN"
+        bridge = f"{kind}, mtu {status.mtu} (want {status.expected_mtu}), {state}"
+    lines = [
+        f"bridge      {status.bridge}: {bridge}",
+        f"gateway     {status.gateway}: {yes(status.gateway_present)}",
+        f"subnet      {status.subnet} via {status.egress}",
+        f"ip_forward  {'on' if status.ip_forward else 'OFF'}",
+    ]
+    for rule in status.rules:
+        lines.append(f"rule        {yes(rule.present):8} {rule.table:6} {rule.text}")
+    lines.append(f"vms         {status.vms_attached} attached, {status.vms_leased} leased")
+    lines.append(f"ready       {'yes' if status.ready else 'no'}")
+    return "\n".join(lines)
+
+
+def _vmm_config(
+    args: argparse.Namespace, network: VmNetwork, tap: TapOptions, ip_arg: str
+) -> tuple[dict[str, Any], str]:
+    vmm: glue.Vmm = args.vmm
+    if vmm == "firecracker":
+        body = glue.firecracker_network_interface(network, tap, args.iface_id)
+        path = f"/network-interfaces/{body['iface_id']}"
+        return (
+            {"name": vmm, "api_path": path, "network_interface": body, "boot_args": ip_arg},
+            f"firecracker: PUT {path}\n  {json.dumps(body)}\n"
+            f"firecracker: append to boot_args\n  {ip_arg}",
+        )
+    if vmm == "cloud-hypervisor":
+        net = glue.cloud_hypervisor_net(network, tap, args.queues)
+        return (
+            {"name": vmm, "net": net, "cmdline": ip_arg},
+            f"cloud-hypervisor: --net {net}\ncloud-hypervisor: append to --cmdline\n  {ip_arg}",
+        )
+    qemu = glue.qemu_args(network, tap, args.queues)
+    return (
+        {"name": vmm, "args": qemu, "append": ip_arg},
+        f"qemu: {' '.join(qemu)}\nqemu: append to -append\n  {ip_arg}",
+    )
+
+
+def _attachment_dict(a: Attachment) -> dict[str, Any]:
+    net = a.network
+    return {
+        "vm_id": a.vm_id,
+        "tap_name": a.tap_name,
+        "guest_ip": str(net.guest_ip) if net is not None else None,
+        "guest_mac": net.mac_string() if net is not None else None,
+        "tap_present": a.tap_present,
+        "on_bridge": a.on_bridge,
+    }
+
+
+def _attachment_state(a: Attachment) -> str:
+    if a.network is None:
+        return "no-lease"
+    if not a.tap_present:
+        return "tap-missing"
+    return "attached" if a.on_bridge else "off-bridge"
+
+
+# Commands -------------------------------------------------------------------------------
+
+
+def _attach(args: argparse.Namespace, manager: NetworkManager) -> None:
+    if args.vmm is not None:
+        tap = glue.tap_options_for(args.vmm, args.owner, args.group, args.multi_queue)
+        if args.vmm == "firecracker" and args.owner is None and args.group is None:
+            log.warning(
+                "firecracker: no --owner/--group, so only a privileged Firecracker can open "
+                "the TAP; under the jailer pass the jailer's --uid/--gid"
+            )
+    else:
+        tap = TapOptions(args.owner, args.group, args.multi_queue, args.vnet_hdr)
+    if args.vnet_hdr:
+        tap = TapOptions(tap.owner, tap.group, tap.multi_queue, True)
+    glue.queue_pairs_for(tap, args.queues)
+    # Check the ip= fields before anything is created.
+    probe = VmNetwork.for_slot(args.vm_id, manager.config.vm_subnet, 0)
+    probe.kernel_ip_arg(args.hostname, args.guest_device, tuple(args.dns))
+    network = manager.attach(args.vm_id, tap)
+    ip_arg = network.kernel_ip_arg(args.hostname, args.guest_device, tuple(args.dns))
+    vm = {**network.to_dict(), "kernel_ip_arg": ip_arg}
+    document: dict[str, Any] = {"vm": vm, "tap": _tap_dict(tap), "vmm": None}
+    lines = [
+        f"attached {network.vm_id}",
+        f"  tap        {network.tap_name}",
+        f"  guest_ip   {network.guest_ip}/{network.prefixlen}",
+        f"  guest_mac  {network.mac_string()}",
+        f"  gateway    {network.gateway_ip}",
+        f"  kernel_ip  {ip_arg}",
+        f"  tap_flags  {_tap_text(tap)}",
+    ]
+    if args.vmm is not None:
+        document["vmm"], text = _vmm_config(args, network, tap, ip_arg)
+        lines.append(text)
+    _emit(args, document, "\n".join(lines))
+
+
+def _list(args: argparse.Namespace, manager: NetworkManager) -> None:
+    attachments = manager.list()
+    rows = [("VM_ID", "TAP", "GUEST_IP", "GUEST_MAC", "STATE")]
+    for a in attachments:
+        d = _attachment_dict(a)
+        rows.append(
+            (a.vm_id, a.tap_name, d["guest_ip"] or "-", d["guest_mac"] or "-", _attachment_state(a))
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    text = "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True))
+        + "  "
+        + row[4]
+        for row in rows
+    )
+    if not attachments:
+        text = f"no VMs on {manager.config.bridge_name}"
+    _emit(args, {"vms": [_attachment_dict(a) for a in attachments]}, text)
+
+
+def _run(args: argparse.Namespace, manager: NetworkManager) -> None:
+    name = manager.config.bridge_name
+    if args.command == "ensure-host":
+        manager.ensure_host()
+        status = host_status(manager)
+        _emit(args, status.to_dict(), _status_text(status))
+    elif args.command == "status":
+        status = host_status(manager)
+        _emit(args, status.to_dict(), _status_text(status))
+    elif args.command == "attach":
+        _attach(args, manager)
+    elif args.command == "detach":
+        manager.detach(args.vm_id)
+        _emit(args, {"vm_id": args.vm_id, "detached": True}, f"detached {args.vm_id}")
+    elif args.command == "list":
+        _list(args, manager)
+    elif args.command == "gc":
+        removed = manager.gc(keep=args.keep)
+        text = f"removed {len(removed)} VM(s) from {name}" + "".join(
+            f"\n  {vm_id}" for vm_id in removed
+        )
+        _emit(args, {"removed": removed, "kept": sorted(set(args.keep))}, text)
+    elif args.command == "teardown":
+        manager.teardown_host()
+        _emit(args, {"bridge": name, "torn_down": True}, f"tore down {name}")
+    else:  # pragma: no cover - argparse only accepts the commands above
+        raise AssertionError(args.command)
+
+
+def _hint(exc: NetvmError) -> str:
+    """What to do, for the few errors whose message does not say it already."""
+    if isinstance(exc, NotFound) and exc.operation == "open network namespace":
+        return "; create it first (ip netns add NAME) or fix --netns"
+    if type(exc) is HostError and exc.operation == "open lease store":
+        return "; choose a writable --state-dir"
+    return ""
+
+
+def _fail(args: argparse.Namespace, exc: NetvmError) -> int:
+    message = " ".join(f"{exc}{_hint(exc)}".split())
+    print(f"netvm {args.command}: error: {message}", file=sys.stderr)
+    if args.json:
+        error = {"type": type(exc).__name__, "message": message}
+        print(json.dumps({"version": JSON_SCHEMA_VERSION, "error": error}, indent=2))
+    return 1
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    backend_factory: BackendFactory | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> int:
+    """Run the `netvm` command; return its exit status (it never calls sys.exit itself)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage error (2), or --help / --version (0)
+        return exc.code if isinstance(exc.code, int) else 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("netvm: %(levelname)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel({0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG))
+    factory = backend_factory or _kernel_backend
+    backend: Backend | None = None
+    try:
+        config = load_config(args, os.environ if environ is None else environ)
+        backend = factory(args.netns)
+        with NetworkManager(config, backend) as manager:
+            _run(args, manager)
+    except NetvmError as exc:
+        return _fail(args, exc)
+    except KeyboardInterrupt:
+        print(f"netvm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if backend is not None:
+            backend.close()
+        log.removeHandler(handler)
+    return 0

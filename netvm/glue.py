@@ -1,0 +1,165 @@
+"""Ready-made configuration for the VMMs netvm serves: Firecracker, Cloud Hypervisor, QEMU.
+
+Each function takes the `VmNetwork` that `NetworkManager.attach` returned and the `TapOptions`
+the TAP was created with, and returns what that VMM needs to open the existing TAP:
+
+- Firecracker: the body of `PUT /network-interfaces/{iface_id}` and the boot-args fragment.
+  Firecracker opens the TAP with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR and never multi-queue;
+  under the jailer it runs as an unprivileged uid/gid, so the TAP needs that owner or group.
+- Cloud Hypervisor: the `--net` argument for an existing TAP. Its `num_queues` counts RX and
+  TX queues together (2 per queue pair) and must agree with the TAP's multi-queue flag: it
+  refuses a multi-queue TAP with one pair and a single-queue TAP with several.
+- QEMU: `-netdev tap,...` and `-device virtio-net-pci,...`. QEMU opens the TAP with
+  IFF_MULTI_QUEUE exactly when `queues` > 1, which the kernel requires to match the TAP.
+
+`tap_options_for` is the profile that picks matching TAP flags for a VMM.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from netvm.backends.base import TapOptions
+from netvm.errors import ConfigError
+from netvm.naming import VmNetwork
+
+Vmm = Literal["firecracker", "cloud-hypervisor", "qemu"]
+VMMS: tuple[Vmm, ...] = get_args(Vmm)
+
+DEFAULT_QUEUE_PAIRS = 2
+"""Queue pairs of a multi-queue TAP when none is given (one per vCPU is the usual choice)."""
+MAX_QUEUE_PAIRS = 256
+"""The kernel's limit of queues on one TUN/TAP device (MAX_TAP_QUEUES)."""
+QUEUE_PAIRS_RULE = (
+    f"1 for a single-queue TAP, 2 to {MAX_QUEUE_PAIRS} for a multi-queue TAP "
+    "(the count must agree with the TAP's multi-queue flag)"
+)
+
+
+def tap_options_for(
+    vmm: Vmm,
+    owner: int | None = None,
+    group: int | None = None,
+    multi_queue: bool = False,
+) -> TapOptions:
+    """TAP flags that suit `vmm`: vnet_hdr on (all three use the virtio-net header), the
+    owner/group the unprivileged VMM runs as, multi-queue only where the VMM supports it.
+
+    Firecracker with `multi_queue` is a ConfigError: Firecracker cannot open such a TAP.
+    """
+    if vmm not in VMMS:
+        raise ConfigError("vmm", vmm, "one of " + ", ".join(VMMS))
+    if vmm == "firecracker" and multi_queue:
+        raise ConfigError(
+            "multi_queue",
+            True,
+            "Firecracker opens its TAP without IFF_MULTI_QUEUE and cannot use a multi-queue TAP",
+        )
+    return TapOptions(owner=owner, group=group, multi_queue=multi_queue, vnet_hdr=True)
+
+
+def queue_pairs_for(tap: TapOptions, queue_pairs: int | None = None) -> int:
+    """Queue pairs for a TAP: 1 unless multi-queue (then `DEFAULT_QUEUE_PAIRS` if not given).
+
+    A count that disagrees with the TAP's multi-queue flag is a ConfigError: the VMM would
+    fail to open the TAP.
+    """
+    if queue_pairs is None:
+        return DEFAULT_QUEUE_PAIRS if tap.multi_queue else 1
+    if isinstance(queue_pairs, bool) or not isinstance(queue_pairs, int):
+        raise ConfigError("queue_pairs", queue_pairs, QUEUE_PAIRS_RULE)
+    valid = 2 <= queue_pairs <= MAX_QUEUE_PAIRS if tap.multi_queue else queue_pairs == 1
+    if not valid:
+        raise ConfigError("queue_pairs", queue_pairs, QUEUE_PAIRS_RULE)
+    return queue_pairs
+
+
+# Firecracker ------------------------------------------------------------------------------
+
+
+def firecracker_network_interface(
+    network: VmNetwork, tap: TapOptions, iface_id: str = "eth0"
+) -> dict[str, str]:
+    """The JSON body of Firecracker's `PUT /network-interfaces/{iface_id}`."""
+    if tap.multi_queue:
+        raise ConfigError(
+            "multi_queue",
+            True,
+            f"Firecracker cannot open the multi-queue TAP {network.tap_name}: "
+            "detach it and attach again without multi-queue",
+        )
+    if not iface_id or not all(c.isascii() and (c.isalnum() or c in "_-") for c in iface_id):
+        raise ConfigError("iface_id", iface_id, "ASCII letters, digits, '_' and '-'")
+    return {
+        "iface_id": iface_id,
+        "host_dev_name": network.tap_name,
+        "guest_mac": network.mac_string(),
+    }
+
+
+def firecracker_boot_args(
+    network: VmNetwork,
+    hostname: str | None = None,
+    device: str = "eth0",
+    dns: tuple[str, ...] = (),
+) -> str:
+    """The fragment to append to Firecracker's `boot-source` `boot_args`: the kernel's `ip=`."""
+    return network.kernel_ip_arg(hostname=hostname, device=device, dns=dns)
+
+
+# Cloud Hypervisor -------------------------------------------------------------------------
+
+
+def cloud_hypervisor_net(
+    network: VmNetwork, tap: TapOptions, queue_pairs: int | None = None
+) -> str:
+    """The value of Cloud Hypervisor's `--net` for the existing TAP.
+
+    `num_queues` is RX plus TX queues: twice the queue pairs.
+    """
+    pairs = queue_pairs_for(tap, queue_pairs)
+    return f"tap={network.tap_name},mac={network.mac_string()},num_queues={2 * pairs}"
+
+
+# QEMU -------------------------------------------------------------------------------------
+
+
+def qemu_netdev(
+    network: VmNetwork, tap: TapOptions, queue_pairs: int | None = None, netdev_id: str = "net0"
+) -> str:
+    """The value of QEMU's `-netdev` for the existing TAP (no ifup/ifdown scripts).
+
+    A multi-queue TAP gets `vhost=on,queues=N` (vhost-net needs access to /dev/vhost-net).
+    """
+    pairs = queue_pairs_for(tap, queue_pairs)
+    value = f"tap,id={netdev_id},ifname={network.tap_name},script=no,downscript=no"
+    if tap.multi_queue:
+        value += f",vhost=on,queues={pairs}"
+    return value
+
+
+def qemu_device(
+    network: VmNetwork, tap: TapOptions, queue_pairs: int | None = None, netdev_id: str = "net0"
+) -> str:
+    """The value of QEMU's `-device` for the guest NIC.
+
+    A multi-queue TAP gets `mq=on,vectors=2N+2` (one MSI-X vector per queue, one for the
+    control queue and one for configuration changes).
+    """
+    pairs = queue_pairs_for(tap, queue_pairs)
+    value = f"virtio-net-pci,netdev={netdev_id},mac={network.mac_string()}"
+    if tap.multi_queue:
+        value += f",mq=on,vectors={2 * pairs + 2}"
+    return value
+
+
+def qemu_args(
+    network: VmNetwork, tap: TapOptions, queue_pairs: int | None = None, netdev_id: str = "net0"
+) -> list[str]:
+    """QEMU's command-line arguments for the NIC: `-netdev ... -device ...`."""
+    return [
+        "-netdev",
+        qemu_netdev(network, tap, queue_pairs, netdev_id),
+        "-device",
+        qemu_device(network, tap, queue_pairs, netdev_id),
+    ]
