@@ -35,6 +35,22 @@ class Attachment:
     on_bridge: bool
 
 
+def _fixed_flags(options: TapOptions) -> tuple[int | None, int | None, bool]:
+    """The flags a TAP keeps for life. vnet_hdr is left out: every opener of the TAP sets
+    it anew (TUNSETIFF), so a VMM that opened the TAP may have changed it."""
+    return options.owner, options.group, options.multi_queue
+
+
+def _describe(options: TapOptions) -> str:
+    def show(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    return (
+        f"owner={show(options.owner)} group={show(options.group)} "
+        f"multi_queue={'on' if options.multi_queue else 'off'}"
+    )
+
+
 class _Undo:
     """Steps that reverse what an operation did so far, run newest first on failure."""
 
@@ -281,10 +297,10 @@ class NetworkManager:
         if link is None:
             raise host_error("attach", network.tap_name, errno.EAGAIN, "the TAP vanished; retry")
         self._check_tap(link, network.vm_id)
-        if link.tap is not None and link.tap != options:
+        if link.tap is not None and _fixed_flags(link.tap) != _fixed_flags(options):
             raise ConflictError(
-                f"TAP {link.name} of {network.vm_id!r} exists with other flags ({link.tap}) "
-                f"than requested ({options}); detach it first"
+                f"TAP {link.name} of {network.vm_id!r} exists with other flags "
+                f"({_describe(link.tap)}) than requested ({_describe(options)}); detach it first"
             )
         bridge = self._bridge()
         if link.master != bridge or link.mtu != self.config.mtu or not link.up:

@@ -321,7 +321,7 @@ def test_a_bad_variable_is_named_unless_an_option_overrides_it(run: Run) -> None
         (["--subnet", "192.0.2.1/24"], "invalid --subnet: '192.0.2.1/24': an IPv4 network"),
         (["--subnet", "192.0.2.0/31"], "has no room for a guest"),
         (["--subnet", "2001:db8::/64"], "IPv6 is not supported"),
-        (["--mtu", "9"], "invalid --mtu: 9: an integer from 68 to 65521"),
+        (["--mtu", "9"], "invalid --mtu: '9': an integer from 68 to 65521"),
         (["--mtu", "big"], "invalid --mtu: 'big'"),
         (["--bridge", "a-very-long-bridge-name"], "invalid --bridge: 'a-very-long-bridge-name'"),
         (["--bridge", "has space"], "invalid --bridge: 'has space': 1 to 15 bytes"),

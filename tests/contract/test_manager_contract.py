@@ -120,11 +120,25 @@ def test_attach_mends_a_netvm_tap_that_fell_off_the_bridge(
     assert (tap.mtu, tap.up) == (1500, True)
 
 
-def test_reattach_with_other_tap_flags_is_a_conflict(manager: NetworkManager) -> None:
+@pytest.mark.parametrize(
+    "other", [TapOptions(multi_queue=True), TapOptions(owner=1000), TapOptions(group=1000)]
+)
+def test_reattach_with_other_tap_flags_is_a_conflict(
+    manager: NetworkManager, other: TapOptions
+) -> None:
     manager.ensure_host()
     manager.attach("vm-1")
-    with pytest.raises(ConflictError, match="other flags"):
-        manager.attach("vm-1", TapOptions(multi_queue=True))
+    before = snapshot(manager.backend)
+    with pytest.raises(ConflictError, match="other flags") as conflict:
+        manager.attach("vm-1", other)
+    assert "owner=- group=- multi_queue=off" in str(conflict.value)
+    assert snapshot(manager.backend) == before
+
+
+def test_reattach_ignores_vnet_hdr_which_every_opener_sets(manager: NetworkManager) -> None:
+    manager.ensure_host()
+    vm = manager.attach("vm-1", TapOptions(vnet_hdr=True))
+    assert manager.attach("vm-1") == vm
 
 
 def test_different_vms_get_different_addresses_macs_and_taps(manager: NetworkManager) -> None:
