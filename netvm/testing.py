@@ -420,6 +420,8 @@ GUEST_IFACE = "eth0"
 TUNGETIFF = 0x800454D2
 IFF_PERSIST = 0x0800
 MAX_FRAME = 65536
+IFF_UP_FLAG = 0x1
+BR_STATE_FORWARDING = 3
 
 
 def _open_tap(name: str, flags: int) -> int:
@@ -453,6 +455,33 @@ def _attach_host_tap(name: str, flags: int) -> int:
         os.close(fd)
         raise host_error("attach to tap", name, errno.ENODEV, "it vanished")
     return fd
+
+
+def _wait_until_passing(name: str, timeout: float = 3.0) -> None:
+    """Wait until the kernel has acted on the TAP's carrier-on (bounded by `timeout`).
+
+    Opening a TAP turns its carrier on at once, but the kernel applies that (operstate, qdisc
+    activation, bridge port state) from its link-watch work, which it runs at most once a
+    second for all namespaces: until then the host drops the guest's first frames. A TAP
+    that is administratively down is not waited for.
+    """
+    deadline = time.monotonic() + timeout
+    with IPRoute() as ipr:
+        while time.monotonic() < deadline:
+            (link,) = ipr.link("get", ifname=name)
+            if not link["flags"] & IFF_UP_FLAG:
+                return
+            if link.get_attr("IFLA_OPERSTATE") == "UP":
+                if not link.get_attr("IFLA_MASTER"):
+                    return
+                states = [
+                    info.get_attr("IFLA_BRPORT_STATE")
+                    for port in ipr.brport("show", index=link["index"])
+                    if (info := port.get_attr("IFLA_PROTINFO")) is not None
+                ]
+                if all(state == BR_STATE_FORWARDING for state in states):
+                    return
+            time.sleep(0.005)
 
 
 class GuestEmulator:
@@ -507,6 +536,7 @@ class GuestEmulator:
             self._host_fd = run_in_netns(
                 self.host_netns, lambda: _attach_host_tap(self.network.tap_name, self._host_flags)
             )
+            run_in_netns(self.host_netns, lambda: _wait_until_passing(self.network.tap_name))
             self._stop = os.eventfd(0, os.EFD_CLOEXEC)
             self._pump = threading.Thread(
                 target=self._run_pump, name=f"netvm-pump-{self.network.tap_name}", daemon=True
@@ -687,10 +717,17 @@ class FrameCapture:
         poller = select.poll()
         poller.register(self._sock, select.POLLIN)
         poller.register(self._stop, select.POLLIN)
+        stopping = False
         while True:
-            ready = {fd for fd, _ in poller.poll()}
+            ready = {fd for fd, _ in poller.poll(0 if stopping else None)}
             if self._stop in ready:
-                return
+                # Read what is queued already before stopping.
+                stopping = True
+                poller.unregister(self._stop)
+            if self._sock.fileno() not in ready:
+                if stopping:
+                    return
+                continue
             try:
                 data, where = self._sock.recvfrom(MAX_FRAME)
             except OSError:
