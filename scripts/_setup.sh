@@ -5,7 +5,7 @@ VENV=${NETVM_VENV:-.venv}
 
 netvm_have_xtables() {
     ldconfig -p 2>/dev/null | grep -q 'libip4tc\.so' &&
-        ls -d /usr/lib/*/xtables /usr/lib/xtables /usr/lib64/xtables >/dev/null 2>&1 &&
+        { compgen -G '/usr/lib/*/xtables' || compgen -G '/usr/lib*/xtables'; } >/dev/null &&
         command -v iptables-legacy >/dev/null 2>&1
 }
 

@@ -1,0 +1,56 @@
+"""Fixtures of the end-to-end tests: a host with an uplink to a small internet, netvm on it.
+
+Every namespace is made here and deleted afterwards; only TEST-NET addresses are used
+(192.0.2.0/24 for the VMs, 203.0.113.0/24 for the uplink and the internet host).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from netvm import KernelBackend, NetworkConfig, NetworkManager
+from netvm.testing import Topology, UdpEchoServer, internet_topology
+
+
+@pytest.fixture
+def topology() -> Iterator[Topology]:
+    with internet_topology("eth0", prefix="netvm-e2e-") as topo:
+        yield topo
+
+
+@pytest.fixture
+def e2e_config(tmp_path: Path) -> NetworkConfig:
+    return NetworkConfig(
+        bridge_name="nvbr0",
+        vm_subnet="192.0.2.0/24",
+        host_egress_iface="eth0",
+        mtu=1500,
+        state_dir=tmp_path / "state",
+    )
+
+
+@pytest.fixture
+def host_backend(topology: Topology) -> Iterator[KernelBackend]:
+    backend = KernelBackend(topology.host_netns)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+@pytest.fixture
+def net(e2e_config: NetworkConfig, host_backend: KernelBackend) -> Iterator[NetworkManager]:
+    """A NetworkManager on the host namespace, after ensure_host()."""
+    with NetworkManager(e2e_config, host_backend) as manager:
+        manager.ensure_host()
+        yield manager
+
+
+@pytest.fixture
+def internet_host(topology: Topology) -> Iterator[UdpEchoServer]:
+    """A UDP echo server on the internet host that records who sent each datagram."""
+    with UdpEchoServer(topology.internet_netns, topology.internet.ip) as server:
+        yield server
