@@ -119,6 +119,8 @@ class NetworkManager:
             (FILTER, "FORWARD"): [Rule(self.forward_chain, comment=tag)],
             (FILTER, self.forward_chain): [
                 Rule("ACCEPT", in_iface=bridge, out_iface=egress, comment=tag),
+                # Guest to guest: with br_netfilter, bridged frames pass FORWARD too.
+                Rule("ACCEPT", in_iface=bridge, out_iface=bridge, comment=tag),
                 Rule(
                     "ACCEPT",
                     in_iface=egress,

@@ -100,7 +100,7 @@ def test_status_of_a_bare_host_then_ensure_host(run: Run, state: FakeState) -> N
         "up": True,
     }
     assert doc["ip_forward"] is True
-    assert len(doc["rules"]) == 5
+    assert len(doc["rules"]) == 6
     assert all(rule["present"] for rule in doc["rules"])
     assert doc["vms"] == {"attached": 0, "leased": 0}
     assert state.links["nvbr0"].kind == "bridge"

@@ -91,8 +91,8 @@ def test_every_step_of_ensure_host_rolls_back(backend: Backend, config: NetworkC
     target = armed(backend)
     with NetworkManager(config, target) as manager:
         steps = walk_failures(target, lambda m: m.ensure_host(), manager)
-    # bridge, up, address, ip_forward, 2 chains, 3 rules in them, 2 jumps
-    assert steps == 11
+    # bridge, up, address, ip_forward, 2 chains, 4 rules in them, 2 jumps
+    assert steps == 12
 
 
 def test_every_step_of_attach_rolls_back(backend: Backend, config: NetworkConfig) -> None:

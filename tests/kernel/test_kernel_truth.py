@@ -62,6 +62,7 @@ def test_iproute2_and_iptables_see_what_netvm_made(netns: str, config: NetworkCo
             "-N NETVM-FWD-nvbr0",
             f"-A FORWARD {tag} -j NETVM-FWD-nvbr0",
             f"-A NETVM-FWD-nvbr0 -i nvbr0 -o up0 {tag} -j ACCEPT",
+            f"-A NETVM-FWD-nvbr0 -i nvbr0 -o nvbr0 {tag} -j ACCEPT",
             "-A NETVM-FWD-nvbr0 -i up0 -o nvbr0 -m conntrack --ctstate RELATED,ESTABLISHED "
             f"{tag} -j ACCEPT",
         ):

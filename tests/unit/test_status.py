@@ -18,7 +18,7 @@ def test_a_bare_host_reports_everything_missing(config: NetworkConfig) -> None:
         False,
         False,
     )
-    assert len(status.rules) == 5
+    assert len(status.rules) == 6
     assert not any(r.present for r in status.rules)
     assert (status.vms_attached, status.vms_leased) == (0, 0)
     assert "bridge nvbr0 is missing" in status.problems()
@@ -42,6 +42,7 @@ def test_after_ensure_host_and_attach_everything_is_present(config: NetworkConfi
     assert document["gateway"] == {"address": "192.0.2.1/24", "present": True}
     assert [(r["table"], r["chain"]) for r in document["rules"]] == [
         (FILTER, "FORWARD"),
+        (FILTER, "NETVM-FWD-nvbr0"),
         (FILTER, "NETVM-FWD-nvbr0"),
         (FILTER, "NETVM-FWD-nvbr0"),
         (NAT, "POSTROUTING"),
