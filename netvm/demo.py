@@ -11,7 +11,6 @@ namespace is never changed.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 import tempfile
@@ -33,11 +32,11 @@ from netvm.testing import (
     Topology,
     UdpEchoServer,
     internet_topology,
+    kernel_unavailable,
     snapshot,
 )
 
 VM_IDS = ("vm-alpha", "vm-bravo", "vm-charlie")
-CAP_NET_ADMIN = 12
 
 
 @dataclass(frozen=True)
@@ -46,23 +45,6 @@ class Row:
     gateway: str
     internet: str
     seen_as: str
-
-
-def kernel_unavailable() -> str | None:
-    """Why the kernel flow cannot run here, or None when it can."""
-    with open("/proc/self/status") as status:
-        caps = next((line for line in status if line.startswith("CapEff:")), "CapEff: 0")
-    if not int(caps.split()[1], 16) >> CAP_NET_ADMIN & 1:
-        return "no CAP_NET_ADMIN (not root)"
-    if not os.path.exists("/dev/net/tun"):
-        return "no /dev/net/tun"
-    try:
-        from netvm.backends.iptables import load_iptc
-
-        load_iptc()
-    except Exception as exc:
-        return f"python-iptables cannot load: {exc}"
-    return None
 
 
 def _namespaces() -> list[str]:

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 
 from netvm.backends.base import FILTER, NAT, Backend, TapOptions
+from netvm.backends.iptables import load_iptc
 from netvm.backends.netns import CLONE_NEWNET, NETNS_RUN_DIR, NamespaceThread, netns_path
 from netvm.backends.tun import (
     IFF_NO_PI,
@@ -47,7 +48,7 @@ from netvm.backends.tun import (
     tap_flags,
 )
 from netvm.config import IFNAMSIZ
-from netvm.errors import host_error
+from netvm.errors import NetvmError, host_error
 from netvm.naming import VmNetwork, format_mac
 
 MS_BIND = 0x1000
@@ -107,6 +108,25 @@ def throwaway_netns(prefix: str = "netvm-") -> Iterator[str]:
         yield name
     finally:
         delete_netns(name)
+
+
+CAP_NET_ADMIN = 12
+
+
+def kernel_unavailable() -> str | None:
+    """Why netvm cannot act on the kernel here (no CAP_NET_ADMIN, no /dev/net/tun, no
+    python-iptables libraries), or None when it can: for skipping one's own kernel tests."""
+    with open("/proc/self/status") as status:
+        caps = next((line for line in status if line.startswith("CapEff:")), "CapEff: 0")
+    if not int(caps.split()[1], 16) >> CAP_NET_ADMIN & 1:
+        return "needs CAP_NET_ADMIN (run as root)"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun"
+    try:
+        load_iptc()
+    except NetvmError as exc:
+        return f"needs python-iptables with Debian's iptables package: {exc}"
+    return None
 
 
 def snapshot(backend: Backend) -> dict[str, Any]:

@@ -15,38 +15,13 @@ import pytest
 
 from netvm import FakeBackend, KernelBackend, NetworkConfig, NetworkManager
 from netvm.backends.base import Backend
-from netvm.testing import throwaway_netns
-
-CAP_NET_ADMIN = 12
-
-
-def has_net_admin() -> bool:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
-    return False
-
-
-def privileged_missing() -> str | None:
-    """Why privileged tests cannot run here, or None if they can."""
-    if not has_net_admin():
-        return "needs CAP_NET_ADMIN (run as root)"
-    if not os.path.exists("/dev/net/tun"):
-        return "needs /dev/net/tun"
-    try:
-        from netvm.backends.iptables import load_iptc
-
-        load_iptc()
-    except Exception as exc:
-        return f"needs python-iptables with Debian's iptables package: {exc}"
-    return None
+from netvm.testing import kernel_unavailable, throwaway_netns
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("privileged") is None:
         return
-    reason = privileged_missing()
+    reason = kernel_unavailable()
     if reason is None:
         return
     if os.environ.get("NETVM_REQUIRE_PRIVILEGED") == "1":
