@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import select
 import socket
 import struct
@@ -11,9 +9,7 @@ import threading
 from dataclasses import dataclass
 
 from netvm.testing.guest import MAX_FRAME
-from netvm.testing.namespaces import run_in_netns
-
-# Frames on a link ------------------------------------------------------------------------
+from netvm.testing.watcher import SocketWatcher, bound_socket
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
@@ -30,7 +26,7 @@ class Frame:
     """True for a frame the namespace sent out on the link, False for one it received."""
 
 
-class FrameCapture:
+class FrameCapture(SocketWatcher):
     """Records the Ethernet headers of frames on `ifname` in `netns` (an AF_PACKET socket).
 
     On a host TAP, received (not outgoing) frames are the ones the guest sent.
@@ -39,20 +35,12 @@ class FrameCapture:
     def __init__(self, netns: str | None, ifname: str) -> None:
         self.frames: list[Frame] = []
         self._lock = threading.Lock()
-        self._stop = os.eventfd(0, os.EFD_CLOEXEC)
-        self._sock = run_in_netns(netns, lambda: self._open(ifname))
-        self._thread = threading.Thread(target=self._run, name="netvm-capture", daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _open(ifname: str) -> socket.socket:
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        try:
-            sock.bind((ifname, 0))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        protocol = socket.htons(ETH_P_ALL)
+        super().__init__(
+            netns,
+            lambda: bound_socket(socket.AF_PACKET, socket.SOCK_RAW, protocol, (ifname, 0)),
+            "netvm-capture",
+        )
 
     def _run(self) -> None:
         poller = select.poll()
@@ -83,17 +71,3 @@ class FrameCapture:
     def received(self) -> list[Frame]:
         with self._lock:
             return [frame for frame in self.frames if not frame.outgoing]
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            os.eventfd_write(self._stop, 1)
-            self._thread.join()
-        self._sock.close()
-        with contextlib.suppress(OSError):
-            os.close(self._stop)
-
-    def __enter__(self) -> FrameCapture:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

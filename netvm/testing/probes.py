@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
-import os
 import secrets
 import select
 import socket
@@ -15,9 +14,7 @@ import time
 from typing import Any
 
 from netvm.testing.namespaces import run_in_netns
-
-# Running code inside a namespace ----------------------------------------------------------
-
+from netvm.testing.watcher import SocketWatcher, bound_socket
 
 PING_GROUP_RANGE = "/proc/sys/net/ipv4/ping_group_range"
 ICMP_ECHO_REQUEST = 8
@@ -137,7 +134,7 @@ def udp_request(
     return run_in_netns(netns, probe)
 
 
-class UdpEchoServer:
+class UdpEchoServer(SocketWatcher):
     """A UDP echo server on a thread inside `netns` that records who sent each datagram.
 
     `peers` lists the (address, port) of every datagram received, in order: what a host
@@ -150,22 +147,15 @@ class UdpEchoServer:
         self.netns = netns
         self.peers: list[tuple[str, int]] = []
         self._lock = threading.Lock()
-        self._stop = os.eventfd(0, os.EFD_CLOEXEC)
-        self._sock = run_in_netns(netns, lambda: self._bind(str(address), port))
+        where = (str(address), port)
+        super().__init__(
+            netns,
+            lambda: bound_socket(socket.AF_INET, socket.SOCK_DGRAM, 0, where),
+            "netvm-udp-echo",
+        )
         self.address, self.port = self._sock.getsockname()
-        self._thread = threading.Thread(target=self._serve, name="netvm-udp-echo", daemon=True)
-        self._thread.start()
 
-    def _bind(self, address: str, port: int) -> socket.socket:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.bind((address, port))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    def _serve(self) -> None:
+    def _run(self) -> None:
         poller = select.poll()
         poller.register(self._sock, select.POLLIN)
         poller.register(self._stop, select.POLLIN)
@@ -183,17 +173,3 @@ class UdpEchoServer:
         """The source addresses seen so far, in order."""
         with self._lock:
             return [address for address, _ in self.peers]
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            os.eventfd_write(self._stop, 1)
-            self._thread.join()
-        self._sock.close()
-        with contextlib.suppress(OSError):
-            os.close(self._stop)
-
-    def __enter__(self) -> UdpEchoServer:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
