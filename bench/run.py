@@ -103,11 +103,10 @@ class Shell:
 
     def taps_on_bridge(self) -> int:
         """TAPs on the bridge, counted from the kernel by `ip` (whoever made them)."""
-        code, out = self.run("ip", "-d", "-j", "link", "show", "master", BRIDGE, check=False)
-        if code != 0:
-            return 0
-        links = json.loads(out or "[]")
-        return sum(1 for link in links if link.get("linkinfo", {}).get("info_kind") == "tun")
+        code, out = self.run(
+            "ip", "-o", "link", "show", "master", BRIDGE, "type", "tun", check=False
+        )
+        return len(out.splitlines()) if code == 0 else 0
 
     def close(self) -> None:
         self.thread.stop()
