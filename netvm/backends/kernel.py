@@ -160,7 +160,7 @@ class KernelBackend:
         if not names:
             return
         with _kernel_errors("list links", None):
-            used = {info.group for info in self.rtnl.dump_links()}
+            used = self.rtnl.dump_groups()
         group = random.randrange(1 << 20, 1 << 31)
         while group in used:
             group = random.randrange(1 << 20, 1 << 31)

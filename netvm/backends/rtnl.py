@@ -125,13 +125,27 @@ class LinkInfo:
     """For a TAP/TUN device: (owner, group, multi_queue, vnet_hdr)."""
 
 
+_LINK_ATTRS = frozenset(
+    {IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_IFALIAS, IFLA_GROUP, IFLA_LINKINFO}
+)
+
+
 def parse_link(data: bytes | memoryview, offset: int, end: int) -> LinkInfo:
     _, _, index, flags, _ = _IFINFOMSG.unpack_from(data, offset + _HEADER)
     name, kind, alias = "", None, None
     master, mtu, group = 0, 0, 0
     tun: tuple[int | None, int | None, bool, bool] | None = None
     u32 = _U32.unpack_from
-    for kind_, start, stop in attrs(data, offset + _HEADER + _IFINFOMSG.size, end):
+    unpack = _RTATTR.unpack_from
+    at = offset + _HEADER + _IFINFOMSG.size
+    while at + 4 <= end:  # inlined attrs(): a port's message has ~50 attributes
+        size, kind_ = unpack(data, at)
+        if size < 4:
+            break
+        start, stop = at + 4, at + size
+        at += (size + 3) & ~3
+        if kind_ not in _LINK_ATTRS:
+            continue
         if kind_ == IFLA_IFNAME:
             name = _string(data, start, stop)
         elif kind_ == IFLA_MTU:
@@ -285,6 +299,29 @@ class Rtnl:
                 for view, offset, end, kind in self._replies(seq)
                 if kind == RTM_NEWLINK
             ]
+
+    def dump_groups(self) -> set[int]:
+        """The link groups in use: a dump that decodes IFLA_GROUP only."""
+        body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + _SKIP_STATS
+        groups: set[int] = set()
+        unpack = _RTATTR.unpack_from
+        u32 = _U32.unpack_from
+        start = _HEADER + _IFINFOMSG.size
+        with self._lock:
+            seq = self._send(RTM_GETLINK, NLM_F_DUMP, body)
+            for view, offset, end, kind in self._replies(seq):
+                if kind != RTM_NEWLINK:
+                    continue
+                at = offset + start
+                while at + 4 <= end:
+                    size, attr_type = unpack(view, at)
+                    if size < 4:
+                        break
+                    if attr_type == IFLA_GROUP:
+                        groups.add(u32(view, at + 4)[0])
+                        break
+                    at += (size + 3) & ~3
+        return groups
 
     def set_link(
         self,
