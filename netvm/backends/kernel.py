@@ -238,6 +238,9 @@ class KernelBackend:
         self._call(lambda: self.firewall.delete_rule(table, chain, rule))
 
     def close(self) -> None:
+        close_firewall = getattr(self._firewall, "close", None)
+        if close_firewall is not None:
+            self._call(close_firewall)
         with self._tun_lock:
             for fd in self._tun_fds:
                 os.close(fd)

@@ -13,9 +13,9 @@ import threading
 
 import pytest
 
-from netvm import HostError, KernelBackend, TapOptions
+from netvm import HostError, KernelBackend, Rule, TapOptions
 from netvm.backends import rtnl
-from netvm.backends.base import Backend
+from netvm.backends.base import FILTER, Backend
 
 
 def in_thread(fn: object) -> None:
@@ -125,3 +125,26 @@ def test_link_messages_round_trip_through_the_parser() -> None:
         group=9,
         tun=(1234, None, False, True),
     )
+
+
+@pytest.mark.privileged
+def test_decoded_rules_follow_changes_made_by_another_writer(netns: str) -> None:
+    """The firewall reuses decoded rules only while the kernel's table bytes are the same."""
+    reader, writer = KernelBackend(netns), KernelBackend(netns)
+    try:
+        assert reader.list_rules(FILTER, "FORWARD") == []
+        first = Rule("ACCEPT", in_iface="aaaa0", comment="x")
+        writer.insert_rule(FILTER, "FORWARD", first)
+        assert reader.list_rules(FILTER, "FORWARD") == [first]
+        assert reader.list_rules(FILTER, "FORWARD") == [first]
+        same_size = Rule("ACCEPT", in_iface="bbbb0", comment="y")
+        writer.delete_rule(FILTER, "FORWARD", first)
+        writer.insert_rule(FILTER, "FORWARD", same_size)
+        assert reader.list_rules(FILTER, "FORWARD") == [same_size]
+        writer.create_chain(FILTER, "NETVM-T")
+        assert "NETVM-T" in reader.list_chains(FILTER)
+        writer.delete_chain(FILTER, "NETVM-T")
+        assert "NETVM-T" not in reader.list_chains(FILTER)
+    finally:
+        reader.close()
+        writer.close()
