@@ -14,6 +14,8 @@ import errno
 import importlib.util
 import ipaddress
 import os
+import socket
+import struct
 import sys
 import sysconfig
 import threading
@@ -103,11 +105,103 @@ def load_iptc() -> ModuleType:
     return module
 
 
+IPT_SO_GET_INFO = 64
+IPT_SO_GET_ENTRIES = 65
+_GETINFO = struct.Struct("=32sI5I5III")  # struct ipt_getinfo
+_ENTRIES_HEADER = 40  # struct ipt_get_entries up to entrytable (8-byte aligned)
+_ENTRY_SIZE = 112  # struct ipt_entry
+_NEXT_OFFSET = struct.Struct("=H")  # ipt_entry.next_offset, at byte 90
+_COUNTERS_AT = 96  # ipt_entry.counters: two u64 that change with every packet
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class TableReader:
+    """The kernel's copy of one legacy xtables table, read with two getsockopt calls (what
+    libiptc reads first), packet counters zeroed: equal bytes mean equal rules.
+
+    python-iptables takes ~0.1 ms per rule to turn a table into Rule objects (ctypes, and
+    each match's save() captured through a pipe); ensure_host reads the tables six times.
+    The firewall keeps what it decoded together with these bytes, and decodes again only
+    when they differ.
+    """
+
+    def __init__(self) -> None:
+        # Opened in the calling (namespace) thread: the socket reads that namespace's tables.
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 255)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _getsockopt(self, option: int, buffer: ctypes.Array[ctypes.c_char]) -> bool:
+        size = ctypes.c_uint(len(buffer))
+        fd = self._sock.fileno()
+        result: int = _libc.getsockopt(fd, socket.SOL_IP, option, buffer, ctypes.byref(size))
+        return result == 0
+
+    def fingerprint(self, table: str) -> bytes | None:
+        """The table's rules as the kernel holds them, or None if they cannot be read."""
+        name = table.encode()
+        info = ctypes.create_string_buffer(_GETINFO.pack(name, 0, *[0] * 10, 0, 0), _GETINFO.size)
+        if not self._getsockopt(IPT_SO_GET_INFO, info):
+            return None
+        size = _GETINFO.unpack(info.raw)[-1]
+        entries = ctypes.create_string_buffer(_ENTRIES_HEADER + size)
+        struct.pack_into("=32sI", entries, 0, name, size)
+        if not self._getsockopt(IPT_SO_GET_ENTRIES, entries):
+            return None  # e.g. EAGAIN: the table changed in between
+        blob = bytearray(entries.raw[_ENTRIES_HEADER:])
+        offset = 0
+        while offset + _ENTRY_SIZE <= len(blob):
+            blob[offset + _COUNTERS_AT : offset + _ENTRY_SIZE] = bytes(16)
+            (step,) = _NEXT_OFFSET.unpack_from(blob, offset + 90)
+            if step < _ENTRY_SIZE:
+                return None
+            offset += step
+        return info.raw[32:] + bytes(blob)
+
+
 class IptablesFirewall:
     """Firewall over python-iptables; every method must run in the namespace's thread."""
 
     def __init__(self) -> None:
         self._iptc = load_iptc()
+        self._reader: TableReader | None
+        try:
+            self._reader = TableReader()
+        except OSError:
+            self._reader = None
+        # table -> (fingerprint, {what was read: its decoded value})
+        self._decoded: dict[str, tuple[bytes, dict[str, Any]]] = {}
+
+    def close(self) -> None:
+        """Close the table reader's socket (not part of the Firewall protocol)."""
+        with _LOCK:
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
+            self._decoded.clear()
+
+    def _fingerprint(self, table: str) -> bytes | None:
+        return None if self._reader is None else self._reader.fingerprint(table)
+
+    def _read(self, table: str, key: str, decode: Callable[[], T]) -> T:
+        """decode(), or what it returned last time if the table has not changed since."""
+        with _LOCK:
+            before = self._fingerprint(table)
+            known = self._decoded.get(table)
+            if before is not None and known is not None and known[0] == before and key in known[1]:
+                cached: T = known[1][key]
+                return cached
+            value = decode()
+            if before is not None and self._fingerprint(table) == before:
+                if known is None or known[0] != before:
+                    known = (before, {})
+                    self._decoded[table] = known
+                known[1][key] = value
+            return value
+
+    def _changed(self, table: str) -> None:
+        self._decoded.pop(table, None)
 
     @contextmanager
     def _table(self, operation: str, table: str, where: str, commit: bool) -> Iterator[Any]:
@@ -118,14 +212,18 @@ class IptablesFirewall:
                 handle.refresh()
                 yield handle
                 if commit:
+                    self._changed(table)
                     handle.commit()
             except iptc.IPTCError as exc:
                 code = iptc.ip4tc._get_errno_loc()[0] or errno.EIO
                 raise host_error(operation, where, code, str(exc)) from None
 
     def list_chains(self, table: str) -> list[str]:
-        with self._table("list chains", table, f"table {table}", commit=False) as handle:
-            return [chain.name for chain in handle.chains]
+        def decode() -> tuple[str, ...]:
+            with self._table("list chains", table, f"table {table}", commit=False) as handle:
+                return tuple(chain.name for chain in handle.chains)
+
+        return list(self._read(table, "", decode))
 
     def create_chain(self, table: str, chain: str) -> None:
         where = f"chain {table}/{chain}"
@@ -148,8 +246,13 @@ class IptablesFirewall:
 
     def list_rules(self, table: str, chain: str) -> list[Rule]:
         where = f"chain {table}/{chain}"
-        with self._table("list rules", table, where, commit=False) as handle:
-            return [to_rule(r) for r in self._chain(handle, "list rules", table, chain).rules]
+
+        def decode() -> tuple[Rule, ...]:
+            with self._table("list rules", table, where, commit=False) as handle:
+                entries = self._chain(handle, "list rules", table, chain).rules
+                return tuple(to_rule(entry) for entry in entries)
+
+        return list(self._read(table, "chain:" + chain, decode))
 
     def insert_rule(self, table: str, chain: str, rule: Rule, position: int = 0) -> None:
         where = f"chain {table}/{chain}"

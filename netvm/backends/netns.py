@@ -1,9 +1,10 @@
 """A worker thread that lives in one network namespace and runs calls there.
 
 A TAP belongs to the namespace of the thread that opens /dev/net/tun, /proc/sys/net follows
-the opening thread's namespace, and pyroute2 opens its socket in the calling thread: so every
-kernel call of a KernelBackend runs on this one thread. setns() changes only the calling
-thread, so the caller's own namespace is never touched and no process is created.
+the opening thread's namespace, and a netlink socket acts in the namespace it was opened in:
+so a KernelBackend opens its sockets and descriptors on this one thread, and runs here what
+depends on the calling thread's namespace (ip_forward, libiptc). setns() changes only the
+calling thread, so the caller's own namespace is never touched and no process is created.
 """
 
 from __future__ import annotations

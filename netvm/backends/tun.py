@@ -38,32 +38,40 @@ def ifreq(name: str, flags: int) -> bytes:
     return struct.pack("16sH22x", name.encode(), flags)
 
 
-def create_persistent_tap(name: str, options: TapOptions) -> None:
-    """Create a persistent TAP in the calling thread's network namespace.
+def open_tun() -> int:
+    """A /dev/net/tun descriptor: a TAP made through it lands in the namespace of the thread
+    that opened it, whichever thread later issues TUNSETIFF."""
+    try:
+        return os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise host_error("open " + TUN_DEVICE, None, exc.errno or errno.EIO) from None
+
+
+def create_persistent_tap(name: str, options: TapOptions, fd: int | None = None) -> None:
+    """Create a persistent TAP through `fd` (consumed: always closed), or a fresh descriptor
+    opened in the calling thread's network namespace.
 
     IFF_TUN_EXCL makes the kernel refuse (EBUSY) when any device has that name, so an
     existing TAP is never silently reused. If a step fails before TUNSETPERSIST, closing
     the descriptor removes the half-made device.
     """
     if len(name.encode()) >= IFNAMSIZ:
+        if fd is not None:
+            os.close(fd)
         raise host_error("create tap", name, errno.ERANGE)
-    operation = "open " + TUN_DEVICE
+    if fd is None:
+        fd = open_tun()
+    operation = "create tap"
     try:
-        fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        raise host_error(operation, name, exc.errno or errno.EIO) from None
-    try:
-        steps: list[tuple[str, int, bytes | int]] = [
-            ("create tap", TUNSETIFF, ifreq(name, tap_flags(options) | IFF_TUN_EXCL))
-        ]
+        fcntl.ioctl(fd, TUNSETIFF, ifreq(name, tap_flags(options) | IFF_TUN_EXCL))
         if options.owner is not None:
-            steps.append(("set tap owner", TUNSETOWNER, options.owner))
+            operation = "set tap owner"
+            fcntl.ioctl(fd, TUNSETOWNER, options.owner)
         if options.group is not None:
-            steps.append(("set tap group", TUNSETGROUP, options.group))
-        steps.append(("make tap persistent", TUNSETPERSIST, 1))
-        for step, request, argument in steps:
-            operation = step
-            fcntl.ioctl(fd, request, argument)
+            operation = "set tap group"
+            fcntl.ioctl(fd, TUNSETGROUP, options.group)
+        operation = "make tap persistent"
+        fcntl.ioctl(fd, TUNSETPERSIST, 1)
     except OSError as exc:
         raise host_error(operation, name, exc.errno or errno.EIO) from None
     finally:
