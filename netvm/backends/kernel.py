@@ -11,6 +11,7 @@ become netvm errors here and in the Firewall implementation, nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import os
@@ -122,8 +123,15 @@ class KernelBackend:
         with _kernel_errors("create bridge", name):
             self.rtnl.create_link(name, "bridge", mtu)
         if alias is not None:
-            with _kernel_errors("set bridge alias", name):
-                self.rtnl.set_link(name, alias=alias)
+            try:
+                with _kernel_errors("set bridge alias", name):
+                    self.rtnl.set_link(name, alias=alias)
+            except BaseException:
+                # The kernel takes no ifalias at creation: without it the bridge would look
+                # like someone else's, so it must not outlive this call.
+                with contextlib.suppress(RtnlError, OSError):
+                    self.rtnl.delete_link(name)
+                raise
 
     def _tun_fd(self) -> int:
         """A /dev/net/tun descriptor opened in the namespace (a hop only every TUN_POOL)."""
