@@ -4,7 +4,8 @@
 VENV=${NETVM_VENV:-.venv}
 
 netvm_have_xtables() {
-    ldconfig -p 2>/dev/null | grep -q 'libip4tc\.so' &&
+    # grep without -q reads all of ldconfig's output (no SIGPIPE under pipefail)
+    ldconfig -p 2>/dev/null | grep 'libip4tc\.so' >/dev/null &&
         { compgen -G '/usr/lib/*/xtables' || compgen -G '/usr/lib*/xtables'; } >/dev/null &&
         command -v iptables-legacy >/dev/null 2>&1
 }
@@ -14,8 +15,10 @@ netvm_setup() {
     if ! netvm_have_xtables || ! command -v ip >/dev/null 2>&1; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
             echo "== installing Debian's iptables and iproute2 packages"
-            apt-get update -qq >/dev/null
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables iproute2 >/dev/null
+            # Wait for a dpkg lock held by another installer instead of failing at once.
+            apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
+            DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
+                install -y -qq iptables iproute2 >/dev/null
         else
             echo "note: Debian's iptables package is missing and this is not root:" \
                 "kernel tests will be skipped" >&2
