@@ -14,6 +14,7 @@ from netvm import (
     NetworkManager,
     NotFound,
     Rule,
+    SubnetExhausted,
     TapOptions,
 )
 from netvm.backends.base import FILTER, NAT, Backend
@@ -305,3 +306,27 @@ def test_a_foreign_port_on_netvms_bridge_keeps_the_bridge(manager: NetworkManage
     assert manager.backend.get_link("other0") is not None
     assert manager.backend.get_link("nvbr0") is not None
     assert manager.backend.get_link(tap_name("vm-1")) is None
+
+
+def test_a_slash_24_attaches_253_vms_and_refuses_the_254th(manager: NetworkManager) -> None:
+    manager.ensure_host()
+    vms = [manager.attach(f"vm-{i}") for i in range(253)]
+    assert len({v.guest_ip for v in vms}) == len({v.guest_mac for v in vms}) == 253
+    subnet = manager.config.vm_subnet
+    assert all(v.guest_ip not in (subnet[0], subnet[1], subnet[-1]) for v in vms)
+    before = snapshot(manager.backend)
+    with pytest.raises(SubnetExhausted, match=r"192\.0\.2\.0/24 is exhausted: all 253"):
+        manager.attach("vm-253")
+    assert snapshot(manager.backend) == before
+    manager.detach("vm-7")
+    assert manager.attach("vm-253").guest_ip == vms[7].guest_ip
+
+
+def test_a_slash_30_holds_exactly_one_vm(config: NetworkConfig, backend: Backend) -> None:
+    tiny = dataclasses.replace(config, vm_subnet=ipaddress.IPv4Network("192.0.2.0/30"))
+    with NetworkManager(tiny, backend) as manager:
+        manager.ensure_host()
+        vm = manager.attach("only")
+        assert (str(vm.guest_ip), str(vm.gateway_ip)) == ("192.0.2.2", "192.0.2.1")
+        with pytest.raises(SubnetExhausted):
+            manager.attach("second")
