@@ -31,6 +31,9 @@ _SCHEMA = (
 )
 
 
+STATE_DIR_HINT = "state_dir must be a writable directory (state_dir, MICROVM_NETWORK_STATE_DIR)"
+
+
 @dataclass(frozen=True)
 class Lease:
     vm_id: str
@@ -90,24 +93,17 @@ class LeaseTransaction:
         self._db.execute("INSERT INTO free VALUES (?)", (lease.slot,))
         return True
 
-    def get_flag(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = ?", ("flag:" + key,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def set_flag(self, key: str, value: str | None) -> None:
-        if value is None:
-            self._db.execute("DELETE FROM meta WHERE key = ?", ("flag:" + key,))
-        else:
-            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", ("flag:" + key, value))
-
 
 class LeaseStore:
-    """Leases of one bridge's subnet, in `<state_dir>/<bridge>.sqlite`."""
+    """Leases of one bridge's subnet, in `<state_dir>/<name>.sqlite`.
 
-    def __init__(self, state_dir: Path, bridge: str, subnet: ipaddress.IPv4Network) -> None:
+    The manager names it after the bridge and the network namespace.
+    """
+
+    def __init__(self, state_dir: Path, name: str, subnet: ipaddress.IPv4Network) -> None:
         self.subnet = subnet
         self.capacity = naming.guest_capacity(subnet)
-        self.path = Path(state_dir) / f"{bridge}.sqlite"
+        self.path = Path(state_dir) / f"{name}.sqlite"
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
 
@@ -122,8 +118,9 @@ class LeaseStore:
             db.execute("BEGIN IMMEDIATE")
         except (OSError, sqlite3.Error) as exc:
             code = getattr(exc, "errno", None) or 0
-            hint = "state_dir must be a writable directory (state_dir, MICROVM_NETWORK_STATE_DIR)"
-            raise HostError("open lease store", str(self.path), code, f"{exc}; {hint}") from exc
+            raise HostError(
+                "open lease store", str(self.path), code, f"{exc}; {STATE_DIR_HINT}"
+            ) from exc
         try:
             for statement in _SCHEMA:
                 db.execute(statement)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -13,14 +16,13 @@ from netvm.backends.base import FILTER, NAT, Backend, Link, Rule, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
 from netvm.errors import ConflictError, DeviceExists, HostError, NetvmError, host_error
-from netvm.leases import LeaseStore, LeaseTransaction
+from netvm.leases import STATE_DIR_HINT, LeaseStore, LeaseTransaction
 from netvm.naming import VmNetwork
 
 log = logging.getLogger("netvm")
 
 BRIDGE_ALIAS = "netvm-bridge"
 """The ifalias that marks a bridge as created by netvm (teardown deletes only such a one)."""
-IP_FORWARD_FLAG = "ip_forward_enabled_by_netvm"
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,15 @@ class NetworkManager:
         self.config = config if config is not None else NetworkConfig()
         self._owns_backend = backend is None
         self.backend: Backend = backend if backend is not None else KernelBackend()
+        # State files are per network namespace: the same bridge name in two namespaces
+        # is two bridges.
+        namespace = self.backend.namespace_id()
+        state_dir = self.config.state_dir
         self.leases = LeaseStore(
-            self.config.state_dir, self.config.bridge_name, self.config.vm_subnet
+            state_dir, f"{self.config.bridge_name}.{namespace}", self.config.vm_subnet
         )
+        self._host_lock_path = state_dir / f"host.{namespace}.lock"
+        self._ip_forward_flag = state_dir / f"ip_forward-enabled-by-netvm.{namespace}"
         self.tag = f"netvm:{self.config.bridge_name}"
         self._bridge_index: int | None = None
 
@@ -144,16 +152,37 @@ class NetworkManager:
         what this call created is removed before the error is raised.
         """
         undo = _Undo()
-        try:
-            bridge = self._ensure_bridge(undo)
-            self._ensure_gateway(bridge, undo)
-            self._ensure_ip_forward(undo)
-            self._ensure_firewall(undo)
-        except BaseException:
-            undo.run()
-            self._bridge_index = None
-            raise
+        with self._host_lock():
+            try:
+                bridge = self._ensure_bridge(undo)
+                self._ensure_gateway(bridge, undo)
+                self._ensure_ip_forward(undo)
+                self._ensure_firewall(undo)
+            except BaseException:
+                undo.run()
+                self._bridge_index = None
+                raise
         self._bridge_index = bridge.index
+
+    @contextmanager
+    def _host_lock(self) -> Iterator[None]:
+        """Serialise host set-up and teardown of every netvm process in this namespace.
+
+        flock() on a file of state_dir: it excludes other processes and, since each call
+        opens its own file description, other threads of this process too.
+        """
+        try:
+            self._host_lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            fd = os.open(self._host_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise HostError(
+                "open host lock", str(self._host_lock_path), exc.errno or 0, STATE_DIR_HINT
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _ensure_bridge(self, undo: _Undo) -> Link:
         name, mtu = self.config.bridge_name, self.config.mtu
@@ -207,17 +236,13 @@ class NetworkManager:
         )
 
     def _ensure_ip_forward(self, undo: _Undo) -> None:
+        """Switch ip_forward on, and remember (per namespace) that netvm did."""
         if self.backend.get_ip_forward():
             return
-        with self.leases.transaction() as tx:
-            self.backend.set_ip_forward(True)
-            tx.set_flag(IP_FORWARD_FLAG, "1")
-        undo.push("switch ip_forward back off", lambda: self._restore_ip_forward())
-
-    def _restore_ip_forward(self) -> None:
-        with self.leases.transaction() as tx:
-            self.backend.set_ip_forward(False)
-            tx.set_flag(IP_FORWARD_FLAG, None)
+        self.backend.set_ip_forward(True)
+        undo.push("switch ip_forward back off", lambda: self.backend.set_ip_forward(False))
+        self._ip_forward_flag.touch()
+        undo.push("forget ip_forward", lambda: self._ip_forward_flag.unlink(missing_ok=True))
 
     def _ensure_firewall(self, undo: _Undo) -> None:
         expected = self.expected_rules()
@@ -287,7 +312,7 @@ class NetworkManager:
             self._reuse_tap(network, options)
             return
         try:
-            self._enslave(name, naming.tap_alias(network.vm_id))
+            self._enslave(name, naming.tap_alias(self.config.bridge_name, network.vm_id))
         except BaseException:
             self._delete_quietly(name)
             raise
@@ -306,14 +331,14 @@ class NetworkManager:
             )
         bridge = self._bridge()
         if link.master != bridge or link.mtu != self.config.mtu or not link.up:
-            self._enslave(link.name, naming.tap_alias(network.vm_id))
+            self._enslave(link.name, naming.tap_alias(self.config.bridge_name, network.vm_id))
 
     def _check_tap(self, link: Link, vm_id: str) -> None:
-        if link.kind != "tun" or link.alias != naming.tap_alias(vm_id):
+        if link.kind != "tun" or link.alias != naming.tap_alias(self.config.bridge_name, vm_id):
             raise ConflictError(
-                f"{link.name} already exists and is not netvm's TAP for {vm_id!r} "
-                f"(kind {link.kind or 'none'}, ifalias {link.alias!r}); netvm leaves it alone: "
-                "remove it or use another vm_id"
+                f"{link.name} already exists and is not netvm's TAP for {vm_id!r} on "
+                f"{self.config.bridge_name} (kind {link.kind or 'none'}, ifalias {link.alias!r}); "
+                "netvm leaves it alone: remove it or use another vm_id"
             )
 
     def _bridge(self) -> int:
@@ -376,7 +401,10 @@ class NetworkManager:
         for lease in tx.all():
             leased.add(lease.tap_name)
             link = ports.get(lease.tap_name) or self.backend.get_link(lease.tap_name)
-            ours = link is not None and naming.vm_id_from_alias(link.alias) == lease.vm_id
+            ours = (
+                link is not None
+                and naming.vm_id_from_alias(link.alias, self.config.bridge_name) == lease.vm_id
+            )
             result.append(
                 Attachment(
                     vm_id=lease.vm_id,
@@ -387,7 +415,7 @@ class NetworkManager:
                 )
             )
         for link in ports.values():
-            vm_id = naming.vm_id_from_alias(link.alias)
+            vm_id = naming.vm_id_from_alias(link.alias, self.config.bridge_name)
             if link.kind == "tun" and vm_id is not None and link.name not in leased:
                 result.append(Attachment(vm_id, link.name, None, True, True))
         return result
@@ -410,6 +438,10 @@ class NetworkManager:
         if netvm created it. Nothing that is not netvm's is touched; running it on a clean
         host is success.
         """
+        with self._host_lock():
+            self._teardown_host()
+
+    def _teardown_host(self) -> None:
         self.gc(keep=())
         problems: list[str] = []
         tag_rules = self.expected_rules()
@@ -445,15 +477,15 @@ class NetworkManager:
             raise ConflictError("teardown incomplete: " + "; ".join(problems))
 
     def _teardown_ip_forward(self) -> None:
-        """Switch ip_forward off only if netvm switched it on and no netvm bridge is left."""
-        with self.leases.transaction() as tx:
-            if tx.get_flag(IP_FORWARD_FLAG) is None:
-                return
-            if any(link.alias == BRIDGE_ALIAS for link in self.backend.list_links()):
-                return
-            if self.backend.get_ip_forward():
-                self.backend.set_ip_forward(False)
-            tx.set_flag(IP_FORWARD_FLAG, None)
+        """Switch ip_forward off only if netvm switched it on and no netvm bridge is left
+        in the namespace (whichever bridge's set-up switched it on)."""
+        if not self._ip_forward_flag.exists():
+            return
+        if any(link.alias == BRIDGE_ALIAS for link in self.backend.list_links()):
+            return
+        if self.backend.get_ip_forward():
+            self.backend.set_ip_forward(False)
+        self._ip_forward_flag.unlink(missing_ok=True)
 
     # Defined last: inside the class body, the name `list` is this method from here on.
     def list(self) -> list[Attachment]:

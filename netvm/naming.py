@@ -42,14 +42,19 @@ def tap_name(vm_id: str) -> str:
     return TAP_PREFIX + _digest(validate_vm_id(vm_id)).hex()[:11]
 
 
-def tap_alias(vm_id: str) -> str:
-    """The ifalias that marks a TAP as netvm's and records its vm_id."""
-    return f"netvm:{vm_id}"
+def tap_alias(bridge: str, vm_id: str) -> str:
+    """The ifalias that marks a TAP as netvm's, for that bridge, and records its vm_id.
+
+    A bridge name has no ':' (config.validate_ifname), so the alias parses unambiguously.
+    """
+    return f"netvm:{bridge}:{vm_id}"
 
 
-def vm_id_from_alias(alias: str | None) -> str | None:
-    if alias and alias.startswith("netvm:"):
-        return alias.removeprefix("netvm:")
+def vm_id_from_alias(alias: str | None, bridge: str) -> str | None:
+    """The vm_id of a TAP that netvm made for `bridge`, or None for any other device."""
+    prefix = f"netvm:{bridge}:"
+    if alias and alias.startswith(prefix):
+        return alias.removeprefix(prefix)
     return None
 
 

@@ -152,7 +152,8 @@ def host_status(manager: NetworkManager) -> HostStatus:
         attached = sum(
             1
             for port in backend.list_links(master=link.index)
-            if port.kind == "tun" and naming.vm_id_from_alias(port.alias) is not None
+            if port.kind == "tun"
+            and naming.vm_id_from_alias(port.alias, manager.config.bridge_name) is not None
         )
     rules: list[RuleStatus] = []
     chains: dict[str, list[str]] = {}

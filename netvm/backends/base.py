@@ -87,6 +87,12 @@ class Firewall(Protocol):
 class Backend(Firewall, Protocol):
     """Links, addresses, the ip_forward switch and the firewall of one network namespace."""
 
+    def namespace_id(self) -> str:
+        """Names the network namespace for per-namespace state files (leases, locks).
+
+        The same for every backend of one namespace, in any process, while it exists.
+        """
+
     def get_link(self, name: str) -> Link | None:
         """One lookup by name (never a dump); None when there is no such device."""
 

@@ -90,6 +90,10 @@ class FakeBackend:
         """Add a device netvm has no primitive for (a veth, a dummy), as a user would."""
         self._new_link("create link", name, kind, mtu)
 
+    def namespace_id(self) -> str:
+        """One FakeState is one namespace (it lives in this process only)."""
+        return f"fake{id(self.state):x}"
+
     def get_link(self, name: str) -> Link | None:
         return self.state.links.get(name)
 

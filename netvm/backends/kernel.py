@@ -76,6 +76,7 @@ class KernelBackend:
         self._firewall_factory = firewall_factory or IptablesFirewall
         self._firewall: Firewall | None = None
         self._rtnl: Rtnl | None = None
+        self._namespace_inode = 0
         self._tun_fds: list[int] = []
         self._tun_lock = threading.Lock()
         self._thread = NamespaceThread(netns, setup=self._open)
@@ -83,6 +84,12 @@ class KernelBackend:
     def _open(self) -> None:
         with _kernel_errors("open rtnetlink socket", self.netns):
             self._rtnl = Rtnl()
+            self._namespace_inode = os.stat("/proc/thread-self/ns/net").st_ino
+
+    def namespace_id(self) -> str:
+        """`net<inode>` of the namespace, as in /proc/PID/ns/net: the same whichever name
+        or path reached it."""
+        return f"net{self._namespace_inode}"
 
     @property
     def rtnl(self) -> Rtnl:

@@ -88,7 +88,7 @@ def test_attach_puts_a_tap_on_the_bridge(manager: NetworkManager) -> None:
         bridge.index,
         1500,
         True,
-        "netvm:vm-1",
+        "netvm:nvbr0:vm-1",
     )
     assert vm.tap_name == tap_name("vm-1")
     assert vm.guest_ip in manager.config.vm_subnet

@@ -43,7 +43,7 @@ def test_iproute2_and_iptables_see_what_netvm_made(netns: str, config: NetworkCo
         assert tap["linkinfo"]["info_data"]["type"] == "tap"
         assert tap["linkinfo"]["info_data"]["pi"] is False
         assert tap["master"] == "nvbr0"
-        assert tap["ifalias"] == "netvm:vm-truth"
+        assert tap["ifalias"] == "netvm:nvbr0:vm-truth"
         assert (tap["mtu"], "UP" in tap["flags"]) == (1500, True)
 
         ports = json.loads(run_in(netns, "bridge", "-j", "link", "show"))

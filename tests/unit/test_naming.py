@@ -96,6 +96,7 @@ def test_bad_vm_ids_are_refused(vm_id: object) -> None:
 
 
 def test_alias_round_trip() -> None:
-    assert naming.vm_id_from_alias(naming.tap_alias("vm:1")) == "vm:1"
-    assert naming.vm_id_from_alias("someone else") is None
-    assert naming.vm_id_from_alias(None) is None
+    assert naming.vm_id_from_alias(naming.tap_alias("br0", "vm:1"), "br0") == "vm:1"
+    assert naming.vm_id_from_alias(naming.tap_alias("br0", "vm:1"), "br1") is None
+    assert naming.vm_id_from_alias("someone else", "br0") is None
+    assert naming.vm_id_from_alias(None, "br0") is None

@@ -1,0 +1,77 @@
+"""One state_dir shared by managers of several namespaces and processes (as with the CLI's
+--netns and the default /run/netvm)."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from netvm import KernelBackend, NetworkConfig, NetworkManager
+from netvm.naming import tap_name
+from netvm.testing import snapshot, throwaway_netns
+
+pytestmark = pytest.mark.privileged
+
+
+def test_the_same_bridge_in_two_namespaces_keeps_separate_leases(
+    netns: str, config: NetworkConfig
+) -> None:
+    with throwaway_netns("netvm-test-") as other_netns:
+        one, other = KernelBackend(netns), KernelBackend(other_netns)
+        try:
+            with NetworkManager(config, one) as a, NetworkManager(config, other) as b:
+                a.ensure_host()
+                b.ensure_host()
+                a.attach("vm-a")
+                b.attach("vm-b")
+                assert b.gc() == ["vm-b"]
+                assert [x.vm_id for x in a.list()] == ["vm-a"]
+                assert one.get_link(tap_name("vm-a")) is not None
+                a.teardown_host()
+                b.teardown_host()
+        finally:
+            one.close()
+            other.close()
+
+
+def test_a_namespace_reached_by_name_or_by_path_is_one_namespace(netns: str) -> None:
+    by_name = KernelBackend(netns)
+    by_path = KernelBackend(f"/run/netns/{netns}")
+    try:
+        assert by_name.namespace_id() == by_path.namespace_id()
+        assert by_name.namespace_id().startswith("net")
+    finally:
+        by_name.close()
+        by_path.close()
+
+
+def _ensure(netns: str, state_dir: str) -> str:
+    backend = KernelBackend(netns)
+    config = NetworkConfig(
+        bridge_name="nvbr0", vm_subnet="192.0.2.0/24", host_egress_iface="up0", state_dir=state_dir
+    )
+    try:
+        with NetworkManager(config, backend) as manager:
+            manager.ensure_host()
+        return "ok"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        backend.close()
+
+
+def test_processes_running_ensure_host_at_once_all_succeed(netns: str, tmp_path: Path) -> None:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(4) as pool:
+        results = pool.starmap(_ensure, [(netns, str(tmp_path))] * 4)
+    assert results == ["ok"] * 4
+    backend = KernelBackend(netns)
+    try:
+        state = snapshot(backend)
+        assert _ensure(netns, str(tmp_path)) == "ok"
+        assert snapshot(backend) == state
+        assert backend.get_ip_forward() is True
+    finally:
+        backend.close()
