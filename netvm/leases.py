@@ -159,13 +159,23 @@ class LeaseStore:
             if self._db is None:
                 self._db = self._open()
             db = self._db
-            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise HostError("lock lease store", str(self.path), 0, str(exc)) from exc
             try:
                 yield LeaseTransaction(db, self)
+            except sqlite3.Error as exc:
+                db.execute("ROLLBACK")
+                raise HostError("use lease store", str(self.path), 0, str(exc)) from exc
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                db.execute("ROLLBACK")
+                raise HostError("commit lease store", str(self.path), 0, str(exc)) from exc
 
     def all(self) -> list[Lease]:
         with self.transaction() as tx:

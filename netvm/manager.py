@@ -357,15 +357,18 @@ class NetworkManager:
 
     def _enslave(self, name: str, alias: str) -> None:
         """One request: master, MTU, up and alias. A cached bridge index is checked on failure."""
-        cached = self._bridge_index is not None
+        cached = self._bridge_index
         try:
             self.backend.set_link(
                 name, master=self._bridge(), mtu=self.config.mtu, up=True, alias=alias
             )
         except HostError as exc:
-            if not cached or exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV):
+            if cached is None or exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV):
                 raise
+            # The bridge may have been deleted and made again (a new index) behind us.
             self._bridge_index = None
+            if self._bridge() == cached:
+                raise
             self.backend.set_link(
                 name, master=self._bridge(), mtu=self.config.mtu, up=True, alias=alias
             )

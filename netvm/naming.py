@@ -11,7 +11,7 @@ from netvm.errors import ConfigError
 
 TAP_PREFIX = "tap-"
 MAX_VM_ID_LENGTH = 64
-VM_ID_RULE = f"1 to {MAX_VM_ID_LENGTH} printable characters without white space"
+VM_ID_RULE = f"1 to {MAX_VM_ID_LENGTH} bytes (UTF-8) of printable characters without white space"
 # A Linux bridge takes at most 1023 ports (BR_MAX_PORTS - 1); the 1024th enslave gets EXFULL.
 MAX_BRIDGE_PORTS = 1023
 # First octet of every guest MAC: locally administered (bit 1 set), unicast (bit 0 clear).
@@ -24,7 +24,7 @@ MAC_SECOND_OCTET = 0x6E
 def validate_vm_id(vm_id: object) -> str:
     if (
         not isinstance(vm_id, str)
-        or not 0 < len(vm_id) <= MAX_VM_ID_LENGTH
+        or not 0 < len(vm_id.encode()) <= MAX_VM_ID_LENGTH
         or not vm_id.isprintable()
         or any(c.isspace() for c in vm_id)
     ):

@@ -17,6 +17,7 @@ from netvm.config import IFNAMSIZ, MAX_MTU, MIN_MTU
 from netvm.errors import host_error
 from netvm.naming import MAX_BRIDGE_PORTS
 
+IFALIASZ = 256
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     FILTER: ("INPUT", "FORWARD", "OUTPUT"),
     NAT: ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
@@ -141,6 +142,8 @@ class FakeBackend:
         if up is not None:
             changes["up"] = up
         if alias is not None:
+            if len(alias.encode()) > IFALIASZ - 1:
+                raise host_error(operation, name, errno.ERANGE, "ifalias too long")
             changes["alias"] = alias or None
         self._mutate(operation, name)
         self.state.links[name] = replace(link, **changes)  # type: ignore[arg-type]

@@ -9,8 +9,10 @@ through `_LOCK` and starts with a fresh handle made in the calling (namespace) t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import importlib.util
 import ipaddress
 import os
@@ -160,6 +162,24 @@ class TableReader:
         return info.raw[32:] + bytes(blob)
 
 
+XTABLES_LOCK = "/run/xtables.lock"
+
+
+@contextmanager
+def _xtables_lock(operation: str, where: str) -> Iterator[None]:
+    """The lock every iptables(-legacy) command takes before it changes a table."""
+    path = os.environ.get("XTABLES_LOCKFILE", XTABLES_LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise host_error(operation, where, exc.errno or errno.EIO, f"open {path}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 class IptablesFirewall:
     """Firewall over python-iptables; every method must run in the namespace's thread."""
 
@@ -205,8 +225,14 @@ class IptablesFirewall:
 
     @contextmanager
     def _table(self, operation: str, table: str, where: str, commit: bool) -> Iterator[Any]:
+        """A fresh libiptc handle of `table`; committed at the end when `commit`.
+
+        A change holds the xtables lock from read to commit, as iptables-legacy does:
+        libiptc replaces the whole table, so a change made in between by another writer
+        would otherwise be lost or make the commit fail with EAGAIN.
+        """
         iptc = self._iptc
-        with _LOCK:
+        with _LOCK, _xtables_lock(operation, where) if commit else contextlib.nullcontext():
             try:
                 handle = iptc.Table(table, autocommit=False)
                 handle.refresh()

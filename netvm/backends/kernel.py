@@ -123,22 +123,26 @@ class KernelBackend:
 
     def list_links(self, master: int | None = None) -> list[Link]:
         with _kernel_errors("list links", None):
-            links = [_to_link(info) for info in self.rtnl.dump_links(master)]
-        return [link for link in links if master is None or link.master == master]
+            return [_to_link(info) for info in self.rtnl.dump_links(master)]
 
     def create_bridge(self, name: str, mtu: int, alias: str | None = None) -> None:
+        """Create, then set MTU and alias in a second request.
+
+        The kernel takes no ifalias at creation, and an MTU given at creation is not
+        recorded as chosen by the user, so the bridge would follow its ports' MTUs (and
+        fall back to 1500 with no port); set afterwards, it stays.
+        """
         with _kernel_errors("create bridge", name):
-            self.rtnl.create_link(name, "bridge", mtu)
-        if alias is not None:
-            try:
-                with _kernel_errors("set bridge alias", name):
-                    self.rtnl.set_link(name, alias=alias)
-            except BaseException:
-                # The kernel takes no ifalias at creation: without it the bridge would look
-                # like someone else's, so it must not outlive this call.
-                with contextlib.suppress(RtnlError, OSError):
-                    self.rtnl.delete_link(name)
-                raise
+            self.rtnl.create_link(name, "bridge")
+        try:
+            with _kernel_errors("set bridge mtu and alias", name):
+                self.rtnl.set_link(name, mtu=mtu, alias=alias)
+        except BaseException:
+            # Without its alias the bridge would look like someone else's: it must not
+            # outlive this call.
+            with contextlib.suppress(RtnlError, OSError):
+                self.rtnl.delete_link(name)
+            raise
 
     def _tun_fd(self) -> int:
         """A /dev/net/tun descriptor opened in the namespace (a hop only every TUN_POOL)."""
@@ -155,8 +159,14 @@ class KernelBackend:
         # TAP + lookup + enslave took 0.30 -> 0.47 ms from 0 to 1000 bridge ports, against
         # 0.32 -> 0.75 ms without it (docs/performance.md). A lookup of another device or
         # a pause of the same length does not do it.
-        with _kernel_errors("create tap", name):
-            self.rtnl.get_link(name)
+        try:
+            with _kernel_errors("create tap", name):
+                self.rtnl.get_link(name)
+        except BaseException:
+            # The TAP is persistent: it must not outlive a failed create_tap.
+            with contextlib.suppress(RtnlError, OSError):
+                self.rtnl.delete_link(name)
+            raise
 
     def set_link(
         self,

@@ -56,6 +56,8 @@ class NamespaceThread:
         self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = (
             queue.SimpleQueue()
         )
+        self._closed = False
+        self._lock = threading.Lock()
         ready: Future[None] = Future()
         self._thread = threading.Thread(
             target=self._run, args=(ready, setup), name=f"netvm:{netns or 'self'}", daemon=True
@@ -83,14 +85,20 @@ class NamespaceThread:
     def call(self, fn: Callable[[], T]) -> T:
         if threading.current_thread() is self._thread:
             return fn()
-        if not self._thread.is_alive():
-            raise RuntimeError("the backend is closed")
         future: Future[T] = Future()
-        self._queue.put((fn, future))
+        with self._lock:
+            if self._closed or not self._thread.is_alive():
+                raise RuntimeError("the backend is closed")
+            self._queue.put((fn, future))
         return future.result()
 
     def stop(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            if threading.current_thread() is not self._thread:
-                self._thread.join()
+        """Run what is queued already, then end the thread; later calls raise."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._thread.is_alive():
+                self._queue.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()

@@ -30,7 +30,6 @@ NETLINK_EXT_ACK = 11
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 NLM_F_REQUEST = 0x1
-NLM_F_MULTI = 0x2
 NLM_F_ACK = 0x4
 NLM_F_DUMP = 0x300
 NLM_F_EXCL = 0x200
@@ -347,9 +346,9 @@ class Rtnl:
             body += attr(IFLA_IFALIAS, alias.encode())
         self.request(RTM_NEWLINK, 0, body)
 
-    def create_link(self, name: str, kind: str, mtu: int) -> None:
+    def create_link(self, name: str, kind: str) -> None:
         info = attr(IFLA_LINKINFO, attr(IFLA_INFO_KIND, kind.encode()))
-        body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + name_attr(name) + u32_attr(IFLA_MTU, mtu) + info
+        body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + name_attr(name) + info
         self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
 
     def delete_link(self, name: str) -> None:

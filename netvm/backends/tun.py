@@ -47,20 +47,16 @@ def open_tun() -> int:
         raise host_error("open " + TUN_DEVICE, None, exc.errno or errno.EIO) from None
 
 
-def create_persistent_tap(name: str, options: TapOptions, fd: int | None = None) -> None:
-    """Create a persistent TAP through `fd` (consumed: always closed), or a fresh descriptor
-    opened in the calling thread's network namespace.
+def create_persistent_tap(name: str, options: TapOptions, fd: int) -> None:
+    """Create a persistent TAP through `fd` (see open_tun; consumed: always closed).
 
     IFF_TUN_EXCL makes the kernel refuse (EBUSY) when any device has that name, so an
     existing TAP is never silently reused. If a step fails before TUNSETPERSIST, closing
     the descriptor removes the half-made device.
     """
     if len(name.encode()) >= IFNAMSIZ:
-        if fd is not None:
-            os.close(fd)
+        os.close(fd)
         raise host_error("create tap", name, errno.ERANGE)
-    if fd is None:
-        fd = open_tun()
     operation = "create tap"
     try:
         fcntl.ioctl(fd, TUNSETIFF, ifreq(name, tap_flags(options) | IFF_TUN_EXCL))

@@ -345,7 +345,7 @@ def test_bad_vm_id(run: Run, state: FakeState, vm_id: str) -> None:
     run("ensure-host")
     line = one_error_line(run("attach", vm_id), "attach")
     assert "invalid vm_id" in line
-    assert "1 to 64 printable characters without white space" in line
+    assert "1 to 64 bytes (UTF-8) of printable characters without white space" in line
     assert sorted(state.links) == ["lo", "nvbr0"]
 
 

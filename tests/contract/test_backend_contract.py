@@ -214,3 +214,14 @@ def test_firewall_refusals(backend: Backend) -> None:
     backend.delete_rule(FILTER, "FORWARD", Rule("NETVM-T"))
     backend.delete_chain(FILTER, "NETVM-T")
     assert "NETVM-T" not in backend.list_chains(FILTER)
+
+
+def test_an_alias_longer_than_ifaliasz_is_refused(backend: Backend) -> None:
+    backend.create_tap("tap0", TapOptions())
+    with pytest.raises(HostError) as too_long:
+        backend.set_link("tap0", alias="a" * 256)
+    assert errno_of(too_long) == errno.ERANGE
+    backend.set_link("tap0", alias="a" * 255)
+    tap = backend.get_link("tap0")
+    assert tap is not None
+    assert tap.alias == "a" * 255

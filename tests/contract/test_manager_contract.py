@@ -330,3 +330,42 @@ def test_a_slash_30_holds_exactly_one_vm(config: NetworkConfig, backend: Backend
         assert (str(vm.guest_ip), str(vm.gateway_ip)) == ("192.0.2.2", "192.0.2.1")
         with pytest.raises(SubnetExhausted):
             manager.attach("second")
+
+
+def test_the_bridge_keeps_its_mtu_whatever_its_ports(
+    config: NetworkConfig, backend: Backend
+) -> None:
+    """The kernel makes a bridge follow its ports' MTU unless the MTU was set by the user."""
+    jumbo = dataclasses.replace(config, mtu=9000)
+    with NetworkManager(jumbo, backend) as manager:
+        manager.ensure_host()
+        manager.attach("vm-1")
+        backend.create_tap("other0", TapOptions())
+        bridge = backend.get_link("nvbr0")
+        assert bridge is not None
+        backend.set_link("other0", master=bridge.index, mtu=1400)
+        backend.delete_link("other0")
+        manager.detach("vm-1")
+        after = backend.get_link("nvbr0")
+        assert after is not None
+        assert after.mtu == 9000
+
+
+def test_attach_follows_a_bridge_made_again_behind_its_back(
+    manager: NetworkManager, config: NetworkConfig
+) -> None:
+    manager.ensure_host()
+    manager.attach("vm-1")
+    old = manager.backend.get_link("nvbr0")
+    manager.backend.create_tap("filler0", TapOptions())
+    with NetworkManager(config, manager.backend) as other:
+        other.teardown_host()
+        other.ensure_host()
+    new = manager.backend.get_link("nvbr0")
+    assert old is not None
+    assert new is not None
+    assert new.index != old.index
+    vm = manager.attach("vm-2")
+    tap = manager.backend.get_link(vm.tap_name)
+    assert tap is not None
+    assert tap.master == new.index

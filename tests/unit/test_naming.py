@@ -87,7 +87,7 @@ def test_network_for_a_slot_and_its_json_form() -> None:
     }
 
 
-@pytest.mark.parametrize("vm_id", ["", "a b", "tab\tx", "x" * 65, "bell\x07", None, 42])
+@pytest.mark.parametrize("vm_id", ["", "a b", "tab\tx", "x" * 65, "é" * 33, "bell\x07", None, 42])
 def test_bad_vm_ids_are_refused(vm_id: object) -> None:
     with pytest.raises(ConfigError) as error:
         naming.validate_vm_id(vm_id)
