@@ -4,7 +4,7 @@ Every socket and descriptor is opened on one NamespaceThread, so the backend act
 namespace it was given (or the caller's) whatever thread calls it. What only needs an
 already-open descriptor runs in the calling thread, without a hop to that thread: a netlink
 socket and a /dev/net/tun descriptor act in the namespace they were opened in. That keeps
-an attach to one SQLite transaction, three ioctls and one netlink request. ip_forward (a
+an attach to one SQLite transaction, two ioctls and two netlink requests. ip_forward (a
 /proc file) and the firewall (libiptc handles) run on the namespace thread. Kernel errors
 become netvm errors here and in the Firewall implementation, nowhere else.
 """
