@@ -119,34 +119,39 @@ class FakeBackend:
         up: bool | None = None,
         alias: str | None = None,
     ) -> None:
+        """Like the kernel's do_setlink: the attributes are applied in its order (MTU,
+        alias, flags, then master), and a failing step keeps the earlier ones. Changing
+        the master releases the old one before the new one is checked."""
         operation = "set link"
         link = self._require(operation, name)
+        if alias is not None and len(alias.encode()) > IFALIASZ - 1:
+            raise host_error(operation, name, errno.ERANGE, "ifalias too long")
+        if mtu is not None and not MIN_MTU <= mtu <= MAX_MTU:
+            raise host_error(operation, name, errno.EINVAL)
+        self._mutate(operation, name)
         changes: dict[str, object] = {}
-        if master is not None:
-            bridge = self._by_index(master)
-            if bridge is None:
-                raise host_error(operation, name, errno.EINVAL, f"no device with index {master}")
-            if bridge.kind != "bridge":
-                raise host_error(operation, name, errno.EOPNOTSUPP, f"{bridge.name} is no bridge")
-            if bridge.index == link.index:
-                raise host_error(operation, name, errno.ELOOP)
-            if link.master != master:
-                ports = sum(1 for other in self.state.links.values() if other.master == master)
-                if ports >= MAX_BRIDGE_PORTS:
-                    raise host_error(operation, name, errno.EXFULL, f"{bridge.name} is full")
-            changes["master"] = master
         if mtu is not None:
-            if not MIN_MTU <= mtu <= MAX_MTU:
-                raise host_error(operation, name, errno.EINVAL)
             changes["mtu"] = mtu
+        if alias is not None:
+            changes["alias"] = alias or None
         if up is not None:
             changes["up"] = up
-        if alias is not None:
-            if len(alias.encode()) > IFALIASZ - 1:
-                raise host_error(operation, name, errno.ERANGE, "ifalias too long")
-            changes["alias"] = alias or None
-        self._mutate(operation, name)
-        self.state.links[name] = replace(link, **changes)  # type: ignore[arg-type]
+        link = self.state.links[name] = replace(link, **changes)  # type: ignore[arg-type]
+        if master is None or link.master == master:
+            return
+        if link.master is not None:
+            link = self.state.links[name] = replace(link, master=None)
+        bridge = self._by_index(master)
+        if bridge is None:
+            raise host_error(operation, name, errno.EINVAL, f"no device with index {master}")
+        if bridge.kind != "bridge":
+            raise host_error(operation, name, errno.EOPNOTSUPP, f"{bridge.name} is no bridge")
+        if link.kind == "bridge":
+            raise host_error(operation, name, errno.ELOOP)
+        ports = sum(1 for other in self.state.links.values() if other.master == master)
+        if ports >= MAX_BRIDGE_PORTS:
+            raise host_error(operation, name, errno.EXFULL, f"{bridge.name} is full")
+        self.state.links[name] = replace(link, master=master)
 
     def _remove(self, link: Link) -> None:
         del self.state.links[link.name]

@@ -8,14 +8,24 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from netvm import FakeBackend, KernelBackend, NetvmError, NetworkConfig, NetworkManager
+from netvm import (
+    FakeBackend,
+    KernelBackend,
+    NetvmError,
+    NetworkConfig,
+    NetworkManager,
+    TapOptions,
+)
+from netvm.backends.base import Backend
+from netvm.naming import tap_name
 from netvm.testing import create_netns, delete_netns, snapshot
 
 pytestmark = pytest.mark.privileged
 
 VM_IDS = st.sampled_from(["vm-a", "vm-b", "vm-c", "vm-d"])
+BRIDGES = st.sampled_from(["nvbr0", "nvbr1"])
 
 
 def outcome(call: object) -> str:
@@ -33,67 +43,104 @@ class FakeAgreesWithKernel(RuleBasedStateMachine):
         self.netns = f"netvm-test-diff-{id(self):x}"[:40]
         create_netns(self.netns)
         self.kernel = KernelBackend(self.netns)
-        self.managers = [
-            NetworkManager(self._config(name), backend)
-            for name, backend in (("fake", FakeBackend()), ("kernel", self.kernel))
-        ]
+        fake = FakeBackend()
+        self.backends: list[Backend] = [fake, self.kernel]
+        # Two bridges in each namespace: managers[bridge][0] is the fake's, [1] the kernel's.
+        self.managers = {
+            bridge: [
+                NetworkManager(self._config(name, bridge, subnet), backend)
+                for name, backend in (("fake", fake), ("kernel", self.kernel))
+            ]
+            for bridge, subnet in (("nvbr0", "192.0.2.0/29"), ("nvbr1", "198.51.100.0/29"))
+        }
 
-    def _config(self, name: str) -> NetworkConfig:
+    def _config(self, name: str, bridge: str, subnet: str) -> NetworkConfig:
         return NetworkConfig(
-            bridge_name="nvbr0",
-            vm_subnet="192.0.2.0/29",
+            bridge_name=bridge,
+            vm_subnet=subnet,
             host_egress_iface="up0",
             state_dir=Path(self.tmp.name) / name,
         )
 
-    def both(self, action: str, *args: object) -> None:
-        results = [outcome(lambda m=m: getattr(m, action)(*args)) for m in self.managers]
+    def both(self, bridge: str, action: str, *args: object) -> None:
+        results = [outcome(lambda m=m: getattr(m, action)(*args)) for m in self.managers[bridge]]
         assert results[0] == results[1], f"{action}{args}: fake {results[0]}, kernel {results[1]}"
 
-    @rule()
-    def ensure_host(self) -> None:
-        self.both("ensure_host")
+    def on_backends(self, action: str, *args: object, **kwargs: object) -> None:
+        results = [outcome(lambda b=b: getattr(b, action)(*args, **kwargs)) for b in self.backends]
+        assert results[0] == results[1], f"{action}{args}: fake {results[0]}, kernel {results[1]}"
+
+    @rule(bridge=BRIDGES)
+    def ensure_host(self, bridge: str) -> None:
+        self.both(bridge, "ensure_host")
+
+    @rule(bridge=BRIDGES, vm_id=VM_IDS)
+    def attach(self, bridge: str, vm_id: str) -> None:
+        self.both(bridge, "attach", vm_id)
+
+    @rule(bridge=BRIDGES, vm_id=VM_IDS, multi_queue=st.booleans())
+    def attach_with_flags(self, bridge: str, vm_id: str, multi_queue: bool) -> None:
+        self.both(bridge, "attach", vm_id, TapOptions(owner=1000, multi_queue=multi_queue))
+
+    @rule(bridge=BRIDGES, vm_id=VM_IDS)
+    def detach(self, bridge: str, vm_id: str) -> None:
+        self.both(bridge, "detach", vm_id)
+
+    @rule(bridge=BRIDGES, keep=st.lists(VM_IDS, max_size=2))
+    def gc(self, bridge: str, keep: list[str]) -> None:
+        self.both(bridge, "gc", keep)
+
+    @rule(bridge=BRIDGES)
+    def teardown_host(self, bridge: str) -> None:
+        self.both(bridge, "teardown_host")
+
+    @rule(bridge=BRIDGES)
+    def bridge_goes_down(self, bridge: str) -> None:
+        self.on_backends("set_link", bridge, up=False)
 
     @rule(vm_id=VM_IDS)
-    def attach(self, vm_id: str) -> None:
-        self.both("attach", vm_id)
+    def foreign_tap_takes_a_vms_name(self, vm_id: str) -> None:
+        self.on_backends("create_tap", tap_name(vm_id), TapOptions())
 
     @rule(vm_id=VM_IDS)
-    def detach(self, vm_id: str) -> None:
-        self.both("detach", vm_id)
+    def someone_deletes_a_tap(self, vm_id: str) -> None:
+        self.on_backends("delete_link", tap_name(vm_id))
 
-    @rule(keep=st.lists(VM_IDS, max_size=2))
-    def gc(self, keep: list[str]) -> None:
-        self.both("gc", keep)
-
-    @rule()
-    def teardown_host(self) -> None:
-        self.both("teardown_host")
-
-    @precondition(lambda self: self.kernel.get_link("nvbr0") is not None)
-    @rule()
-    def bridge_goes_down(self) -> None:
-        for manager in self.managers:
-            manager.backend.set_link("nvbr0", up=False)
+    @rule(vm_id=VM_IDS, bridge=BRIDGES)
+    def someone_moves_a_tap(self, vm_id: str, bridge: str) -> None:
+        link = self.kernel.get_link(bridge)
+        index = link.index if link is not None else 999_999
+        fake_link = self.backends[0].get_link(bridge)
+        fake_index = fake_link.index if fake_link is not None else 999_999
+        results = [
+            outcome(lambda b=b, i=i: b.set_link(tap_name(vm_id), master=i))
+            for b, i in ((self.backends[0], fake_index), (self.backends[1], index))
+        ]
+        assert results[0] == results[1], f"move {vm_id} to {bridge}: {results}"
 
     @invariant()
     def same_state(self) -> None:
-        fake, kernel = (snapshot(m.backend) for m in self.managers)
+        fake, kernel = (snapshot(b) for b in self.backends)
         assert fake == kernel
-        leases = [[(a.vm_id, a.network, a.on_bridge) for a in m.list()] for m in self.managers]
-        assert leases[0] == leases[1]
+        for fake_manager, kernel_manager in self.managers.values():
+            listed = [
+                [(a.vm_id, a.network, a.tap_present, a.on_bridge) for a in m.list()]
+                for m in (fake_manager, kernel_manager)
+            ]
+            assert listed[0] == listed[1]
 
     def teardown(self) -> None:  # type: ignore[override]
-        for manager in self.managers:
-            manager.close()
+        for pair in self.managers.values():
+            for manager in pair:
+                manager.close()
         self.kernel.close()
         delete_netns(self.netns)
         self.tmp.cleanup()
 
 
 FakeAgreesWithKernel.TestCase.settings = settings(
-    max_examples=30,
-    stateful_step_count=12,
+    max_examples=40,
+    stateful_step_count=20,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
