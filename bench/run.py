@@ -20,6 +20,7 @@ would add about 2 ms per step (it also remounts /sys), flattering netvm.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +127,11 @@ def run_netvm(netns: str, n: int, state_root: Path) -> dict[str, Any]:
     shell = Shell(netns)
     state_dir = Path(tempfile.mkdtemp(prefix="state-", dir=state_root))
     config = NetworkConfig(
-        bridge_name=BRIDGE, vm_subnet=SUBNET, host_egress_iface=EGRESS, mtu=MTU, state_dir=state_dir
+        bridge_name=BRIDGE,
+        vm_subnet=ipaddress.IPv4Network(SUBNET),
+        host_egress_iface=EGRESS,
+        mtu=MTU,
+        state_dir=state_dir,
     )
     try:
         start = now()
@@ -152,11 +158,11 @@ def _netvm_phases(manager: NetworkManager, shell: Shell, n: int, opened: float) 
     attach: list[float] = []
     start = now()
     for vm_id in ids:
-        attach.append(_timed(lambda vm_id=vm_id: manager.attach(vm_id)))
+        attach.append(_timed(partial(manager.attach, vm_id)))
     attach_total = now() - start
     verify(shell, n, "netvm attach")
     sample = ids[:: max(1, n // DETACH_SAMPLES)][:DETACH_SAMPLES]
-    detach = [_timed(lambda vm_id=vm_id: manager.detach(vm_id)) for vm_id in sample]
+    detach = [_timed(partial(manager.detach, vm_id)) for vm_id in sample]
     verify(shell, n - len(sample), "netvm detach")
     for vm_id in sample:
         manager.attach(vm_id)
@@ -224,11 +230,11 @@ def run_pps(netns: str, n: int) -> dict[str, Any]:
         cold = shell.timed(lambda: _pps_ensure(shell))
         warm = [shell.timed(lambda: _pps_ensure(shell)) for _ in range(max(3, WARM_REPEATS // 6))]
         start = now()
-        attach = [shell.timed(lambda tap=tap: _pps_attach(tap)) for tap in taps]
+        attach = [shell.timed(partial(_pps_attach, tap)) for tap in taps]
         attach_total = now() - start
         verify(shell, n, "process-per-step attach")
         start = now()
-        detach = [shell.timed(lambda tap=tap: _pps_detach(tap)) for tap in taps]
+        detach = [shell.timed(partial(_pps_detach, tap)) for tap in taps]
         teardown = now() - start
         verify(shell, 0, "process-per-step detach")
         return {
@@ -261,7 +267,7 @@ def run_batch(netns: str, n: int) -> dict[str, Any]:
         add = "".join(
             f"tuntap add dev {naming.tap_name(v)} mode tap\n"
             f"link set dev {naming.tap_name(v)} master {BRIDGE} mtu {MTU} up "
-            f"alias {naming.tap_alias(v)}\n"
+            f"alias {naming.tap_alias(BRIDGE, v)}\n"
             for v in ids
         )
         delete = "".join(f"link del dev {naming.tap_name(v)}\n" for v in ids)
