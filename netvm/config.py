@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from netvm.errors import ConfigError
@@ -78,35 +78,44 @@ def parse_mtu(field_name: str, value: object) -> int:
     return number
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class NetworkConfig:
     """The host network netvm manages: one bridge, one subnet, one egress interface.
 
-    `vm_subnet` may be given as a string; it is stored as an `ipaddress.IPv4Network`.
+    `vm_subnet` may be given as a string and `state_dir` as a string; they are stored as an
+    `ipaddress.IPv4Network` and a `Path`. Every field is checked here: a bad value raises
+    ConfigError naming the field, the value and what is allowed.
     """
 
-    bridge_name: str = DEFAULT_BRIDGE
-    vm_subnet: ipaddress.IPv4Network = field(
-        default_factory=lambda: ipaddress.IPv4Network(DEFAULT_SUBNET)
-    )
-    host_egress_iface: str = DEFAULT_EGRESS
-    mtu: int = DEFAULT_MTU
-    state_dir: Path = DEFAULT_STATE_DIR
+    bridge_name: str
+    vm_subnet: ipaddress.IPv4Network
+    host_egress_iface: str
+    mtu: int
+    state_dir: Path
 
-    def __post_init__(self) -> None:
-        validate_ifname("bridge_name", self.bridge_name)
-        validate_ifname("host_egress_iface", self.host_egress_iface)
-        if self.bridge_name == self.host_egress_iface:
+    def __init__(
+        self,
+        bridge_name: str = DEFAULT_BRIDGE,
+        vm_subnet: ipaddress.IPv4Network | str = DEFAULT_SUBNET,
+        host_egress_iface: str = DEFAULT_EGRESS,
+        mtu: int = DEFAULT_MTU,
+        state_dir: Path | str = DEFAULT_STATE_DIR,
+    ) -> None:
+        validate_ifname("bridge_name", bridge_name)
+        validate_ifname("host_egress_iface", host_egress_iface)
+        if bridge_name == host_egress_iface:
             raise ConfigError(
-                "host_egress_iface", self.host_egress_iface, "must differ from bridge_name"
+                "host_egress_iface", host_egress_iface, "must differ from bridge_name"
             )
-        object.__setattr__(self, "vm_subnet", parse_subnet("vm_subnet", self.vm_subnet))
-        if isinstance(self.mtu, str):
-            raise ConfigError("mtu", self.mtu, MTU_RULE)
-        parse_mtu("mtu", self.mtu)
-        if not isinstance(self.state_dir, str | Path) or not str(self.state_dir):
-            raise ConfigError("state_dir", self.state_dir, "a non-empty directory path")
-        object.__setattr__(self, "state_dir", Path(self.state_dir))
+        if isinstance(mtu, str):
+            raise ConfigError("mtu", mtu, MTU_RULE)
+        if not isinstance(state_dir, str | Path) or not str(state_dir):
+            raise ConfigError("state_dir", state_dir, "a non-empty directory path")
+        object.__setattr__(self, "bridge_name", bridge_name)
+        object.__setattr__(self, "vm_subnet", parse_subnet("vm_subnet", vm_subnet))
+        object.__setattr__(self, "host_egress_iface", host_egress_iface)
+        object.__setattr__(self, "mtu", parse_mtu("mtu", mtu))
+        object.__setattr__(self, "state_dir", Path(state_dir))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> NetworkConfig:

@@ -40,7 +40,7 @@ def test_config_is_frozen() -> None:
 )
 def test_bad_subnets_are_refused_naming_field_value_and_rule(subnet: str, why: str) -> None:
     with pytest.raises(ConfigError) as error:
-        NetworkConfig(vm_subnet=subnet)  # type: ignore[arg-type]
+        NetworkConfig(vm_subnet=subnet)
     message = str(error.value)
     assert "vm_subnet" in message
     assert repr(subnet) in message
@@ -50,7 +50,7 @@ def test_bad_subnets_are_refused_naming_field_value_and_rule(subnet: str, why: s
 
 
 def test_a_slash_30_is_the_smallest_subnet() -> None:
-    assert NetworkConfig(vm_subnet="192.0.2.0/30").vm_subnet.prefixlen == 30  # type: ignore[arg-type]
+    assert NetworkConfig(vm_subnet="192.0.2.0/30").vm_subnet.prefixlen == 30
 
 
 @pytest.mark.parametrize(
@@ -132,3 +132,15 @@ def test_from_env_refuses_a_set_but_invalid_value(variable: str, value: str) -> 
     assert error.value.field == variable
     assert variable in str(error.value)
     assert repr(value) in str(error.value)
+
+
+def test_replace_revalidates_and_keeps_types() -> None:
+    import dataclasses
+
+    config = NetworkConfig(vm_subnet="198.51.100.0/24", state_dir="/tmp/netvm-x")
+    assert isinstance(config.vm_subnet, ipaddress.IPv4Network)
+    assert config.state_dir == Path("/tmp/netvm-x")
+    assert dataclasses.replace(config, mtu=9000).mtu == 9000
+    with pytest.raises(ConfigError, match="mtu"):
+        dataclasses.replace(config, mtu=10)
+    assert config == NetworkConfig(vm_subnet="198.51.100.0/24", state_dir=Path("/tmp/netvm-x"))
