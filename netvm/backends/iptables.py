@@ -276,7 +276,7 @@ class IptablesFirewall:
         def decode() -> tuple[Rule, ...]:
             with self._table("list rules", table, where, commit=False) as handle:
                 entries = self._chain(handle, "list rules", table, chain).rules
-                return tuple(to_rule(entry) for entry in entries)
+                return tuple(to_rule(entry, handle.is_chain) for entry in entries)
 
         return list(self._read(table, "chain:" + chain, decode))
 
@@ -295,7 +295,7 @@ class IptablesFirewall:
         with self._table("delete rule", table, where, commit=True) as handle:
             target_chain = self._chain(handle, "delete rule", table, chain)
             for candidate in target_chain.rules:
-                if to_rule(candidate) == rule:
+                if to_rule(candidate, handle.is_chain) == rule:
                     target_chain.delete_rule(candidate)
                     return
             raise host_error("delete rule", where, errno.ENOENT)
@@ -321,11 +321,58 @@ class IptablesFirewall:
 
 
 def _parameters(thing: Any) -> str:
+    """iptables-save notation of a match's or target's options, from libxtables.
+
+    python-iptables gets it by swapping the process's fd 1 for a pipe while libxtables
+    prints: output of other threads in that moment is lost. netvm's own matches and
+    targets are decoded from their bytes instead (`_decode_match`, `_plain_target`); this
+    is only for what netvm does not write.
+    """
     params: dict[str, list[str]] = thing.get_all_parameters()
     return " ".join(f"--{k} {' '.join(v)}".strip() for k, v in sorted(params.items()))
 
 
-def to_rule(entry: Any) -> Rule:
+XT_HEADER = 32
+"""struct xt_entry_match / xt_entry_target: u16 size, char name[29], u8 revision."""
+XT_CONNTRACK_STATE = 1
+# struct xt_conntrack_mtinfo3: four address/mask pairs (128 bytes), expires_min/max (8),
+# l4proto and four ports (10), then match_flags, invert_flags, state_mask (u16 each).
+_CONNTRACK3 = struct.Struct("=146xHHH")
+CT_STATES = {1 << 0: "INVALID", 1 << 1: "ESTABLISHED", 1 << 2: "RELATED", 1 << 3: "NEW"}
+
+
+def _decode_match(match: Any) -> tuple[str, str] | None:
+    """("comment", text) or ("ctstate", "A,B") from a match's bytes; None if it is not a
+    plain comment or a plain --ctstate (revision 3) match."""
+    raw = bytes(match.match_buf)
+    data, revision = raw[XT_HEADER:], raw[XT_HEADER - 1]
+    if match.name == "comment":
+        return "comment", data[:256].split(b"\0", 1)[0].decode(errors="replace")
+    if match.name == "conntrack" and revision == 3 and len(data) >= _CONNTRACK3.size:
+        flags, invert, mask = _CONNTRACK3.unpack_from(data)
+        states = [name for bit, name in CT_STATES.items() if mask & bit]
+        if (
+            flags == XT_CONNTRACK_STATE
+            and not invert
+            and mask == sum(bit for bit in CT_STATES if mask & bit)
+        ):
+            return "ctstate", ",".join(states)
+    return None
+
+
+def _plain_target(target: Any, is_chain: Callable[[str], bool]) -> bool:
+    """True for a target without options: a verdict, a chain, or a bare MASQUERADE."""
+    if target.name in ("ACCEPT", "DROP", "RETURN") or is_chain(target.name):
+        return True
+    if target.name != "MASQUERADE":
+        return False
+    data = ctypes.string_at(ctypes.addressof(target.target), target.size)[XT_HEADER:]
+    # nf_nat_ipv4_multi_range_compat: rangesize 1 and a range whose flags, addresses and
+    # ports are all zero (no --to-ports, no --random).
+    return data[:4] == struct.pack("=I", 1) and not any(data[4:20])
+
+
+def to_rule(entry: Any, is_chain: Callable[[str], bool]) -> Rule:
     """Read a libiptc entry into a Rule; what netvm does not model goes into `other`."""
     other: list[str] = []
     source: ipaddress.IPv4Network | None = None
@@ -342,17 +389,16 @@ def to_rule(entry: Any) -> Rule:
     comment: str | None = None
     ctstate: tuple[str, ...] = ()
     for match in entry.matches:
-        params = match.get_all_parameters()
-        if match.name == "comment" and comment is None and list(params) == ["comment"]:
-            comment = " ".join(params["comment"]).strip('"')
-        elif match.name == "conntrack" and not ctstate and list(params) == ["ctstate"]:
-            ctstate = tuple(sorted(",".join(params["ctstate"]).split(",")))
+        decoded = _decode_match(match)
+        if decoded is not None and decoded[0] == "comment" and comment is None:
+            comment = decoded[1]
+        elif decoded is not None and decoded[0] == "ctstate" and not ctstate:
+            ctstate = tuple(sorted(decoded[1].split(",")))
         else:
             other.append(f"-m {match.name} {_parameters(match)}".strip())
     target = entry.target.name if entry.target is not None else ""
-    target_params = _parameters(entry.target) if entry.target is not None else ""
-    if target_params:
-        other.append(f"-j {target} {target_params}")
+    if entry.target is not None and not _plain_target(entry.target, is_chain):
+        other.append(f"-j {target} {_parameters(entry.target)}".strip())
     for attr, flag in (("in_interface", "-i"), ("out_interface", "-o")):
         value = getattr(entry, attr)
         if value is not None and value.startswith("!"):
