@@ -309,8 +309,15 @@ class NetworkManager:
         try:
             self.backend.create_tap(name, options)
         except DeviceExists:
-            self._reuse_tap(network, options)
-            return
+            link = self.backend.get_link(name)
+            if link is None or link.alias != naming.detaching_alias(
+                self.config.bridge_name, network.vm_id
+            ):
+                self._reuse_tap(network, options, link)
+                return
+            # A detach of this VM has not deleted its old TAP yet: finish that first.
+            self._delete_if_same(link)
+            self.backend.create_tap(name, options)
         try:
             self._enslave(name, naming.tap_alias(self.config.bridge_name, network.vm_id))
         except BaseException:
@@ -318,9 +325,8 @@ class NetworkManager:
             raise
         log.debug("attached %s as %s", network.vm_id, name)
 
-    def _reuse_tap(self, network: VmNetwork, options: TapOptions) -> None:
+    def _reuse_tap(self, network: VmNetwork, options: TapOptions, link: Link | None) -> None:
         """The TAP exists: accept it only if it is this VM's, and mend its settings."""
-        link = self.backend.get_link(network.tap_name)
         if link is None:
             raise host_error("attach", network.tap_name, errno.EAGAIN, "the TAP vanished; retry")
         self._check_tap(link, network.vm_id)
@@ -380,25 +386,40 @@ class NetworkManager:
             log.error("rollback: could not delete %s: %s", name, exc)
 
     def detach(self, vm_id: str) -> None:
-        """Delete the VM's TAP and free its lease; a VM that is already gone is success."""
+        """Delete the VM's TAP and free its lease; a VM that is already gone is success.
+
+        Deleting a device makes the kernel wait for an RCU grace period (~16 ms), so the
+        lease lock is not held for it: inside the lock the TAP is taken down and marked as
+        detaching, and the lease is freed; the deletion follows, by ifindex, so that it can
+        never hit a TAP that a new attach of the same vm_id made meanwhile.
+        """
         naming.validate_vm_id(vm_id)
         name = naming.tap_name(vm_id)
+        detaching = naming.detaching_alias(self.config.bridge_name, vm_id)
         with self.leases.transaction() as tx:
             link = self.backend.get_link(name)
-            if link is not None:
+            if link is not None and link.alias != detaching:
                 self._check_tap(link, vm_id)
-                try:
-                    self.backend.delete_link(name)
-                except HostError as exc:
-                    if exc.errno != errno.ENODEV:
-                        raise
+                self.backend.set_link(name, up=False, alias=detaching)
             tx.release(vm_id)
+        if link is not None:
+            self._delete_if_same(link)
 
-    def _list(self, tx: LeaseTransaction) -> list[Attachment]:
+    def _delete_if_same(self, link: Link) -> None:
+        """Delete `link` if that very device (its ifindex) still exists."""
+        try:
+            self.backend.delete_link(link.name, index=link.index)
+        except HostError as exc:
+            if exc.errno != errno.ENODEV:
+                raise
+
+    def _ports(self) -> dict[str, Link]:
         bridge = self.backend.get_link(self.config.bridge_name)
-        ports: dict[str, Link] = {}
-        if bridge is not None and bridge.kind == "bridge":
-            ports = {link.name: link for link in self.backend.list_links(master=bridge.index)}
+        if bridge is None or bridge.kind != "bridge":
+            return {}
+        return {link.name: link for link in self.backend.list_links(master=bridge.index)}
+
+    def _list(self, tx: LeaseTransaction, ports: dict[str, Link]) -> list[Attachment]:
         result: list[Attachment] = []
         leased: set[str] = set()
         for lease in tx.all():
@@ -430,8 +451,12 @@ class NetworkManager:
         """
         kept = {naming.validate_vm_id(vm_id) for vm_id in keep}
         with self.leases.transaction() as tx:
-            doomed = [a for a in self._list(tx) if a.vm_id not in kept]
-            self.backend.delete_links([a.tap_name for a in doomed if a.tap_present])
+            ports = self._ports()
+            doomed = [a for a in self._list(tx, ports) if a.vm_id not in kept]
+            # TAPs a detach marked but did not get to delete (it was interrupted) go too.
+            prefix = naming.detaching_alias(self.config.bridge_name, "")
+            unfinished = [n for n, link in ports.items() if (link.alias or "").startswith(prefix)]
+            self.backend.delete_links([a.tap_name for a in doomed if a.tap_present] + unfinished)
             for attachment in doomed:
                 tx.release(attachment.vm_id)
         return sorted(a.vm_id for a in doomed)
@@ -494,4 +519,4 @@ class NetworkManager:
     def list(self) -> list[Attachment]:
         """Every VM of this bridge: leased ones, and netvm TAPs on the bridge without a lease."""
         with self.leases.transaction() as tx:
-            return self._list(tx)
+            return self._list(tx, self._ports())

@@ -50,6 +50,11 @@ def tap_alias(bridge: str, vm_id: str) -> str:
     return f"netvm:{bridge}:{vm_id}"
 
 
+def detaching_alias(bridge: str, vm_id: str) -> str:
+    """The ifalias of a TAP whose VM is detached and that is about to be deleted."""
+    return f"netvm-detaching:{bridge}:{vm_id}"
+
+
 def vm_id_from_alias(alias: str | None, bridge: str) -> str | None:
     """The vm_id of a TAP that netvm made for `bridge`, or None for any other device."""
     prefix = f"netvm:{bridge}:"

@@ -115,7 +115,9 @@ class Backend(Firewall, Protocol):
     ) -> None:
         """Change several attributes of a link in one request."""
 
-    def delete_link(self, name: str) -> None: ...
+    def delete_link(self, name: str, index: int | None = None) -> None:
+        """Delete the device `name`; with `index`, only if it still is that device
+        (NotFound otherwise, even when another device has the name by now)."""
 
     def delete_links(self, names: Sequence[str]) -> None:
         """Delete many links paying the kernel's per-request grace period once.

@@ -160,7 +160,12 @@ class FakeBackend:
             if other.master == link.index:
                 self.state.links[other.name] = replace(other, master=None)
 
-    def delete_link(self, name: str) -> None:
+    def delete_link(self, name: str, index: int | None = None) -> None:
+        if index is not None:
+            found = self._by_index(index)
+            if found is None:
+                raise host_error("delete link", name, errno.ENODEV)
+            name = found.name
         link = self._require("delete link", name)
         self._mutate("delete link", name)
         self._remove(link)

@@ -180,9 +180,9 @@ class KernelBackend:
         with _kernel_errors("set link", name):
             self.rtnl.set_link(name, master=master, mtu=mtu, up=up, alias=alias)
 
-    def delete_link(self, name: str) -> None:
+    def delete_link(self, name: str, index: int | None = None) -> None:
         with _kernel_errors("delete link", name):
-            self.rtnl.delete_link(name)
+            self.rtnl.delete_link(name, index)
 
     def delete_links(self, names: Sequence[str]) -> None:
         """Move the links into a link group no device uses, then delete that group.

@@ -351,8 +351,12 @@ class Rtnl:
         body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + name_attr(name) + info
         self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
 
-    def delete_link(self, name: str) -> None:
-        self.request(RTM_DELLINK, 0, _IFINFOMSG.pack(0, 0, 0, 0, 0) + name_attr(name))
+    def delete_link(self, name: str, index: int | None = None) -> None:
+        """By name, or by index when given (the kernel then ignores any name)."""
+        if index is not None:
+            self.request(RTM_DELLINK, 0, _IFINFOMSG.pack(0, 0, index, 0, 0))
+        else:
+            self.request(RTM_DELLINK, 0, _IFINFOMSG.pack(0, 0, 0, 0, 0) + name_attr(name))
 
     def delete_group(self, group: int) -> None:
         """Every device of link group `group` in one request (one batched unregister)."""

@@ -225,3 +225,18 @@ def test_an_alias_longer_than_ifaliasz_is_refused(backend: Backend) -> None:
     tap = backend.get_link("tap0")
     assert tap is not None
     assert tap.alias == "a" * 255
+
+
+def test_delete_by_index_spares_a_newer_device_of_the_same_name(backend: Backend) -> None:
+    backend.create_tap("tap0", TapOptions())
+    old = backend.get_link("tap0")
+    assert old is not None
+    backend.delete_link("tap0")
+    backend.create_tap("tap0", TapOptions())
+    with pytest.raises(NotFound) as gone:
+        backend.delete_link("tap0", index=old.index)
+    assert errno_of(gone) == errno.ENODEV
+    new = backend.get_link("tap0")
+    assert new is not None
+    backend.delete_link("tap0", index=new.index)
+    assert backend.get_link("tap0") is None
