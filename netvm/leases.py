@@ -149,6 +149,12 @@ class LeaseStore:
         db.execute("DELETE FROM free")
         db.executemany("INSERT INTO free VALUES (?)", ((s,) for s in range(self.capacity)))
 
+    def open(self) -> None:
+        """Open (and on first use create) the database now rather than at the first lease."""
+        with self._lock:
+            if self._db is None:
+                self._db = self._open()
+
     @contextmanager
     def transaction(self) -> Iterator[LeaseTransaction]:
         """One exclusive write transaction (across processes and threads).

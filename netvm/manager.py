@@ -152,6 +152,9 @@ class NetworkManager:
         what this call created is removed before the error is raised.
         """
         undo = _Undo()
+        # The lease store first: an unusable state_dir fails before the kernel is touched,
+        # and the first attach does not pay for creating the database.
+        self.leases.open()
         with self._host_lock():
             try:
                 bridge = self._ensure_bridge(undo)

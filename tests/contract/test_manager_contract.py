@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from pathlib import Path
 
 import pytest
 
 from netvm import (
     ConfigError,
     ConflictError,
+    HostError,
     NetworkConfig,
     NetworkManager,
     NotFound,
@@ -422,3 +424,17 @@ def test_an_interrupted_detach_is_finished_by_attach_and_by_gc(manager: NetworkM
     assert manager.gc(keep=["vm-1"]) == []
     assert manager.backend.get_link(tap_name("vm-2")) is None
     assert manager.backend.get_link(tap_name("vm-1")) is not None
+
+
+def test_an_unusable_state_dir_fails_ensure_host_before_the_kernel_is_touched(
+    config: NetworkConfig, backend: Backend, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    before = snapshot(backend)
+    with (
+        NetworkManager(dataclasses.replace(config, state_dir=blocker / "state"), backend) as m,
+        pytest.raises(HostError, match="MICROVM_NETWORK_STATE_DIR"),
+    ):
+        m.ensure_host()
+    assert snapshot(backend) == before
