@@ -236,13 +236,7 @@ class Rtnl:
         buffer = self._buffer
         view = memoryview(buffer)
         while True:
-            size = self._sock.recv_into(buffer)
-            offset = 0
-            while offset + _HEADER <= size:
-                length, kind, flags, msg_seq, _ = _NLMSGHDR.unpack_from(buffer, offset)
-                if length < _HEADER:
-                    break
-                end = offset + length
+            for offset, end, kind, flags, msg_seq in self._received():
                 if msg_seq == seq:
                     if kind == NLMSG_DONE:
                         return
@@ -252,7 +246,17 @@ class Rtnl:
                             return
                         raise self._error(-code, view, offset, end, flags)
                     yield view, offset, end, kind
-                offset += (length + 3) & ~3
+
+    def _received(self) -> Iterator[tuple[int, int, int, int, int]]:
+        """Receive one datagram into the buffer: (offset, end, type, flags, seq) a message."""
+        size = self._sock.recv_into(self._buffer)
+        offset = 0
+        while offset + _HEADER <= size:
+            length, kind, flags, seq, _ = _NLMSGHDR.unpack_from(self._buffer, offset)
+            if length < _HEADER:
+                return
+            yield offset, offset + length, kind, flags, seq
+            offset += (length + 3) & ~3
 
     @staticmethod
     def _error(code: int, view: memoryview, offset: int, end: int, flags: int) -> RtnlError:
@@ -389,20 +393,13 @@ class Rtnl:
 
     def _collect_acks(self, sequences: dict[int, str]) -> Iterator[tuple[str, int]]:
         pending = dict(sequences)
-        buffer = self._buffer
         while pending:
-            size = self._sock.recv_into(buffer)
-            offset = 0
-            while offset + _HEADER <= size:
-                length, kind, _, seq, _ = _NLMSGHDR.unpack_from(buffer, offset)
-                if length < _HEADER:
-                    break
+            for offset, _, kind, _, seq in self._received():
                 if kind == NLMSG_ERROR and seq in pending:
-                    (code,) = _ERRNO.unpack_from(buffer, offset + _HEADER)
+                    (code,) = _ERRNO.unpack_from(self._buffer, offset + _HEADER)
                     name = pending.pop(seq)
                     if code:
                         yield name, -code
-                offset += (length + 3) & ~3
 
     # Addresses --------------------------------------------------------------------------
 
