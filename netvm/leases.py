@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ _SCHEMA = (
 )
 
 
+LOCK_TIMEOUT = 60.0
+"""Seconds to wait for another process's lease transaction before giving up."""
 STATE_DIR_HINT = "state_dir must be a writable directory (state_dir, MICROVM_NETWORK_STATE_DIR)"
 
 
@@ -111,9 +114,9 @@ class LeaseStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
             db = sqlite3.connect(
-                self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+                self.path, timeout=LOCK_TIMEOUT, isolation_level=None, check_same_thread=False
             )
-            db.execute("PRAGMA journal_mode=WAL")
+            self._switch_to_wal(db)
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("BEGIN IMMEDIATE")
         except (OSError, sqlite3.Error) as exc:
@@ -131,6 +134,20 @@ class LeaseStore:
             raise
         db.execute("COMMIT")
         return db
+
+    @staticmethod
+    def _switch_to_wal(db: sqlite3.Connection) -> None:
+        """PRAGMA journal_mode=WAL, retried: while another connection is creating the
+        database, SQLite answers "database is locked" at once, without its busy timeout."""
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
 
     def _check_subnet(self, db: sqlite3.Connection) -> None:
         row = db.execute("SELECT value FROM meta WHERE key = 'subnet'").fetchone()
