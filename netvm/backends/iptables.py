@@ -288,15 +288,27 @@ class IptablesFirewall:
                 raise host_error("insert rule", where, errno.E2BIG)
             if rule.target not in STANDARD_TARGETS and not handle.is_chain(rule.target):
                 raise host_error("insert rule", where, errno.ENOENT, f"no target {rule.target}")
-            target_chain.insert_rule(self._to_iptc(rule), position)
+            entry = self._to_iptc(rule)
+            # What Chain.insert_rule does, less its final_check, which re-reads every option
+            # through libxtables' printer (swapping fd 1, see _parameters): the options were
+            # parsed into the entry when they were set; the extensions' own checks still run.
+            for match in entry.matches:
+                match._final_check()
+            entry.target._final_check()
+            handle.insert_entry(chain, entry.rule, position)
 
     def delete_rule(self, table: str, chain: str, rule: Rule) -> None:
         where = f"chain {table}/{chain}"
         with self._table("delete rule", table, where, commit=True) as handle:
             target_chain = self._chain(handle, "delete rule", table, chain)
-            for candidate in target_chain.rules:
+            for number, candidate in enumerate(target_chain.rules):
                 if to_rule(candidate, handle.is_chain) == rule:
-                    target_chain.delete_rule(candidate)
+                    # By number: Chain.delete_rule would run final_check (fd 1, as above).
+                    if (
+                        handle._iptc.iptc_delete_num_entry(chain.encode(), number, handle._handle)
+                        != 1
+                    ):
+                        raise self._iptc.IPTCError(f"can't delete rule {number} of {chain}")
                     return
             raise host_error("delete rule", where, errno.ENOENT)
 

@@ -1,4 +1,4 @@
-"""Reading netvm's own rules never swaps the process's stdout (fd 1) the way
+"""Reading and writing netvm's own rules never swaps the process's stdout (fd 1) the way
 python-iptables' option printer does; options netvm does not write still show up."""
 
 from __future__ import annotations
@@ -14,6 +14,26 @@ from netvm.backends.base import FILTER, NAT
 pytestmark = pytest.mark.privileged
 
 
+def test_ensure_host_and_teardown_never_touch_fd_1(
+    netns: str, config: NetworkConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = KernelBackend(netns)
+    backend.list_chains(FILTER)  # load python-iptables before dup2 is refused
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("fd 1 was swapped")
+
+    try:
+        with NetworkManager(config, backend) as manager, monkeypatch.context() as patch:
+            patch.setattr(os, "dup2", refuse)
+            manager.ensure_host()
+            manager.ensure_host()
+            manager.attach("vm-1")
+            manager.teardown_host()
+    finally:
+        backend.close()
+
+
 def test_netvms_rules_are_read_without_touching_fd_1(
     netns: str, config: NetworkConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -23,8 +43,7 @@ def test_netvms_rules_are_read_without_touching_fd_1(
             manager.ensure_host()
             expected = manager.expected_rules()
 
-            # A change (python-iptables' final_check still prints through fd 1 when it
-            # writes a rule), so that the reads below decode the tables anew.
+            # A change, so that the reads below decode the tables anew.
             backend.insert_rule(FILTER, "INPUT", Rule("ACCEPT", comment="fresh"))
 
             def refuse(*args: object) -> None:
