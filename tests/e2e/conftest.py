@@ -6,8 +6,8 @@ Every namespace is made here and deleted afterwards; only TEST-NET addresses are
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -22,14 +22,9 @@ def topology() -> Iterator[Topology]:
 
 
 @pytest.fixture
-def e2e_config(tmp_path: Path) -> NetworkConfig:
-    return NetworkConfig(
-        bridge_name="nvbr0",
-        vm_subnet="192.0.2.0/24",
-        host_egress_iface="eth0",
-        mtu=1500,
-        state_dir=tmp_path / "state",
-    )
+def e2e_config(config: NetworkConfig) -> NetworkConfig:
+    """The shared test config, with the egress named like the topology's uplink."""
+    return dataclasses.replace(config, host_egress_iface="eth0")
 
 
 @pytest.fixture
