@@ -1,6 +1,6 @@
 """netvm: host networking for microVMs, straight through netlink, netfilter and TUN ioctls."""
 
-from netvm.backends.base import Address, Backend, Firewall, Link, Rule, TapOptions
+from netvm.backends.base import Address, Backend, Link, Rule, TapOptions
 from netvm.backends.fake import FakeBackend, FakeState
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
@@ -14,6 +14,7 @@ from netvm.errors import (
     PermissionDenied,
     SubnetExhausted,
 )
+from netvm.firewall import BridgeFirewall, Firewall, FirewallRule
 from netvm.glue import (
     cloud_hypervisor_net,
     firecracker_boot_args,
@@ -23,18 +24,21 @@ from netvm.glue import (
 )
 from netvm.manager import Attachment, NetworkManager
 from netvm.naming import VmNetwork
-from netvm.status import HostStatus, RuleStatus, host_status
+from netvm.status import FirewallStatus, HostStatus, host_status
 
 __all__ = [
     "Address",
     "Attachment",
     "Backend",
+    "BridgeFirewall",
     "ConfigError",
     "ConflictError",
     "DeviceExists",
     "FakeBackend",
     "FakeState",
     "Firewall",
+    "FirewallRule",
+    "FirewallStatus",
     "HostError",
     "HostStatus",
     "KernelBackend",
@@ -45,7 +49,6 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "Rule",
-    "RuleStatus",
     "SubnetExhausted",
     "TapOptions",
     "VmNetwork",

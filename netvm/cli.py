@@ -31,10 +31,12 @@ from netvm.backends.kernel import KernelBackend
 from netvm.config import (
     ENV_BRIDGE,
     ENV_EGRESS,
+    ENV_FIREWALL,
     ENV_MTU,
     ENV_STATE_DIR,
     ENV_SUBNET,
     NetworkConfig,
+    parse_firewall,
     parse_mtu,
     parse_subnet,
     validate_ifname,
@@ -119,6 +121,12 @@ def _add_global_options(parser: argparse.ArgumentParser, in_subcommand: bool) ->
         metavar="DIR",
         default=default(None),
         help=f"lease store directory ({ENV_STATE_DIR})",
+    )
+    group.add_argument(
+        "--firewall",
+        metavar="KIND",
+        default=default(None),
+        help=f"auto, nftables or iptables: where netvm's rules go ({ENV_FIREWALL})",
     )
     group.add_argument(
         "--json",
@@ -225,6 +233,8 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Network
         env[ENV_EGRESS] = validate_ifname("--egress", args.egress)
     if args.mtu is not None:
         env[ENV_MTU] = str(parse_mtu("--mtu", args.mtu))
+    if args.firewall is not None:
+        env[ENV_FIREWALL] = parse_firewall("--firewall", args.firewall)
     if args.state_dir is not None:
         if not args.state_dir:
             raise ConfigError("--state-dir", args.state_dir, "a non-empty directory path")
@@ -279,8 +289,12 @@ def _status_text(status: HostStatus) -> str:
         f"subnet      {status.subnet} via {status.egress}",
         f"ip_forward  {'on' if status.ip_forward else 'OFF'}",
     ]
-    for rule in status.rules:
-        lines.append(f"rule        {yes(rule.present):8} {rule.table:6} {rule.text}")
+    firewall = status.firewall
+    lines.append(f"firewall    {firewall.kind or 'NONE'} ({firewall.reason})")
+    for rule in firewall.rules:
+        lines.append(f"rule        {rule.chain}: {rule.text}")
+    for missing in firewall.missing:
+        lines.append(f"rule        MISSING {missing}")
     lines.append(f"vms         {status.vms_attached} attached, {status.vms_leased} leased")
     lines.append(f"ready       {'yes' if status.ready else 'no'}")
     return "\n".join(lines)

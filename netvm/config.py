@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from netvm.errors import ConfigError
 
@@ -21,6 +23,12 @@ ENV_SUBNET = "MICROVM_NETWORK_SUBNET"
 ENV_EGRESS = "MICROVM_NETWORK_EGRESS"
 ENV_MTU = "MICROVM_NETWORK_MTU"
 ENV_STATE_DIR = "MICROVM_NETWORK_STATE_DIR"
+ENV_FIREWALL = "MICROVM_NETWORK_FIREWALL"
+
+FirewallChoice = Literal["auto", "nftables", "iptables"]
+FIREWALL_CHOICES: tuple[FirewallChoice, ...] = get_args(FirewallChoice)
+DEFAULT_FIREWALL: FirewallChoice = "auto"
+FIREWALL_RULE = "one of auto, nftables, iptables"
 
 IFNAMSIZ = 16
 # The MTU range that both a bridge and a TAP accept (measured on Linux 6.18).
@@ -28,20 +36,30 @@ MIN_MTU = 68
 MAX_MTU = 65521
 MAX_PREFIX = 30
 
-IFNAME_RULE = "1 to 15 bytes, not '.' or '..', without '/', ':' or white space"
+IFNAME_RULE = (
+    "1 to 15 characters from A-Z a-z 0-9 _ . - (not starting with '-' or '.'): "
+    "a name netvm writes into firewall rules must match only itself"
+)
+# Stricter than the kernel (dev_valid_name): in iptables a trailing '+' is a wildcard and a
+# leading '!' a negation, in nftables a trailing '*' is a wildcard; quotes and escapes mean
+# something to one tool or another. These characters mean nothing to any of them.
+_IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
 SUBNET_RULE = f"an IPv4 network in CIDR form with no host bits set, /{MAX_PREFIX} or larger"
 MTU_RULE = f"an integer from {MIN_MTU} to {MAX_MTU}"
 
 
 def validate_ifname(field_name: str, value: object) -> str:
-    """Check a Linux interface name against the kernel's own rule (dev_valid_name)."""
-    if not isinstance(value, str):
-        raise ConfigError(field_name, value, IFNAME_RULE)
-    size = len(value.encode())
-    bad_char = any(c in "/:\0" or c.isspace() for c in value)
-    if not 0 < size < IFNAMSIZ or value in (".", "..") or bad_char:
+    """Check an interface name: one the kernel takes and no firewall reads as a pattern."""
+    if not isinstance(value, str) or _IFNAME.fullmatch(value) is None:
         raise ConfigError(field_name, value, IFNAME_RULE)
     return value
+
+
+def parse_firewall(field_name: str, value: object) -> FirewallChoice:
+    for choice in FIREWALL_CHOICES:
+        if value == choice:
+            return choice
+    raise ConfigError(field_name, value, FIREWALL_RULE)
 
 
 def parse_subnet(field_name: str, value: object) -> ipaddress.IPv4Network:
@@ -92,6 +110,8 @@ class NetworkConfig:
     host_egress_iface: str
     mtu: int
     state_dir: Path
+    firewall: FirewallChoice
+    """Which firewall holds netvm's rules: "auto" picks what the host already uses."""
 
     def __init__(
         self,
@@ -100,6 +120,7 @@ class NetworkConfig:
         host_egress_iface: str = DEFAULT_EGRESS,
         mtu: int = DEFAULT_MTU,
         state_dir: Path | str = DEFAULT_STATE_DIR,
+        firewall: FirewallChoice = DEFAULT_FIREWALL,
     ) -> None:
         validate_ifname("bridge_name", bridge_name)
         validate_ifname("host_egress_iface", host_egress_iface)
@@ -116,10 +137,11 @@ class NetworkConfig:
         object.__setattr__(self, "host_egress_iface", host_egress_iface)
         object.__setattr__(self, "mtu", parse_mtu("mtu", mtu))
         object.__setattr__(self, "state_dir", Path(state_dir))
+        object.__setattr__(self, "firewall", parse_firewall("firewall", firewall))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> NetworkConfig:
-        """Read MICROVM_NETWORK_{BRIDGE,SUBNET,EGRESS,MTU,STATE_DIR}.
+        """Read MICROVM_NETWORK_{BRIDGE,SUBNET,EGRESS,MTU,STATE_DIR,FIREWALL}.
 
         Unset means the default; a set but invalid value (an empty one included) raises
         ConfigError naming the variable, the value and what is allowed.
@@ -130,6 +152,7 @@ class NetworkConfig:
         egress = env.get(ENV_EGRESS)
         mtu = env.get(ENV_MTU)
         state_dir = env.get(ENV_STATE_DIR)
+        firewall = env.get(ENV_FIREWALL)
         if state_dir is not None and not state_dir:
             raise ConfigError(ENV_STATE_DIR, state_dir, "a non-empty directory path")
         return cls(
@@ -140,6 +163,9 @@ class NetworkConfig:
             ),
             mtu=DEFAULT_MTU if mtu is None else parse_mtu(ENV_MTU, mtu),
             state_dir=DEFAULT_STATE_DIR if state_dir is None else Path(state_dir),
+            firewall=(
+                DEFAULT_FIREWALL if firewall is None else parse_firewall(ENV_FIREWALL, firewall)
+            ),
         )
 
     @property

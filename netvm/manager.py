@@ -6,18 +6,20 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
 from netvm import naming
-from netvm.backends.base import FILTER, NAT, Backend, Link, Rule, TapOptions
+from netvm.backends.base import Backend, Link, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
 from netvm.errors import ConflictError, DeviceExists, HostError, NetvmError, host_error
+from netvm.firewall import KINDS, BridgeFirewall, ChosenFirewall, choose_firewall
 from netvm.leases import STATE_DIR_HINT, LeaseStore, LeaseTransaction
 from netvm.naming import VmNetwork
+from netvm.undo import Undo as _Undo
 
 log = logging.getLogger("netvm")
 
@@ -53,24 +55,6 @@ def _describe(options: TapOptions) -> str:
     )
 
 
-class _Undo:
-    """Steps that reverse what an operation did so far, run newest first on failure."""
-
-    def __init__(self) -> None:
-        self._steps: list[tuple[str, Callable[[], object]]] = []
-
-    def push(self, description: str, step: Callable[[], object]) -> None:
-        self._steps.append((description, step))
-
-    def run(self) -> None:
-        for description, step in reversed(self._steps):
-            try:
-                step()
-            except NetvmError as exc:
-                log.error("rollback: could not %s: %s", description, exc)
-        self._steps.clear()
-
-
 class NetworkManager:
     """Host networking for microVMs on one bridge.
 
@@ -90,7 +74,6 @@ class NetworkManager:
         )
         self._host_lock_path = state_dir / f"host.{namespace}.lock"
         self._ip_forward_flag = state_dir / f"ip_forward-enabled-by-netvm.{namespace}"
-        self.tag = f"netvm:{self.config.bridge_name}"
         self._bridge_index: int | None = None
 
     @classmethod
@@ -110,38 +93,17 @@ class NetworkManager:
     ) -> None:
         self.close()
 
-    # Names of netvm's own firewall objects ----------------------------------------------
+    # Firewall ---------------------------------------------------------------------------
 
     @property
-    def forward_chain(self) -> str:
-        return f"NETVM-FWD-{self.config.bridge_name}"
+    def firewall_policy(self) -> BridgeFirewall:
+        """What netvm keeps in the firewall for this bridge."""
+        config = self.config
+        return BridgeFirewall(config.bridge_name, config.vm_subnet, config.host_egress_iface)
 
-    @property
-    def nat_chain(self) -> str:
-        return f"NETVM-NAT-{self.config.bridge_name}"
-
-    def expected_rules(self) -> dict[tuple[str, str], list[Rule]]:
-        """(table, chain) -> the rules netvm keeps there, in order."""
-        bridge, egress, tag = self.config.bridge_name, self.config.host_egress_iface, self.tag
-        return {
-            (FILTER, "FORWARD"): [Rule(self.forward_chain, comment=tag)],
-            (FILTER, self.forward_chain): [
-                Rule("ACCEPT", in_iface=bridge, out_iface=egress, comment=tag),
-                # Guest to guest: with br_netfilter, bridged frames pass FORWARD too.
-                Rule("ACCEPT", in_iface=bridge, out_iface=bridge, comment=tag),
-                Rule(
-                    "ACCEPT",
-                    in_iface=egress,
-                    out_iface=bridge,
-                    ctstate=("ESTABLISHED", "RELATED"),
-                    comment=tag,
-                ),
-            ],
-            (NAT, "POSTROUTING"): [Rule(self.nat_chain, comment=tag)],
-            (NAT, self.nat_chain): [
-                Rule("MASQUERADE", source=self.config.vm_subnet, out_iface=egress, comment=tag)
-            ],
-        }
+    def choose_firewall(self) -> ChosenFirewall:
+        """The firewall that holds (or will hold) this bridge's rules, and why."""
+        return choose_firewall(self.config.firewall, self.backend)
 
     # Host set-up ------------------------------------------------------------------------
 
@@ -248,48 +210,19 @@ class NetworkManager:
         undo.push("forget ip_forward", lambda: self._ip_forward_flag.unlink(missing_ok=True))
 
     def _ensure_firewall(self, undo: _Undo) -> None:
-        expected = self.expected_rules()
-        for table, chain in ((FILTER, self.forward_chain), (NAT, self.nat_chain)):
-            self._ensure_chain(table, chain, expected[(table, chain)], undo)
-        for table, builtin in ((FILTER, "FORWARD"), (NAT, "POSTROUTING")):
-            (jump,) = expected[(table, builtin)]
-            if jump not in self.backend.list_rules(table, builtin):
-                self._insert(table, builtin, jump, 0, undo)
-
-    def _insert(self, table: str, chain: str, rule: Rule, position: int, undo: _Undo) -> None:
-        self.backend.insert_rule(table, chain, rule, position)
-        undo.push(
-            f"delete a rule from {table}/{chain}",
-            lambda: self.backend.delete_rule(table, chain, rule),
-        )
-
-    def _reinserter(self, table: str, chain: str, rule: Rule) -> Callable[[], None]:
-        return lambda: self.backend.insert_rule(table, chain, rule, 0)
-
-    def _ensure_chain(self, table: str, chain: str, expected: list[Rule], undo: _Undo) -> None:
-        if chain not in self.backend.list_chains(table):
-            self.backend.create_chain(table, chain)
+        """netvm's rules in the chosen firewall, and in no other (a switch moves them)."""
+        chosen = self.choose_firewall()
+        policy = self.firewall_policy
+        firewall = self.backend.firewall(chosen.kind)
+        if firewall.ensure(policy):
             undo.push(
-                f"delete chain {table}/{chain}", lambda: self.backend.delete_chain(table, chain)
+                f"remove netvm's {chosen.kind} rules",
+                lambda: firewall.remove(policy.bridge),
             )
-            current: list[Rule] = []
-        else:
-            current = self.backend.list_rules(table, chain)
-        foreign = [rule for rule in current if rule.comment != self.tag]
-        if foreign:
-            raise ConflictError(
-                f"chain {table}/{chain} holds {len(foreign)} rule(s) netvm did not write "
-                f"(no comment {self.tag!r}); remove them, netvm will not"
-            )
-        for rule in current:
-            if rule not in expected:
-                self.backend.delete_rule(table, chain, rule)
-                undo.push(
-                    f"restore a rule in {table}/{chain}", self._reinserter(table, chain, rule)
-                )
-        for position, rule in enumerate(expected):
-            if rule not in current:
-                self._insert(table, chain, rule, position, undo)
+        for kind in KINDS:
+            other = self.backend.firewall(kind)
+            if kind != chosen.kind and other.unavailable() is None:
+                other.remove(policy.bridge)
 
     # VMs --------------------------------------------------------------------------------
 
@@ -475,25 +408,10 @@ class NetworkManager:
     def _teardown_host(self) -> None:
         self.gc(keep=())
         problems: list[str] = []
-        tag_rules = self.expected_rules()
-        for table, builtin, chain in (
-            (FILTER, "FORWARD", self.forward_chain),
-            (NAT, "POSTROUTING", self.nat_chain),
-        ):
-            (jump,) = tag_rules[(table, builtin)]
-            for rule in self.backend.list_rules(table, builtin):
-                if rule == jump:
-                    self.backend.delete_rule(table, builtin, rule)
-            if chain not in self.backend.list_chains(table):
-                continue
-            remaining = self.backend.list_rules(table, chain)
-            for rule in remaining:
-                if rule.comment == self.tag:
-                    self.backend.delete_rule(table, chain, rule)
-            if any(rule.comment != self.tag for rule in remaining):
-                problems.append(f"chain {table}/{chain} kept: it holds rules netvm did not write")
-            else:
-                self.backend.delete_chain(table, chain)
+        for kind in KINDS:
+            firewall = self.backend.firewall(kind)
+            if firewall.unavailable() is None:
+                problems += firewall.remove(self.config.bridge_name)
         bridge = self.backend.get_link(self.config.bridge_name)
         if bridge is not None and bridge.kind == "bridge" and bridge.alias == BRIDGE_ALIAS:
             others = self.backend.list_links(master=bridge.index)

@@ -13,22 +13,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from netvm import naming
-from netvm.backends.base import Rule
+from netvm.errors import NetvmError
+from netvm.firewall import Placed
 from netvm.manager import BRIDGE_ALIAS, NetworkManager
 
 
 @dataclass(frozen=True)
-class RuleStatus:
-    """One rule netvm keeps, and whether it is in its chain."""
+class FirewallStatus:
+    """Which firewall holds the bridge's rules, why, what it holds and what is missing."""
 
-    table: str
-    chain: str
-    rule: Rule
-    present: bool
-
-    @property
-    def text(self) -> str:
-        return f"-A {self.chain} {describe_rule(self.rule)}"
+    kind: str | None
+    """"nftables" or "iptables"; None when no firewall can be used (see `missing`)."""
+    configured: str
+    reason: str
+    rules: tuple[Placed, ...]
+    missing: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class HostStatus:
     gateway: ipaddress.IPv4Interface
     gateway_present: bool
     ip_forward: bool
-    rules: tuple[RuleStatus, ...]
+    firewall: FirewallStatus
     vms_attached: int
     """netvm TAPs enslaved to the bridge."""
     vms_leased: int
@@ -72,11 +71,7 @@ class HostStatus:
             found.append(f"gateway address {self.gateway} is not on {self.bridge}")
         if not self.ip_forward:
             found.append("ip_forward is off")
-        found.extend(
-            f"rule missing in {r.table}/{r.chain}: {describe_rule(r.rule)}"
-            for r in self.rules
-            if not r.present
-        )
+        found.extend(self.firewall.missing)
         return found
 
     @property
@@ -100,38 +95,17 @@ class HostStatus:
             "egress": self.egress,
             "gateway": {"address": str(self.gateway), "present": self.gateway_present},
             "ip_forward": self.ip_forward,
-            "rules": [
-                {
-                    "table": r.table,
-                    "chain": r.chain,
-                    "rule": describe_rule(r.rule),
-                    "present": r.present,
-                }
-                for r in self.rules
-            ],
+            "firewall": {
+                "kind": self.firewall.kind,
+                "configured": self.firewall.configured,
+                "reason": self.firewall.reason,
+                "rules": [{"chain": r.chain, "rule": r.text} for r in self.firewall.rules],
+                "missing": list(self.firewall.missing),
+            },
             "vms": {"attached": self.vms_attached, "leased": self.vms_leased},
             "ready": self.ready,
             "problems": self.problems(),
         }
-
-
-def describe_rule(rule: Rule) -> str:
-    """A rule in iptables-save's notation (without the chain), e.g. for status output."""
-    parts: list[str] = []
-    if rule.source is not None:
-        parts += ["-s", str(rule.source)]
-    if rule.in_iface is not None:
-        parts += ["-i", rule.in_iface]
-    if rule.out_iface is not None:
-        parts += ["-o", rule.out_iface]
-    if rule.ctstate:
-        parts += ["-m", "conntrack", "--ctstate", ",".join(rule.ctstate)]
-    if rule.comment is not None:
-        parts += ["-m", "comment", "--comment", rule.comment]
-    if rule.other:
-        parts.append(rule.other)
-    parts += ["-j", rule.target]
-    return " ".join(parts)
 
 
 def host_status(manager: NetworkManager) -> HostStatus:
@@ -155,13 +129,7 @@ def host_status(manager: NetworkManager) -> HostStatus:
             if port.kind == "tun"
             and naming.vm_id_from_alias(port.alias, manager.config.bridge_name) is not None
         )
-    rules: list[RuleStatus] = []
-    chains: dict[str, list[str]] = {}
-    for (table, chain), expected in manager.expected_rules().items():
-        if table not in chains:
-            chains[table] = backend.list_chains(table)
-        current = backend.list_rules(table, chain) if chain in chains[table] else []
-        rules.extend(RuleStatus(table, chain, rule, rule in current) for rule in expected)
+    firewall = firewall_status(manager)
     leased = len(manager.leases.all()) if manager.leases.path.exists() else 0
     return HostStatus(
         bridge=config.bridge_name,
@@ -176,7 +144,24 @@ def host_status(manager: NetworkManager) -> HostStatus:
         gateway=config.gateway,
         gateway_present=gateway_present,
         ip_forward=backend.get_ip_forward(),
-        rules=tuple(rules),
+        firewall=firewall,
         vms_attached=attached,
         vms_leased=leased,
+    )
+
+
+def firewall_status(manager: NetworkManager) -> FirewallStatus:
+    """The firewall part of host_status: reads the chosen firewall, changes nothing."""
+    configured = manager.config.firewall
+    try:
+        chosen = manager.choose_firewall()
+    except NetvmError as exc:
+        return FirewallStatus(None, configured, str(exc), (), (f"no firewall: {exc}",))
+    firewall = manager.backend.firewall(chosen.kind)
+    return FirewallStatus(
+        kind=chosen.kind,
+        configured=configured,
+        reason=chosen.reason,
+        rules=tuple(firewall.listing(manager.config.bridge_name)),
+        missing=tuple(firewall.check(manager.firewall_policy)),
     )

@@ -1,5 +1,6 @@
 # Shared by scripts/test, scripts/demo and scripts/bench: make .venv and install what is
-# missing (pip packages; Debian's iptables and iproute2 when root and they are absent).
+# missing (pip packages; Debian's iptables, nftables, python3-nftables and iproute2 when root
+# and they are absent).
 # Usage: source scripts/_setup.sh; netvm_setup EXTRA   (EXTRA: test, bench or "")
 VENV=${NETVM_VENV:-.venv}
 
@@ -10,17 +11,22 @@ netvm_have_xtables() {
         command -v iptables-legacy >/dev/null 2>&1
 }
 
+netvm_have_nftables() {
+    # libnftables' official Python binding (it brings libnftables1) and the nft command
+    [ -f /usr/lib/python3/dist-packages/nftables/nftables.py ] && command -v nft >/dev/null 2>&1
+}
+
 netvm_setup() {
     local extra=${1:-}
-    if ! netvm_have_xtables || ! command -v ip >/dev/null 2>&1; then
+    if ! netvm_have_xtables || ! netvm_have_nftables || ! command -v ip >/dev/null 2>&1; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-            echo "== installing Debian's iptables and iproute2 packages"
+            echo "== installing Debian's iptables, nftables, python3-nftables and iproute2"
             # Wait for a dpkg lock held by another installer instead of failing at once.
             apt-get -o DPkg::Lock::Timeout=300 update -qq >/dev/null
             DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
-                install -y -qq iptables iproute2 >/dev/null
+                install -y -qq iptables nftables python3-nftables iproute2 >/dev/null
         else
-            echo "note: Debian's iptables package is missing and this is not root:" \
+            echo "note: Debian's iptables/nftables packages are missing and this is not root:" \
                 "kernel tests will be skipped" >&2
         fi
     fi

@@ -10,7 +10,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from netvm.firewall.model import Firewall, FirewallKind
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class Address:
 
 @dataclass(frozen=True)
 class Rule:
-    """One netfilter rule, with only the matches netvm writes.
+    """One legacy xtables rule, with only the matches netvm writes.
 
     A rule with anything else is listed with that part in `other` (as text), so it never
     compares equal to a rule netvm would write.
@@ -66,8 +69,19 @@ NAT = "nat"
 STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN", "REJECT", "MASQUERADE", "LOG"})
 
 
-class Firewall(Protocol):
-    """The netfilter seam: chains and rules of the IPv4 tables `filter` and `nat`."""
+class XtablesTables(Protocol):
+    """Chains and rules of the legacy IPv4 tables `filter` and `nat` of one namespace."""
+
+    def xtables_unavailable(self) -> str | None: ...
+
+    def legacy_tables(self) -> set[str]:
+        """The legacy tables the kernel has instantiated in the namespace (none is read)."""
+
+    def legacy_in_use(self) -> bool:
+        """A legacy table holds a rule, a user chain or a policy other than ACCEPT."""
+
+    def legacy_policy(self, table: str, chain: str) -> str:
+        """The policy of a built-in chain ("ACCEPT", "DROP")."""
 
     def list_chains(self, table: str) -> list[str]: ...
 
@@ -84,8 +98,15 @@ class Firewall(Protocol):
         """Delete the first rule equal to `rule`; NotFound if there is none."""
 
 
-class Backend(Firewall, Protocol):
-    """Links, addresses, the ip_forward switch and the firewall of one network namespace."""
+class Backend(XtablesTables, Protocol):
+    """Links, addresses, the ip_forward switch and the firewalls of one network namespace.
+
+    The legacy xtables primitives (XtablesTables) are the layer XtablesFirewall is built on;
+    the manager only uses `firewall(kind)`.
+    """
+
+    def firewall(self, kind: FirewallKind) -> Firewall:
+        """The firewall seam of `kind` (nftables or iptables) in this namespace."""
 
     def namespace_id(self) -> str:
         """Names the network namespace for per-namespace state files (leases, locks).
@@ -132,6 +153,9 @@ class Backend(Firewall, Protocol):
     def delete_address(self, index: int, interface: ipaddress.IPv4Interface) -> None: ...
 
     def get_ip_forward(self) -> bool: ...
+
+    def read_proc(self, path: str) -> str | None:
+        """A file of /proc/sys/net or /proc/thread-self/net in this namespace (None if absent)."""
 
     def set_ip_forward(self, enabled: bool) -> None: ...
 

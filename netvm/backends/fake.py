@@ -15,6 +15,10 @@ from dataclasses import dataclass, field, replace
 from netvm.backends.base import FILTER, NAT, STANDARD_TARGETS, Address, Link, Rule, TapOptions
 from netvm.config import IFNAMSIZ, MAX_MTU, MIN_MTU
 from netvm.errors import host_error
+from netvm.firewall.fake_nft import FakeNftRunner, FakeRuleset
+from netvm.firewall.model import Firewall, FirewallKind
+from netvm.firewall.nftables import NftablesFirewall
+from netvm.firewall.xtables import XtablesFirewall
 from netvm.naming import MAX_BRIDGE_PORTS
 
 IFALIASZ = 256
@@ -34,6 +38,13 @@ class FakeState:
     chains: dict[str, dict[str, list[Rule]]] = field(
         default_factory=lambda: {t: {c: [] for c in cs} for t, cs in BUILTIN_CHAINS.items()}
     )
+    policies: dict[tuple[str, str], str] = field(default_factory=dict)
+    """(table, built-in chain) -> policy, where it is not ACCEPT."""
+    legacy_tables: set[str] = field(default_factory=set)
+    """Legacy tables instantiated: as in the kernel, the first read or write of one."""
+    nftables: FakeRuleset = field(default_factory=FakeRuleset)
+    proc: dict[str, str] = field(default_factory=dict)
+    """Other /proc/sys/net and /proc/thread-self/net files, by path (ip_forward is above)."""
     next_index: int = 2
 
     def __post_init__(self) -> None:
@@ -48,6 +59,7 @@ class FakeBackend:
         self.mutations = 0
         self._fail_at: int | None = None
         self._fail_errno = errno.EIO
+        self._firewalls: dict[FirewallKind, Firewall] = {}
 
     # Fault injection -------------------------------------------------------------------
 
@@ -214,9 +226,52 @@ class FakeBackend:
 
     # Firewall ---------------------------------------------------------------------------
 
+    def firewall(self, kind: FirewallKind) -> Firewall:
+        found = self._firewalls.get(kind)
+        if found is None:
+            if kind == "nftables":
+                runner = FakeNftRunner(self.state.nftables, on_change=self._mutate)
+                found = NftablesFirewall(runner, lambda: None)
+            else:
+                found = XtablesFirewall(self)
+            self._firewalls[kind] = found
+        return found
+
+    def xtables_unavailable(self) -> str | None:
+        return None
+
+    def legacy_tables(self) -> set[str]:
+        return set(self.state.legacy_tables)
+
+    def legacy_in_use(self) -> bool:
+        state = self.state
+        return bool(state.policies) or any(
+            rules or chain not in BUILTIN_CHAINS[table]
+            for table in state.legacy_tables
+            for chain, rules in state.chains[table].items()
+        )
+
+    def legacy_policy(self, table: str, chain: str) -> str:
+        self._chain("read policy", table, chain)
+        return self.state.policies.get((table, chain), "ACCEPT")
+
+    def read_proc(self, path: str) -> str | None:
+        if path == "/proc/sys/net/ipv4/ip_forward":
+            return "1\n" if self.state.ip_forward else "0\n"
+        return self.state.proc.get(path)
+
+    def set_policy(self, table: str, chain: str, policy: str) -> None:
+        """Set a built-in chain's policy, as `iptables-legacy -P` would."""
+        self._chain("set policy", table, chain)
+        if policy == "ACCEPT":
+            self.state.policies.pop((table, chain), None)
+        else:
+            self.state.policies[(table, chain)] = policy
+
     def _table(self, operation: str, table: str) -> dict[str, list[Rule]]:
         if table not in self.state.chains:
             raise host_error(operation, f"table {table}", errno.ENOENT)
+        self.state.legacy_tables.add(table)
         return self.state.chains[table]
 
     def _chain(self, operation: str, table: str, chain: str) -> list[Rule]:

@@ -1,4 +1,4 @@
-"""The netfilter seam, implemented with python-iptables (libiptc, the legacy xtables tables).
+"""The legacy xtables tables through python-iptables (libiptc): chains and rules.
 
 `import iptc` normally runs ldconfig, gcc and modprobe (about 17 processes, ~200 ms) to find
 its libraries; `load_iptc` finds them by soname instead, so no netvm call creates a process.
@@ -115,6 +115,9 @@ _ENTRY_SIZE = 112  # struct ipt_entry
 _NEXT_OFFSET = struct.Struct("=H")  # ipt_entry.next_offset, at byte 90
 _COUNTERS_AT = 96  # ipt_entry.counters: two u64 that change with every packet
 _libc = ctypes.CDLL(None, use_errno=True)
+ACCEPT_VERDICT = -2  # a standard target's verdict: -NF_ACCEPT - 1
+XT_HEADER = 32
+"""struct xt_entry_match / xt_entry_target: u16 size, char name[29], u8 revision."""
 
 
 class TableReader:
@@ -139,6 +142,30 @@ class TableReader:
         fd = self._sock.fileno()
         result: int = _libc.getsockopt(fd, socket.SOL_IP, option, buffer, ctypes.byref(size))
         return result == 0
+
+    def holds_rules(self, table: str) -> bool:
+        """The table has a rule, a user chain, or a built-in policy other than ACCEPT."""
+        name = table.encode()
+        info = ctypes.create_string_buffer(_GETINFO.pack(name, 0, *[0] * 10, 0, 0), _GETINFO.size)
+        if not self._getsockopt(IPT_SO_GET_INFO, info):
+            return False
+        _, hooks, *offsets, entries, size = _GETINFO.unpack(info.raw)
+        underflows = offsets[5:]
+        valid = [hook for hook in range(5) if hooks & (1 << hook)]
+        if entries != len(valid) + 1:
+            return True
+        blob = ctypes.create_string_buffer(_ENTRIES_HEADER + size)
+        struct.pack_into("=32sI", blob, 0, name, size)
+        if not self._getsockopt(IPT_SO_GET_ENTRIES, blob):
+            return True  # changing as we read: someone is writing it
+        raw = blob.raw[_ENTRIES_HEADER:]
+        for hook in valid:
+            entry = underflows[hook]
+            (target_offset,) = struct.unpack_from("=H", raw, entry + 88)
+            (verdict,) = struct.unpack_from("=i", raw, entry + target_offset + XT_HEADER)
+            if verdict != ACCEPT_VERDICT:
+                return True
+        return False
 
     def fingerprint(self, table: str) -> bytes | None:
         """The table's rules as the kernel holds them, or None if they cannot be read."""
@@ -181,7 +208,7 @@ def _xtables_lock(operation: str, where: str) -> Iterator[None]:
 
 
 class IptablesFirewall:
-    """Firewall over python-iptables; every method must run in the namespace's thread."""
+    """Chains and rules over python-iptables; every method must run in the namespace's thread."""
 
     def __init__(self) -> None:
         self._iptc = load_iptc()
@@ -250,6 +277,12 @@ class IptablesFirewall:
                 return tuple(chain.name for chain in handle.chains)
 
         return list(self._read(table, "", decode))
+
+    def policy(self, table: str, chain: str) -> str:
+        """A built-in chain's policy ("ACCEPT", "DROP"...)."""
+        with self._table("read policy", table, f"chain {table}/{chain}", commit=False) as handle:
+            found: Any = self._chain(handle, "read policy", table, chain).get_policy()
+            return str(found.name) if found is not None else "ACCEPT"
 
     def create_chain(self, table: str, chain: str) -> None:
         where = f"chain {table}/{chain}"
@@ -344,8 +377,6 @@ def _parameters(thing: Any) -> str:
     return " ".join(f"--{k} {' '.join(v)}".strip() for k, v in sorted(params.items()))
 
 
-XT_HEADER = 32
-"""struct xt_entry_match / xt_entry_target: u16 size, char name[29], u8 revision."""
 XT_CONNTRACK_STATE = 1
 # struct xt_conntrack_mtinfo3: four address/mask pairs (128 bytes), expires_min/max (8),
 # l4proto and four ports (10), then match_flags, invert_flags, state_mask (u16 each).

@@ -21,15 +21,21 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
-from netvm.backends.base import Address, Firewall, Link, Rule, TapOptions
-from netvm.backends.iptables import IptablesFirewall
+from netvm.backends.base import Address, Link, Rule, TapOptions
+from netvm.backends.iptables import IptablesFirewall, TableReader, load_iptc
 from netvm.backends.netns import NamespaceThread
 from netvm.backends.rtnl import LinkInfo, Rtnl, RtnlError
 from netvm.backends.tun import create_persistent_tap, open_tun
-from netvm.errors import host_error
+from netvm.errors import NetvmError, host_error
+from netvm.firewall.libnftables import KernelNftRunner, binding_unavailable
+from netvm.firewall.model import Firewall, FirewallKind
+from netvm.firewall.nftables import NftablesFirewall
+from netvm.firewall.xtables import XtablesFirewall
 
 T = TypeVar("T")
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+LEGACY_TABLE_NAMES = "/proc/thread-self/net/ip_tables_names"
+"""/proc/net is the namespace of the process; /proc/thread-self/net that of the thread."""
 TUN_POOL = 16
 """/dev/net/tun descriptors opened per hop to the namespace thread, used by later create_tap."""
 
@@ -65,16 +71,14 @@ def _to_link(info: LinkInfo) -> Link:
 class KernelBackend:
     """The real kernel, in the network namespace `netns` (a name under /run/netns or a path).
 
-    `netns=None` acts in the namespace of the process. `firewall` is the netfilter
-    implementation (python-iptables unless given); it is created on first use.
+    `netns=None` acts in the namespace of the process. The firewalls (nftables through
+    libnftables, legacy xtables through python-iptables) are made on first use.
     """
 
-    def __init__(
-        self, netns: str | None = None, firewall_factory: Callable[[], Firewall] | None = None
-    ) -> None:
+    def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
-        self._firewall_factory = firewall_factory or IptablesFirewall
-        self._firewall: Firewall | None = None
+        self._iptc: IptablesFirewall | None = None
+        self._firewalls: dict[FirewallKind, Firewall] = {}
         self._rtnl: Rtnl | None = None
         self._namespace_inode = 0
         self._tun_fds: list[int] = []
@@ -101,15 +105,26 @@ class KernelBackend:
         return self._thread.call(fn)
 
     @property
-    def firewall(self) -> Firewall:
-        """The Firewall, made on the namespace thread on first use (it loads libiptc)."""
+    def iptc(self) -> IptablesFirewall:
+        """The legacy tables' primitives, made on the namespace thread (it loads libiptc)."""
 
-        def make() -> Firewall:
-            if self._firewall is None:
-                self._firewall = self._firewall_factory()
-            return self._firewall
+        def make() -> IptablesFirewall:
+            if self._iptc is None:
+                self._iptc = IptablesFirewall()
+            return self._iptc
 
         return self._call(make)
+
+    def firewall(self, kind: FirewallKind) -> Firewall:
+        """The firewall seam of `kind` in this namespace."""
+        found = self._firewalls.get(kind)
+        if found is None:
+            if kind == "nftables":
+                found = NftablesFirewall(KernelNftRunner(self._call), binding_unavailable)
+            else:
+                found = XtablesFirewall(self)
+            self._firewalls[kind] = found
+        return found
 
     # Links ------------------------------------------------------------------------------
 
@@ -226,6 +241,25 @@ class KernelBackend:
         with _kernel_errors("delete address " + str(interface), f"index {index}"):
             self.rtnl.change_address(False, index, str(interface.ip), interface.network.prefixlen)
 
+    # Read-only views for `doctor` -------------------------------------------------------
+
+    def read_proc(self, path: str) -> str | None:
+        """A file of /proc/sys/net or /proc/thread-self/net as this namespace has it."""
+        if not path.startswith(("/proc/sys/net/", "/proc/thread-self/net/")):
+            raise ValueError(f"not a per-namespace /proc path: {path}")
+
+        def run() -> str | None:
+            try:
+                with open(path) as file:
+                    return file.read()
+            except OSError:
+                return None
+
+        return self._call(run)
+
+    def legacy_policy(self, table: str, chain: str) -> str:
+        return self._call(lambda: self.iptc.policy(table, chain))
+
     # ip_forward -------------------------------------------------------------------------
 
     def get_ip_forward(self) -> bool:
@@ -242,30 +276,60 @@ class KernelBackend:
 
         self._call(run)
 
-    # Firewall ---------------------------------------------------------------------------
+    # Legacy xtables tables --------------------------------------------------------------
+
+    def xtables_unavailable(self) -> str | None:
+        try:
+            load_iptc()
+        except NetvmError as exc:
+            return str(exc)
+        return None
+
+    def legacy_tables(self) -> set[str]:
+        def run() -> set[str]:
+            try:
+                with open(LEGACY_TABLE_NAMES) as names:
+                    return {line.strip() for line in names if line.strip()}
+            except FileNotFoundError:
+                return set()  # the kernel has no legacy ip_tables at all
+
+        return self._call(run)
+
+    def legacy_in_use(self) -> bool:
+        tables = self.legacy_tables()
+        if not tables:
+            return False
+
+        def run() -> bool:
+            reader = TableReader()
+            try:
+                return any(reader.holds_rules(table) for table in tables)
+            finally:
+                reader.close()
+
+        return self._call(run)
 
     def list_chains(self, table: str) -> list[str]:
-        return self._call(lambda: self.firewall.list_chains(table))
+        return self._call(lambda: self.iptc.list_chains(table))
 
     def create_chain(self, table: str, chain: str) -> None:
-        self._call(lambda: self.firewall.create_chain(table, chain))
+        self._call(lambda: self.iptc.create_chain(table, chain))
 
     def delete_chain(self, table: str, chain: str) -> None:
-        self._call(lambda: self.firewall.delete_chain(table, chain))
+        self._call(lambda: self.iptc.delete_chain(table, chain))
 
     def list_rules(self, table: str, chain: str) -> list[Rule]:
-        return self._call(lambda: self.firewall.list_rules(table, chain))
+        return self._call(lambda: self.iptc.list_rules(table, chain))
 
     def insert_rule(self, table: str, chain: str, rule: Rule, position: int = 0) -> None:
-        self._call(lambda: self.firewall.insert_rule(table, chain, rule, position))
+        self._call(lambda: self.iptc.insert_rule(table, chain, rule, position))
 
     def delete_rule(self, table: str, chain: str, rule: Rule) -> None:
-        self._call(lambda: self.firewall.delete_rule(table, chain, rule))
+        self._call(lambda: self.iptc.delete_rule(table, chain, rule))
 
     def close(self) -> None:
-        close_firewall = getattr(self._firewall, "close", None)
-        if close_firewall is not None:
-            self._call(close_firewall)
+        if self._iptc is not None:
+            self._call(self._iptc.close)
         with self._tun_lock:
             for fd in self._tun_fds:
                 os.close(fd)

@@ -14,6 +14,7 @@ from typing import TypeVar
 from netvm.backends.iptables import load_iptc
 from netvm.backends.netns import CLONE_NEWNET, NETNS_RUN_DIR, NamespaceThread
 from netvm.errors import NetvmError, host_error
+from netvm.firewall.libnftables import binding_unavailable
 
 MS_BIND = 0x1000
 MNT_DETACH = 0x2
@@ -95,7 +96,8 @@ CAP_NET_ADMIN = 12
 
 def kernel_unavailable() -> str | None:
     """Why netvm cannot act on the kernel here (no CAP_NET_ADMIN, no /dev/net/tun, no
-    python-iptables libraries), or None when it can: for skipping one's own kernel tests."""
+    python-iptables libraries, no libnftables binding), or None when it can: for skipping
+    one's own kernel tests."""
     with open("/proc/self/status") as status:
         caps = next((line for line in status if line.startswith("CapEff:")), "CapEff: 0")
     if not int(caps.split()[1], 16) >> CAP_NET_ADMIN & 1:
@@ -106,4 +108,7 @@ def kernel_unavailable() -> str | None:
         load_iptc()
     except NetvmError as exc:
         return f"needs python-iptables with Debian's iptables package: {exc}"
+    missing = binding_unavailable()
+    if missing is not None:
+        return f"needs libnftables: {missing}"
     return None

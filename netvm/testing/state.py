@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from netvm.backends.base import FILTER, NAT, Backend
+from netvm.backends.base import FILTER, NAT, Backend, Rule
+from netvm.firewall.nftables import NftablesFirewall
+
+BUILTIN_CHAINS = {
+    FILTER: {"INPUT", "FORWARD", "OUTPUT"},
+    NAT: {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"},
+}
 
 
 def snapshot(backend: Backend) -> dict[str, Any]:
@@ -26,8 +32,34 @@ def snapshot(backend: Backend) -> dict[str, Any]:
         ),
         "addresses": sorted((names[a.index], str(a.interface)) for a in backend.list_addresses()),
         "ip_forward": backend.get_ip_forward(),
-        "rules": {
-            table: {chain: backend.list_rules(table, chain) for chain in backend.list_chains(table)}
-            for table in (FILTER, NAT)
-        },
+        "rules": legacy_rules(backend),
+        "nftables": nftables_ruleset(backend),
     }
+
+
+def legacy_rules(backend: Backend) -> dict[str, dict[str, list[Rule]]]:
+    """The legacy tables' chains and rules. Only tables the kernel has instantiated are read
+    (reading one would create it), and one without a rule counts as absent."""
+    found: dict[str, dict[str, list[Rule]]] = {}
+    for table in sorted(backend.legacy_tables() & {FILTER, NAT}):
+        chains = {chain: backend.list_rules(table, chain) for chain in backend.list_chains(table)}
+        if any(chains.values()) or set(chains) - BUILTIN_CHAINS[table]:
+            found[table] = chains
+    return found
+
+
+def nftables_ruleset(backend: Backend) -> list[Any] | None:
+    """The namespace's whole nftables ruleset (None where libnftables is missing)."""
+    firewall = backend.firewall("nftables")
+    if not isinstance(firewall, NftablesFirewall) or firewall.unavailable() is not None:
+        return None
+    return [_without_handles(item) for item in firewall.ruleset()]
+
+
+def _without_handles(item: Any) -> Any:
+    """Handles are numbered anew when a table is made again: the content is what counts."""
+    if isinstance(item, dict):
+        return {k: _without_handles(v) for k, v in item.items() if k != "handle"}
+    if isinstance(item, list):
+        return [_without_handles(v) for v in item]
+    return item

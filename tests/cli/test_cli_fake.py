@@ -100,8 +100,9 @@ def test_status_of_a_bare_host_then_ensure_host(run: Run, state: FakeState) -> N
         "up": True,
     }
     assert doc["ip_forward"] is True
-    assert len(doc["rules"]) == 6
-    assert all(rule["present"] for rule in doc["rules"])
+    assert doc["firewall"]["kind"] == "nftables"
+    assert len(doc["firewall"]["rules"]) == 5
+    assert doc["firewall"]["missing"] == []
     assert doc["vms"] == {"attached": 0, "leased": 0}
     assert state.links["nvbr0"].kind == "bridge"
 
@@ -324,7 +325,7 @@ def test_a_bad_variable_is_named_unless_an_option_overrides_it(run: Run) -> None
         (["--mtu", "9"], "invalid --mtu: '9': an integer from 68 to 65521"),
         (["--mtu", "big"], "invalid --mtu: 'big'"),
         (["--bridge", "a-very-long-bridge-name"], "invalid --bridge: 'a-very-long-bridge-name'"),
-        (["--bridge", "has space"], "invalid --bridge: 'has space': 1 to 15 bytes"),
+        (["--bridge", "has space"], "invalid --bridge: 'has space': 1 to 15 characters"),
         (["--egress", "nvbr0"], "must differ from bridge_name"),
         (["--state-dir", ""], "invalid --state-dir: ''"),
     ],

@@ -7,6 +7,7 @@ until the operation succeeds, so every step is made to fail once.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,8 @@ import pytest
 from netvm import FakeBackend, HostError, NetworkConfig, NetworkManager
 from netvm.backends.base import Backend
 from netvm.errors import host_error
+from netvm.firewall import Firewall, FirewallKind
+from netvm.firewall.xtables import XtablesFirewall
 from netvm.testing import snapshot
 
 MUTATORS = frozenset(
@@ -36,6 +39,27 @@ MUTATORS = frozenset(
 )
 
 
+class FailingFirewall:
+    """An nftables firewall whose changes (one transaction each) count as mutating calls."""
+
+    def __init__(self, inner: Firewall, kernel: FailingKernel) -> None:
+        self.inner = inner
+        self.kernel = kernel
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.inner, name)
+        if name not in ("ensure", "remove"):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            # A removal with nothing to remove sends nothing to the kernel (as on the fake).
+            if name == "ensure" or self.inner.listing(*args):
+                self.kernel.count(name)
+            return attribute(*args, **kwargs)
+
+        return call
+
+
 class FailingKernel:
     """Delegates to a backend; the k-th mutating call raises EIO instead."""
 
@@ -46,17 +70,25 @@ class FailingKernel:
     def fail_at(self, k: int | None) -> None:
         self.remaining = k
 
+    def count(self, name: str) -> None:
+        if self.remaining is not None:
+            self.remaining -= 1
+            if self.remaining == 0:
+                self.remaining = None
+                raise host_error(name, None, errno.EIO, "injected fault")
+
+    def firewall(self, kind: FirewallKind) -> Any:
+        if kind == "iptables":
+            return XtablesFirewall(self)  # type: ignore[arg-type]
+        return FailingFirewall(self.inner.firewall(kind), self)
+
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self.inner, name)
         if name not in MUTATORS:
             return attribute
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            if self.remaining is not None:
-                self.remaining -= 1
-                if self.remaining == 0:
-                    self.remaining = None
-                    raise host_error(name, None, errno.EIO, "injected fault")
+            self.count(name)
             return attribute(*args, **kwargs)
 
         return call
@@ -87,12 +119,21 @@ def walk_failures(
     pytest.fail("the operation never succeeded")
 
 
-def test_every_step_of_ensure_host_rolls_back(backend: Backend, config: NetworkConfig) -> None:
+@pytest.mark.parametrize(
+    ("kind", "firewall_steps"),
+    [
+        ("nftables", 1),  # one transaction
+        ("iptables", 9),  # 2 chains, 5 rules in them, 2 jumps
+    ],
+)
+def test_every_step_of_ensure_host_rolls_back(
+    backend: Backend, config: NetworkConfig, kind: FirewallKind, firewall_steps: int
+) -> None:
     target = armed(backend)
-    with NetworkManager(config, target) as manager:
+    with NetworkManager(dataclasses.replace(config, firewall=kind), target) as manager:
         steps = walk_failures(target, lambda m: m.ensure_host(), manager)
-    # bridge, up, address, ip_forward, 2 chains, 4 rules in them, 2 jumps
-    assert steps == 12
+    # bridge, up, address, ip_forward, then the firewall
+    assert steps == 4 + firewall_steps
 
 
 def test_every_step_of_attach_rolls_back(backend: Backend, config: NetworkConfig) -> None:
@@ -109,9 +150,7 @@ def test_ensure_host_repairs_after_a_partial_state(backend: Backend, config: Net
     with NetworkManager(config, backend) as manager:
         manager.ensure_host()
         complete = snapshot(backend)
-        manager.backend.delete_rule(
-            "nat", "POSTROUTING", manager.expected_rules()[("nat", "POSTROUTING")][0]
-        )
+        manager.backend.firewall("nftables").remove(config.bridge_name)
         manager.backend.set_ip_forward(False)
         manager.ensure_host()
         assert snapshot(backend) == complete

@@ -21,10 +21,11 @@ def topology() -> Iterator[Topology]:
         yield topo
 
 
-@pytest.fixture
-def e2e_config(config: NetworkConfig) -> NetworkConfig:
-    """The shared test config, with the egress named like the topology's uplink."""
-    return dataclasses.replace(config, host_egress_iface="eth0")
+@pytest.fixture(params=["nftables", "iptables"])
+def e2e_config(config: NetworkConfig, request: pytest.FixtureRequest) -> NetworkConfig:
+    """The shared test config, with the egress named like the topology's uplink, on each
+    firewall in turn."""
+    return dataclasses.replace(config, host_egress_iface="eth0", firewall=request.param)
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from netvm import KernelBackend, NetworkConfig, NetworkManager, VmNetwork
 from netvm.backends.base import NAT
+from netvm.firewall.xtables import nat_chain
 from netvm.testing import (
     IP_UDP_HEADERS,
     FrameCapture,
@@ -240,8 +242,15 @@ def test_negative_control_without_masquerade_the_internet_sees_the_private_addre
     vm = net.attach("vm-nomasq")
     with guest(vm, topology, e2e_config) as g:
         assert internet_view(g, internet_host) == masqueraded(topology)
-        (masquerade,) = host_backend.list_rules(NAT, net.nat_chain)
-        host_backend.delete_rule(NAT, net.nat_chain, masquerade)
+        if e2e_config.firewall == "nftables":
+            nft = ["ip", "netns", "exec", topology.host_netns, "nft"]
+            subprocess.run(
+                [*nft, "flush", "chain", "inet", "netvm-nvbr0", "postrouting"], check=True
+            )
+        else:
+            chain = nat_chain("nvbr0")
+            (masquerade,) = host_backend.list_rules(NAT, chain)
+            host_backend.delete_rule(NAT, chain, masquerade)
         view = internet_view(g, internet_host)
         assert view != masqueraded(topology)
         assert view == (b"masq?", [str(vm.guest_ip)])

@@ -3,6 +3,7 @@ python-iptables' option printer does; options netvm does not write still show up
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 
@@ -10,6 +11,7 @@ import pytest
 
 from netvm import KernelBackend, NetworkConfig, NetworkManager, Rule
 from netvm.backends.base import FILTER, NAT
+from netvm.firewall.xtables import XtablesFirewall
 
 pytestmark = pytest.mark.privileged
 
@@ -24,7 +26,8 @@ def test_ensure_host_and_teardown_never_touch_fd_1(
         raise AssertionError("fd 1 was swapped")
 
     try:
-        with NetworkManager(config, backend) as manager, monkeypatch.context() as patch:
+        legacy = dataclasses.replace(config, firewall="iptables")
+        with NetworkManager(legacy, backend) as manager, monkeypatch.context() as patch:
             patch.setattr(os, "dup2", refuse)
             manager.ensure_host()
             manager.ensure_host()
@@ -39,9 +42,10 @@ def test_netvms_rules_are_read_without_touching_fd_1(
 ) -> None:
     backend = KernelBackend(netns)
     try:
-        with NetworkManager(config, backend) as manager:
+        legacy = dataclasses.replace(config, firewall="iptables")
+        with NetworkManager(legacy, backend) as manager:
             manager.ensure_host()
-            expected = manager.expected_rules()
+            expected = XtablesFirewall(backend).expected(manager.firewall_policy)
 
             # A change, so that the reads below decode the tables anew.
             backend.insert_rule(FILTER, "INPUT", Rule("ACCEPT", comment="fresh"))

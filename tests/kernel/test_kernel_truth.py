@@ -1,7 +1,8 @@
-"""What iproute2 and iptables-legacy print in the namespace matches what netvm reports."""
+"""What iproute2, nft and iptables-legacy print in the namespace matches what netvm reports."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from netvm import KernelBackend, NetworkConfig, NetworkManager, TapOptions
+from netvm.config import FirewallChoice
 
 pytestmark = pytest.mark.privileged
 
@@ -24,10 +26,13 @@ def root_namespace_view() -> tuple[str, list[tuple[int, str]]]:
     return Path("/proc/sys/net/ipv4/ip_forward").read_text(), socket.if_nameindex()
 
 
-def test_iproute2_and_iptables_see_what_netvm_made(netns: str, config: NetworkConfig) -> None:
+@pytest.mark.parametrize("firewall", ["nftables", "iptables"])
+def test_iproute2_and_iptables_see_what_netvm_made(
+    netns: str, config: NetworkConfig, firewall: FirewallChoice
+) -> None:
     root_before = root_namespace_view()
     backend = KernelBackend(netns)
-    with NetworkManager(config, backend) as manager:
+    with NetworkManager(dataclasses.replace(config, firewall=firewall), backend) as manager:
         manager.ensure_host()
         vm = manager.attach("vm-truth")
         links = {
@@ -55,38 +60,68 @@ def test_iproute2_and_iptables_see_what_netvm_made(netns: str, config: NetworkCo
         ]
         assert run_in(netns, "cat", "/proc/sys/net/ipv4/ip_forward").strip() == "1"
 
-        tag = '-m comment --comment "netvm:nvbr0"'
-        filter_rules = run_in(netns, "iptables-legacy", "-S").splitlines()
-        assert filter_rules[:2] == ["-P INPUT ACCEPT", "-P FORWARD ACCEPT"]
-        for line in (
-            "-N NETVM-FWD-nvbr0",
-            f"-A FORWARD {tag} -j NETVM-FWD-nvbr0",
-            f"-A NETVM-FWD-nvbr0 -i nvbr0 -o up0 {tag} -j ACCEPT",
-            f"-A NETVM-FWD-nvbr0 -i nvbr0 -o nvbr0 {tag} -j ACCEPT",
-            "-A NETVM-FWD-nvbr0 -i up0 -o nvbr0 -m conntrack --ctstate RELATED,ESTABLISHED "
-            f"{tag} -j ACCEPT",
-        ):
-            assert line in filter_rules
-        nat_rules = run_in(netns, "iptables-legacy", "-t", "nat", "-S").splitlines()
-        for line in (
-            "-N NETVM-NAT-nvbr0",
-            f"-A POSTROUTING {tag} -j NETVM-NAT-nvbr0",
-            f"-A NETVM-NAT-nvbr0 -s 192.0.2.0/24 -o up0 {tag} -j MASQUERADE",
-        ):
-            assert line in nat_rules
-
-        manager.teardown_host()
-        assert run_in(netns, "iptables-legacy", "-S").splitlines() == [
-            "-P INPUT ACCEPT",
-            "-P FORWARD ACCEPT",
-            "-P OUTPUT ACCEPT",
-        ]
-        assert "NETVM" not in run_in(netns, "iptables-legacy", "-t", "nat", "-S")
+        if firewall == "nftables":
+            check_nft(netns, manager)
+        else:
+            check_legacy(netns, manager)
         assert run_in(netns, "cat", "/proc/sys/net/ipv4/ip_forward").strip() == "0"
         remaining = json.loads(run_in(netns, "ip", "-j", "link", "show"))
         assert [link["ifname"] for link in remaining] == ["lo"]
     backend.close()
     assert root_namespace_view() == root_before
+
+
+def check_nft(netns: str, manager: NetworkManager) -> None:
+    """nft prints netvm's table as netvm means it; teardown leaves an empty ruleset."""
+    table = run_in(netns, "nft", "list", "table", "inet", "netvm-nvbr0")
+    lines = [line.strip() for line in table.splitlines()]
+    tag = 'comment "netvm:nvbr0"'
+    for line in (
+        "type filter hook forward priority filter; policy accept;",
+        f'iifname "nvbr0" oifname "up0" accept {tag}',
+        f'iifname "nvbr0" oifname "nvbr0" accept {tag}',
+        f'iifname "up0" oifname "nvbr0" ct state established,related accept {tag}',
+        f'iifname "up0" oifname "nvbr0" drop {tag}',
+        "type nat hook postrouting priority srcnat; policy accept;",
+        f'ip saddr 192.0.2.0/24 oifname "up0" masquerade {tag}',
+    ):
+        assert line in lines
+    assert "iptables-legacy tables present" not in run_in(netns, "iptables-nft", "-S")
+    assert run_in(netns, "cat", "/proc/net/ip_tables_names") == "", "legacy tables untouched"
+    manager.teardown_host()
+    assert run_in(netns, "nft", "list", "ruleset") == ""
+
+
+def check_legacy(netns: str, manager: NetworkManager) -> None:
+    """iptables-legacy prints netvm's chains; teardown leaves the default policies only."""
+    tag = '-m comment --comment "netvm:nvbr0"'
+    filter_rules = run_in(netns, "iptables-legacy", "-S").splitlines()
+    assert filter_rules[:2] == ["-P INPUT ACCEPT", "-P FORWARD ACCEPT"]
+    for line in (
+        "-N NETVM-FWD-nvbr0",
+        f"-A FORWARD {tag} -j NETVM-FWD-nvbr0",
+        f"-A NETVM-FWD-nvbr0 -i nvbr0 -o up0 {tag} -j ACCEPT",
+        f"-A NETVM-FWD-nvbr0 -i nvbr0 -o nvbr0 {tag} -j ACCEPT",
+        "-A NETVM-FWD-nvbr0 -i up0 -o nvbr0 -m conntrack --ctstate RELATED,ESTABLISHED "
+        f"{tag} -j ACCEPT",
+        f"-A NETVM-FWD-nvbr0 -i up0 -o nvbr0 {tag} -j DROP",
+    ):
+        assert line in filter_rules
+    nat_rules = run_in(netns, "iptables-legacy", "-t", "nat", "-S").splitlines()
+    for line in (
+        "-N NETVM-NAT-nvbr0",
+        f"-A POSTROUTING {tag} -j NETVM-NAT-nvbr0",
+        f"-A NETVM-NAT-nvbr0 -s 192.0.2.0/24 -o up0 {tag} -j MASQUERADE",
+    ):
+        assert line in nat_rules
+    manager.teardown_host()
+    assert run_in(netns, "iptables-legacy", "-S").splitlines() == [
+        "-P INPUT ACCEPT",
+        "-P FORWARD ACCEPT",
+        "-P OUTPUT ACCEPT",
+    ]
+    assert "NETVM" not in run_in(netns, "iptables-legacy", "-t", "nat", "-S")
+    assert run_in(netns, "nft", "list", "ruleset") == ""
 
 
 def test_tap_flags_reach_the_kernel(netns: str, config: NetworkConfig) -> None:

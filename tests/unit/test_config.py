@@ -54,14 +54,19 @@ def test_a_slash_30_is_the_smallest_subnet() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["", "x" * 16, ".", "..", "a/b", "a:b", "a b", "tab\t", "new\nline", "é" * 8]
+    "name",
+    [
+        *("", "x" * 16, ".", "..", "a/b", "a:b", "a b", "tab\t", "new\nline", "é" * 8),
+        # Names a firewall would read as more than themselves.
+        *("!br0", "br+", "br*", 'br"0', "br\\0", "-j", ".x", "br0 ", "\x00"),
+    ],
 )
 @pytest.mark.parametrize("field", ["bridge_name", "host_egress_iface"])
 def test_bad_interface_names_are_refused(field: str, name: str) -> None:
     with pytest.raises(ConfigError) as error:
         NetworkConfig(**{field: name})  # type: ignore[arg-type]
     assert error.value.field == field
-    assert "1 to 15 bytes" in str(error.value)
+    assert "1 to 15 characters" in str(error.value)
 
 
 def test_fifteen_bytes_is_the_longest_name() -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from netvm import FakeBackend, NetworkConfig, NetworkManager, Rule
 from netvm.backends.base import FILTER, NAT
-from netvm.status import describe_rule, host_status
+from netvm.firewall.xtables import describe_rule, nat_chain
+from netvm.status import host_status
 
 
 def test_a_bare_host_reports_everything_missing(config: NetworkConfig) -> None:
@@ -18,8 +21,9 @@ def test_a_bare_host_reports_everything_missing(config: NetworkConfig) -> None:
         False,
         False,
     )
-    assert len(status.rules) == 6
-    assert not any(r.present for r in status.rules)
+    assert status.firewall.kind == "nftables"
+    assert status.firewall.rules == ()
+    assert status.firewall.missing == ("nftables table inet netvm-nvbr0 is missing or differs",)
     assert (status.vms_attached, status.vms_leased) == (0, 0)
     assert "bridge nvbr0 is missing" in status.problems()
     assert not config.state_dir.exists(), "status must not create the lease store"
@@ -40,28 +44,34 @@ def test_after_ensure_host_and_attach_everything_is_present(config: NetworkConfi
     assert document["ready"] is True
     assert document["problems"] == []
     assert document["gateway"] == {"address": "192.0.2.1/24", "present": True}
-    assert [(r["table"], r["chain"]) for r in document["rules"]] == [
-        (FILTER, "FORWARD"),
-        (FILTER, "NETVM-FWD-nvbr0"),
-        (FILTER, "NETVM-FWD-nvbr0"),
-        (FILTER, "NETVM-FWD-nvbr0"),
-        (NAT, "POSTROUTING"),
-        (NAT, "NETVM-NAT-nvbr0"),
+    firewall = document["firewall"]
+    assert (firewall["kind"], firewall["configured"], firewall["missing"]) == (
+        "nftables",
+        "auto",
+        [],
+    )
+    assert firewall["reason"] == "auto: neither nftables nor the legacy tables hold rules"
+    assert [(r["chain"], r["rule"]) for r in firewall["rules"]] == [
+        ("inet netvm-nvbr0 forward", "in nvbr0 out up0 accept"),
+        ("inet netvm-nvbr0 forward", "in nvbr0 out nvbr0 accept"),
+        ("inet netvm-nvbr0 forward", "in up0 out nvbr0 established/related accept"),
+        ("inet netvm-nvbr0 forward", "in up0 out nvbr0 drop"),
+        ("inet netvm-nvbr0 postrouting", "from 192.0.2.0/24 out up0 masquerade"),
     ]
 
 
 def test_each_missing_piece_is_reported(config: NetworkConfig) -> None:
     backend = FakeBackend()
-    with NetworkManager(config, backend) as manager:
+    with NetworkManager(dataclasses.replace(config, firewall="iptables"), backend) as manager:
         manager.ensure_host()
-        masquerade = manager.expected_rules()[(NAT, manager.nat_chain)][0]
-        backend.delete_rule(NAT, manager.nat_chain, masquerade)
+        (masquerade,) = backend.list_rules(NAT, nat_chain("nvbr0"))
+        backend.delete_rule(NAT, nat_chain("nvbr0"), masquerade)
         backend.set_ip_forward(False)
         backend.set_link("nvbr0", mtu=1400, up=False)
         status = host_status(manager)
     assert not status.ready
-    missing = [r for r in status.rules if not r.present]
-    assert [r.rule for r in missing] == [masquerade]
+    assert status.firewall.kind == "iptables"
+    assert FILTER in status.firewall.rules[0].chain
     assert status.problems() == [
         "nvbr0 has MTU 1400, not 1500",
         "nvbr0 is down",

@@ -1,0 +1,108 @@
+"""libnftables through its official Python binding, run on a namespace's thread.
+
+The binding (Debian's `python3-nftables`, a small ctypes module over libnftables.so.1) is
+imported as `nftables` when the environment has it, else from Debian's system path, since
+a virtual environment does not see the system's site-packages. libnftables reports a
+failure as text; the errno of the netlink error it got is read right after the call, so
+that netvm's errors are picked by code (ENOENT, EPERM...), not by message.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import importlib.util
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+from netvm.errors import NetvmError, host_error
+
+T = TypeVar("T")
+Json = dict[str, Any]
+SYSTEM_BINDING = Path("/usr/lib/python3/dist-packages/nftables/__init__.py")
+MISSING_NFTABLES = (
+    "the nftables firewall needs libnftables and its Python binding: "
+    "apt-get install python3-nftables (it brings libnftables1)"
+)
+_libc = ctypes.CDLL(None, use_errno=True)
+_errno_location = _libc.__errno_location
+_errno_location.restype = ctypes.POINTER(ctypes.c_int)
+
+
+def load_binding() -> ModuleType:
+    """The `nftables` module (NetvmError naming the package to install when missing)."""
+    loaded = sys.modules.get("nftables")
+    if loaded is not None:
+        return loaded
+    try:
+        import nftables
+    except ImportError:
+        pass
+    else:
+        module: ModuleType = nftables
+        return module
+    if not SYSTEM_BINDING.exists():
+        raise NetvmError(MISSING_NFTABLES)
+    spec = importlib.util.spec_from_file_location(
+        "nftables", SYSTEM_BINDING, submodule_search_locations=[str(SYSTEM_BINDING.parent)]
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nftables"] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop("nftables", None)
+        raise NetvmError(f"{MISSING_NFTABLES} ({exc})") from exc
+    return module
+
+
+def binding_unavailable() -> str | None:
+    """Why libnftables cannot be used here, or None."""
+    try:
+        load_binding().Nftables()
+    except (NetvmError, OSError) as exc:
+        return str(exc) if isinstance(exc, NetvmError) else f"{MISSING_NFTABLES} ({exc})"
+    return None
+
+
+class KernelNftRunner:
+    """A libnftables context made on, and used only from, the namespace's thread."""
+
+    def __init__(self, call: Callable[[Callable[[], Any]], Any]) -> None:
+        self._call = call
+        self._context: Any = None
+        self._lock = threading.Lock()
+
+    def _context_here(self) -> Any:
+        if self._context is None:
+            try:
+                self._context = load_binding().Nftables()
+            except OSError as exc:
+                raise NetvmError(f"{MISSING_NFTABLES} ({exc})") from None
+        return self._context
+
+    def run(self, commands: list[Json], operation: str, where: str | None) -> list[Json]:
+        def run_here() -> list[Json]:
+            with self._lock:
+                context = self._context_here()
+                _errno_location()[0] = 0
+                rc, output, error = context.json_cmd({"nftables": commands})
+                code = _errno_location()[0]
+            if rc != 0:
+                detail = " ".join(str(error).split())
+                raise host_error(operation, where, code or errno.EIO, detail)
+            if not output:
+                return []
+            return [item for item in output.get("nftables", []) if "metainfo" not in item]
+
+        result: list[Json] = self._call(run_here)
+        return result
+
+    def close(self) -> None:
+        self._context = None

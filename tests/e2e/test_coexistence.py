@@ -1,0 +1,248 @@
+"""Guests reach the internet on hosts whose firewall another manager runs.
+
+Each scenario rebuilds, in the throwaway host namespace, the ruleset the real manager writes,
+with the tool it uses (iptables-nft or iptables-legacy commands for Docker, ufw and a plain
+`-P FORWARD DROP`; nft for firewalld's native table). netvm's firewall is chosen by `auto`,
+as a new user gets it. Every scenario checks real packets (the internet host sees the uplink
+address), a negative control (without netvm's rules the guest does not get out that way),
+and that teardown leaves both rulesets as they were before ensure_host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from netvm import KernelBackend, NetworkConfig, NetworkManager
+from netvm.doctor import doctor
+from netvm.testing import GuestEmulator, Topology, UdpEchoServer
+
+pytestmark = pytest.mark.privileged
+
+DOCKER_SUBNET = "198.51.100.0/24"  # Docker's own bridge network, in documentation space
+
+
+def run(netns: str, *command: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, *command], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def rulesets(netns: str) -> tuple[str, str]:
+    """nftables (iptables-nft's tables included) and the legacy tables, without counters.
+
+    The legacy tables are printed only where they exist: printing them creates them.
+    """
+    nft = run(netns, "nft", "-s", "list", "ruleset")
+    legacy = ""
+    if run(netns, "cat", "/proc/net/ip_tables_names").strip():
+        legacy = run(netns, "iptables-legacy", "-S") + run(
+            netns, "iptables-legacy", "-t", "nat", "-S"
+        )
+    return nft, legacy
+
+
+def docker(tool: str) -> list[list[str]]:
+    """Docker's filter and nat layout (as of Docker 28), its FORWARD policy DROP."""
+    chains = ["DOCKER", "DOCKER-FORWARD", "DOCKER-ISOLATION-STAGE-1", "DOCKER-ISOLATION-STAGE-2"]
+    commands = [[tool, "-N", chain] for chain in [*chains, "DOCKER-USER"]]
+    commands += [
+        [tool, "-A", "FORWARD", "-j", "DOCKER-USER"],
+        [tool, "-A", "FORWARD", "-j", "DOCKER-FORWARD"],
+        [tool, "-A", "DOCKER-FORWARD", "-j", "DOCKER-ISOLATION-STAGE-1"],
+        [tool, "-A", "DOCKER-FORWARD", "-o", "docker0", "-m", "conntrack", "--ctstate",
+         "RELATED,ESTABLISHED", "-j", "ACCEPT"],
+        [tool, "-A", "DOCKER-FORWARD", "-o", "docker0", "-j", "DOCKER"],
+        [tool, "-A", "DOCKER-FORWARD", "-i", "docker0", "!", "-o", "docker0", "-j", "ACCEPT"],
+        [tool, "-A", "DOCKER-FORWARD", "-i", "docker0", "-o", "docker0", "-j", "ACCEPT"],
+        [tool, "-A", "DOCKER-ISOLATION-STAGE-1", "-i", "docker0", "!", "-o", "docker0", "-j",
+         "DOCKER-ISOLATION-STAGE-2"],
+        [tool, "-A", "DOCKER-ISOLATION-STAGE-2", "-o", "docker0", "-j", "DROP"],
+        [tool, "-A", "DOCKER-USER", "-j", "RETURN"],
+        [tool, "-P", "FORWARD", "DROP"],
+        [tool, "-t", "nat", "-N", "DOCKER"],
+        [tool, "-t", "nat", "-A", "POSTROUTING", "-s", DOCKER_SUBNET, "!", "-o", "docker0",
+         "-j", "MASQUERADE"],
+    ]  # fmt: skip
+    return commands
+
+
+def ufw() -> list[list[str]]:
+    """ufw's forward chains (iptables-nft), DEFAULT_FORWARD_POLICY="DROP"."""
+    tool = "iptables-nft"
+    order = ["before-logging", "before", "after", "after-logging", "reject", "track"]
+    chains = [f"ufw-{name}-forward" for name in [*order, "user"]]
+    commands = [[tool, "-N", chain] for chain in chains]
+    commands += [[tool, "-A", "FORWARD", "-j", f"ufw-{name}-forward"] for name in order]
+    commands += [
+        [tool, "-A", "ufw-before-forward", "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED",
+         "-j", "ACCEPT"],
+        [tool, "-A", "ufw-before-forward", "-j", "ufw-user-forward"],
+        [tool, "-P", "FORWARD", "DROP"],
+    ]  # fmt: skip
+    return commands
+
+
+FIREWALLD = """
+table inet firewalld {
+    chain filter_FORWARD {
+        type filter hook forward priority filter + 10; policy accept;
+        ct state { established, related } accept
+        ct status dnat accept
+        iifname "lo" accept
+        ct state invalid drop
+        jump filter_FORWARD_ZONES
+        reject with icmpx admin-prohibited
+    }
+    chain filter_FORWARD_ZONES {
+    }
+    chain filter_FWD_trusted {
+        accept
+    }
+}
+"""
+
+
+def firewalld() -> list[list[str]]:
+    return [["nft", FIREWALLD]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    build: Callable[[], list[list[str]]]
+    chosen: str
+    """The firewall `auto` picks on such a host."""
+    admin_fix: Callable[[str, str], list[list[str]]] | None = None
+    """What the administrator runs on `netvm doctor`'s advice (the manager's own rule)."""
+    fix_hint: str = ""
+
+
+SCENARIOS = [
+    Scenario("docker-iptables-nft", lambda: docker("iptables-nft"), "nftables"),
+    Scenario("docker-iptables-legacy", lambda: docker("iptables-legacy"), "iptables"),
+    Scenario("drop-iptables-nft", lambda: [["iptables-nft", "-P", "FORWARD", "DROP"]], "nftables"),
+    Scenario(
+        "drop-iptables-legacy", lambda: [["iptables-legacy", "-P", "FORWARD", "DROP"]], "iptables"
+    ),
+    Scenario(
+        "ufw",
+        ufw,
+        "nftables",
+        lambda bridge, egress: [
+            ["iptables-nft", "-A", "ufw-user-forward", "-i", bridge, "-o", egress, "-j", "ACCEPT"]
+        ],
+        "ufw route allow in on nvbr0 out on eth0",
+    ),
+    Scenario(
+        "firewalld",
+        firewalld,
+        "nftables",
+        lambda bridge, egress: [
+            [
+                "nft",
+                "add",
+                "rule",
+                "inet",
+                "firewalld",
+                "filter_FORWARD_ZONES",
+                "iifname",
+                bridge,
+                "goto",
+                "filter_FWD_trusted",
+            ]
+        ],
+        "firewall-cmd --zone=trusted --add-interface=nvbr0",
+    ),
+]
+
+
+def reaches_internet(g: GuestEmulator, server: UdpEchoServer, topology: Topology) -> bool:
+    """One UDP exchange: a reply came back and the internet host saw the uplink address."""
+    before = len(server.peers)
+    reply = g.udp_request(server.address, server.port, b"out?", timeout=1.0)
+    return reply == b"out?" and server.seen()[before:] == [str(topology.uplink.ip)]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
+def test_guests_reach_the_internet_beside_another_firewall_manager(
+    scenario: Scenario,
+    topology: Topology,
+    config: NetworkConfig,
+    internet_host: UdpEchoServer,
+) -> None:
+    host = topology.host_netns
+    for command in scenario.build():
+        run(host, *command)
+    before = rulesets(host)
+    auto = dataclasses.replace(config, host_egress_iface="eth0", firewall="auto")
+    backend = KernelBackend(host)
+    try:
+        with NetworkManager(auto, backend) as net:
+            assert net.choose_firewall().kind == scenario.chosen
+            net.ensure_host()
+            vm = net.attach("vm-a")
+            with GuestEmulator(vm, host, mtu=auto.mtu) as g:
+                if scenario.admin_fix is not None:
+                    # netvm wrote nothing into this manager's rules; doctor says what to run.
+                    assert not reaches_internet(g, internet_host, topology)
+                    blocking = [f for f in doctor(net) if f.blocking]
+                    assert any(scenario.fix_hint in f.fix for f in blocking), blocking
+                    for command in scenario.admin_fix("nvbr0", "eth0"):
+                        run(host, *command)
+                    assert not [f for f in doctor(net) if f.blocking]
+                assert reaches_internet(g, internet_host, topology)
+                if scenario.name.startswith("docker"):
+                    docker_still_works(host, scenario.name.removeprefix("docker-"))
+
+                # Negative control: without netvm's rules the guest does not get out.
+                net.backend.firewall(scenario.chosen).remove("nvbr0")  # type: ignore[arg-type]
+                assert not reaches_internet(g, internet_host, topology)
+                net.ensure_host()
+                assert reaches_internet(g, internet_host, topology)
+            net.teardown_host()
+        if scenario.admin_fix is not None:
+            for command in scenario.admin_fix("nvbr0", "eth0"):
+                undo_admin_fix(host, command)
+        assert rulesets(host) == before
+    finally:
+        backend.close()
+
+
+def docker_still_works(host: str, tool: str) -> None:
+    """Docker's own commands still read and change its chains after netvm wrote there."""
+    listed = run(host, tool, "-S")
+    for chain in ("DOCKER", "DOCKER-FORWARD", "DOCKER-USER", "DOCKER-ISOLATION-STAGE-1"):
+        assert f"-N {chain}" in listed
+    assert any(
+        line.startswith("-A DOCKER-USER") and "netvm:nvbr0" in line for line in listed.splitlines()
+    )
+    rule = ["DOCKER-USER", "-s", "198.51.100.7/32", "-j", "DROP"]
+    run(host, tool, "-I", *rule)
+    assert "-A DOCKER-USER -s 198.51.100.7/32 -j DROP" in run(host, tool, "-S", "DOCKER-USER")
+    run(host, tool, "-D", *rule)
+
+
+def undo_admin_fix(host: str, command: list[str]) -> None:
+    if command[0] == "iptables-nft":
+        run(host, "iptables-nft", "-D", *command[2:])
+    else:
+        listing = run(
+            host, "nft", "-a", "list", "chain", "inet", "firewalld", "filter_FORWARD_ZONES"
+        )
+        handle = next(line.split("# handle ")[1] for line in listing.splitlines() if "goto" in line)
+        run(
+            host,
+            "nft",
+            "delete",
+            "rule",
+            "inet",
+            "firewalld",
+            "filter_FORWARD_ZONES",
+            "handle",
+            handle,
+        )
