@@ -4,6 +4,7 @@ from netvm.backends.base import Address, Backend, Link, Rule, TapOptions
 from netvm.backends.fake import FakeBackend, FakeState
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
+from netvm.diagnosis import Finding, doctor
 from netvm.errors import (
     ConfigError,
     ConflictError,
@@ -36,6 +37,7 @@ __all__ = [
     "DeviceExists",
     "FakeBackend",
     "FakeState",
+    "Finding",
     "Firewall",
     "FirewallRule",
     "FirewallStatus",
@@ -53,6 +55,7 @@ __all__ = [
     "TapOptions",
     "VmNetwork",
     "cloud_hypervisor_net",
+    "doctor",
     "firecracker_boot_args",
     "firecracker_network_interface",
     "host_status",

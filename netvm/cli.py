@@ -41,6 +41,7 @@ from netvm.config import (
     parse_subnet,
     validate_ifname,
 )
+from netvm.diagnosis import doctor
 from netvm.errors import ConfigError, HostError, NetvmError, NotFound
 from netvm.manager import Attachment, NetworkManager
 from netvm.naming import VmNetwork
@@ -208,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command("teardown", "remove netvm's TAPs, rules, bridge, and ip_forward if netvm set it")
     command("status", "what of the host set-up is present, and how many VMs are attached")
+    command(
+        "doctor",
+        "what on this host would stop guest traffic, with evidence and the fix (read-only); "
+        "exit 1 when something blocks it",
+    )
     return parser
 
 
@@ -403,8 +409,29 @@ def _list(args: argparse.Namespace, manager: NetworkManager) -> None:
     _emit(args, {"vms": [_attachment_dict(a) for a in attachments]}, text)
 
 
-def _run(args: argparse.Namespace, manager: NetworkManager) -> None:
+def _doctor(args: argparse.Namespace, manager: NetworkManager) -> int:
+    """Exit 1 when a finding blocks guest traffic, else 0."""
+    findings = doctor(manager)
+    blocking = any(f.blocking for f in findings)
+    lines = []
+    for f in findings:
+        lines += [f"{f.severity.upper():8} {f.message}", f"         evidence: {f.evidence}"]
+        lines.append(f"         fix: {f.fix}")
+    verdict = "guests will NOT get out" if blocking else "guests will get out"
+    lines.append(f"{manager.config.bridge_name}: {verdict}")
+    document = {
+        "bridge": manager.config.bridge_name,
+        "guests_get_out": not blocking,
+        "findings": [f.to_dict() for f in findings],
+    }
+    _emit(args, document, "\n".join(lines))
+    return 1 if blocking else 0
+
+
+def _run(args: argparse.Namespace, manager: NetworkManager) -> int:
     name = manager.config.bridge_name
+    if args.command == "doctor":
+        return _doctor(args, manager)
     if args.command == "ensure-host":
         manager.ensure_host()
         status = host_status(manager)
@@ -430,6 +457,7 @@ def _run(args: argparse.Namespace, manager: NetworkManager) -> None:
         _emit(args, {"bridge": name, "torn_down": True}, f"tore down {name}")
     else:  # pragma: no cover - argparse only accepts the commands above
         raise AssertionError(args.command)
+    return 0
 
 
 def _hint(exc: NetvmError) -> str:
@@ -472,7 +500,7 @@ def main(
         config = load_config(args, os.environ if environ is None else environ)
         backend = factory(args.netns)
         with NetworkManager(config, backend) as manager:
-            _run(args, manager)
+            code = _run(args, manager)
     except NetvmError as exc:
         return _fail(args, exc)
     except KeyboardInterrupt:
@@ -482,4 +510,4 @@ def main(
         if backend is not None:
             backend.close()
         log.removeHandler(handler)
-    return 0
+    return code

@@ -318,6 +318,7 @@ class NftablesFirewall:
             found += [
                 Placed(f"{FAMILY} {table_name(bridge)} {rule['chain']}", _text(rule["expr"]))
                 for rule in own.rules
+                if rule.get("comment") == tag
             ]
         if iptables is not None:
             found += [
@@ -329,13 +330,28 @@ class NftablesFirewall:
 
     def remove(self, bridge: str) -> list[str]:
         tag = tag_of(bridge)
+        problems: list[str] = []
 
         def build() -> list[Json]:
             own, iptables = self._read(bridge)
+            problems.clear()
             commands: list[Json] = []
             if own is not None:
-                table = {"family": FAMILY, "name": table_name(bridge)}
-                commands.append({"delete": {"table": table}})
+                foreign = [rule for rule in own.rules if rule.get("comment") != tag]
+                if foreign or set(own.chains) - set(CHAINS):
+                    # Someone else's rules live in netvm's table: keep it, take only netvm's.
+                    problems.append(
+                        f"nftables table {FAMILY} {table_name(bridge)} kept: it holds chains "
+                        "or rules netvm did not write"
+                    )
+                    commands += [
+                        {"delete": {"rule": _rule_ref(rule)}}
+                        for rule in own.rules
+                        if rule.get("comment") == tag
+                    ]
+                else:
+                    table = {"family": FAMILY, "name": table_name(bridge)}
+                    commands.append({"delete": {"table": table}})
             if iptables is not None:
                 commands += [
                     {"delete": {"rule": _rule_ref(rule)}}
@@ -345,7 +361,7 @@ class NftablesFirewall:
             return commands
 
         self._commit(build, "remove nftables rules", f"{FAMILY} {table_name(bridge)}")
-        return []
+        return list(problems)
 
 
 def _rule_ref(rule: Json) -> Json:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 
 from netvm import KernelBackend, NetworkConfig, NetworkManager
-from netvm.doctor import doctor
+from netvm.diagnosis import doctor
 from netvm.testing import GuestEmulator, Topology, UdpEchoServer
 
 pytestmark = pytest.mark.privileged

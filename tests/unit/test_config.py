@@ -149,3 +149,21 @@ def test_replace_revalidates_and_keeps_types() -> None:
     with pytest.raises(ConfigError, match="mtu"):
         dataclasses.replace(config, mtu=10)
     assert config == NetworkConfig(vm_subnet="198.51.100.0/24", state_dir=Path("/tmp/netvm-x"))
+
+
+@pytest.mark.parametrize("choice", ["auto", "nftables", "iptables"])
+def test_the_firewall_choice_is_read_from_the_environment(choice: str) -> None:
+    config = NetworkConfig.from_env({"MICROVM_NETWORK_FIREWALL": choice})
+    assert config.firewall == choice
+    assert NetworkConfig().firewall == "auto"
+
+
+@pytest.mark.parametrize("value", ["", "nft", "IPTABLES", "legacy", " auto"])
+def test_a_bad_firewall_choice_names_the_variable(value: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        NetworkConfig.from_env({"MICROVM_NETWORK_FIREWALL": value})
+    assert error.value.field == "MICROVM_NETWORK_FIREWALL"
+    assert "auto, nftables, iptables" in str(error.value)
+    with pytest.raises(ConfigError) as direct:
+        NetworkConfig(firewall=value)  # type: ignore[arg-type]
+    assert direct.value.field == "firewall"

@@ -1,0 +1,104 @@
+"""doctor(): findings with evidence and a fix, read-only (on the fake here; the e2e
+coexistence tests run it on the kernel beside ufw and firewalld)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from netvm import FakeBackend, NetworkConfig, NetworkManager, doctor
+from netvm.backends.base import FILTER
+from netvm.cli import main
+from netvm.firewall.fake_nft import FakeNftRunner
+from netvm.testing import snapshot
+
+ROUTES = (
+    "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+    "up0\t00000000\t017100CB\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+)
+
+
+def ready_host() -> FakeBackend:
+    backend = FakeBackend()
+    backend.add_link("up0", "veth")
+    backend.state.proc["/proc/thread-self/net/route"] = ROUTES
+    return backend
+
+
+def codes(manager: NetworkManager) -> list[str]:
+    return [finding.code for finding in doctor(manager)]
+
+
+def test_a_set_up_host_has_no_blocking_finding(config: NetworkConfig) -> None:
+    backend = ready_host()
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        before = snapshot(backend)
+        findings = doctor(manager)
+        assert snapshot(backend) == before, "doctor changes nothing"
+    assert not [f for f in findings if f.blocking]
+
+
+def test_a_bare_host_says_what_to_run(config: NetworkConfig) -> None:
+    with NetworkManager(config, ready_host()) as manager:
+        found = codes(manager)
+    assert "ip-forward-off" in found
+    assert "netvm-rules-missing" in found
+
+
+def test_a_missing_egress_blocks(config: NetworkConfig) -> None:
+    with NetworkManager(config, FakeBackend()) as manager:
+        (finding,) = [f for f in doctor(manager) if f.code == "egress-missing"]
+    assert finding.blocking
+    assert "up0" in finding.message
+
+
+def test_a_legacy_drop_beside_netvms_nftables_rules_is_a_split(config: NetworkConfig) -> None:
+    backend = ready_host()
+    with NetworkManager(dataclasses.replace(config, firewall="nftables"), backend) as manager:
+        manager.ensure_host()
+        backend.set_policy(FILTER, "FORWARD", "DROP")
+        (split,) = [f for f in doctor(manager) if f.code == "rules-split"]
+    assert split.blocking
+    assert "--firewall iptables" in split.fix
+
+
+def test_a_foreign_nftables_drop_at_the_forward_hook_is_reported(config: NetworkConfig) -> None:
+    backend = ready_host()
+    base = {"type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}
+    FakeNftRunner(backend.state.nftables).run(
+        [
+            {"add": {"table": {"family": "inet", "name": "filter"}}},
+            {"add": {"chain": {"family": "inet", "table": "filter", "name": "forward", **base}}},
+        ],
+        "test",
+        None,
+    )
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        (drop,) = [f for f in doctor(manager) if f.code == "foreign-forward-drop"]
+    assert 'nft insert rule inet filter forward iifname "nvbr0" accept' in drop.fix
+
+
+def test_a_subnet_overlapping_a_route_blocks(config: NetworkConfig) -> None:
+    backend = ready_host()
+    backend.state.proc["/proc/thread-self/net/route"] = ROUTES + (
+        "up0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+    )
+    with NetworkManager(config, backend) as manager:
+        assert "subnet-overlap" in codes(manager)
+
+
+@pytest.mark.parametrize(("prepare", "code"), [(False, 1), (True, 0)])
+def test_the_cli_exits_1_when_guests_cannot_get_out(
+    config: NetworkConfig, capsys: pytest.CaptureFixture[str], prepare: bool, code: int
+) -> None:
+    backend = ready_host()
+    if prepare:
+        with NetworkManager(config, backend) as manager:
+            manager.ensure_host()
+    argv = ["doctor", "--json", "--bridge", "nvbr0", "--subnet", "192.0.2.0/24", "--egress", "up0"]
+    argv += ["--state-dir", str(config.state_dir)]
+    assert main(argv, backend_factory=lambda netns: backend, environ={}) == code
+    assert '"guests_get_out": ' + ("true" if code == 0 else "false") in capsys.readouterr().out
