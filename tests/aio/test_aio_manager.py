@@ -137,6 +137,7 @@ BACKEND_METHODS = [
     "insert_rule",
     "delete_rule",
     "delete_chain",
+    "firewall",
 ]
 MANAGER_METHODS = ["ensure_host", "attach", "detach", "list", "gc", "teardown_host", "close"]
 
@@ -160,7 +161,7 @@ async def test_no_sync_call_runs_on_the_loops_thread(manager: NetworkManager) ->
     called = {name for name, _, _ in calls}
     # The recording saw the work (else the test would prove nothing).
     assert {"ensure_host", "attach", "create_tap", "delete_link", "transaction"} <= called
-    assert {"list_rules", "close", "teardown_host", "gc"} <= called
+    assert {"firewall", "close", "teardown_host", "gc"} <= called
     on_loop = [name for name, thread, loop_here in calls if thread == loop_thread or loop_here]
     assert on_loop == []
 
