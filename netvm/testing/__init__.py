@@ -14,7 +14,21 @@
 
 Nothing here starts a process or changes the caller's own namespace: namespace work runs on
 threads that entered the namespace with setns().
+
+It needs pyroute2 (veths, routes, neighbours), which `netvm` itself never imports: install
+`netvm[testing]`.
 """
+
+try:
+    import pyroute2  # noqa: F401  (imported here only to name the missing extra)
+except ModuleNotFoundError as exc:
+    if exc.name != "pyroute2":
+        raise
+    raise ModuleNotFoundError(
+        "netvm.testing needs pyroute2, which netvm installs only with its 'testing' extra: "
+        "pip install 'netvm[testing]'",
+        name="pyroute2",
+    ) from exc
 
 from netvm.testing.capture import Frame, FrameCapture
 from netvm.testing.guest import GuestEmulator, emulate_guest

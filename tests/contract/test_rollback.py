@@ -79,7 +79,7 @@ class FailingKernel:
 
     def firewall(self, kind: FirewallKind) -> Any:
         if kind == "iptables":
-            return XtablesFirewall(self)  # type: ignore[arg-type]
+            return XtablesFirewall(self)
         return FailingFirewall(self.inner.firewall(kind), self)
 
     def __getattr__(self, name: str) -> Any:

@@ -200,7 +200,7 @@ def test_guests_reach_the_internet_beside_another_firewall_manager(
                     docker_still_works(host, scenario.name.removeprefix("docker-"))
 
                 # Negative control: without netvm's rules the guest does not get out.
-                net.backend.firewall(scenario.chosen).remove("nvbr0")  # type: ignore[arg-type]
+                net.backend.firewall(scenario.chosen).remove("nvbr0")
                 assert not reaches_internet(g, internet_host, topology)
                 net.ensure_host()
                 assert reaches_internet(g, internet_host, topology)

@@ -129,7 +129,7 @@ class FakeAgreesWithKernel(RuleBasedStateMachine):
             ]
             assert listed[0] == listed[1]
 
-    def teardown(self) -> None:  # type: ignore[override]
+    def teardown(self) -> None:
         for pair in self.managers.values():
             for manager in pair:
                 manager.close()
