@@ -20,6 +20,7 @@ from netvm.firewall import KINDS, BridgeFirewall, ChosenFirewall, choose_firewal
 from netvm.leases import STATE_DIR_HINT, LeaseStore, LeaseTransaction
 from netvm.naming import VmNetwork
 from netvm.undo import Undo as _Undo
+from netvm.validation import check_subnet_free
 
 log = logging.getLogger("netvm")
 
@@ -118,6 +119,7 @@ class NetworkManager:
         # and the first attach does not pay for creating the database.
         self.leases.open()
         with self._host_lock():
+            check_subnet_free(self.backend, self.config)
             try:
                 bridge = self._ensure_bridge(undo)
                 self._ensure_gateway(bridge, undo)
@@ -385,7 +387,7 @@ class NetworkManager:
 
         The TAPs are deleted in one kernel request.
         """
-        kept = {naming.validate_vm_id(vm_id) for vm_id in keep}
+        kept = set(naming.validate_vm_ids("keep", keep))
         with self.leases.transaction() as tx:
             ports = self._ports()
             doomed = [a for a in self._list(tx, ports) if a.vm_id not in kept]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +23,38 @@ MAC_SECOND_OCTET = 0x6E
 
 
 def validate_vm_id(vm_id: object) -> str:
+    """Check a vm_id: text that the ifalias, the lease store and every output can carry.
+
+    A lone surrogate (what undecodable bytes of argv or the environment become) has no
+    UTF-8 form, so it is refused here rather than failing later in the kernel or SQLite.
+    """
+    if not isinstance(vm_id, str):
+        raise ConfigError("vm_id", vm_id, VM_ID_RULE)
+    try:
+        encoded = vm_id.encode()
+    except UnicodeEncodeError:
+        raise ConfigError("vm_id", vm_id, f"{VM_ID_RULE}; it has no UTF-8 form") from None
     if (
-        not isinstance(vm_id, str)
-        or not 0 < len(vm_id.encode()) <= MAX_VM_ID_LENGTH
+        not 0 < len(encoded) <= MAX_VM_ID_LENGTH
         or not vm_id.isprintable()
         or any(c.isspace() for c in vm_id)
     ):
         raise ConfigError("vm_id", vm_id, VM_ID_RULE)
     return vm_id
+
+
+def validate_vm_ids(field: str, value: object) -> list[str]:
+    """Check a collection of vm_ids; return them as a list (an iterator is read once).
+
+    A str is refused rather than read as its characters (gc(keep="vm-a") would otherwise
+    keep "v", "m", "-", "a" and remove vm-a).
+    """
+    if isinstance(value, str | bytes | bytearray | memoryview):
+        kind = type(value).__name__
+        raise ConfigError(field, value, f"a sequence of vm_ids, not a {kind}")
+    if not isinstance(value, Iterable):
+        raise ConfigError(field, value, "a sequence of vm_ids")
+    return [validate_vm_id(item) for item in value]
 
 
 def _digest(vm_id: str) -> bytes:
