@@ -31,6 +31,8 @@ from netvm import glue
 from netvm.backends.base import MAX_ID, Backend, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import (
+    DEFAULT_BRIDGE,
+    DEFAULT_EGRESS,
     ENV_BRIDGE,
     ENV_EGRESS,
     ENV_FIREWALL,
@@ -258,6 +260,10 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Network
         env[ENV_SUBNET] = args.subnet
     if args.egress is not None:
         env[ENV_EGRESS] = validate_ifname("--egress", args.egress)
+    if args.egress is not None and env.get(ENV_BRIDGE, DEFAULT_BRIDGE) == args.egress:
+        raise ConfigError("--egress", args.egress, "must differ from the bridge's name")
+    if args.bridge is not None and env.get(ENV_EGRESS, DEFAULT_EGRESS) == args.bridge:
+        raise ConfigError("--bridge", args.bridge, "must differ from the egress interface")
     if args.mtu is not None:
         env[ENV_MTU] = str(parse_mtu("--mtu", args.mtu))
     if args.firewall is not None:

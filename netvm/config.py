@@ -189,12 +189,18 @@ class NetworkConfig:
         mtu = env.get(ENV_MTU)
         state_dir = env.get(ENV_STATE_DIR)
         firewall = env.get(ENV_FIREWALL)
+        bridge_name = DEFAULT_BRIDGE if bridge is None else validate_ifname(ENV_BRIDGE, bridge)
+        egress_name = DEFAULT_EGRESS if egress is None else validate_ifname(ENV_EGRESS, egress)
+        if bridge_name == egress_name:
+            if egress is None:
+                raise ConfigError(
+                    ENV_BRIDGE, bridge, f"must differ from {DEFAULT_EGRESS}, the egress"
+                )
+            raise ConfigError(ENV_EGRESS, egress, "must differ from the bridge's name")
         return cls(
-            bridge_name=DEFAULT_BRIDGE if bridge is None else validate_ifname(ENV_BRIDGE, bridge),
+            bridge_name=bridge_name,
             vm_subnet=parse_subnet(ENV_SUBNET, DEFAULT_SUBNET if subnet is None else subnet),
-            host_egress_iface=(
-                DEFAULT_EGRESS if egress is None else validate_ifname(ENV_EGRESS, egress)
-            ),
+            host_egress_iface=egress_name,
             mtu=DEFAULT_MTU if mtu is None else parse_mtu(ENV_MTU, mtu),
             state_dir=(
                 DEFAULT_STATE_DIR
