@@ -51,14 +51,6 @@ ON_KERNEL = settings(FAST, max_examples=12)
 # Values --------------------------------------------------------------------------------
 
 
-def _utf8(raw: bytes) -> bool:
-    try:
-        raw.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 SURROGATES = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
 CHARACTERS = st.one_of(st.characters(), SURROGATES)
 NASTY = [
@@ -89,9 +81,10 @@ NUMERALS = st.one_of(
 )
 # Text with bytes that are not UTF-8, as argv and os.environ carry them (PEP 383).
 UNDECODABLE = st.builds(
-    lambda head, raw, tail: head + raw.decode("utf-8", "surrogateescape") + tail,
+    lambda head, stray, raw, tail: head + (stray + raw).decode("utf-8", "surrogateescape") + tail,
     st.text(max_size=4),
-    st.binary(min_size=1, max_size=4).filter(lambda raw: not _utf8(raw)),
+    st.integers(0x80, 0xBF).map(lambda byte: bytes([byte])),  # never valid where text starts
+    st.binary(max_size=4),
     st.text(max_size=4),
 )
 TEXT = st.one_of(
@@ -124,9 +117,16 @@ NETWORKS = st.builds(
     ),
     st.integers(0, 32),
 )
-SUBNETS = st.one_of(NETWORKS, NETWORKS.map(str), ANYTHING)
-NAMES = st.one_of(st.sampled_from(["nvbr0", "up0", "br-1.2", "_x"]), ANYTHING)
-VM_IDS = st.one_of(st.sampled_from(["vm-a", "vm-b", "vm-c", "é-1"]), ANYTHING)
+UNUSABLE = st.sampled_from(
+    [
+        *("0.0.0.0/0", "0.0.0.0/8", "127.0.0.0/24", "169.254.1.0/24", "224.0.0.0/24"),
+        *("240.0.0.0/4", "255.255.255.252/30", "128.0.0.0/1", "192.0.0.0/2"),
+        "10.0.0.0/7",  # usable
+    ]
+)
+SUBNETS = st.one_of(NETWORKS, NETWORKS.map(str), UNUSABLE, ANYTHING)
+NAMES = st.one_of(st.sampled_from(["nvbr0", "up0", "br-1.2", "_x"]), TEXT, ANYTHING)
+VM_IDS = st.one_of(st.sampled_from(["vm-a", "vm-b", "vm-c", "é-1"]), TEXT, ANYTHING)
 ID_NUMBERS = st.one_of(st.none(), st.integers(0, MAX_ID), ANYTHING)
 TAP_ARGS = st.one_of(
     st.fixed_dictionaries(
@@ -186,8 +186,8 @@ CONFIG_FIELDS = one_hostile(
         "vm_subnet": SUBNETS,
         "host_egress_iface": NAMES,
         "mtu": st.one_of(st.integers(0, 70000), NUMERALS, ANYTHING),
-        "state_dir": ANYTHING,
-        "firewall": ANYTHING,
+        "state_dir": st.one_of(UNDECODABLE, TEXT, ANYTHING),
+        "firewall": st.one_of(TEXT, ANYTHING),
     },
 )
 ENVIRONMENTS = one_hostile(
@@ -204,7 +204,7 @@ ENVIRONMENTS = one_hostile(
         "MICROVM_NETWORK_SUBNET": st.one_of(NETWORKS.map(str), TEXT, ANYTHING),
         "MICROVM_NETWORK_EGRESS": st.one_of(NAMES, TEXT),
         "MICROVM_NETWORK_MTU": st.one_of(NUMERALS, st.integers(0, 70000).map(str), ANYTHING),
-        "MICROVM_NETWORK_STATE_DIR": st.one_of(TEXT, ANYTHING),
+        "MICROVM_NETWORK_STATE_DIR": st.one_of(UNDECODABLE, TEXT, ANYTHING),
         "MICROVM_NETWORK_FIREWALL": st.one_of(TEXT, ANYTHING),
         "UNRELATED": ANYTHING,
     },
@@ -410,14 +410,17 @@ VALUES_OF = {
 HOSTILE_VALUES = st.one_of(NUMERALS, UNDECODABLE, TEXT)
 
 
-def command_line(command: str) -> st.SearchStrategy[list[str]]:
-    """`COMMAND [VM_ID] OPTION VALUE...` with one hostile value among valid ones."""
+def command_line(command: str, hostile: int = 0) -> st.SearchStrategy[list[str]]:
+    """`COMMAND [VM_ID] OPTION VALUE...` with up to one hostile value among valid ones (with
+    `hostile`, exactly one, in an option: the VM_ID is then a valid one)."""
     values = VALUES_OF[command]
     good = st.sampled_from(sorted(values)).flatmap(
         lambda option: st.tuples(st.just(option), st.sampled_from(values[option]))
     )
     bad = st.tuples(st.sampled_from(sorted(values)), HOSTILE_VALUES)
     needs_vm = command in ("attach", "detach")
+    valid_ids = st.sampled_from(["vm-a", "vm-b"])
+    vm_ids = valid_ids if hostile else st.one_of(valid_ids, HOSTILE_VALUES)
     return st.builds(
         lambda vm_id, pairs, hostile, at, flags: [
             command,
@@ -425,9 +428,9 @@ def command_line(command: str) -> st.SearchStrategy[list[str]]:
             *(token for pair in [*pairs[:at], *hostile, *pairs[at:]] for token in pair),
             *flags,
         ],
-        st.one_of(st.sampled_from(["vm-a", "vm-b"]), HOSTILE_VALUES),
+        vm_ids,
         st.lists(good, max_size=3),
-        st.lists(bad, max_size=1),
+        st.lists(bad, min_size=hostile, max_size=1),
         st.integers(0, 3),
         st.lists(st.sampled_from(["--json", "--multi-queue", "--vnet-hdr"]), max_size=2),
     )
@@ -505,7 +508,7 @@ def test_the_cli_never_prints_a_traceback_and_a_failure_changes_nothing(argv: li
 
 
 @CLI
-@given(command_line("attach"))
+@given(command_line("attach", hostile=1))
 def test_attach_options_never_print_a_traceback(argv: list[str]) -> None:
     """attach has the most options: a test of its own, so that each gets hostile values."""
     check_cli_on_fake(argv)
