@@ -10,6 +10,8 @@ QEMU's `-netdev tap,id=,ifname=,script=,downscript=,vhost=,queues=` and virtio-n
 from __future__ import annotations
 
 import ipaddress
+import os
+from pathlib import Path
 
 import pytest
 
@@ -115,15 +117,46 @@ def test_qemu_single_queue(net: VmNetwork) -> None:
     ]
 
 
-def test_qemu_multi_queue_uses_vhost_queues_and_2n_plus_2_vectors(net: VmNetwork) -> None:
+def test_qemu_multi_queue_uses_queues_and_2n_plus_2_vectors(net: VmNetwork) -> None:
     tap = glue.tap_options_for("qemu", multi_queue=True)
-    assert glue.qemu_args(net, tap, queue_pairs=4, netdev_id="n1") == [
+    assert glue.qemu_args(net, tap, queue_pairs=4, netdev_id="n1", vhost=True) == [
         "-netdev",
         f"tap,id=n1,ifname={net.tap_name},script=no,downscript=no,vhost=on,queues=4",
         "-device",
         "virtio-net-pci,netdev=n1,mac=02:6e:ac:1e:00:2a,mq=on,vectors=10",
     ]
+    assert glue.qemu_args(net, tap, queue_pairs=4, netdev_id="n1", vhost=False)[1] == (
+        f"tap,id=n1,ifname={net.tap_name},script=no,downscript=no,queues=4"
+    )
     assert glue.qemu_device(net, tap).endswith(",mq=on,vectors=6")
+
+
+@pytest.mark.parametrize("usable", [True, False])
+def test_qemu_vhost_by_default_only_on_a_multi_queue_tap_where_vhost_net_opens(
+    net: VmNetwork, monkeypatch: pytest.MonkeyPatch, usable: bool
+) -> None:
+    """QEMU aborts at start with vhost=on where it cannot open /dev/vhost-net."""
+    monkeypatch.setattr(glue, "vhost_net_usable", lambda: usable)
+    multi = glue.tap_options_for("qemu", multi_queue=True)
+    single = glue.tap_options_for("qemu")
+    assert ("vhost=on" in glue.qemu_netdev(net, multi)) is usable
+    assert "vhost=on" not in glue.qemu_netdev(net, single)
+    # Explicit choices win over the probe either way, for either TAP.
+    for tap in (multi, single):
+        assert glue.qemu_netdev(net, tap, vhost=True).count(",vhost=on") == 1
+        assert "vhost" not in glue.qemu_netdev(net, tap, vhost=False)
+
+
+def test_vhost_net_usable_opens_the_device_read_write(tmp_path: Path) -> None:
+    device = tmp_path / "vhost-net"
+    assert glue.vhost_net_usable(device) is False  # missing
+    device.write_bytes(b"")
+    device.chmod(0o400)
+    if os.geteuid() != 0:  # root opens a read-only file read-write all the same
+        assert glue.vhost_net_usable(device) is False
+    device.chmod(0o600)
+    assert glue.vhost_net_usable(device) is True
+    assert glue.vhost_net_usable(tmp_path) is False  # a directory cannot be opened O_RDWR
 
 
 @pytest.mark.parametrize(
