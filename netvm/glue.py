@@ -92,8 +92,10 @@ def firecracker_network_interface(
             f"Firecracker cannot open the multi-queue TAP {network.tap_name}: "
             "detach it and attach again without multi-queue",
         )
-    if not iface_id or not all(c.isascii() and (c.isalnum() or c in "_-") for c in iface_id):
-        raise ConfigError("iface_id", iface_id, "ASCII letters, digits, '_' and '-'")
+    # Firecracker's API server takes only '_' and alphanumerics in an id (checked_id in
+    # src/firecracker/src/api_server/parsed_request.rs): a '-' is a 400 InvalidID.
+    if not iface_id or not all(c.isascii() and (c.isalnum() or c == "_") for c in iface_id):
+        raise ConfigError("iface_id", iface_id, "ASCII letters, digits and '_'")
     return {
         "iface_id": iface_id,
         "host_dev_name": network.tap_name,
@@ -119,7 +121,8 @@ def cloud_hypervisor_net(
 ) -> str:
     """The value of Cloud Hypervisor's `--net` for the existing TAP.
 
-    `num_queues` is RX plus TX queues: twice the queue pairs.
+    `num_queues` is RX plus TX queues: twice the queue pairs. Cloud Hypervisor refuses more
+    queue pairs than boot vCPUs (`--cpus boot=N`).
     """
     pairs = queue_pairs_for(tap, queue_pairs)
     return f"tap={network.tap_name},mac={network.mac_string()},num_queues={2 * pairs}"
