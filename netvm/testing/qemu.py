@@ -288,17 +288,20 @@ say "default_via=$(ip route | awk '$1 == "default" {print $3}')"
 probe_ping() {
     if ping -c 1 -W 3 "$1" >/dev/null 2>&1; then say "ping:$1=ok"; else say "ping:$1=fail"; fi
 }
-[ -z "$gw" ] || probe_ping "$gw"
-for target in $(echo "$more_ping" | tr , ' '); do
-    probe_ping "$target"
-done
-if [ -n "$udp" ]; then
-    if timeout 8 nslookup -type=a guest.netvm.test "$udp" >/dev/null 2>&1; then
-        say "udp:$udp=ok"
+probe_udp() {
+    if timeout 8 nslookup -type=a guest.netvm.test "$1" >/dev/null 2>&1; then
+        say "udp:$1=ok"
     else
-        say "udp:$udp=fail"
+        say "udp:$1=fail"
     fi
-fi
+}
+# The probes run at once, so that failing ones (negative controls) wait in parallel.
+[ -z "$gw" ] || probe_ping "$gw" &
+for target in $(echo "$more_ping" | tr , ' '); do
+    probe_ping "$target" &
+done
+[ -z "$udp" ] || probe_udp "$udp" &
+wait
 finish ok
 """
 """The guest's /init (busybox sh). Each report is `NETVM-GUEST key=value`; `end=ok` last."""
@@ -308,11 +311,12 @@ def build_initramfs(
     dest: Path, busybox: Path, modules: Sequence[Path] = (), init: str = GUEST_INIT
 ) -> Path:
     """Write a gzip-compressed initramfs to `dest`: busybox, `init`, the modules to insmod in
-    order (listed in /etc/netvm-modules), and /dev/console for init's output."""
+    order (listed in /etc/netvm-modules), /dev/console for init's output and /dev/null."""
     archive = CpioWriter()
     for folder in ("bin", "dev", "etc", "lib", "lib/modules", "proc", "sys", "tmp"):
         archive.directory(folder)
     archive.char_device("dev/console", 5, 1)
+    archive.char_device("dev/null", 1, 3, 0o666)
     archive.file("bin/busybox", busybox.read_bytes(), 0o755)
     listed = []
     for n, module in enumerate(modules):
