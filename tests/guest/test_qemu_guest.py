@@ -191,19 +191,26 @@ def test_negative_control_a_guest_with_an_address_netvm_did_not_lease_reaches_no
 
 
 def test_vhost_on_without_a_usable_vhost_net_makes_qemu_abort(
-    guest_tools: GuestTools, initramfs: Path, topology: Topology, net: NetworkManager
+    guest_tools: GuestTools,
+    initramfs: Path,
+    topology: Topology,
+    guest_config: NetworkConfig,
 ) -> None:
-    """Why qemu_args probes /dev/vhost-net: the forced `vhost=on` is refused at start here."""
+    """Why the glue probes /dev/vhost-net: `attach --vhost` forces `vhost=on`, and QEMU
+    refuses it at start on a host without a usable /dev/vhost-net."""
     if glue.vhost_net_usable():
         pytest.skip("/dev/vhost-net is usable here: vhost=on is what the glue emits")
-    tap = glue.tap_options_for("qemu", multi_queue=True)
-    vm = net.attach("vm-vhost", tap)
-    assert "vhost=on" not in glue.qemu_netdev(vm, tap)
+    netvm_json(topology, guest_config, "ensure-host")
+    attach = ("attach", "vm-vhost", "--for", "qemu", "--multi-queue")
+    by_default = netvm_json(topology, guest_config, *attach)["vmm"]
+    forced = netvm_json(topology, guest_config, *attach, "--vhost")["vmm"]
+    assert "vhost=on" not in by_default["args"][1]
+    assert forced["args"][1] == by_default["args"][1].replace(",queues=", ",vhost=on,queues=")
     run = run_guest(
         guest_tools,
         initramfs,
-        glue.qemu_args(vm, tap, vhost=True),
-        guest_cmdline(vm.kernel_ip_arg()),
+        forced["args"],
+        guest_cmdline(forced["append"]),
         netns=topology.host_netns,
         accel=ACCEL,
         timeout=60,
