@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from netvm import KernelBackend, NetworkConfig, NetworkManager
-from netvm.backends.iptables import load_iptc
+from netvm.backends.iptc_compat import load_iptc
 from netvm.config import FirewallChoice
 from netvm.firewall.libnftables import load_binding
 from netvm.testing import run_in_netns, throwaway_netns
