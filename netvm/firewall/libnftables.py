@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from netvm.errors import NetvmError, host_error
+from netvm.firewall.generation import GenerationReader
 
 T = TypeVar("T")
 Json = dict[str, Any]
@@ -85,7 +86,20 @@ class KernelNftRunner:
     def __init__(self, call: Callable[[Callable[[], Any]], Any]) -> None:
         self._call = call
         self._context: Any = None
+        self._generations: GenerationReader | None = None
         self._lock = threading.Lock()
+
+    def generation(self) -> int | None:
+        """The ruleset's generation, read on a socket opened in the namespace."""
+        if self._generations is None:
+            try:
+                self._generations = self._call(GenerationReader)
+            except OSError:
+                return None
+        try:
+            return self._generations.generation()
+        except OSError:
+            return None
 
     def _make_context(self) -> Any:
         try:
@@ -110,3 +124,6 @@ class KernelNftRunner:
     def close(self) -> None:
         with self._lock:
             self._context = None
+            if self._generations is not None:
+                self._generations.close()
+                self._generations = None
