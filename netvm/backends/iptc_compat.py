@@ -14,7 +14,6 @@ than half-working.
 from __future__ import annotations
 
 import ctypes
-import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -33,6 +32,7 @@ SUPPORTED_RULE = "python-iptables >=1.2,<1.3"
 
 def check_version() -> str:
     """The installed python-iptables version; NetvmError if it is missing or unsupported."""
+    import importlib.metadata  # ~20 ms: only when python-iptables is first loaded
     try:
         version = importlib.metadata.version("python-iptables")
     except importlib.metadata.PackageNotFoundError:
