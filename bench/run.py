@@ -267,8 +267,8 @@ def run_batch(netns: str, n: int) -> dict[str, Any]:
         add = "".join(
             f"tuntap add dev {naming.tap_name(v)} mode tap\n"
             f"link set dev {naming.tap_name(v)} master {BRIDGE} mtu {MTU} up "
-            f"alias {naming.tap_alias(BRIDGE, v)}\n"
-            for v in ids
+            f"alias {naming.tap_alias(BRIDGE, v, slot)}\n"
+            for slot, v in enumerate(ids)
         )
         delete = "".join(f"link del dev {naming.tap_name(v)}\n" for v in ids)
         attach_totals: list[float] = []
