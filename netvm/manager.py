@@ -129,13 +129,13 @@ class NetworkManager:
         Only what is missing is added; running it again changes nothing. If a step fails,
         what this call created is removed before the error is raised.
         """
-        # Reads first: a bridge another configuration owns, or an unusable state_dir,
-        # fails before the kernel is touched (and the first attach does not pay for
-        # creating the database).
-        self.host.check_owner()
-        self.leases.open()
         undo = _Undo()
         with self.host.locked():
+            # Reads first: a bridge another configuration owns, or an unusable state_dir,
+            # fails before the kernel is touched (and the first attach does not pay for
+            # creating the database).
+            self.host.check_owner()
+            self.leases.open()
             try:
                 bridge = self.host.ensure(undo)
             except BaseException:
@@ -149,12 +149,11 @@ class NetworkManager:
         if netvm created it. Nothing that is not netvm's is touched; running it on a clean
         host is success.
         """
-        link = self.backend.get_link(self.config.bridge_name)
-        if link is not None and link.kind == "bridge":
-            mark = naming.parse_bridge_alias(link.alias)
-            if mark is not None:
-                self.host.check_bridge(link)
         with self.host.locked():
+            link = self.backend.get_link(self.config.bridge_name)
+            marked = link is not None and naming.parse_bridge_alias(link.alias) is not None
+            if link is not None and link.kind == "bridge" and marked:
+                self.host.check_bridge(link)  # another subnet's bridge: hands off
             self.gc(keep=())
             problems = self.host.teardown()
             self._bridge_index = None
