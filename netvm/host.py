@@ -45,9 +45,20 @@ class HostSetup:
     # Locking and recovery ---------------------------------------------------------------
 
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the namespace's host lock; first mend what a holder that died left."""
-        self.file.acquire()
+    def locked(self, required: bool = True) -> Iterator[None]:
+        """Hold the namespace's host lock; first mend what a holder that died left.
+
+        Not `required` (teardown), an unusable state_dir is no reason to stop: no netvm
+        process can take the lock there either, so the work goes on unlocked.
+        """
+        try:
+            self.file.acquire()
+        except StateStoreError as exc:
+            if required:
+                raise
+            log.warning("going on without the host lock: %s", exc)
+            yield
+            return
         try:
             intent = self.file.read_intent()
             if intent is not None:

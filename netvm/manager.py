@@ -149,7 +149,7 @@ class NetworkManager:
         if netvm created it. Nothing that is not netvm's is touched; running it on a clean
         host is success.
         """
-        with self.host.locked():
+        with self.host.locked(required=False):
             link = self.backend.get_link(self.config.bridge_name)
             marked = link is not None and naming.parse_bridge_alias(link.alias) is not None
             if link is not None and link.kind == "bridge" and marked:

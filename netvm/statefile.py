@@ -59,7 +59,14 @@ class StateFile:
     def _error(self, operation: str, exc: OSError) -> StateStoreError:
         code = exc.errno or errno.EIO
         detail = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
-        if code in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.ENOTDIR):
+        if code in (
+            errno.EROFS,
+            errno.EACCES,
+            errno.EPERM,
+            errno.ENOSPC,
+            errno.ENOTDIR,
+            errno.EEXIST,
+        ):
             detail += "; " + STATE_DIR_HINT
         return StateStoreError(operation, str(self.path), detail)
 
