@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from netvm import KernelBackend, NetworkConfig, NetworkManager, naming
-from netvm.backends.iptables import load_iptc
+from netvm.backends.iptc_compat import load_iptc
 from netvm.backends.netns import NamespaceThread
 from netvm.testing import throwaway_netns
 

@@ -188,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="queue pairs of a multi-queue TAP (default 2; 1 without --multi-queue)",
     )
     vmm.add_argument("--iface-id", default="eth0", help="Firecracker's iface_id (default eth0)")
+    vmm.add_argument(
+        "--vhost",
+        action=argparse.BooleanOptionalAction,
+        help="QEMU's vhost=on (default: for a multi-queue TAP when /dev/vhost-net is usable)",
+    )
     guest = attach.add_argument_group("kernel ip= argument")
     guest.add_argument("--hostname", help="the guest's host name")
     guest.add_argument(
@@ -324,7 +329,7 @@ def _vmm_config(
             {"name": vmm, "net": net, "cmdline": ip_arg},
             f"cloud-hypervisor: --net {net}\ncloud-hypervisor: append to --cmdline\n  {ip_arg}",
         )
-    qemu = glue.qemu_args(network, tap, args.queues)
+    qemu = glue.qemu_args(network, tap, args.queues, vhost=args.vhost)
     return (
         {"name": vmm, "args": qemu, "append": ip_arg},
         f"qemu: {' '.join(qemu)}\nqemu: append to -append\n  {ip_arg}",

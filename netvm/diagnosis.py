@@ -217,6 +217,8 @@ def _nftables(backend: Backend, chosen: str, bridge: str, egress: str) -> list[F
     firewall = backend.firewall("nftables")
     if not isinstance(firewall, NftablesFirewall) or firewall.unavailable() is not None:
         return []
+    nf_call = backend.read_proc("/proc/sys/net/bridge/bridge-nf-call-iptables")
+    bridged = nf_call is not None and nf_call.strip() == "1"
     chains: dict[tuple[str, str], dict[str, Json]] = {}
     rules: dict[tuple[str, str], list[Json]] = {}
     for item in firewall.ruleset():
@@ -232,7 +234,7 @@ def _nftables(backend: Backend, chosen: str, bridge: str, egress: str) -> list[F
             continue
         table_rules = rules.get((family, table), [])
         if (family, table) == (IPTABLES_FAMILY, IPTABLES_TABLE) and "FORWARD" in by_name:
-            found += _iptables_nft(by_name, table_rules, chosen, bridge, egress)
+            found += _iptables_nft(by_name, table_rules, chosen, bridge, egress, bridged)
             continue
         for name, chain in by_name.items():
             if chain.get("hook") != "forward":
@@ -242,7 +244,12 @@ def _nftables(backend: Backend, chosen: str, bridge: str, egress: str) -> list[F
 
 
 def _iptables_nft(
-    chains: dict[str, Json], rules: list[Json], chosen: str, bridge: str, egress: str
+    chains: dict[str, Json],
+    rules: list[Json],
+    chosen: str,
+    bridge: str,
+    egress: str,
+    bridged: bool,
 ) -> list[Finding]:
     forward = chains["FORWARD"]
     drops = forward.get("policy") == "drop" or any(
@@ -251,25 +258,7 @@ def _iptables_nft(
     if not drops:
         return []
     if any(name.startswith("ufw-") for name in chains):
-        allowed = any(
-            rule["chain"] == "ufw-user-forward"
-            and _matches(rule, "iifname", bridge)
-            and _matches(rule, "oifname", egress)
-            and "accept" in _verdicts(rule)
-            for rule in rules
-        )
-        if allowed:
-            return []
-        return [
-            Finding(
-                "ufw-forward-drop",
-                "blocking",
-                f"ufw drops forwarded packets and lets nothing from {bridge} to {egress} through",
-                "iptables-nft filter FORWARD policy DROP with ufw-* chains; ufw rewrites them "
-                "on reload, so netvm does not write there",
-                f"ufw route allow in on {bridge} out on {egress}",
-            )
-        ]
+        return _ufw(rules, bridge, egress, bridged)
     if chosen != "nftables":
         return [
             Finding(
@@ -282,6 +271,44 @@ def _iptables_nft(
             )
         ]
     return []  # netvm's own accepts stand there: `check` reports them when missing
+
+
+def _ufw(rules: list[Json], bridge: str, egress: str, bridged: bool) -> list[Finding]:
+    def allowed(out: str) -> bool:
+        return any(
+            rule["chain"] == "ufw-user-forward"
+            and _matches(rule, "iifname", bridge)
+            and _matches(rule, "oifname", out)
+            and "accept" in _verdicts(rule)
+            for rule in rules
+        )
+
+    evidence = (
+        "iptables-nft filter FORWARD policy DROP with ufw-* chains; ufw rewrites them on "
+        "reload, so netvm does not write there"
+    )
+    found: list[Finding] = []
+    if not allowed(egress):
+        found.append(
+            Finding(
+                "ufw-forward-drop",
+                "blocking",
+                f"ufw drops forwarded packets and lets nothing from {bridge} to {egress} through",
+                evidence,
+                f"ufw route allow in on {bridge} out on {egress}",
+            )
+        )
+    if bridged and not allowed(bridge):
+        found.append(
+            Finding(
+                "ufw-bridge-drop",
+                "warning",
+                "with br_netfilter, ufw also drops frames between guests on the bridge",
+                evidence,
+                f"ufw route allow in on {bridge} out on {bridge}",
+            )
+        )
+    return found
 
 
 def _foreign_forward(

@@ -11,12 +11,16 @@ the TAP was created with, and returns what that VMM needs to open the existing T
   refuses a multi-queue TAP with one pair and a single-queue TAP with several.
 - QEMU: `-netdev tap,...` and `-device virtio-net-pci,...`. QEMU opens the TAP with
   IFF_MULTI_QUEUE exactly when `queues` > 1, which the kernel requires to match the TAP.
+  `vhost=on` makes QEMU open /dev/vhost-net and abort where it cannot, so it is emitted only
+  where that device is usable (or when asked for explicitly).
 
 `tap_options_for` is the profile that picks matching TAP flags for a VMM.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal, get_args
 
 from netvm.backends.base import TapOptions
@@ -88,8 +92,10 @@ def firecracker_network_interface(
             f"Firecracker cannot open the multi-queue TAP {network.tap_name}: "
             "detach it and attach again without multi-queue",
         )
-    if not iface_id or not all(c.isascii() and (c.isalnum() or c in "_-") for c in iface_id):
-        raise ConfigError("iface_id", iface_id, "ASCII letters, digits, '_' and '-'")
+    # Firecracker's API server takes only '_' and alphanumerics in an id (checked_id in
+    # src/firecracker/src/api_server/parsed_request.rs): a '-' is a 400 InvalidID.
+    if not iface_id or not all(c.isascii() and (c.isalnum() or c == "_") for c in iface_id):
+        raise ConfigError("iface_id", iface_id, "ASCII letters, digits and '_'")
     return {
         "iface_id": iface_id,
         "host_dev_name": network.tap_name,
@@ -115,7 +121,8 @@ def cloud_hypervisor_net(
 ) -> str:
     """The value of Cloud Hypervisor's `--net` for the existing TAP.
 
-    `num_queues` is RX plus TX queues: twice the queue pairs.
+    `num_queues` is RX plus TX queues: twice the queue pairs. Cloud Hypervisor refuses more
+    queue pairs than boot vCPUs (`--cpus boot=N`).
     """
     pairs = queue_pairs_for(tap, queue_pairs)
     return f"tap={network.tap_name},mac={network.mac_string()},num_queues={2 * pairs}"
@@ -123,18 +130,43 @@ def cloud_hypervisor_net(
 
 # QEMU -------------------------------------------------------------------------------------
 
+VHOST_NET = Path("/dev/vhost-net")
+
+
+def vhost_net_usable(device: Path = VHOST_NET) -> bool:
+    """Whether this process can open `device` read-write, as QEMU's `vhost=on` does.
+
+    A VMM that runs as another user may see otherwise: pass `vhost` explicitly for it.
+    """
+    try:
+        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
 
 def qemu_netdev(
-    network: VmNetwork, tap: TapOptions, queue_pairs: int | None = None, netdev_id: str = "net0"
+    network: VmNetwork,
+    tap: TapOptions,
+    queue_pairs: int | None = None,
+    netdev_id: str = "net0",
+    vhost: bool | None = None,
 ) -> str:
     """The value of QEMU's `-netdev` for the existing TAP (no ifup/ifdown scripts).
 
-    A multi-queue TAP gets `vhost=on,queues=N` (vhost-net needs access to /dev/vhost-net).
+    A multi-queue TAP gets `queues=N`. `vhost` chooses `vhost=on`: True always, False never,
+    None (the default) for a multi-queue TAP when /dev/vhost-net is usable here. QEMU aborts
+    at start with `vhost=on` when it cannot open /dev/vhost-net.
     """
     pairs = queue_pairs_for(tap, queue_pairs)
+    if vhost is None:
+        vhost = tap.multi_queue and vhost_net_usable()
     value = f"tap,id={netdev_id},ifname={network.tap_name},script=no,downscript=no"
+    if vhost:
+        value += ",vhost=on"
     if tap.multi_queue:
-        value += f",vhost=on,queues={pairs}"
+        value += f",queues={pairs}"
     return value
 
 
@@ -154,12 +186,17 @@ def qemu_device(
 
 
 def qemu_args(
-    network: VmNetwork, tap: TapOptions, queue_pairs: int | None = None, netdev_id: str = "net0"
+    network: VmNetwork,
+    tap: TapOptions,
+    queue_pairs: int | None = None,
+    netdev_id: str = "net0",
+    vhost: bool | None = None,
 ) -> list[str]:
-    """QEMU's command-line arguments for the NIC: `-netdev ... -device ...`."""
+    """QEMU's command-line arguments for the NIC: `-netdev ... -device ...` (`vhost` as for
+    `qemu_netdev`)."""
     return [
         "-netdev",
-        qemu_netdev(network, tap, queue_pairs, netdev_id),
+        qemu_netdev(network, tap, queue_pairs, netdev_id, vhost),
         "-device",
         qemu_device(network, tap, queue_pairs, netdev_id),
     ]

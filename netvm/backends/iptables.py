@@ -1,7 +1,8 @@
 """The legacy xtables tables through python-iptables (libiptc): chains and rules.
 
-`import iptc` normally runs ldconfig, gcc and modprobe (about 17 processes, ~200 ms) to find
-its libraries; `load_iptc` finds them by soname instead, so no netvm call creates a process.
+What netvm needs of python-iptables' internals (a process-free import, errno, entry
+insertion and deletion without fd 1 swaps, raw match bytes) is in `iptc_compat`, which
+checks the version it supports.
 libiptc keeps process-wide state (one cached handle per table, global extension registry), and
 a handle reads and commits in the namespace of the thread that initialised it: every use goes
 through `_LOCK` and starts with a fresh handle made in the calling (namespace) thread.
@@ -13,99 +14,22 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import importlib.util
 import ipaddress
 import os
 import socket
 import struct
-import sys
-import sysconfig
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from types import ModuleType
 from typing import Any, TypeVar
 
+from netvm.backends import iptc_compat
 from netvm.backends.base import STANDARD_TARGETS, Rule
-from netvm.errors import NetvmError, host_error
+from netvm.backends.iptc_compat import load_iptc
+from netvm.errors import host_error
 
 _LOCK = threading.RLock()
 T = TypeVar("T")
-
-_SONAMES = {
-    "ip4tc": ("libip4tc.so.2", "libip4tc.so.0"),
-    "ip6tc": ("libip6tc.so.2", "libip6tc.so.0"),
-    "iptc": ("libiptc.so.0",),
-    "xtables": tuple(f"libxtables.so.{v}" for v in range(12, 9, -1)),
-}
-MISSING_IPTABLES = (
-    "python-iptables needs the xtables libraries and extensions: "
-    "install Debian's 'iptables' package (apt-get install iptables)"
-)
-
-
-def _xtables_dir() -> str:
-    multiarch = sysconfig.get_config_var("MULTIARCH") or ""
-    for candidate in (
-        f"/usr/lib/{multiarch}/xtables",
-        "/usr/lib64/xtables",
-        "/usr/lib/xtables",
-        "/usr/local/lib/xtables",
-    ):
-        if os.path.isdir(candidate):
-            return candidate
-    raise NetvmError(MISSING_IPTABLES)
-
-
-def load_iptc() -> ModuleType:
-    """Import python-iptables without the process spawns of its library search."""
-    loaded = sys.modules.get("iptc")
-    if loaded is not None:
-        return loaded
-    os.environ.setdefault("XTABLES_LIBDIR", _xtables_dir())
-    spec = importlib.util.find_spec("iptc")
-    if spec is None or spec.origin is None:
-        raise NetvmError("python-iptables is not installed (pip install python-iptables)")
-    util_spec = importlib.util.spec_from_file_location(
-        "iptc.util", Path(spec.origin).with_name("util.py")
-    )
-    assert util_spec is not None
-    assert util_spec.loader is not None
-    util = importlib.util.module_from_spec(util_spec)
-    util_spec.loader.exec_module(util)
-    patched: Any = util
-    search_by_path: Callable[[str], Any] = patched._do_find_library
-
-    def find_without_spawning(name: str) -> Any:
-        if "/" in name:
-            return search_by_path(name)
-        stem = name.removeprefix("lib").split(".")[0]
-        for soname in _SONAMES.get(stem, ()):
-            try:
-                return ctypes.CDLL(soname, mode=ctypes.RTLD_GLOBAL)
-            except OSError:
-                continue
-        for folder in sys.path:
-            try:
-                return ctypes.CDLL(os.path.join(folder, name), mode=ctypes.RTLD_GLOBAL)
-            except OSError:
-                continue
-        return None
-
-    patched._do_find_library = find_without_spawning
-    patched.find_libc = lambda: ctypes.CDLL("libc.so.6", mode=ctypes.RTLD_GLOBAL)
-    # The kernel loads ip_tables and iptable_* itself when a table is first asked for.
-    patched.load_kernel = lambda *args, **kwargs: None
-    sys.modules["iptc.util"] = util
-    try:
-        import iptc
-    except Exception as exc:
-        sys.modules.pop("iptc.util", None)
-        raise NetvmError(f"{MISSING_IPTABLES} ({exc})") from exc
-    module: ModuleType = iptc
-    return module
-
 
 IPT_SO_GET_INFO = 64
 IPT_SO_GET_ENTRIES = 65
@@ -268,7 +192,7 @@ class IptablesFirewall:
                     self._changed(table)
                     handle.commit()
             except iptc.IPTCError as exc:
-                code = iptc.ip4tc._get_errno_loc()[0] or errno.EIO
+                code = iptc_compat.last_errno(iptc) or errno.EIO
                 raise host_error(operation, where, code, str(exc)) from None
 
     def list_chains(self, table: str) -> list[str]:
@@ -321,14 +245,7 @@ class IptablesFirewall:
                 raise host_error("insert rule", where, errno.E2BIG)
             if rule.target not in STANDARD_TARGETS and not handle.is_chain(rule.target):
                 raise host_error("insert rule", where, errno.ENOENT, f"no target {rule.target}")
-            entry = self._to_iptc(rule)
-            # What Chain.insert_rule does, less its final_check, which re-reads every option
-            # through libxtables' printer (swapping fd 1, see _parameters): the options were
-            # parsed into the entry when they were set; the extensions' own checks still run.
-            for match in entry.matches:
-                match._final_check()
-            entry.target._final_check()
-            handle.insert_entry(chain, entry.rule, position)
+            iptc_compat.insert_entry(handle, chain, self._to_iptc(rule), position)
 
     def delete_rule(self, table: str, chain: str, rule: Rule) -> None:
         where = f"chain {table}/{chain}"
@@ -336,12 +253,7 @@ class IptablesFirewall:
             target_chain = self._chain(handle, "delete rule", table, chain)
             for number, candidate in enumerate(target_chain.rules):
                 if to_rule(candidate, handle.is_chain) == rule:
-                    # By number: Chain.delete_rule would run final_check (fd 1, as above).
-                    if (
-                        handle._iptc.iptc_delete_num_entry(chain.encode(), number, handle._handle)
-                        != 1
-                    ):
-                        raise self._iptc.IPTCError(f"can't delete rule {number} of {chain}")
+                    iptc_compat.delete_entry(self._iptc, handle, chain, number)
                     return
             raise host_error("delete rule", where, errno.ENOENT)
 
@@ -387,7 +299,7 @@ CT_STATES = {1 << 0: "INVALID", 1 << 1: "ESTABLISHED", 1 << 2: "RELATED", 1 << 3
 def _decode_match(match: Any) -> tuple[str, str] | None:
     """("comment", text) or ("ctstate", "A,B") from a match's bytes; None if it is not a
     plain comment or a plain --ctstate (revision 3) match."""
-    raw = bytes(match.match_buf)
+    raw = iptc_compat.match_bytes(match)
     data, revision = raw[XT_HEADER:], raw[XT_HEADER - 1]
     if match.name == "comment":
         return "comment", data[:256].split(b"\0", 1)[0].decode(errors="replace")
@@ -409,7 +321,7 @@ def _plain_target(target: Any, is_chain: Callable[[str], bool]) -> bool:
         return True
     if target.name != "MASQUERADE":
         return False
-    data = ctypes.string_at(ctypes.addressof(target.target), target.size)[XT_HEADER:]
+    data = iptc_compat.target_bytes(target)[XT_HEADER:]
     # nf_nat_ipv4_multi_range_compat: rangesize 1 and a range whose flags, addresses and
     # ports are all zero (no --to-ports, no --random).
     return data[:4] == struct.pack("=I", 1) and not any(data[4:20])
@@ -459,3 +371,6 @@ def to_rule(entry: Any, is_chain: Callable[[str], bool]) -> Rule:
         comment=comment,
         other=" ".join(other),
     )
+
+
+__all__ = ["IptablesFirewall", "TableReader", "load_iptc", "to_rule"]

@@ -330,6 +330,9 @@ class KernelBackend:
     def close(self) -> None:
         if self._iptc is not None:
             self._call(self._iptc.close)
+        for firewall in self._firewalls.values():
+            if isinstance(firewall, NftablesFirewall):
+                firewall.close()
         with self._tun_lock:
             for fd in self._tun_fds:
                 os.close(fd)

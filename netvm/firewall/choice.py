@@ -41,14 +41,13 @@ def choose_firewall(choice: FirewallChoice, backend: HasFirewalls) -> ChosenFire
                 "firewall", choice, f"no firewall can be used: {nft_missing}; {ipt_missing}"
             )
         return ChosenFirewall("iptables", f"auto: nftables cannot be used ({nft_missing})", choice)
-    nft_used = nftables.in_use()
+    # Only a host whose legacy tables hold rules can get iptables: ask nftables only then.
+    nft_used = legacy_used and nftables.in_use()
     if legacy_used and not nft_used:
         reason = "auto: the legacy xtables tables hold rules and nftables holds none"
         return ChosenFirewall("iptables", reason, choice)
     if nft_used:
-        reason = "auto: nftables holds rules" + (
-            " (the legacy tables too: nftables wins)" if legacy_used else ""
-        )
+        reason = "auto: nftables and the legacy tables hold rules: nftables wins"
     else:
-        reason = "auto: neither nftables nor the legacy tables hold rules"
+        reason = "auto: the legacy xtables tables hold no rules"
     return ChosenFirewall("nftables", reason, choice)

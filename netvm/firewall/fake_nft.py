@@ -45,6 +45,9 @@ class FakeNftRunner:
         self.ruleset = ruleset
         self._on_change = on_change
 
+    def generation(self) -> int:
+        return self.ruleset.transactions
+
     def run(self, commands: list[Json], operation: str, where: str | None) -> list[Json]:
         work = copy.deepcopy(self.ruleset)
         listed: list[Json] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import importlib.util
 import sys
 import threading
@@ -20,6 +21,7 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 from netvm.errors import NetvmError, host_error
+from netvm.firewall.generation import GenerationReader
 
 T = TypeVar("T")
 Json = dict[str, Any]
@@ -62,8 +64,9 @@ def load_binding() -> ModuleType:
     return module
 
 
+@functools.cache
 def binding_unavailable() -> str | None:
-    """Why libnftables cannot be used here, or None."""
+    """Why libnftables cannot be used here, or None (asked once per process)."""
     try:
         load_binding().Nftables()
     except (NetvmError, OSError) as exc:
@@ -72,37 +75,55 @@ def binding_unavailable() -> str | None:
 
 
 class KernelNftRunner:
-    """A libnftables context made on, and used only from, the namespace's thread."""
+    """A libnftables context made on the namespace's thread, used from any thread.
+
+    libnftables opens its netlink socket when the context is made, and a socket acts in
+    the namespace it was opened in: after the one hop that makes the context, commands run
+    in the calling thread (tests/kernel/test_namespaces.py checks it). A context is not
+    thread-safe: one lock serialises its use.
+    """
 
     def __init__(self, call: Callable[[Callable[[], Any]], Any]) -> None:
         self._call = call
         self._context: Any = None
+        self._generations: GenerationReader | None = None
         self._lock = threading.Lock()
 
-    def _context_here(self) -> Any:
-        if self._context is None:
+    def generation(self) -> int | None:
+        """The ruleset's generation, read on a socket opened in the namespace."""
+        if self._generations is None:
             try:
-                self._context = load_binding().Nftables()
-            except OSError as exc:
-                raise NetvmError(f"{MISSING_NFTABLES} ({exc})") from None
-        return self._context
+                self._generations = self._call(GenerationReader)
+            except OSError:
+                return None
+        try:
+            return self._generations.generation()
+        except OSError:
+            return None
+
+    def _make_context(self) -> Any:
+        try:
+            return load_binding().Nftables()
+        except OSError as exc:
+            raise NetvmError(f"{MISSING_NFTABLES} ({exc})") from None
 
     def run(self, commands: list[Json], operation: str, where: str | None) -> list[Json]:
-        def run_here() -> list[Json]:
-            with self._lock:
-                context = self._context_here()
-                _errno_location()[0] = 0
-                rc, output, error = context.json_cmd({"nftables": commands})
-                code = _errno_location()[0]
-            if rc != 0:
-                detail = " ".join(str(error).split())
-                raise host_error(operation, where, code or errno.EIO, detail)
-            if not output:
-                return []
-            return [item for item in output.get("nftables", []) if "metainfo" not in item]
-
-        result: list[Json] = self._call(run_here)
-        return result
+        with self._lock:
+            if self._context is None:
+                self._context = self._call(self._make_context)
+            _errno_location()[0] = 0
+            rc, output, error = self._context.json_cmd({"nftables": commands})
+            code = _errno_location()[0]
+        if rc != 0:
+            detail = " ".join(str(error).split())
+            raise host_error(operation, where, code or errno.EIO, detail)
+        if not output:
+            return []
+        return [item for item in output.get("nftables", []) if "metainfo" not in item]
 
     def close(self) -> None:
-        self._context = None
+        with self._lock:
+            self._context = None
+            if self._generations is not None:
+                self._generations.close()
+                self._generations = None

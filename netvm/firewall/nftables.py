@@ -45,6 +45,9 @@ class NftRunner(Protocol):
     def run(self, commands: list[Json], operation: str, where: str | None) -> list[Json]:
         """The objects the commands listed (metainfo left out); HostError on failure."""
 
+    def generation(self) -> int | None:
+        """The ruleset's generation (bumped by every commit), or None if unknown."""
+
 
 def table_name(bridge: str) -> str:
     return TABLE_PREFIX + bridge
@@ -143,9 +146,17 @@ class NftablesFirewall:
     def __init__(self, runner: NftRunner, unavailable: Callable[[], str | None]) -> None:
         self._runner = runner
         self._unavailable = unavailable
+        self._verified: dict[str, tuple[BridgeFirewall, int]] = {}
+        """bridge -> (policy, generation at which its rules were seen in place)."""
 
     def unavailable(self) -> str | None:
         return self._unavailable()
+
+    def close(self) -> None:
+        """Release the runner's context and sockets (not part of the Firewall seam)."""
+        close = getattr(self._runner, "close", None)
+        if close is not None:
+            close()
 
     def _run(self, commands: list[Json], operation: str, where: str | None) -> list[Json]:
         return self._runner.run(commands, operation, where)
@@ -172,6 +183,19 @@ class NftablesFirewall:
             self._list_table(FAMILY, table_name(bridge), tables),
             self._list_table(IPTABLES_FAMILY, IPTABLES_TABLE, tables),
         )
+
+    def _try_list(self, family: str, name: str) -> _Table | None:
+        """The table, or None if listing it fails (it does not exist, most likely).
+
+        For ensure's warm path: two requests instead of three. A failure other than a
+        missing table cannot hide here: ensure then writes, and that transaction reports it
+        by errno.
+        """
+        command = {"list": {"table": {"family": family, "name": name}}}
+        try:
+            return _Table(self._run([command], "list nftables table", f"{family} {name}"))
+        except HostError:
+            return None
 
     def _commit(self, build: Callable[[], list[Json]], operation: str, where: str) -> bool:
         """Run what `build` (which reads the tables) asks for, as one transaction.
@@ -282,8 +306,24 @@ class NftablesFirewall:
         return commands
 
     def ensure(self, policy: BridgeFirewall) -> bool:
+        """Converge; while the ruleset's generation is the one at which this policy was last
+        seen in place, nothing is read again (see generation.py)."""
+        before = self._runner.generation()
+        if before is not None and self._verified.get(policy.bridge) == (policy, before):
+            return False
+        self._verified.pop(policy.bridge, None)
+        changed = self._ensure(policy)
+        after = self._runner.generation()
+        # Trust the generation only if no other commit could have slipped in: none at all,
+        # or exactly ours.
+        if before is not None and after == before + (1 if changed else 0):
+            self._verified[policy.bridge] = (policy, after)
+        return changed
+
+    def _ensure(self, policy: BridgeFirewall) -> bool:
         def build() -> list[Json]:
-            own, iptables = self._read(policy.bridge)
+            own = self._try_list(FAMILY, table_name(policy.bridge))
+            iptables = self._try_list(IPTABLES_FAMILY, IPTABLES_TABLE)
             commands = [] if self._own_is_current(policy, own) else self._own_commands(policy)
             return commands + self._pass_commands(policy, iptables)
 
@@ -331,6 +371,7 @@ class NftablesFirewall:
     def remove(self, bridge: str) -> list[str]:
         tag = tag_of(bridge)
         problems: list[str] = []
+        self._verified.pop(bridge, None)
 
         def build() -> list[Json]:
             own, iptables = self._read(bridge)

@@ -11,9 +11,12 @@
 - `ping`, `udp_request`, `UdpEchoServer` (probes.py), `FrameCapture` (capture.py): probes
   that run on threads inside a namespace. `snapshot` (state.py): netvm's state, by name, for
   before/after comparisons.
+- `netvm.testing.qemu` (imported on its own): a real Linux guest under QEMU on a TAP, with
+  Debian's kernel and a busybox initramfs built at test time (tests/guest, docs/guests.md).
 
-Nothing here starts a process or changes the caller's own namespace: namespace work runs on
-threads that entered the namespace with setns().
+Nothing here changes the caller's own namespace: namespace work runs on threads that entered
+the namespace with setns(). Only `netvm.testing.qemu` starts processes (apt-get, and QEMU
+under `ip netns exec`).
 
 It needs pyroute2 (veths, routes, neighbours), which `netvm` itself never imports: install
 `netvm[testing]`.

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from netvm.backends.iptables import load_iptc
+from netvm.backends.iptc_compat import load_iptc
 from netvm.backends.netns import CLONE_NEWNET, NETNS_RUN_DIR, NamespaceThread
 from netvm.errors import NetvmError, host_error
 from netvm.firewall.libnftables import binding_unavailable

@@ -140,6 +140,48 @@ def test_ensure_installs_then_changes_nothing(backend: Backend, firewall: Firewa
     assert any("192.0.2.0/24" in text and "MASQUERADE" in text.upper() for text in texts)
 
 
+def test_a_change_by_someone_else_between_two_ensures_is_mended(
+    backend: Backend, firewall: Firewall, kind: FirewallKind
+) -> None:
+    """The nftables warm path skips reading while the ruleset's generation is unchanged:
+    any other commit (here, a foreign rule dropped into netvm's table, then netvm's own
+    rules removed behind its back) must make the next ensure look again."""
+    firewall.ensure(POLICY)
+    assert firewall.ensure(POLICY) is False
+    foreign_rule_in_netvms_chain(backend, kind)
+    with pytest.raises(ConflictError):
+        firewall.ensure(POLICY)
+    other = backend.firewall("iptables" if kind == "nftables" else "nftables")
+    assert other.listing("nvbr0") == []
+    firewall.remove("nvbr0")
+    if kind == "nftables" and isinstance(backend, KernelBackend):
+        tool(backend, "nft", "delete", "table", "inet", "netvm-nvbr0")
+    elif kind == "nftables":
+        fake_nft(backend, {"delete": {"table": {"family": "inet", "name": "netvm-nvbr0"}}})
+    else:
+        backend.delete_rule(FILTER, forward_chain("nvbr0"), Rule("ACCEPT", in_iface="other0"))
+        backend.delete_chain(FILTER, forward_chain("nvbr0"))
+    assert firewall.ensure(POLICY) is True
+    assert firewall.check(POLICY) == []
+
+
+def test_rules_deleted_behind_netvms_back_are_put_back(
+    backend: Backend, firewall: Firewall, kind: FirewallKind
+) -> None:
+    firewall.ensure(POLICY)
+    assert firewall.ensure(POLICY) is False
+    if kind == "iptables":
+        (nat,) = backend.list_rules("nat", "NETVM-NAT-nvbr0")
+        backend.delete_rule("nat", "NETVM-NAT-nvbr0", nat)
+    elif isinstance(backend, KernelBackend):
+        tool(backend, "nft", "flush", "chain", "inet", "netvm-nvbr0", "postrouting")
+    else:
+        fake_nft(backend, {"delete": {"table": {"family": "inet", "name": "netvm-nvbr0"}}})
+    assert firewall.check(POLICY) != []
+    assert firewall.ensure(POLICY) is True
+    assert firewall.check(POLICY) == []
+
+
 def test_remove_takes_everything_and_is_idempotent(backend: Backend, firewall: Firewall) -> None:
     before = snapshot(backend)
     firewall.ensure(POLICY)

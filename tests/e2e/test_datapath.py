@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -280,12 +281,17 @@ def test_emulating_a_missing_tap_fails_and_leaves_no_namespace(
     from netvm import NotFound
     from netvm.backends.netns import NETNS_RUN_DIR
 
+    def guest_namespaces() -> list[str]:
+        # Only this emulator's: other tests on the machine may make namespaces meanwhile.
+        return sorted(p.name for p in NETNS_RUN_DIR.iterdir() if p.name.startswith(prefix))
+
+    prefix = f"netvm-missing-tap-{os.getpid()}-"
     vm = net.attach("vm-x")
     net.detach("vm-x")
-    before = sorted(p.name for p in NETNS_RUN_DIR.iterdir())
-    with pytest.raises(NotFound), GuestEmulator(vm, topology.host_netns):
+    assert guest_namespaces() == []
+    with pytest.raises(NotFound), GuestEmulator(vm, topology.host_netns, prefix=prefix):
         pass
-    assert sorted(p.name for p in NETNS_RUN_DIR.iterdir()) == before
+    assert guest_namespaces() == []
     assert run_in_netns(topology.host_netns, lambda: _has_link(vm.tap_name)) is False
 
 

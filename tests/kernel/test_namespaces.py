@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -73,5 +74,29 @@ def test_processes_running_ensure_host_at_once_all_succeed(netns: str, tmp_path:
         assert _ensure(netns, str(tmp_path)) == "ok"
         assert snapshot(backend) == state
         assert backend.get_ip_forward() is True
+    finally:
+        backend.close()
+
+
+def test_nftables_acts_in_its_namespace_from_any_thread(netns: str, config: NetworkConfig) -> None:
+    """The libnftables context is made on the namespace's thread and then used from the
+    caller's (this test's thread, in the root namespace): what it reads and writes is the
+    namespace's. A table made there by nft is seen; netvm's table is seen there by nft."""
+
+    def nft(*args: str) -> str:
+        command = ["ip", "netns", "exec", netns, "nft", *args]
+        return subprocess.run(command, capture_output=True, text=True, check=True).stdout
+
+    backend = KernelBackend(netns)
+    try:
+        nft("add", "table", "inet", "probe")
+        with NetworkManager(config, backend) as manager:
+            manager.ensure_host()
+            assert "table inet netvm-nvbr0" in nft("list", "tables")
+            firewall = backend.firewall("nftables")
+            assert firewall.in_use(), "the probe table is seen from this thread"
+            assert backend.firewall("nftables").listing("nvbr0") != []
+            manager.teardown_host()
+        assert nft("list", "tables").split() == ["table", "inet", "probe"]
     finally:
         backend.close()

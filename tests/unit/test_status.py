@@ -50,7 +50,7 @@ def test_after_ensure_host_and_attach_everything_is_present(config: NetworkConfi
         "auto",
         [],
     )
-    assert firewall["reason"] == "auto: neither nftables nor the legacy tables hold rules"
+    assert firewall["reason"] == "auto: the legacy xtables tables hold no rules"
     assert [(r["chain"], r["rule"]) for r in firewall["rules"]] == [
         ("inet netvm-nvbr0 forward", "in nvbr0 out up0 accept"),
         ("inet netvm-nvbr0 forward", "in nvbr0 out nvbr0 accept"),
