@@ -47,7 +47,7 @@ from netvm.config import (
     validate_ifname,
 )
 from netvm.diagnosis import doctor
-from netvm.errors import ConfigError, HostError, NetvmError, NotFound
+from netvm.errors import ConfigError, NetvmError, NotFound, StateStoreError
 from netvm.manager import Attachment, NetworkManager
 from netvm.naming import VmNetwork
 from netvm.status import HostStatus, host_status
@@ -503,8 +503,8 @@ def _hint(exc: NetvmError) -> str:
     """What to do, for the few errors whose message does not say it already."""
     if isinstance(exc, NotFound) and exc.operation == "open network namespace":
         return "; create it first (ip netns add NAME) or fix --netns"
-    if type(exc) is HostError and exc.operation == "open lease store":
-        return "; choose a writable --state-dir"
+    if isinstance(exc, StateStoreError):
+        return "; --state-dir (MICROVM_NETWORK_STATE_DIR) must be a writable directory"
     return ""
 
 

@@ -238,3 +238,10 @@ def test_json_reports_an_internal_error_as_a_document(run: Run) -> None:
     result = run("list", "--json", factory=broken)
     assert result.code == 1
     assert '"type": "InternalError"' in result.out
+
+
+def test_an_unusable_state_dir_says_which_option_to_fix(run: Run, state: FakeState) -> None:
+    line = run("ensure-host", "--state-dir", "/proc/no-such-dir").error_line("ensure-host")
+    assert "/proc/no-such-dir" in line
+    assert "--state-dir (MICROVM_NETWORK_STATE_DIR) must be a writable directory" in line
+    assert list(state.links) == ["lo"]
