@@ -232,11 +232,6 @@ def test_tap_flags_are_bools(field: str, value: object) -> None:
 
 
 @pytest.mark.privileged
-@pytest.mark.xfail(
-    strict=True,
-    reason="netvm/backends/tun.py passes the id to fcntl.ioctl as a C int: OverflowError "
-    "for ids from 2**31 (reported; remove this mark when tun.py is fixed)",
-)
 def test_on_the_kernel_the_largest_owner_and_group_are_given_to_the_tap(
     kernel: tuple[str, KernelBackend],
 ) -> None:
