@@ -123,16 +123,21 @@ def verify(shell: Shell, expected: int, phase: str) -> None:
 # netvm ------------------------------------------------------------------------------------
 
 
-def run_netvm(netns: str, n: int, state_root: Path) -> dict[str, Any]:
-    shell = Shell(netns)
-    state_dir = Path(tempfile.mkdtemp(prefix="state-", dir=state_root))
-    config = NetworkConfig(
+def bench_config(state_dir: Path) -> NetworkConfig:
+    """The bench's one bridge (every netvm run and the contention processes use it)."""
+    return NetworkConfig(
         bridge_name=BRIDGE,
         vm_subnet=ipaddress.IPv4Network(SUBNET),
         host_egress_iface=EGRESS,
         mtu=MTU,
         state_dir=state_dir,
     )
+
+
+def run_netvm(netns: str, n: int, state_root: Path) -> dict[str, Any]:
+    shell = Shell(netns)
+    state_dir = Path(tempfile.mkdtemp(prefix="state-", dir=state_root))
+    config = bench_config(state_dir)
     try:
         start = now()
         manager = NetworkManager(config, KernelBackend(netns))
@@ -300,13 +305,7 @@ CONTENTION_ATTACHES = 100
 
 def _contended_attaches(netns: str, state_dir: str, worker: int) -> list[tuple[str, str, float]]:
     """One of the processes: its own manager, CONTENTION_ATTACHES attaches of new VMs."""
-    config = NetworkConfig(
-        bridge_name=BRIDGE,
-        vm_subnet=ipaddress.IPv4Network(SUBNET),
-        host_egress_iface=EGRESS,
-        mtu=MTU,
-        state_dir=Path(state_dir),
-    )
+    config = bench_config(Path(state_dir))
     backend = KernelBackend(netns)
     found: list[tuple[str, str, float]] = []
     with NetworkManager(config, backend) as manager:
@@ -327,15 +326,10 @@ def run_contention(state_root: Path) -> dict[str, Any]:
     with throwaway_netns("nvbench-") as netns:
         shell = Shell(netns)
         state_dir = Path(tempfile.mkdtemp(prefix="state-", dir=state_root))
-        config = NetworkConfig(
-            bridge_name=BRIDGE,
-            vm_subnet=ipaddress.IPv4Network(SUBNET),
-            host_egress_iface=EGRESS,
-            mtu=MTU,
-            state_dir=state_dir,
-        )
+        config = bench_config(state_dir)
+        backend = KernelBackend(netns)
         try:
-            with NetworkManager(config, KernelBackend(netns)) as manager:
+            with NetworkManager(config, backend) as manager:
                 manager.ensure_host()
                 context = multiprocessing.get_context("spawn")
                 jobs = [(netns, str(state_dir), w) for w in range(CONTENTION_PROCESSES)]
@@ -347,8 +341,8 @@ def run_contention(state_root: Path) -> dict[str, Any]:
                     raise BrokenRun("contention: two VMs got one address")
                 verify(shell, total, "contended attaches")
                 manager.teardown_host()
-                manager.backend.close()
         finally:
+            backend.close()
             shell.close()
     latencies = [seconds for _, _, seconds in attached]
     return {
