@@ -15,7 +15,7 @@ import pytest
 
 from netvm import FakeBackend, KernelBackend, NetworkConfig, NetworkManager
 from netvm.backends.base import Backend
-from netvm.testing import kernel_unavailable, throwaway_netns
+from netvm.testing import Topology, UdpEchoServer, kernel_unavailable, throwaway_netns
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -65,3 +65,23 @@ def config(tmp_path: Path) -> NetworkConfig:
 def manager(config: NetworkConfig, backend: Backend) -> Iterator[NetworkManager]:
     with NetworkManager(config, backend) as mgr:
         yield mgr
+
+
+# Fixtures of the tiers with a host and a small internet (tests/e2e, tests/guest), each of
+# which defines its own `topology`.
+
+
+@pytest.fixture
+def host_backend(topology: Topology) -> Iterator[KernelBackend]:
+    backend = KernelBackend(topology.host_netns)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+@pytest.fixture
+def internet_host(topology: Topology) -> Iterator[UdpEchoServer]:
+    """A UDP echo server on the internet host that records who sent each datagram."""
+    with UdpEchoServer(topology.internet_netns, topology.internet.ip) as server:
+        yield server

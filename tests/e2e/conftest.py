@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from netvm import KernelBackend, NetworkConfig, NetworkManager
-from netvm.testing import Topology, UdpEchoServer, internet_topology
+from netvm.testing import Topology, internet_topology
 
 
 @pytest.fixture
@@ -29,24 +29,8 @@ def e2e_config(config: NetworkConfig, request: pytest.FixtureRequest) -> Network
 
 
 @pytest.fixture
-def host_backend(topology: Topology) -> Iterator[KernelBackend]:
-    backend = KernelBackend(topology.host_netns)
-    try:
-        yield backend
-    finally:
-        backend.close()
-
-
-@pytest.fixture
 def net(e2e_config: NetworkConfig, host_backend: KernelBackend) -> Iterator[NetworkManager]:
     """A NetworkManager on the host namespace, after ensure_host()."""
     with NetworkManager(e2e_config, host_backend) as manager:
         manager.ensure_host()
         yield manager
-
-
-@pytest.fixture
-def internet_host(topology: Topology) -> Iterator[UdpEchoServer]:
-    """A UDP echo server on the internet host that records who sent each datagram."""
-    with UdpEchoServer(topology.internet_netns, topology.internet.ip) as server:
-        yield server

@@ -21,7 +21,7 @@ from typing import NoReturn
 import pytest
 
 from netvm import KernelBackend, NetworkConfig, NetworkManager
-from netvm.testing import Topology, UdpEchoServer, internet_topology
+from netvm.testing import Topology, internet_topology
 from netvm.testing.qemu import (
     GuestSetupError,
     GuestTools,
@@ -90,24 +90,8 @@ def guest_config(tmp_path: Path) -> NetworkConfig:
 
 
 @pytest.fixture
-def host_backend(topology: Topology) -> Iterator[KernelBackend]:
-    backend = KernelBackend(topology.host_netns)
-    try:
-        yield backend
-    finally:
-        backend.close()
-
-
-@pytest.fixture
 def net(guest_config: NetworkConfig, host_backend: KernelBackend) -> Iterator[NetworkManager]:
     """netvm on the topology's host, after ensure_host()."""
     with NetworkManager(guest_config, host_backend) as manager:
         manager.ensure_host()
         yield manager
-
-
-@pytest.fixture
-def internet_host(topology: Topology) -> Iterator[UdpEchoServer]:
-    """A UDP echo server on the internet host that records who sent each datagram."""
-    with UdpEchoServer(topology.internet_netns, topology.internet.ip) as server:
-        yield server
