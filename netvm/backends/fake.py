@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from netvm.backends.base import FILTER, NAT, STANDARD_TARGETS, Address, Link, Rule, TapOptions
 from netvm.config import IFNAMSIZ, MAX_MTU, MIN_MTU
 from netvm.errors import host_error
-from netvm.firewall.fake_nft import FakeNftRunner, FakeRuleset
+from netvm.firewall.fake_nft import FakeElements, FakeNftRunner, FakeRuleset
 from netvm.firewall.model import Firewall, FirewallKind
 from netvm.firewall.nftables import NftablesFirewall
 from netvm.firewall.xtables import XtablesFirewall
@@ -231,7 +231,7 @@ class FakeBackend:
         if found is None:
             if kind == "nftables":
                 runner = FakeNftRunner(self.state.nftables, on_change=self._mutate)
-                found = NftablesFirewall(runner, lambda: None)
+                found = NftablesFirewall(runner, lambda: None, FakeElements(runner))
             else:
                 found = XtablesFirewall(self)
             self._firewalls[kind] = found

@@ -27,6 +27,7 @@ from netvm.backends.netns import NamespaceThread
 from netvm.backends.rtnl import LinkInfo, Rtnl, RtnlError
 from netvm.backends.tun import create_persistent_tap, open_tun
 from netvm.errors import NetvmError, host_error
+from netvm.firewall.elements import KernelElements
 from netvm.firewall.libnftables import KernelNftRunner, binding_unavailable
 from netvm.firewall.model import Firewall, FirewallKind
 from netvm.firewall.nftables import NftablesFirewall
@@ -120,7 +121,9 @@ class KernelBackend:
         found = self._firewalls.get(kind)
         if found is None:
             if kind == "nftables":
-                found = NftablesFirewall(KernelNftRunner(self._call), binding_unavailable)
+                found = NftablesFirewall(
+                    KernelNftRunner(self._call), binding_unavailable, KernelElements(self._call)
+                )
             else:
                 found = XtablesFirewall(self)
             self._firewalls[kind] = found
