@@ -267,8 +267,8 @@ def run_batch(netns: str, n: int) -> dict[str, Any]:
         add = "".join(
             f"tuntap add dev {naming.tap_name(v)} mode tap\n"
             f"link set dev {naming.tap_name(v)} master {BRIDGE} mtu {MTU} up "
-            f"alias {naming.tap_alias(BRIDGE, v)}\n"
-            for v in ids
+            f"alias {naming.tap_alias(BRIDGE, v, slot)}\n"
+            for slot, v in enumerate(ids)
         )
         delete = "".join(f"link del dev {naming.tap_name(v)}\n" for v in ids)
         attach_totals: list[float] = []
@@ -290,6 +290,74 @@ def run_batch(netns: str, n: int) -> dict[str, Any]:
         }
     finally:
         shell.close()
+
+
+# Contention -------------------------------------------------------------------------------
+
+CONTENTION_PROCESSES = 8
+CONTENTION_ATTACHES = 100
+
+
+def _contended_attaches(netns: str, state_dir: str, worker: int) -> list[tuple[str, str, float]]:
+    """One of the processes: its own manager, CONTENTION_ATTACHES attaches of new VMs."""
+    config = NetworkConfig(
+        bridge_name=BRIDGE,
+        vm_subnet=ipaddress.IPv4Network(SUBNET),
+        host_egress_iface=EGRESS,
+        mtu=MTU,
+        state_dir=Path(state_dir),
+    )
+    backend = KernelBackend(netns)
+    found: list[tuple[str, str, float]] = []
+    with NetworkManager(config, backend) as manager:
+        manager.leases.open()
+        for i in range(CONTENTION_ATTACHES):
+            vm_id = f"p{worker}-vm{i}"
+            start = now()
+            vm = manager.attach(vm_id)
+            found.append((vm_id, str(vm.guest_ip), now() - start))
+    backend.close()
+    return found
+
+
+def run_contention(state_root: Path) -> dict[str, Any]:
+    """CONTENTION_PROCESSES processes attaching at once into one bridge (one lease store)."""
+    import multiprocessing
+
+    with throwaway_netns("nvbench-") as netns:
+        shell = Shell(netns)
+        state_dir = Path(tempfile.mkdtemp(prefix="state-", dir=state_root))
+        config = NetworkConfig(
+            bridge_name=BRIDGE,
+            vm_subnet=ipaddress.IPv4Network(SUBNET),
+            host_egress_iface=EGRESS,
+            mtu=MTU,
+            state_dir=state_dir,
+        )
+        try:
+            with NetworkManager(config, KernelBackend(netns)) as manager:
+                manager.ensure_host()
+                context = multiprocessing.get_context("spawn")
+                jobs = [(netns, str(state_dir), w) for w in range(CONTENTION_PROCESSES)]
+                with context.Pool(CONTENTION_PROCESSES) as pool:
+                    runs = pool.starmap(_contended_attaches, jobs)
+                attached = [vm for run in runs for vm in run]
+                total = CONTENTION_PROCESSES * CONTENTION_ATTACHES
+                if len({ip for _, ip, _ in attached}) != total:
+                    raise BrokenRun("contention: two VMs got one address")
+                verify(shell, total, "contended attaches")
+                manager.teardown_host()
+                manager.backend.close()
+        finally:
+            shell.close()
+    latencies = [seconds for _, _, seconds in attached]
+    return {
+        "processes": CONTENTION_PROCESSES,
+        "attaches": len(latencies),
+        "attach_p50_ms": ms(percentile(latencies, 50)),
+        "attach_p99_ms": ms(percentile(latencies, 99)),
+        "attach_max_ms": ms(max(latencies)),
+    }
 
 
 # Driver -----------------------------------------------------------------------------------
@@ -473,10 +541,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument(
+        "--contention-only", action="store_true", help="only the contention row (8 x 100)"
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("scripts/bench needs root (namespaces, bridges, TAPs)", file=sys.stderr)
         return 2
+    if args.contention_only:
+        return contention_main(args.rounds or 3)
     sizes = args.sizes or ([10, 100] if args.quick else [10, 100, 1000])
     rounds = args.rounds or (2 if args.quick else 3)
     impls = [i for i in IMPLS if i in args.impls.split(",")]
@@ -485,7 +558,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw: dict[int, dict[str, list[dict[str, Any]]]] = {n: {i: [] for i in impls} for n in sizes}
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     state_root = Path(tempfile.mkdtemp(prefix="netvm-bench-", dir="/run"))
+    contention: list[dict[str, Any]] = []
     try:
+        for r in range(rounds):
+            contention.append(run_contention(state_root))
+            print(f"  contention round {r + 1}/{rounds}: {contention[-1]}", flush=True)
         for n in sizes:
             for r in range(rounds):
                 for impl in impls:
@@ -522,6 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ip -batch: per-VM figures are (batch time - empty batch) / N, a mean, not a p50; "
         f"detach samples for netvm: {DETACH_SAMPLES} VMs per round (RCU grace period each)"
     )
+    print(contention_table(contention))
+    checks += contention_targets(contention)
     print("\ntargets:")
     for check in checks:
         mark = "met   " if check["met"] else "MISSED"
@@ -537,6 +616,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rounds": rounds,
         "summary": {str(n): v for n, v in summary.items()},
         "targets": checks,
+        "contention": contention,
         "raw": {
             str(n): {i: [_raw_ms(r) for r in runs] for i, runs in by.items()}
             for n, by in raw.items()
@@ -547,6 +627,60 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nJSON: {json_path}")
     print(chart(summary, args.out / f"bench-{stamp}.png"))
     print(f"total {time.time() - started:.0f} s")
+    return 0
+
+
+def contention_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"\ncontention: {CONTENTION_PROCESSES} processes x {CONTENTION_ATTACHES} attaches "
+        "at once, one bridge (ms)",
+        "| round | attach p50 | attach p99 | attach max |",
+        "|---|---|---|---|",
+    ]
+    for i, row in enumerate(rows, 1):
+        cells = [fmt(row[k]) for k in ("attach_p50_ms", "attach_p99_ms", "attach_max_ms")]
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def contention_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not rows:
+        return []
+    p99 = max(row["attach_p99_ms"] for row in rows)
+    worst = max(row["attach_max_ms"] for row in rows)
+    return [
+        {
+            "target": "contention: attach p99 (ms), worst round",
+            "value": p99,
+            "limit": 10,
+            "met": p99 <= 10,
+            "note": "",
+        },
+        {
+            "target": "contention: slowest attach (ms)",
+            "value": worst,
+            "limit": 50,
+            "met": worst <= 50,
+            "note": "",
+        },
+    ]
+
+
+def contention_main(rounds: int) -> int:
+    state_root = Path(tempfile.mkdtemp(prefix="netvm-bench-", dir="/run"))
+    try:
+        rows = [run_contention(state_root) for _ in range(rounds)]
+    finally:
+        for path in sorted(state_root.rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+        state_root.rmdir()
+    print(
+        f"scripts/bench --contention-only  ({machine()['nproc']} vCPU, Linux {machine()['kernel']})"
+    )
+    print(contention_table(rows))
+    for check in contention_targets(rows):
+        mark = "met   " if check["met"] else "MISSED"
+        print(f"  {mark} {check['target']}: {check['value']} (limit {check['limit']})")
     return 0
 
 

@@ -13,6 +13,7 @@ from netvm.errors import (
     NetvmError,
     NotFound,
     PermissionDenied,
+    StateStoreError,
     SubnetExhausted,
 )
 from netvm.firewall import BridgeFirewall, Firewall, FirewallRule
@@ -51,6 +52,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "Rule",
+    "StateStoreError",
     "SubnetExhausted",
     "TapOptions",
     "VmNetwork",

@@ -257,7 +257,7 @@ class AsyncNetworkManager:
         raising that error; vm_ids that had a lease before the call stay attached.
         Cancelled, it is undone the same way.
         """
-        return await self._attach(list(vm_ids), tap, many=True)
+        return await self._attach(naming.validate_vm_ids("vm_ids", vm_ids), tap, many=True)
 
     async def _attach(
         self, vm_ids: list[str], tap: TapOptions | None, *, many: bool
@@ -350,7 +350,7 @@ class AsyncNetworkManager:
         """Detach each vm_id. Delegated to the sync manager's detach_many where it has one;
         otherwise every detach is tried (spread over the detach managers) and the first
         error, in the order of `vm_ids`, is raised after all have run."""
-        wanted = list(vm_ids)
+        wanted = naming.validate_vm_ids("vm_ids", vm_ids)
         lane = self._detach_lane()
         delegate: Callable[[list[str]], object] | None = getattr(lane.manager, "detach_many", None)
         if delegate is not None:
@@ -377,7 +377,7 @@ class AsyncNetworkManager:
 
     async def gc(self, keep: Iterable[str] = ()) -> list[str]:
         """NetworkManager.gc: detach every VM whose vm_id is not in `keep`."""
-        kept = list(keep)
+        kept = naming.validate_vm_ids("keep", keep)
 
         def job() -> list[str]:
             gone = self._main.manager.gc(kept)

@@ -20,15 +20,19 @@ import json
 import logging
 import os
 import pwd
+import sqlite3
 import sys
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
 from netvm import glue
-from netvm.backends.base import Backend, TapOptions
+from netvm.backends.base import MAX_ID, Backend, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import (
+    DEFAULT_BRIDGE,
+    DEFAULT_EGRESS,
     ENV_BRIDGE,
     ENV_EGRESS,
     ENV_FIREWALL,
@@ -38,11 +42,12 @@ from netvm.config import (
     NetworkConfig,
     parse_firewall,
     parse_mtu,
+    parse_state_dir,
     parse_subnet,
     validate_ifname,
 )
 from netvm.diagnosis import doctor
-from netvm.errors import ConfigError, HostError, NetvmError, NotFound
+from netvm.errors import ConfigError, NetvmError, NotFound, StateStoreError
 from netvm.manager import Attachment, NetworkManager
 from netvm.naming import VmNetwork
 from netvm.status import HostStatus, host_status
@@ -63,30 +68,48 @@ def _kernel_backend(netns: str | None) -> Backend:
 # Argument parsing -----------------------------------------------------------------------
 
 
-def _uid(value: str) -> int:
-    """A user id, or a user name looked up in the passwd database."""
-    if value.isdigit():
-        return int(value)
+def _decimal(value: str, low: int, high: int) -> int | None:
+    """The number that `value` spells in ASCII digits (None if it is not one), low to high.
+
+    int() alone would also read other scripts' digits and fail on some characters that
+    str.isdigit() accepts (superscripts), with a ValueError rather than a usage error.
+    """
+    if not (value.isascii() and value.isdigit()):
+        return None
+    if len(value.lstrip("0")) > len(str(high)) or not low <= int(value) <= high:
+        raise argparse.ArgumentTypeError(f"out of range {low} to {high}: {value!r}")
+    return int(value)
+
+
+def _account(value: str, lookup: Callable[[str], int], what: str) -> int:
+    """A numeric id, or a name looked up (by `lookup`) in the passwd or group database."""
+    number = _decimal(value, 0, MAX_ID)
+    if number is not None:
+        return number
     try:
-        return pwd.getpwnam(value).pw_uid
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"no such user: {value!r}") from None
+        found = lookup(value)
+    except (KeyError, ValueError):  # ValueError: a NUL, or text the database cannot hold
+        raise argparse.ArgumentTypeError(f"no such {what}: {value!r}") from None
+    if not 0 <= found <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"{what} {value!r} has the unusable id {found}")
+    return found
+
+
+def _uid(value: str) -> int:
+    """A user id (0 to 2**32-2), or a user name looked up in the passwd database."""
+    return _account(value, lambda name: pwd.getpwnam(name).pw_uid, "user")
 
 
 def _gid(value: str) -> int:
-    """A group id, or a group name looked up in the group database."""
-    if value.isdigit():
-        return int(value)
-    try:
-        return grp.getgrnam(value).gr_gid
-    except KeyError:
-        raise argparse.ArgumentTypeError(f"no such group: {value!r}") from None
+    """A group id (0 to 2**32-2), or a group name looked up in the group database."""
+    return _account(value, lambda name: grp.getgrnam(name).gr_gid, "group")
 
 
 def _positive(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
+    number = _decimal(value, 1, glue.MAX_QUEUE_PAIRS)
+    if number is None:
         raise argparse.ArgumentTypeError(f"not a positive integer: {value!r}")
-    return int(value)
+    return number
 
 
 def _add_global_options(parser: argparse.ArgumentParser, in_subcommand: bool) -> None:
@@ -242,14 +265,16 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Network
         env[ENV_SUBNET] = args.subnet
     if args.egress is not None:
         env[ENV_EGRESS] = validate_ifname("--egress", args.egress)
+    if args.egress is not None and env.get(ENV_BRIDGE, DEFAULT_BRIDGE) == args.egress:
+        raise ConfigError("--egress", args.egress, "must differ from the bridge's name")
+    if args.bridge is not None and env.get(ENV_EGRESS, DEFAULT_EGRESS) == args.bridge:
+        raise ConfigError("--bridge", args.bridge, "must differ from the egress interface")
     if args.mtu is not None:
         env[ENV_MTU] = str(parse_mtu("--mtu", args.mtu))
     if args.firewall is not None:
         env[ENV_FIREWALL] = parse_firewall("--firewall", args.firewall)
     if args.state_dir is not None:
-        if not args.state_dir:
-            raise ConfigError("--state-dir", args.state_dir, "a non-empty directory path")
-        env[ENV_STATE_DIR] = args.state_dir
+        env[ENV_STATE_DIR] = str(parse_state_dir("--state-dir", args.state_dir))
     return NetworkConfig.from_env(env)
 
 
@@ -260,7 +285,16 @@ def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None
     if args.json:
         print(json.dumps({"version": JSON_SCHEMA_VERSION, **document}, indent=2))
     elif text:
+        _print(text)
+
+
+def _print(text: str) -> None:
+    """print(), with what stdout's encoding cannot show (LANG=C, a vm_id 'é') escaped."""
+    try:
         print(text)
+    except UnicodeEncodeError:
+        encoding = sys.stdout.encoding or "utf-8"
+        print(text.encode(encoding, "backslashreplace").decode(encoding))
 
 
 def _tap_dict(tap: TapOptions) -> dict[str, Any]:
@@ -469,18 +503,75 @@ def _hint(exc: NetvmError) -> str:
     """What to do, for the few errors whose message does not say it already."""
     if isinstance(exc, NotFound) and exc.operation == "open network namespace":
         return "; create it first (ip netns add NAME) or fix --netns"
-    if type(exc) is HostError and exc.operation == "open lease store":
-        return "; choose a writable --state-dir"
+    if isinstance(exc, StateStoreError):
+        return "; --state-dir (MICROVM_NETWORK_STATE_DIR) must be a writable directory"
     return ""
 
 
-def _fail(args: argparse.Namespace, exc: NetvmError) -> int:
-    message = " ".join(f"{exc}{_hint(exc)}".split())
+def _fail(args: argparse.Namespace, kind: str, message: str) -> int:
+    """Report an error in one line on stderr (and as JSON on stdout with --json): exit 1."""
+    message = " ".join(message.split())
     print(f"netvm {args.command}: error: {message}", file=sys.stderr)
     if args.json:
-        error = {"type": type(exc).__name__, "message": message}
+        error = {"type": kind, "message": message}
         print(json.dumps({"version": JSON_SCHEMA_VERSION, "error": error}, indent=2))
     return 1
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse argument text that netvm could not pass on, before anything is done.
+
+    Undecodable bytes of argv arrive as lone surrogates (PEP 383). A path may carry them
+    (the file system takes the bytes back), any other text must have a UTF-8 form.
+    """
+    if args.netns is not None and (
+        not args.netns or "\x00" in args.netns or not _fs_encodable(args.netns)
+    ):
+        raise ConfigError("--netns", args.netns, "a name under /run/netns or a path, without NUL")
+    for dest, value in vars(args).items():
+        if dest in _PATH_DESTS:
+            continue
+        values = value if isinstance(value, list) else [value]
+        for text in values:
+            if isinstance(text, str) and not _utf8_encodable(text):
+                option = "VM_ID" if dest == "vm_id" else "--" + dest.replace("_", "-")
+                raise ConfigError(
+                    option,
+                    text,
+                    "text that UTF-8 can encode: an argument with bytes "
+                    "that are not UTF-8 is refused",
+                )
+
+
+_PATH_DESTS = frozenset({"netns", "state_dir"})
+"""Checked elsewhere: --netns above, --state-dir by NetworkConfig."""
+
+
+def _fs_encodable(text: str) -> bool:
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _utf8_encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _execute(args: argparse.Namespace, factory: BackendFactory, environ: Mapping[str, str]) -> int:
+    _check_arguments(args)
+    config = load_config(args, environ)
+    backend = factory(args.netns)
+    try:
+        with NetworkManager(config, backend) as manager:
+            return _run(args, manager)
+    finally:
+        backend.close()
 
 
 def main(
@@ -489,7 +580,12 @@ def main(
     backend_factory: BackendFactory | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> int:
-    """Run the `netvm` command; return its exit status (it never calls sys.exit itself)."""
+    """Run the `netvm` command; return its exit status (it never calls sys.exit itself).
+
+    Whatever goes wrong ends in one line on stderr: a netvm error, an error of the lease
+    store's database or of the operating system (exit 1), a usage error (exit 2). Anything
+    else is a bug, reported as one "internal error" line (exit 1); -v adds the traceback.
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -499,20 +595,33 @@ def main(
     handler.setFormatter(logging.Formatter("netvm: %(levelname)s: %(message)s"))
     log.addHandler(handler)
     log.setLevel({0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG))
-    factory = backend_factory or _kernel_backend
-    backend: Backend | None = None
     try:
-        config = load_config(args, os.environ if environ is None else environ)
-        backend = factory(args.netns)
-        with NetworkManager(config, backend) as manager:
-            code = _run(args, manager)
+        env = os.environ if environ is None else environ
+        return _execute(args, backend_factory or _kernel_backend, env)
     except NetvmError as exc:
-        return _fail(args, exc)
+        return _fail(args, type(exc).__name__, f"{exc}{_hint(exc)}")
+    except sqlite3.Error as exc:
+        # Last resort: the lease store should have turned this into a netvm error.
+        return _fail(
+            args,
+            type(exc).__name__,
+            f"the lease store's database is unusable ({exc}): move it out of the state_dir "
+            "or choose another --state-dir",
+        )
+    except OSError as exc:
+        return _fail(args, type(exc).__name__, str(exc))
     except KeyboardInterrupt:
         print(f"netvm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        return _fail(
+            args,
+            "InternalError",
+            f"internal error: {type(exc).__name__}: {exc}; this is a bug in netvm, please "
+            "report it with the command that caused it"
+            + ("" if args.verbose else " (run it again with -v to see the traceback)"),
+        )
     finally:
-        if backend is not None:
-            backend.close()
         log.removeHandler(handler)
-    return code

@@ -37,20 +37,37 @@ MAX_MTU = 65521
 MAX_PREFIX = 30
 
 IFNAME_RULE = (
-    "1 to 15 characters from A-Z a-z 0-9 _ . - (not starting with '-' or '.'): "
-    "a name netvm writes into firewall rules must match only itself"
+    "1 to 15 characters from A-Z a-z 0-9 _ . - (not starting with '-' or '.', "
+    "not 'all' or 'default'): a name netvm writes into firewall rules must match only itself"
 )
 # Stricter than the kernel (dev_valid_name): in iptables a trailing '+' is a wildcard and a
 # leading '!' a negation, in nftables a trailing '*' is a wildcard; quotes and escapes mean
 # something to one tool or another. These characters mean nothing to any of them.
 _IFNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}")
+# The kernel refuses these (EINVAL): they are directories of /proc/sys/net/ipv4/conf.
+_RESERVED_IFNAMES = frozenset({"all", "default"})
 SUBNET_RULE = f"an IPv4 network in CIDR form with no host bits set, /{MAX_PREFIX} or larger"
+# Ranges whose addresses the kernel or the firewall treat as something other than a unicast
+# host on a link: a VM network there is unreachable, or captures traffic meant elsewhere.
+UNUSABLE_NETWORKS: tuple[tuple[ipaddress.IPv4Network, str], ...] = (
+    (ipaddress.IPv4Network("0.0.0.0/8"), "'this network'"),
+    (ipaddress.IPv4Network("127.0.0.0/8"), "loopback"),
+    (ipaddress.IPv4Network("169.254.0.0/16"), "link-local"),
+    (ipaddress.IPv4Network("224.0.0.0/4"), "multicast"),
+    (ipaddress.IPv4Network("240.0.0.0/4"), "reserved, with the broadcast address"),
+)
+USABLE_SUBNET_RULE = (
+    "a unicast IPv4 network outside "
+    + ", ".join(f"{net} ({what})" for net, what in UNUSABLE_NETWORKS)
+    + ", e.g. part of 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16"
+)
 MTU_RULE = f"an integer from {MIN_MTU} to {MAX_MTU}"
+STATE_DIR_RULE = "a non-empty directory path, as text that UTF-8 can encode, without NUL"
 
 
 def validate_ifname(field_name: str, value: object) -> str:
     """Check an interface name: one the kernel takes and no firewall reads as a pattern."""
-    if not isinstance(value, str) or _IFNAME.fullmatch(value) is None:
+    if not isinstance(value, str) or _IFNAME.fullmatch(value) is None or value in _RESERVED_IFNAMES:
         raise ConfigError(field_name, value, IFNAME_RULE)
     return value
 
@@ -80,6 +97,11 @@ def parse_subnet(field_name: str, value: object) -> ipaddress.IPv4Network:
         raise ConfigError(
             field_name, value, f"{SUBNET_RULE} (a /{net.prefixlen} has no room for a guest)"
         )
+    for unusable, what in UNUSABLE_NETWORKS:
+        if net.overlaps(unusable):
+            raise ConfigError(
+                field_name, value, f"{USABLE_SUBNET_RULE} ({net} overlaps {unusable}, {what})"
+            )
     return net
 
 
@@ -88,12 +110,28 @@ def parse_mtu(field_name: str, value: object) -> int:
     number = value
     if isinstance(value, str):
         text = value.strip()
-        number = int(text) if text.isdigit() else None
+        # ASCII digits only: int() also reads the digits of other scripts (Arabic-Indic,
+        # Devanagari...), which no kernel interface or configuration file means.
+        number = int(text) if text.isascii() and text.isdigit() and len(text) <= 6 else None
     if not isinstance(number, int) or isinstance(number, bool):
         raise ConfigError(field_name, value, MTU_RULE)
     if not MIN_MTU <= number <= MAX_MTU:
         raise ConfigError(field_name, value, MTU_RULE)
     return number
+
+
+def parse_state_dir(field_name: str, value: object) -> Path:
+    """A directory path that every later use can take: os calls, and SQLite (UTF-8)."""
+    if not isinstance(value, str | Path):
+        raise ConfigError(field_name, value, STATE_DIR_RULE)
+    text = str(value)
+    if not text or "\x00" in text:
+        raise ConfigError(field_name, value, STATE_DIR_RULE)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(field_name, value, STATE_DIR_RULE) from None
+    return Path(value)
 
 
 @dataclass(frozen=True, init=False)
@@ -130,13 +168,11 @@ class NetworkConfig:
             )
         if isinstance(mtu, str):
             raise ConfigError("mtu", mtu, MTU_RULE)
-        if not isinstance(state_dir, str | Path) or not str(state_dir):
-            raise ConfigError("state_dir", state_dir, "a non-empty directory path")
         object.__setattr__(self, "bridge_name", bridge_name)
         object.__setattr__(self, "vm_subnet", parse_subnet("vm_subnet", vm_subnet))
         object.__setattr__(self, "host_egress_iface", host_egress_iface)
         object.__setattr__(self, "mtu", parse_mtu("mtu", mtu))
-        object.__setattr__(self, "state_dir", Path(state_dir))
+        object.__setattr__(self, "state_dir", parse_state_dir("state_dir", state_dir))
         object.__setattr__(self, "firewall", parse_firewall("firewall", firewall))
 
     @classmethod
@@ -153,16 +189,24 @@ class NetworkConfig:
         mtu = env.get(ENV_MTU)
         state_dir = env.get(ENV_STATE_DIR)
         firewall = env.get(ENV_FIREWALL)
-        if state_dir is not None and not state_dir:
-            raise ConfigError(ENV_STATE_DIR, state_dir, "a non-empty directory path")
+        bridge_name = DEFAULT_BRIDGE if bridge is None else validate_ifname(ENV_BRIDGE, bridge)
+        egress_name = DEFAULT_EGRESS if egress is None else validate_ifname(ENV_EGRESS, egress)
+        if bridge_name == egress_name:
+            if egress is None:
+                raise ConfigError(
+                    ENV_BRIDGE, bridge, f"must differ from {DEFAULT_EGRESS}, the egress"
+                )
+            raise ConfigError(ENV_EGRESS, egress, "must differ from the bridge's name")
         return cls(
-            bridge_name=DEFAULT_BRIDGE if bridge is None else validate_ifname(ENV_BRIDGE, bridge),
+            bridge_name=bridge_name,
             vm_subnet=parse_subnet(ENV_SUBNET, DEFAULT_SUBNET if subnet is None else subnet),
-            host_egress_iface=(
-                DEFAULT_EGRESS if egress is None else validate_ifname(ENV_EGRESS, egress)
-            ),
+            host_egress_iface=egress_name,
             mtu=DEFAULT_MTU if mtu is None else parse_mtu(ENV_MTU, mtu),
-            state_dir=DEFAULT_STATE_DIR if state_dir is None else Path(state_dir),
+            state_dir=(
+                DEFAULT_STATE_DIR
+                if state_dir is None
+                else parse_state_dir(ENV_STATE_DIR, state_dir)
+            ),
             firewall=(
                 DEFAULT_FIREWALL if firewall is None else parse_firewall(ENV_FIREWALL, firewall)
             ),

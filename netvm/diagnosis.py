@@ -10,9 +10,6 @@ xtables table the kernel has not instantiated (reading one would create it).
 
 from __future__ import annotations
 
-import ipaddress
-import socket
-import struct
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -20,6 +17,7 @@ from netvm.backends.base import FILTER, Backend
 from netvm.errors import NetvmError
 from netvm.firewall.nftables import IPTABLES_FAMILY, IPTABLES_TABLE, TABLE_PREFIX, NftablesFirewall
 from netvm.manager import NetworkManager
+from netvm.validation import read_routes as _routes
 
 Severity = Literal["blocking", "warning"]
 Json = dict[str, Any]
@@ -79,20 +77,6 @@ def doctor(manager: NetworkManager) -> list[Finding]:
 
 
 # Interfaces, routes, addresses ------------------------------------------------------------
-
-
-def _routes(backend: Backend) -> list[tuple[str, ipaddress.IPv4Network]]:
-    """(interface, destination) of the IPv4 routes of the main table (/proc/net/route)."""
-    text = backend.read_proc("/proc/thread-self/net/route") or ""
-    routes: list[tuple[str, ipaddress.IPv4Network]] = []
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) < 8:
-            continue
-        destination = socket.inet_ntoa(struct.pack("<I", int(fields[1], 16)))
-        mask = socket.inet_ntoa(struct.pack("<I", int(fields[7], 16)))
-        routes.append((fields[0], ipaddress.IPv4Network(f"{destination}/{mask}")))
-    return routes
 
 
 def _egress(backend: Backend, egress: str) -> list[Finding]:

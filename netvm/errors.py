@@ -4,6 +4,7 @@
     ├── ConfigError        bad input: names the field, the value and what is allowed
     ├── SubnetExhausted    every guest address of the subnet (or bridge port) is leased
     ├── ConflictError      something that is not netvm's is in the way; it is left untouched
+    ├── StateStoreError    state_dir cannot hold netvm's records (full, read-only, unusable)
     └── HostError          the kernel refused an operation (operation, device, errno)
         ├── PermissionDenied   EPERM/EACCES: CAP_NET_ADMIN is missing
         ├── DeviceExists       EEXIST/EBUSY: the name or entry is taken
@@ -47,6 +48,19 @@ class SubnetExhausted(NetvmError):
 
 class ConflictError(NetvmError):
     """A device, address or rule that netvm did not create stands where netvm needs to act."""
+
+
+class StateStoreError(NetvmError):
+    """netvm's records under state_dir (leases, locks, intents) cannot be read or written.
+
+    Raised before the kernel is touched, or after what the call changed in it was undone.
+    """
+
+    def __init__(self, operation: str, path: str, detail: str) -> None:
+        self.operation = operation
+        self.path = path
+        self.detail = detail
+        super().__init__(f"{operation} {path} failed: {detail}")
 
 
 class HostError(NetvmError):

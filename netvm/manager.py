@@ -1,30 +1,46 @@
-"""NetworkManager: composes backend primitives into idempotent, all-or-nothing operations."""
+"""NetworkManager: composes backend primitives into idempotent, all-or-nothing operations.
+
+Crash safety (docs/design.md): every kernel object netvm keeps carries netvm's mark, and
+the few changes that make an object before it can carry one are preceded by an intent in a
+StateFile. The next call that takes the same lock finds the intent of a holder that died and
+mends the kernel from it; the same code undoes a call that fails. The kernel is the truth:
+a TAP's ifalias records its vm_id and address slot, so the lease store is rebuilt from it.
+"""
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from netvm import naming
 from netvm.backends.base import Backend, Link, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
-from netvm.errors import ConflictError, DeviceExists, HostError, NetvmError, host_error
-from netvm.firewall import KINDS, BridgeFirewall, ChosenFirewall, choose_firewall
-from netvm.leases import STATE_DIR_HINT, LeaseStore, LeaseTransaction
+from netvm.errors import (
+    ConflictError,
+    DeviceExists,
+    HostError,
+    NetvmError,
+    StateStoreError,
+    host_error,
+)
+from netvm.firewall import BridgeFirewall, ChosenFirewall
+from netvm.host import HostSetup
+from netvm.leases import DamagedStore, LeaseStore, LeaseTransaction
 from netvm.naming import VmNetwork
+from netvm.reconcile import KernelTap, netvm_taps, rebuild
 from netvm.undo import Undo as _Undo
+from netvm.validation import check_subnet_free
 
 log = logging.getLogger("netvm")
 
-BRIDGE_ALIAS = "netvm-bridge"
-"""The ifalias that marks a bridge as created by netvm (teardown deletes only such a one)."""
+BRIDGE_ALIAS = naming.BRIDGE_ALIAS
+"""The prefix of the ifalias that marks a bridge as netvm's (`netvm-bridge:<subnet>`)."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +50,7 @@ class Attachment:
     vm_id: str
     tap_name: str
     network: VmNetwork | None
-    """None when a netvm TAP is on the bridge but its lease is gone (e.g. state_dir lost)."""
+    """From the lease, else from the slot the TAP records; None for an old TAP without one."""
     tap_present: bool
     on_bridge: bool
 
@@ -68,12 +84,13 @@ class NetworkManager:
         # State files are per network namespace: the same bridge name in two namespaces
         # is two bridges.
         namespace = self.backend.namespace_id()
-        state_dir = self.config.state_dir
+        self.host = HostSetup(self.config, self.backend, namespace)
         self.leases = LeaseStore(
-            state_dir, f"{self.config.bridge_name}.{namespace}", self.config.vm_subnet
+            self.config.state_dir,
+            f"{self.config.bridge_name}.{namespace}",
+            self.config.vm_subnet,
+            repair=self._repair,
         )
-        self._host_lock_path = state_dir / f"host.{namespace}.lock"
-        self._ip_forward_flag = state_dir / f"ip_forward-enabled-by-netvm.{namespace}"
         self._bridge_index: int | None = None
 
     @classmethod
@@ -82,6 +99,7 @@ class NetworkManager:
 
     def close(self) -> None:
         self.leases.close()
+        self.host.close()
         if self._owns_backend:
             self.backend.close()
 
@@ -98,12 +116,11 @@ class NetworkManager:
     @property
     def firewall_policy(self) -> BridgeFirewall:
         """What netvm keeps in the firewall for this bridge."""
-        config = self.config
-        return BridgeFirewall(config.bridge_name, config.vm_subnet, config.host_egress_iface)
+        return self.host.firewall_policy
 
     def choose_firewall(self) -> ChosenFirewall:
         """The firewall that holds (or will hold) this bridge's rules, and why."""
-        return choose_firewall(self.config.firewall, self.backend)
+        return self.host.chosen_firewall()
 
     # Host set-up ------------------------------------------------------------------------
 
@@ -114,115 +131,127 @@ class NetworkManager:
         what this call created is removed before the error is raised.
         """
         undo = _Undo()
-        # The lease store first: an unusable state_dir fails before the kernel is touched,
-        # and the first attach does not pay for creating the database.
-        self.leases.open()
-        with self._host_lock():
+        with self.host.locked():
+            # Reads first: a bridge another configuration owns, or an unusable state_dir,
+            # fails before the kernel is touched (and the first attach does not pay for
+            # creating the database).
+            self.host.check_owner()
+            check_subnet_free(self.backend, self.config)
+            self.leases.open()
             try:
-                bridge = self._ensure_bridge(undo)
-                self._ensure_gateway(bridge, undo)
-                self._ensure_ip_forward(undo)
-                self._ensure_firewall(undo)
+                bridge = self.host.ensure(undo)
             except BaseException:
                 undo.run()
                 self._bridge_index = None
                 raise
         self._bridge_index = bridge.index
 
-    @contextmanager
-    def _host_lock(self) -> Iterator[None]:
-        """Serialise host set-up and teardown of every netvm process in this namespace.
-
-        flock() on a file of state_dir: it excludes other processes and, since each call
-        opens its own file description, other threads of this process too.
+    def teardown_host(self) -> None:
+        """Remove every netvm TAP of this bridge, netvm's rules and chains, and the bridge
+        if netvm created it. Nothing that is not netvm's is touched; running it on a clean
+        host is success.
         """
-        try:
-            self._host_lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            fd = os.open(self._host_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise HostError(
-                "open host lock", str(self._host_lock_path), exc.errno or 0, STATE_DIR_HINT
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
+        with self.host.locked(required=False):
+            link = self.backend.get_link(self.config.bridge_name)
+            marked = link is not None and naming.parse_bridge_alias(link.alias) is not None
+            if link is not None and link.kind == "bridge" and marked:
+                self.host.check_bridge(link)  # another subnet's bridge: hands off
+            self.gc(keep=())
+            problems = self.host.teardown()
+            self._bridge_index = None
+        if problems:
+            raise ConflictError("teardown incomplete: " + "; ".join(problems))
 
-    def _ensure_bridge(self, undo: _Undo) -> Link:
-        name, mtu = self.config.bridge_name, self.config.mtu
+    # Transactions -----------------------------------------------------------------------
+
+    @contextmanager
+    def _changing(self) -> Iterator[LeaseTransaction]:
+        """A lease transaction whose failure also undoes what its intent says was begun."""
+        with self.leases.transaction() as tx:
+            try:
+                yield tx
+                tx.commit()
+            except BaseException:
+                tx.rollback()
+                self._settle(tx)
+                raise
+
+    def _settle(self, tx: LeaseTransaction) -> None:
+        """Bring the kernel in line with the store, as the intent describes; keep the intent
+        if that fails, for the next call."""
+        try:
+            intent = tx.intent
+            if intent is not None:
+                self._recover(intent, tx, crashed=False)
+                tx.clear_intent()
+        except NetvmError as exc:
+            log.error("rollback: %s (the next call retries)", exc)
+
+    def _repair(self, tx: LeaseTransaction) -> None:
+        """The store's hook: a holder's leftover intent, then a rebuild of a new store."""
+        intent = tx.intent
+        if intent is not None:
+            self._recover(intent, tx, crashed=True)
+            tx.clear_intent()
+        if tx.fresh:
+            rebuild(tx, netvm_taps(self.backend, self.config.bridge_name))
+
+    def _recover(self, intent: dict[str, Any], tx: LeaseTransaction, crashed: bool) -> None:
+        """Undo or finish the change `intent` describes. `crashed`: its maker died."""
+        name = intent.get("tap")
+        if not isinstance(name, str):
+            return
         link = self.backend.get_link(name)
-        if link is None:
-            self.backend.create_bridge(name, mtu, alias=BRIDGE_ALIAS)
-            undo.push(f"delete bridge {name}", lambda: self.backend.delete_link(name))
-            log.info("created bridge %s", name)
-            link = self.backend.get_link(name)
-            if link is None:
-                raise host_error("create bridge", name, errno.ENODEV, "it vanished")
-        self._check_bridge(link)
-        if link.mtu != mtu or not link.up:
-            before = link
-            self.backend.set_link(name, mtu=mtu, up=True)
-            undo.push(
-                f"restore {name}", lambda: self.backend.set_link(name, mtu=before.mtu, up=before.up)
-            )
-        return link
-
-    def _check_bridge(self, link: Link) -> None:
-        name = link.name
-        if link.kind != "bridge":
-            raise ConflictError(
-                f"{name} already exists but is not a bridge (kind {link.kind or 'none'}); "
-                "netvm does not adopt it: remove it or choose another bridge_name"
-            )
-        if link.alias != BRIDGE_ALIAS:
-            raise ConflictError(
-                f"bridge {name} already exists but netvm did not create it "
-                f"(its ifalias is {link.alias!r}, not {BRIDGE_ALIAS!r}); netvm does not adopt it: "
-                "remove it or choose another bridge_name"
-            )
-
-    def _ensure_gateway(self, bridge: Link, undo: _Undo) -> None:
-        gateway = self.config.gateway
-        addresses = self.backend.list_addresses()
-        if any(a.index == bridge.index and a.interface == gateway for a in addresses):
+        if link is None or link.kind != "tun":
             return
-        for address in addresses:
-            if address.interface.ip == gateway.ip:
-                raise ConflictError(
-                    f"the gateway address {gateway.ip} is already assigned "
-                    f"({address.interface} on interface index {address.index}); "
-                    "remove it or choose another vm_subnet"
-                )
-        self.backend.add_address(bridge.index, gateway)
-        undo.push(
-            f"remove {gateway} from {bridge.name}",
-            lambda: self.backend.delete_address(bridge.index, gateway),
+        level = logging.WARNING if crashed else logging.DEBUG
+        if intent.get("op") == "attach":
+            self._recover_attach(intent, link, tx, level)
+        elif intent.get("op") == "detach":
+            self._recover_detach(intent, link, tx, level)
+
+    def _recover_attach(
+        self, intent: dict[str, Any], link: Link, tx: LeaseTransaction, level: int
+    ) -> None:
+        """The TAP an attach was making stays only if that attach completed."""
+        vm_id, slot = intent.get("vm_id"), intent.get("slot")
+        if not isinstance(vm_id, str) or not isinstance(slot, int):
+            return
+        lease = tx.get(vm_id)
+        complete = (
+            lease is not None
+            and lease.slot == slot
+            and link.alias == naming.tap_alias(self.config.bridge_name, vm_id, slot)
+            and link.up
+            and link.master is not None
+            and link.master == self._bridge_or_none()
         )
+        mine = link.alias is None or link.alias == naming.tap_alias(
+            self.config.bridge_name, vm_id, slot
+        )
+        if mine and not complete:
+            log.log(level, "removing TAP %s of %r: its attach did not complete", link.name, vm_id)
+            self._delete_if_same(link)
 
-    def _ensure_ip_forward(self, undo: _Undo) -> None:
-        """Switch ip_forward on, and remember (per namespace) that netvm did."""
-        if self.backend.get_ip_forward():
+    def _recover_detach(
+        self, intent: dict[str, Any], link: Link, tx: LeaseTransaction, level: int
+    ) -> None:
+        """A detach that did not commit is undone; one that did is finished."""
+        vm_id, alias = intent.get("vm_id"), intent.get("alias")
+        if not isinstance(vm_id, str) or link.index != intent.get("index"):
             return
-        self.backend.set_ip_forward(True)
-        undo.push("switch ip_forward back off", lambda: self.backend.set_ip_forward(False))
-        self._ip_forward_flag.touch()
-        undo.push("forget ip_forward", lambda: self._ip_forward_flag.unlink(missing_ok=True))
+        if link.alias != naming.detaching_alias(self.config.bridge_name, vm_id):
+            return
+        if tx.get(vm_id) is None:
+            log.log(level, "deleting TAP %s of %r: its detach did not finish", link.name, vm_id)
+            self._delete_if_same(link)
+        elif isinstance(alias, str):
+            log.log(level, "restoring TAP %s of %r: its detach did not complete", link.name, vm_id)
+            self.backend.set_link(link.name, up=bool(intent.get("up")), alias=alias)
 
-    def _ensure_firewall(self, undo: _Undo) -> None:
-        """netvm's rules in the chosen firewall, and in no other (a switch moves them)."""
-        chosen = self.choose_firewall()
-        policy = self.firewall_policy
-        firewall = self.backend.firewall(chosen.kind)
-        if firewall.ensure(policy):
-            undo.push(
-                f"remove netvm's {chosen.kind} rules",
-                lambda: firewall.remove(policy.bridge),
-            )
-        for kind in KINDS:
-            other = self.backend.firewall(kind)
-            if kind != chosen.kind and other.unavailable() is None:
-                other.remove(policy.bridge)
+    def _bridge_or_none(self) -> int | None:
+        link = self.backend.get_link(self.config.bridge_name)
+        return link.index if link is not None and link.kind == "bridge" else None
 
     # VMs --------------------------------------------------------------------------------
 
@@ -234,54 +263,82 @@ class NetworkManager:
         """
         naming.validate_vm_id(vm_id)
         options = tap if tap is not None else TapOptions()
-        with self.leases.transaction() as tx:
-            lease, _ = tx.acquire(vm_id)
-            network = VmNetwork.for_slot(vm_id, self.config.vm_subnet, lease.slot)
-            self._ensure_tap(network, options)
-        return network
+        try:
+            with self._changing() as tx:
+                return self._attach(tx, vm_id, options)
+        except DamagedStore:
+            # Found damaged mid-way (what this call did is undone): the store is rebuilt
+            # from the kernel when the next transaction opens it.
+            with self._changing() as tx:
+                return self._attach(tx, vm_id, options)
 
-    def _ensure_tap(self, network: VmNetwork, options: TapOptions) -> None:
+    def _attach(self, tx: LeaseTransaction, vm_id: str, options: TapOptions) -> VmNetwork:
+        lease, _ = tx.acquire(vm_id)
+        network = VmNetwork.for_slot(vm_id, self.config.vm_subnet, lease.slot)
         name = network.tap_name
+        intent = {"op": "attach", "tap": name, "vm_id": vm_id, "slot": lease.slot}
+        tx.intend(intent)
         try:
             self.backend.create_tap(name, options)
         except DeviceExists:
+            tx.clear_intent()  # the TAP is not this call's: a failure must leave it
             link = self.backend.get_link(name)
-            if link is None or link.alias != naming.detaching_alias(
-                self.config.bridge_name, network.vm_id
-            ):
-                self._reuse_tap(network, options, link)
-                return
+            if link is None or link.alias != naming.detaching_alias(self.config.bridge_name, vm_id):
+                return self._reuse_tap(tx, network, options, link)
             # A detach of this VM has not deleted its old TAP yet: finish that first.
             self._delete_if_same(link)
+            tx.intend(intent)
             self.backend.create_tap(name, options)
-        try:
-            self._enslave(name, naming.tap_alias(self.config.bridge_name, network.vm_id))
-        except BaseException:
-            self._delete_quietly(name)
-            raise
-        log.debug("attached %s as %s", network.vm_id, name)
+        self._enslave(name, naming.tap_alias(self.config.bridge_name, vm_id, lease.slot))
+        log.debug("attached %s as %s", vm_id, name)
+        return network
 
-    def _reuse_tap(self, network: VmNetwork, options: TapOptions, link: Link | None) -> None:
+    def _reuse_tap(
+        self, tx: LeaseTransaction, network: VmNetwork, options: TapOptions, link: Link | None
+    ) -> VmNetwork:
         """The TAP exists: accept it only if it is this VM's, and mend its settings."""
         if link is None:
             raise host_error("attach", network.tap_name, errno.EAGAIN, "the TAP vanished; retry")
-        self._check_tap(link, network.vm_id)
+        mark = self._check_tap(link, network.vm_id)
         if link.tap is not None and _fixed_flags(link.tap) != _fixed_flags(options):
             raise ConflictError(
                 f"TAP {link.name} of {network.vm_id!r} exists with other flags "
                 f"({_describe(link.tap)}) than requested ({_describe(options)}); detach it first"
             )
+        lease = tx.get(network.vm_id)
+        assert lease is not None
+        if mark.slot is not None and mark.slot != lease.slot:
+            # The kernel is the truth: the VM behind this TAP uses the address it records.
+            if tx.claim(network.vm_id, mark.slot) is None:
+                raise ConflictError(
+                    f"TAP {link.name} of {network.vm_id!r} records address slot {mark.slot}, "
+                    f"which the lease store gives to {tx.holder(mark.slot)!r}; detach one of them"
+                )
+            network = VmNetwork.for_slot(network.vm_id, self.config.vm_subnet, mark.slot)
+            lease = tx.get(network.vm_id)
+            assert lease is not None
+        alias = naming.tap_alias(self.config.bridge_name, network.vm_id, lease.slot)
         bridge = self._bridge()
-        if link.master != bridge or link.mtu != self.config.mtu or not link.up:
-            self._enslave(link.name, naming.tap_alias(self.config.bridge_name, network.vm_id))
+        if (
+            link.master != bridge
+            or link.mtu != self.config.mtu
+            or not link.up
+            or link.alias != alias
+        ):
+            self._enslave(link.name, alias)
+        return network
 
-    def _check_tap(self, link: Link, vm_id: str) -> None:
-        if link.kind != "tun" or link.alias != naming.tap_alias(self.config.bridge_name, vm_id):
+    def _check_tap(self, link: Link, vm_id: str) -> naming.TapMark:
+        mark = None
+        if link.kind == "tun":
+            mark = naming.parse_tap_alias(link.alias, self.config.bridge_name, link.name)
+        if mark is None or mark.vm_id != vm_id:
             raise ConflictError(
                 f"{link.name} already exists and is not netvm's TAP for {vm_id!r} on "
                 f"{self.config.bridge_name} (kind {link.kind or 'none'}, ifalias {link.alias!r}); "
                 "netvm leaves it alone: remove it or use another vm_id"
             )
+        return mark
 
     def _bridge(self) -> int:
         if self._bridge_index is None:
@@ -293,7 +350,7 @@ class NetworkManager:
                     errno.ENODEV,
                     "the bridge does not exist: run ensure_host() first",
                 )
-            self._check_bridge(link)
+            self.host.check_bridge(link)
             self._bridge_index = link.index
         return self._bridge_index
 
@@ -315,12 +372,6 @@ class NetworkManager:
                 name, master=self._bridge(), mtu=self.config.mtu, up=True, alias=alias
             )
 
-    def _delete_quietly(self, name: str) -> None:
-        try:
-            self.backend.delete_link(name)
-        except NetvmError as exc:
-            log.error("rollback: could not delete %s: %s", name, exc)
-
     def detach(self, vm_id: str) -> None:
         """Delete the VM's TAP and free its lease; a VM that is already gone is success.
 
@@ -332,10 +383,20 @@ class NetworkManager:
         naming.validate_vm_id(vm_id)
         name = naming.tap_name(vm_id)
         detaching = naming.detaching_alias(self.config.bridge_name, vm_id)
-        with self.leases.transaction() as tx:
+        with self._changing() as tx:
             link = self.backend.get_link(name)
             if link is not None and link.alias != detaching:
                 self._check_tap(link, vm_id)
+                tx.intend(
+                    {
+                        "op": "detach",
+                        "tap": name,
+                        "vm_id": vm_id,
+                        "index": link.index,
+                        "alias": link.alias,
+                        "up": link.up,
+                    }
+                )
                 self.backend.set_link(name, up=False, alias=detaching)
             tx.release(vm_id)
         if link is not None:
@@ -349,95 +410,71 @@ class NetworkManager:
             if exc.errno != errno.ENODEV:
                 raise
 
-    def _ports(self) -> dict[str, Link]:
-        bridge = self.backend.get_link(self.config.bridge_name)
-        if bridge is None or bridge.kind != "bridge":
-            return {}
-        return {link.name: link for link in self.backend.list_links(master=bridge.index)}
+    def gc(self, keep: Iterable[str] = ()) -> list[str]:
+        """Detach every VM of this bridge whose vm_id is not in `keep`; return their vm_ids.
 
-    def _list(self, tx: LeaseTransaction, ports: dict[str, Link]) -> list[Attachment]:
+        The TAPs are deleted in one kernel request. With the lease store unusable (state_dir
+        read-only, say), the TAPs are found and deleted from the kernel alone.
+        """
+        kept = set(naming.validate_vm_ids("keep", keep))
+        removed: set[str] = set()
+        try:
+            with self._changing() as tx:
+                self._gc(kept, tx, removed)
+        except StateStoreError as exc:
+            log.warning("gc works from the kernel alone: %s", exc)
+            self._gc(kept, None, removed)
+        return sorted(removed)
+
+    def _gc(self, kept: set[str], tx: LeaseTransaction | None, removed: set[str]) -> None:
+        doomed: set[str] = set()
+        names: list[str] = []
+        for tap in netvm_taps(self.backend, self.config.bridge_name):
+            # TAPs a detach marked but did not get to delete (it was interrupted) go too.
+            if tap.mark is None:
+                names.append(tap.link.name)
+            elif tap.mark.vm_id not in kept:
+                names.append(tap.link.name)
+                doomed.add(tap.mark.vm_id)
+        if tx is not None:
+            doomed.update(lease.vm_id for lease in tx.all() if lease.vm_id not in kept)
+        self.backend.delete_links(names)
+        removed.update(doomed)
+        if tx is not None:
+            for vm_id in doomed:
+                tx.release(vm_id)
+
+    def _list(self, tx: LeaseTransaction, taps: list[KernelTap]) -> list[Attachment]:
+        bridge = self._bridge_or_none()
+        subnet = self.config.vm_subnet
+        by_vm = {t.mark.vm_id: t for t in taps if t.mark is not None}
         result: list[Attachment] = []
         leased: set[str] = set()
         for lease in tx.all():
-            leased.add(lease.tap_name)
-            link = ports.get(lease.tap_name) or self.backend.get_link(lease.tap_name)
-            ours = (
-                link is not None
-                and naming.vm_id_from_alias(link.alias, self.config.bridge_name) == lease.vm_id
-            )
+            leased.add(lease.vm_id)
+            tap = by_vm.get(lease.vm_id)
+            ours = tap is not None and tap.link.name == lease.tap_name
             result.append(
                 Attachment(
                     vm_id=lease.vm_id,
                     tap_name=lease.tap_name,
-                    network=VmNetwork.for_slot(lease.vm_id, self.config.vm_subnet, lease.slot),
+                    network=VmNetwork.for_slot(lease.vm_id, subnet, lease.slot),
                     tap_present=ours,
-                    on_bridge=ours and lease.tap_name in ports,
+                    on_bridge=ours and tap is not None and tap.link.master == bridge,
                 )
             )
-        for link in ports.values():
-            vm_id = naming.vm_id_from_alias(link.alias, self.config.bridge_name)
-            if link.kind == "tun" and vm_id is not None and link.name not in leased:
-                result.append(Attachment(vm_id, link.name, None, True, True))
+        for vm_id, tap in by_vm.items():
+            if vm_id in leased or bridge is None or tap.link.master != bridge:
+                continue
+            slot = tap.mark.slot if tap.mark is not None else None
+            network = None
+            if slot is not None and slot < naming.guest_capacity(subnet):
+                network = VmNetwork.for_slot(vm_id, subnet, slot)
+            result.append(Attachment(vm_id, tap.link.name, network, True, True))
         return result
-
-    def gc(self, keep: Iterable[str] = ()) -> list[str]:
-        """Detach every VM of this bridge whose vm_id is not in `keep`; return their vm_ids.
-
-        The TAPs are deleted in one kernel request.
-        """
-        kept = {naming.validate_vm_id(vm_id) for vm_id in keep}
-        with self.leases.transaction() as tx:
-            ports = self._ports()
-            doomed = [a for a in self._list(tx, ports) if a.vm_id not in kept]
-            # TAPs a detach marked but did not get to delete (it was interrupted) go too.
-            prefix = naming.detaching_alias(self.config.bridge_name, "")
-            unfinished = [n for n, link in ports.items() if (link.alias or "").startswith(prefix)]
-            self.backend.delete_links([a.tap_name for a in doomed if a.tap_present] + unfinished)
-            for attachment in doomed:
-                tx.release(attachment.vm_id)
-        return sorted(a.vm_id for a in doomed)
-
-    def teardown_host(self) -> None:
-        """Remove every netvm TAP of this bridge, netvm's rules and chains, and the bridge
-        if netvm created it. Nothing that is not netvm's is touched; running it on a clean
-        host is success.
-        """
-        with self._host_lock():
-            self._teardown_host()
-
-    def _teardown_host(self) -> None:
-        self.gc(keep=())
-        problems: list[str] = []
-        for kind in KINDS:
-            firewall = self.backend.firewall(kind)
-            if firewall.unavailable() is None:
-                problems += firewall.remove(self.config.bridge_name)
-        bridge = self.backend.get_link(self.config.bridge_name)
-        if bridge is not None and bridge.kind == "bridge" and bridge.alias == BRIDGE_ALIAS:
-            others = self.backend.list_links(master=bridge.index)
-            if others:
-                names = ", ".join(link.name for link in others)
-                problems.append(f"bridge {bridge.name} kept: ports netvm did not create: {names}")
-            else:
-                self.backend.delete_link(bridge.name)
-        self._bridge_index = None
-        self._teardown_ip_forward()
-        if problems:
-            raise ConflictError("teardown incomplete: " + "; ".join(problems))
-
-    def _teardown_ip_forward(self) -> None:
-        """Switch ip_forward off only if netvm switched it on and no netvm bridge is left
-        in the namespace (whichever bridge's set-up switched it on)."""
-        if not self._ip_forward_flag.exists():
-            return
-        if any(link.alias == BRIDGE_ALIAS for link in self.backend.list_links()):
-            return
-        if self.backend.get_ip_forward():
-            self.backend.set_ip_forward(False)
-        self._ip_forward_flag.unlink(missing_ok=True)
 
     # Defined last: inside the class body, the name `list` is this method from here on.
     def list(self) -> list[Attachment]:
         """Every VM of this bridge: leased ones, and netvm TAPs on the bridge without a lease."""
         with self.leases.transaction() as tx:
-            return self._list(tx, self._ports())
+            return self._list(tx, netvm_taps(self.backend, self.config.bridge_name))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +23,38 @@ MAC_SECOND_OCTET = 0x6E
 
 
 def validate_vm_id(vm_id: object) -> str:
+    """Check a vm_id: text that the ifalias, the lease store and every output can carry.
+
+    A lone surrogate (what undecodable bytes of argv or the environment become) has no
+    UTF-8 form, so it is refused here rather than failing later in the kernel or SQLite.
+    """
+    if not isinstance(vm_id, str):
+        raise ConfigError("vm_id", vm_id, VM_ID_RULE)
+    try:
+        encoded = vm_id.encode()
+    except UnicodeEncodeError:
+        raise ConfigError("vm_id", vm_id, f"{VM_ID_RULE}; it has no UTF-8 form") from None
     if (
-        not isinstance(vm_id, str)
-        or not 0 < len(vm_id.encode()) <= MAX_VM_ID_LENGTH
+        not 0 < len(encoded) <= MAX_VM_ID_LENGTH
         or not vm_id.isprintable()
         or any(c.isspace() for c in vm_id)
     ):
         raise ConfigError("vm_id", vm_id, VM_ID_RULE)
     return vm_id
+
+
+def validate_vm_ids(field: str, value: object) -> list[str]:
+    """Check a collection of vm_ids; return them as a list (an iterator is read once).
+
+    A str is refused rather than read as its characters (gc(keep="vm-a") would otherwise
+    keep "v", "m", "-", "a" and remove vm-a).
+    """
+    if isinstance(value, str | bytes | bytearray | memoryview):
+        kind = type(value).__name__
+        raise ConfigError(field, value, f"a sequence of vm_ids, not a {kind}")
+    if not isinstance(value, Iterable):
+        raise ConfigError(field, value, "a sequence of vm_ids")
+    return [validate_vm_id(item) for item in value]
 
 
 def _digest(vm_id: str) -> bytes:
@@ -42,12 +67,42 @@ def tap_name(vm_id: str) -> str:
     return TAP_PREFIX + _digest(validate_vm_id(vm_id)).hex()[:11]
 
 
-def tap_alias(bridge: str, vm_id: str) -> str:
-    """The ifalias that marks a TAP as netvm's, for that bridge, and records its vm_id.
+BRIDGE_ALIAS = "netvm-bridge"
+"""The ifalias of a bridge netvm created before it recorded the subnet (still accepted)."""
 
+
+def bridge_alias(subnet: ipaddress.IPv4Network) -> str:
+    """The ifalias that marks a bridge as netvm's and records the subnet it serves."""
+    return f"{BRIDGE_ALIAS}:{subnet}"
+
+
+@dataclass(frozen=True)
+class BridgeMark:
+    """What a netvm bridge's ifalias says: the subnet (None for the older, bare mark)."""
+
+    subnet: ipaddress.IPv4Network | None
+
+
+def parse_bridge_alias(alias: str | None) -> BridgeMark | None:
+    """The mark of a bridge netvm created, or None for any other alias."""
+    if alias == BRIDGE_ALIAS:
+        return BridgeMark(None)
+    prefix = BRIDGE_ALIAS + ":"
+    if alias is None or not alias.startswith(prefix):
+        return None
+    try:
+        return BridgeMark(ipaddress.IPv4Network(alias.removeprefix(prefix)))
+    except ValueError:
+        return None
+
+
+def tap_alias(bridge: str, vm_id: str, slot: int) -> str:
+    """The ifalias that marks a TAP as netvm's for that bridge: its address slot and vm_id.
+
+    The kernel then holds all a lease says, and a lost lease store is rebuilt from it.
     A bridge name has no ':' (config.validate_ifname), so the alias parses unambiguously.
     """
-    return f"netvm:{bridge}:{vm_id}"
+    return f"netvm:{bridge}:{slot}:{vm_id}"
 
 
 def detaching_alias(bridge: str, vm_id: str) -> str:
@@ -55,12 +110,46 @@ def detaching_alias(bridge: str, vm_id: str) -> str:
     return f"netvm-detaching:{bridge}:{vm_id}"
 
 
-def vm_id_from_alias(alias: str | None, bridge: str) -> str | None:
-    """The vm_id of a TAP that netvm made for `bridge`, or None for any other device."""
+@dataclass(frozen=True)
+class TapMark:
+    """What a netvm TAP's ifalias says. `slot` is None for TAPs made before netvm
+    recorded it (alias `netvm:<bridge>:<vm_id>`)."""
+
+    vm_id: str
+    slot: int | None
+
+
+def _named(vm_id: str, name: str | None) -> bool:
+    """Whether `vm_id` is a valid vm_id whose TAP is called `name` (any name if None)."""
+    try:
+        return name is None or tap_name(vm_id) == name
+    except ConfigError:
+        return False
+
+
+def parse_tap_alias(alias: str | None, bridge: str, name: str | None = None) -> TapMark | None:
+    """The mark of a TAP netvm made for `bridge`, or None for any other device.
+
+    With the TAP's `name`, the vm_id must hash to it, which also tells the current form
+    (`netvm:<bridge>:<slot>:<vm_id>`) from the older one (`netvm:<bridge>:<vm_id>`) when a
+    vm_id itself starts with digits and a colon.
+    """
     prefix = f"netvm:{bridge}:"
-    if alias and alias.startswith(prefix):
-        return alias.removeprefix(prefix)
+    if not alias or not alias.startswith(prefix):
+        return None
+    rest = alias.removeprefix(prefix)
+    head, colon, tail = rest.partition(":")
+    if colon and head.isascii() and head.isdigit() and len(head) <= 4 and _named(tail, name):
+        return TapMark(tail, int(head))
+    if _named(rest, name):
+        return TapMark(rest, None)
     return None
+
+
+def vm_id_from_alias(alias: str | None, bridge: str, name: str | None = None) -> str | None:
+    """The vm_id of a TAP that netvm made for `bridge`, or None for any other device."""
+    mark = parse_tap_alias(alias, bridge, name)
+    return None if mark is None else mark.vm_id
 
 
 def guest_capacity(subnet: ipaddress.IPv4Network) -> int:
@@ -88,6 +177,11 @@ def guest_ip(subnet: ipaddress.IPv4Network, slot: int) -> ipaddress.IPv4Address:
     if not 0 <= slot < subnet.num_addresses - 3:
         raise ValueError(f"slot {slot} is outside {subnet}")
     return subnet.network_address + 2 + slot
+
+
+def guest_slot(ip: ipaddress.IPv4Address, subnet: ipaddress.IPv4Network) -> int:
+    """The slot of a guest address (guest_ip's inverse)."""
+    return int(ip) - int(subnet.network_address) - 2
 
 
 def gateway_ip(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:

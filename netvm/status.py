@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from netvm import naming
-from netvm.errors import NetvmError
+from netvm.errors import NetvmError, StateStoreError
 from netvm.firewall import Placed
-from netvm.manager import BRIDGE_ALIAS, NetworkManager
+from netvm.manager import NetworkManager
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class HostStatus:
     bridge_kind: str | None
     """rtnetlink's kind of the device named `bridge` ("bridge" when it is one)."""
     bridge_owned: bool
-    """The device is a bridge that netvm created (its ifalias says so)."""
+    """The device is a bridge that netvm created for this subnet (its ifalias says so)."""
     mtu: int | None
     expected_mtu: int
     up: bool
@@ -127,17 +127,23 @@ def host_status(manager: NetworkManager) -> HostStatus:
             1
             for port in backend.list_links(master=link.index)
             if port.kind == "tun"
-            and naming.vm_id_from_alias(port.alias, manager.config.bridge_name) is not None
+            and naming.parse_tap_alias(port.alias, manager.config.bridge_name, port.name)
+            is not None
         )
     firewall = firewall_status(manager)
-    leased = len(manager.leases.all()) if manager.leases.path.exists() else 0
+    leased = 0
+    if manager.leases.path.exists():
+        try:
+            leased = len(manager.leases.all())
+        except StateStoreError:
+            leased = 0
     return HostStatus(
         bridge=config.bridge_name,
         subnet=config.vm_subnet,
         egress=config.host_egress_iface,
         bridge_present=link is not None,
         bridge_kind=link.kind if link is not None else None,
-        bridge_owned=is_bridge and link is not None and link.alias == BRIDGE_ALIAS,
+        bridge_owned=is_bridge and link is not None and _owned(link.alias, config.vm_subnet),
         mtu=link.mtu if link is not None else None,
         expected_mtu=config.mtu,
         up=link.up if link is not None else False,
@@ -148,6 +154,11 @@ def host_status(manager: NetworkManager) -> HostStatus:
         vms_attached=attached,
         vms_leased=leased,
     )
+
+
+def _owned(alias: str | None, subnet: ipaddress.IPv4Network) -> bool:
+    mark = naming.parse_bridge_alias(alias)
+    return mark is not None and mark.subnet in (None, subnet)
 
 
 def firewall_status(manager: NetworkManager) -> FirewallStatus:

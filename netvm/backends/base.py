@@ -12,18 +12,41 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from netvm.errors import ConfigError
+
 if TYPE_CHECKING:
     from netvm.firewall.model import Firewall, FirewallKind
 
 
+MAX_ID = 2**32 - 2
+"""The largest uid/gid a TAP can be given: (uid_t)-1 means "none" to TUNSETOWNER/TUNSETGROUP."""
+
+
 @dataclass(frozen=True)
 class TapOptions:
-    """How a TAP is opened: who may open it later, and its queue and header flags."""
+    """How a TAP is opened: who may open it later, and its queue and header flags.
+
+    Checked on construction (ConfigError naming the field): owner and group are None or an
+    int from 0 to 2**32-2, the flags are bools (not 0/1, not strings).
+    """
 
     owner: int | None = None
     group: int | None = None
     multi_queue: bool = False
     vnet_hdr: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("owner", "group"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID
+            ):
+                what = "user" if name == "owner" else "group"
+                raise ConfigError(name, value, f"None or a {what} id: an int from 0 to {MAX_ID}")
+        for name in ("multi_queue", "vnet_hdr"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ConfigError(name, value, "True or False")
 
 
 @dataclass(frozen=True)

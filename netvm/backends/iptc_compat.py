@@ -33,6 +33,7 @@ SUPPORTED_RULE = "python-iptables >=1.2,<1.3"
 def check_version() -> str:
     """The installed python-iptables version; NetvmError if it is missing or unsupported."""
     import importlib.metadata  # ~20 ms: only when python-iptables is first loaded
+
     try:
         version = importlib.metadata.version("python-iptables")
     except importlib.metadata.PackageNotFoundError:

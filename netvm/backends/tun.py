@@ -62,13 +62,18 @@ def create_persistent_tap(name: str, options: TapOptions, fd: int) -> None:
         fcntl.ioctl(fd, TUNSETIFF, ifreq(name, tap_flags(options) | IFF_TUN_EXCL))
         if options.owner is not None:
             operation = "set tap owner"
-            fcntl.ioctl(fd, TUNSETOWNER, options.owner)
+            fcntl.ioctl(fd, TUNSETOWNER, _as_c_int(options.owner))
         if options.group is not None:
             operation = "set tap group"
-            fcntl.ioctl(fd, TUNSETGROUP, options.group)
+            fcntl.ioctl(fd, TUNSETGROUP, _as_c_int(options.group))
         operation = "make tap persistent"
         fcntl.ioctl(fd, TUNSETPERSIST, 1)
     except OSError as exc:
         raise host_error(operation, name, exc.errno or errno.EIO) from None
     finally:
         os.close(fd)
+
+
+def _as_c_int(value: int) -> int:
+    """An unsigned uid/gid as the C int fcntl.ioctl passes (the kernel reads it unsigned)."""
+    return value - (1 << 32) if value >= 1 << 31 else value

@@ -235,3 +235,16 @@ async def test_closed_manager_refuses_calls(manager: NetworkManager) -> None:
     await net.aclose()
     with pytest.raises(RuntimeError, match="closed"):
         await net.attach("vm-1")
+
+
+async def test_a_str_for_a_sequence_of_vm_ids_is_refused(manager: NetworkManager) -> None:
+    async with AsyncNetworkManager(manager) as net:
+        await net.ensure_host()
+        await net.attach("vm-a")
+        with pytest.raises(ConfigError, match="not a str"):
+            await net.gc(keep="vm-a")
+        with pytest.raises(ConfigError, match="not a str"):
+            await net.attach_many("vm-b")
+        with pytest.raises(ConfigError, match="not a str"):
+            await net.detach_many("vm-a")
+        assert [a.vm_id for a in await net.list()] == ["vm-a"]

@@ -327,7 +327,7 @@ def test_a_bad_variable_is_named_unless_an_option_overrides_it(run: Run) -> None
         (["--bridge", "a-very-long-bridge-name"], "invalid --bridge: 'a-very-long-bridge-name'"),
         (["--bridge", "has space"], "invalid --bridge: 'has space': 1 to 15 characters"),
         (["--firewall", "nft"], "invalid --firewall: 'nft': one of auto, nftables, iptables"),
-        (["--egress", "nvbr0"], "must differ from bridge_name"),
+        (["--egress", "nvbr0"], "invalid --egress: 'nvbr0': must differ from the bridge's name"),
         (["--state-dir", ""], "invalid --state-dir: ''"),
     ],
 )

@@ -11,17 +11,16 @@ import pytest
 from netvm import (
     ConfigError,
     ConflictError,
-    HostError,
     NetworkConfig,
     NetworkManager,
     NotFound,
     Rule,
+    StateStoreError,
     SubnetExhausted,
     TapOptions,
 )
 from netvm.backends.base import FILTER, NAT, Backend
-from netvm.manager import BRIDGE_ALIAS
-from netvm.naming import tap_name
+from netvm.naming import bridge_alias, guest_slot, tap_name
 from netvm.testing import snapshot
 
 
@@ -36,7 +35,7 @@ def test_ensure_host_builds_bridge_address_forwarding_and_rules(manager: Network
     assert bridge is not None
     assert (bridge.kind, bridge.alias, bridge.mtu, bridge.up) == (
         "bridge",
-        BRIDGE_ALIAS,
+        bridge_alias(config.vm_subnet),
         1500,
         True,
     )
@@ -73,7 +72,7 @@ def test_attach_puts_a_tap_on_the_bridge(manager: NetworkManager) -> None:
         bridge.index,
         1500,
         True,
-        "netvm:nvbr0:vm-1",
+        f"netvm:nvbr0:{guest_slot(vm.guest_ip, manager.config.vm_subnet)}:vm-1",
     )
     assert vm.tap_name == tap_name("vm-1")
     assert vm.guest_ip in manager.config.vm_subnet
@@ -222,7 +221,8 @@ def test_a_bridge_netvm_did_not_create_is_not_adopted(manager: NetworkManager) -
     with pytest.raises(ConflictError, match="netvm did not create it"):
         manager.ensure_host()
     assert snapshot(manager.backend) == before
-    manager.teardown_host()
+    with pytest.raises(ConflictError, match="nvbr0 kept: netvm did not create it"):
+        manager.teardown_host()
     assert snapshot(manager.backend) == before
 
 
@@ -395,7 +395,7 @@ def test_an_interrupted_detach_is_finished_by_attach_and_by_gc(manager: NetworkM
     assert before is not None
     assert after is not None
     assert after.index != before.index
-    assert after.alias == "netvm:nvbr0:vm-1"
+    assert after.alias == f"netvm:nvbr0:{guest_slot(vm.guest_ip, manager.config.vm_subnet)}:vm-1"
     assert manager.gc(keep=["vm-1"]) == []
     assert manager.backend.get_link(tap_name("vm-2")) is None
     assert manager.backend.get_link(tap_name("vm-1")) is not None
@@ -409,7 +409,7 @@ def test_an_unusable_state_dir_fails_ensure_host_before_the_kernel_is_touched(
     before = snapshot(backend)
     with (
         NetworkManager(dataclasses.replace(config, state_dir=blocker / "state"), backend) as m,
-        pytest.raises(HostError, match="MICROVM_NETWORK_STATE_DIR"),
+        pytest.raises(StateStoreError, match="MICROVM_NETWORK_STATE_DIR"),
     ):
         m.ensure_host()
     assert snapshot(backend) == before

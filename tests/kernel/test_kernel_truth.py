@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from netvm import KernelBackend, NetworkConfig, NetworkManager, TapOptions
 from netvm.config import FirewallChoice
+from netvm.naming import guest_slot
 
 pytestmark = pytest.mark.privileged
 
@@ -41,14 +43,15 @@ def test_iproute2_and_iptables_see_what_netvm_made(
         }
         bridge, tap = links["nvbr0"], links[vm.tap_name]
         assert bridge["linkinfo"]["info_kind"] == "bridge"
-        assert bridge["ifalias"] == "netvm-bridge"
+        assert bridge["ifalias"] == "netvm-bridge:192.0.2.0/24"
         assert "UP" in bridge["flags"]
         assert bridge["mtu"] == 1500
         assert tap["linkinfo"]["info_kind"] == "tun"
         assert tap["linkinfo"]["info_data"]["type"] == "tap"
         assert tap["linkinfo"]["info_data"]["pi"] is False
         assert tap["master"] == "nvbr0"
-        assert tap["ifalias"] == "netvm:nvbr0:vm-truth"
+        slot = guest_slot(vm.guest_ip, ipaddress.IPv4Network("192.0.2.0/24"))
+        assert tap["ifalias"] == f"netvm:nvbr0:{slot}:vm-truth"
         assert (tap["mtu"], "UP" in tap["flags"]) == (1500, True)
 
         ports = json.loads(run_in(netns, "bridge", "-j", "link", "show"))

@@ -167,3 +167,122 @@ def test_a_bad_firewall_choice_names_the_variable(value: str) -> None:
     with pytest.raises(ConfigError) as direct:
         NetworkConfig(firewall=value)  # type: ignore[arg-type]
     assert direct.value.field == "firewall"
+
+
+# Hostile values --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("subnet", "block"),
+    [
+        ("0.0.0.0/0", "0.0.0.0/8"),
+        ("0.0.0.0/8", "0.0.0.0/8"),
+        ("0.1.2.0/24", "0.0.0.0/8"),
+        ("127.0.0.0/24", "127.0.0.0/8 (loopback)"),
+        ("169.254.10.0/24", "169.254.0.0/16 (link-local)"),
+        ("224.0.0.0/24", "224.0.0.0/4 (multicast)"),
+        ("239.255.255.0/24", "224.0.0.0/4 (multicast)"),
+        ("240.0.0.0/24", "240.0.0.0/4 (reserved"),
+        ("255.255.255.252/30", "240.0.0.0/4 (reserved, with the broadcast address)"),
+        ("128.0.0.0/1", "169.254.0.0/16 (link-local)"),
+    ],
+)
+def test_subnets_that_cannot_be_a_vm_network_are_refused(subnet: str, block: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        NetworkConfig(vm_subnet=subnet)
+    message = str(error.value)
+    assert error.value.field == "vm_subnet"
+    assert repr(subnet) in message
+    assert "a unicast IPv4 network outside" in message
+    assert f"overlaps {block.split(' ')[0]}" in message
+    assert block in message
+    with pytest.raises(ConfigError) as from_env:
+        NetworkConfig.from_env({"MICROVM_NETWORK_SUBNET": subnet})
+    assert from_env.value.field == "MICROVM_NETWORK_SUBNET"
+
+
+@pytest.mark.parametrize(
+    "subnet",
+    ["1.0.0.0/24", "126.255.255.0/24", "169.253.0.0/24", "223.255.255.0/24", "10.0.0.0/8"],
+)
+def test_unicast_subnets_next_to_the_refused_blocks_are_accepted(subnet: str) -> None:
+    assert str(NetworkConfig(vm_subnet=subnet).vm_subnet) == subnet
+
+
+@pytest.mark.parametrize("name", ["all", "default"])
+@pytest.mark.parametrize("field", ["bridge_name", "host_egress_iface"])
+def test_names_the_kernel_keeps_for_its_sysctl_directories_are_refused(
+    field: str, name: str
+) -> None:
+    """`ip link add all type bridge` fails with EINVAL: /proc/sys/net/ipv4/conf/all."""
+    with pytest.raises(ConfigError) as error:
+        NetworkConfig(**{field: name})  # type: ignore[arg-type]
+    assert error.value.field == field
+    assert "not 'all' or 'default'" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "mtu",
+    [
+        "\u0661\u0665\u0660\u0660",  # 1500 in Arabic-Indic digits: int() would read it
+        "\u00b2",  # a superscript two: isdigit() is true, int() fails
+        "\uff11\uff15\uff10\uff10",  # fullwidth digits
+        "1" * 5000,  # longer than int() converts
+        "+1500",
+        " ",
+    ],
+)
+def test_an_mtu_variable_must_be_ascii_digits(mtu: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        NetworkConfig.from_env({"MICROVM_NETWORK_MTU": mtu})
+    assert error.value.field == "MICROVM_NETWORK_MTU"
+    assert "an integer from 68 to 65521" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "state_dir", ["", "/run/\x00netvm", "/run/\udcffnetvm", "/run/\ud800", 7, b"/run/netvm", None]
+)
+def test_a_state_dir_must_be_a_path_that_sqlite_and_the_os_take(state_dir: object) -> None:
+    with pytest.raises(ConfigError) as error:
+        NetworkConfig(state_dir=state_dir)  # type: ignore[arg-type]
+    assert error.value.field == "state_dir"
+    assert "text that UTF-8 can encode, without NUL" in str(error.value)
+    if isinstance(state_dir, str):
+        with pytest.raises(ConfigError) as from_env:
+            NetworkConfig.from_env({"MICROVM_NETWORK_STATE_DIR": state_dir})
+        assert from_env.value.field == "MICROVM_NETWORK_STATE_DIR"
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "MICROVM_NETWORK_BRIDGE",
+        "MICROVM_NETWORK_SUBNET",
+        "MICROVM_NETWORK_EGRESS",
+        "MICROVM_NETWORK_MTU",
+        "MICROVM_NETWORK_STATE_DIR",
+        "MICROVM_NETWORK_FIREWALL",
+    ],
+)
+@pytest.mark.parametrize("value", [1500, None, b"x", ["x"], "\udcff"])
+def test_from_env_refuses_values_that_are_not_text_naming_the_variable(
+    variable: str, value: object
+) -> None:
+    """A mapping other than os.environ may hold anything: it is still a ConfigError."""
+    if value is None or (variable, value) == ("MICROVM_NETWORK_MTU", 1500):
+        # None is unset; an int MTU is an MTU.
+        NetworkConfig.from_env({variable: value})  # type: ignore[dict-item]
+        return
+    with pytest.raises(ConfigError) as error:
+        NetworkConfig.from_env({variable: value})  # type: ignore[dict-item]
+    assert error.value.field == variable
+
+
+def test_from_env_names_the_variable_when_bridge_and_egress_are_one() -> None:
+    with pytest.raises(ConfigError) as error:
+        NetworkConfig.from_env({"MICROVM_NETWORK_BRIDGE": "up0", "MICROVM_NETWORK_EGRESS": "up0"})
+    assert error.value.field == "MICROVM_NETWORK_EGRESS"
+    with pytest.raises(ConfigError) as error:
+        NetworkConfig.from_env({"MICROVM_NETWORK_BRIDGE": "eth0"})
+    assert error.value.field == "MICROVM_NETWORK_BRIDGE"
+    assert "must differ from eth0" in str(error.value)

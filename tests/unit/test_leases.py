@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from netvm import ConfigError, HostError, PermissionDenied, SubnetExhausted, naming
+from netvm import ConfigError, HostError, StateStoreError, SubnetExhausted, naming
 from netvm.leases import LeaseStore
 
 SLASH24 = ipaddress.IPv4Network("192.0.2.0/24")
@@ -132,8 +132,8 @@ def test_an_unwritable_state_dir_says_what_to_set(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     store = LeaseStore(blocker / "state", "br0", SLASH24)
-    with pytest.raises(HostError) as error:
+    with pytest.raises(StateStoreError) as error:
         store.all()
-    assert "open lease store" in str(error.value)
+    assert "Not a directory" in str(error.value)
     assert "MICROVM_NETWORK_STATE_DIR" in str(error.value)
-    assert not isinstance(error.value, PermissionDenied)
+    assert not isinstance(error.value, HostError)

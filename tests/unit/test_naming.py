@@ -96,7 +96,35 @@ def test_bad_vm_ids_are_refused(vm_id: object) -> None:
 
 
 def test_alias_round_trip() -> None:
-    assert naming.vm_id_from_alias(naming.tap_alias("br0", "vm:1"), "br0") == "vm:1"
-    assert naming.vm_id_from_alias(naming.tap_alias("br0", "vm:1"), "br1") is None
+    alias = naming.tap_alias("br0", "vm:1", 7)
+    assert alias == "netvm:br0:7:vm:1"
+    assert naming.vm_id_from_alias(alias, "br0") == "vm:1"
+    assert naming.parse_tap_alias(alias, "br0", naming.tap_name("vm:1")) == naming.TapMark(
+        "vm:1", 7
+    )
+    assert naming.vm_id_from_alias(alias, "br1") is None
     assert naming.vm_id_from_alias("someone else", "br0") is None
     assert naming.vm_id_from_alias(None, "br0") is None
+
+
+def test_the_old_tap_alias_without_a_slot_still_parses() -> None:
+    assert naming.parse_tap_alias("netvm:br0:vm-1", "br0", naming.tap_name("vm-1")) == (
+        naming.TapMark("vm-1", None)
+    )
+    # A vm_id that starts with digits and a colon: the TAP's name tells the two forms apart.
+    old = "netvm:br0:12:web"
+    assert naming.parse_tap_alias(old, "br0", naming.tap_name("12:web")) == naming.TapMark(
+        "12:web", None
+    )
+    assert naming.parse_tap_alias(old, "br0", naming.tap_name("web")) == naming.TapMark("web", 12)
+    # An alias whose vm_id does not hash to the TAP's name is not netvm's mark.
+    assert naming.parse_tap_alias(old, "br0", "tap-00000000000") is None
+
+
+def test_bridge_alias_records_the_subnet_and_the_bare_old_mark_is_accepted() -> None:
+    subnet = ipaddress.IPv4Network("192.0.2.0/24")
+    assert naming.bridge_alias(subnet) == "netvm-bridge:192.0.2.0/24"
+    assert naming.parse_bridge_alias("netvm-bridge:192.0.2.0/24") == naming.BridgeMark(subnet)
+    assert naming.parse_bridge_alias("netvm-bridge") == naming.BridgeMark(None)
+    for foreign in (None, "", "netvm-bridge:", "netvm-bridge:not-a-net", "docker0"):
+        assert naming.parse_bridge_alias(foreign) is None

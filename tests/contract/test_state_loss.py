@@ -1,0 +1,219 @@
+"""Losing or damaging the lease store changes no running VM's address and yields no duplicate.
+
+The kernel holds what a lease says (each TAP's ifalias records its vm_id and slot), so a
+store that is deleted (under a live manager too), truncated or filled with garbage is
+rebuilt from it. With state_dir unusable, attach fails with StateStoreError and changes
+nothing, and gc and teardown work from the kernel alone. Runs on the fake and the kernel.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from netvm import (
+    ConflictError,
+    NetworkConfig,
+    NetworkManager,
+    StateStoreError,
+)
+from netvm.backends.base import Backend
+from netvm.naming import bridge_alias
+from netvm.testing import snapshot
+
+VMS = ("vm-a", "vm-b", "vm-c")
+
+
+def _delete(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
+def _truncate_to_zero(path: Path) -> None:
+    path.write_bytes(b"")
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
+def _truncate_half(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"not a database, at all " * 400)
+    for suffix in ("-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
+DAMAGE: dict[str, Callable[[Path], None]] = {
+    "deleted": _delete,
+    "truncated to zero": _truncate_to_zero,
+    "truncated to half": _truncate_half,
+    "garbage": _garbage,
+}
+
+
+def addresses(manager: NetworkManager) -> dict[str, ipaddress.IPv4Address]:
+    return {a.vm_id: a.network.guest_ip for a in manager.list() if a.network is not None}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("live_manager", [True, False], ids=["same manager", "new manager"])
+def test_a_lost_or_damaged_store_keeps_every_address(
+    backend: Backend, config: NetworkConfig, damage: str, live_manager: bool
+) -> None:
+    manager = NetworkManager(config, backend)
+    try:
+        manager.ensure_host()
+        before = {vm_id: manager.attach(vm_id).guest_ip for vm_id in VMS}
+        # The checkpoint writes the leases into the main file (truncation then cuts them).
+        with manager.leases.transaction() as tx:
+            tx.get("vm-a")
+        DAMAGE[damage](manager.leases.path)
+        if not live_manager:
+            manager.close()
+            manager = NetworkManager(config, backend)
+        for vm_id, ip in before.items():
+            assert manager.attach(vm_id).guest_ip == ip, vm_id
+        newcomer = manager.attach("vm-new").guest_ip
+        assert newcomer not in before.values()
+        assert addresses(manager) == {**before, "vm-new": newcomer}
+        assert len({lease.slot for lease in manager.leases.all()}) == 4
+        assert manager.gc(keep=["vm-a"]) == ["vm-b", "vm-c", "vm-new"]
+        manager.teardown_host()
+        assert manager.backend.get_link("nvbr0") is None
+    finally:
+        manager.close()
+
+
+def test_a_garbage_store_is_not_blamed_on_the_state_dir(
+    backend: Backend, config: NetworkConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        manager.attach("vm-a")
+    _garbage(manager.leases.path)
+    with NetworkManager(config, backend) as manager:
+        manager.attach("vm-b")
+        manager.teardown_host()
+    assert "damaged" in caplog.text
+    assert "writable" not in caplog.text
+    assert manager.leases.path.with_name(manager.leases.path.name + ".damaged").exists()
+
+
+def test_with_state_dir_unusable_attach_fails_first_and_gc_teardown_use_the_kernel(
+    backend: Backend, config: NetworkConfig, tmp_path: Path
+) -> None:
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        for vm_id in VMS:
+            manager.attach(vm_id)
+    # state_dir becomes a file: nothing under it can be opened any more.
+    moved = tmp_path / "moved"
+    config.state_dir.rename(moved)
+    config.state_dir.write_text("")
+    with NetworkManager(config, backend) as manager:
+        before = snapshot(backend)
+        with pytest.raises(StateStoreError, match="MICROVM_NETWORK_STATE_DIR"):
+            manager.attach("vm-new")
+        assert snapshot(backend) == before
+        assert manager.gc(keep=["vm-a"]) == ["vm-b", "vm-c"]
+        assert [link.kind for link in backend.list_links()].count("tun") == 1
+        manager.teardown_host()
+        assert backend.get_link("nvbr0") is None
+        # The record that netvm switched ip_forward on is out of reach: it stays on.
+        assert backend.get_ip_forward() is True
+    config.state_dir.unlink()
+    moved.rename(config.state_dir)
+    with NetworkManager(config, backend) as manager:
+        # The leases of the TAPs deleted meanwhile go at the next gc, as any stale lease.
+        assert manager.gc(keep=[]) == list(VMS)
+        assert manager.leases.all() == []
+        manager.teardown_host()
+        assert backend.get_ip_forward() is False
+
+
+def test_a_bridge_of_another_subnet_is_refused_before_anything_changes(
+    backend: Backend, config: NetworkConfig, tmp_path: Path
+) -> None:
+    with NetworkManager(config, backend) as owner:
+        owner.ensure_host()
+        owner.attach("vm-a")
+        before = snapshot(backend)
+        other = NetworkConfig(
+            bridge_name=config.bridge_name,
+            vm_subnet="198.51.100.0/24",
+            host_egress_iface=config.host_egress_iface,
+            state_dir=tmp_path / "other-state",
+        )
+        with NetworkManager(other, backend) as intruder:
+            for operation in (
+                intruder.ensure_host,
+                lambda: intruder.attach("vm-x"),
+                intruder.teardown_host,
+            ):
+                with pytest.raises(ConflictError, match=r"serves 192\.0\.2\.0/24"):
+                    operation()
+            assert snapshot(backend) == before
+        bridge = backend.get_link(config.bridge_name)
+        assert bridge is not None
+        assert bridge.alias == bridge_alias(config.vm_subnet)
+        owner.teardown_host()
+
+
+def test_a_bridge_with_the_old_bare_mark_is_accepted_and_marked_with_its_subnet(
+    backend: Backend, config: NetworkConfig
+) -> None:
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        backend.set_link(config.bridge_name, alias="netvm-bridge")
+        manager.ensure_host()
+        bridge = backend.get_link(config.bridge_name)
+        assert bridge is not None
+        assert bridge.alias == bridge_alias(config.vm_subnet)
+        manager.teardown_host()
+
+
+def test_an_old_tap_without_a_slot_is_adopted_and_marked(
+    backend: Backend, config: NetworkConfig
+) -> None:
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        vm = manager.attach("vm-a")
+        backend.set_link(vm.tap_name, alias="netvm:nvbr0:vm-a")  # as netvm wrote it before
+        _delete(manager.leases.path)
+        assert manager.attach("vm-a") == vm  # the preferred slot: what it had
+        tap = backend.get_link(vm.tap_name)
+        assert tap is not None
+        assert tap.alias is not None
+        assert tap.alias.startswith("netvm:nvbr0:")
+        assert tap.alias != "netvm:nvbr0:vm-a"
+        manager.teardown_host()
+
+
+def test_gc_of_one_bridge_leaves_another_bridges_taps(
+    backend: Backend, config: NetworkConfig, tmp_path: Path
+) -> None:
+    other = NetworkConfig(
+        bridge_name="nvbr1",
+        vm_subnet="198.51.100.0/24",
+        host_egress_iface=config.host_egress_iface,
+        state_dir=config.state_dir,
+    )
+    with NetworkManager(config, backend) as first, NetworkManager(other, backend) as second:
+        first.ensure_host()
+        second.ensure_host()
+        first.attach("vm-a")
+        theirs = second.attach("vm-b")
+        _delete(first.leases.path)
+        assert first.gc(keep=[]) == ["vm-a"]
+        first.teardown_host()
+        assert backend.get_link(theirs.tap_name) is not None
+        assert [a.vm_id for a in second.list()] == ["vm-b"]
+        second.teardown_host()
