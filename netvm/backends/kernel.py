@@ -66,6 +66,7 @@ def _to_link(info: LinkInfo) -> Link:
         up=info.up,
         alias=info.alias,
         tap=tap,
+        isolated=info.isolated,
     )
 
 
@@ -197,6 +198,10 @@ class KernelBackend:
     ) -> None:
         with _kernel_errors("set link", name):
             self.rtnl.set_link(name, master=master, mtu=mtu, up=up, alias=alias)
+
+    def set_port_isolated(self, name: str, isolated: bool) -> None:
+        with _kernel_errors("set port isolation", name):
+            self.rtnl.set_port_isolated(self.rtnl.get_link(name).index, isolated)
 
     def delete_link(self, name: str, index: int | None = None) -> None:
         with _kernel_errors("delete link", name):

@@ -78,6 +78,7 @@ FORWARD_PORTS = SetSchema(
 )
 SCHEMAS = (VMS, GUARDED, ADDRS, ISOLATED, EGRESS, FORWARD_ADDRS, FORWARD_PORTS)
 UNSPECIFIED = ipaddress.IPv4Address("0.0.0.0")
+PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
 EGRESS_PREFIX = "egress-"
 
 
@@ -231,6 +232,8 @@ def _scalar(kind: FieldType, value: Value) -> Any:
         return format_mac(value)
     if kind == "ipv4_addr":
         return str(value)
+    if kind == "inet_proto":
+        return PROTOCOL_NAMES.get(int(value), value)  # as nft lists it
     return value
 
 

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol, cast
 
-from netvm.errors import ConflictError, HostError, NotFound
+from netvm.errors import ConflictError, HostError, NotFound, host_error
 from netvm.firewall import guard_rules
 from netvm.firewall.guard import (
     EGRESS,
@@ -608,9 +608,10 @@ class NftablesFirewall:
             self._store().commit(changes, table, operation, where)
             return
         except NotFound:
-            chain = egress_chain(vm.policy)
-            if chain is None:
-                raise
+            if egress_chain(vm.policy) is None:
+                raise host_error(
+                    operation, where, errno.ENOENT, "netvm's sets are missing: run ensure_host()"
+                ) from None
             # The egress chain of this policy is written once, cold (libnftables).
             self._add_egress_chain(bridge, vm)
         except HostError as exc:
@@ -622,6 +623,10 @@ class NftablesFirewall:
         except HostError as exc:
             if exc.errno == errno.EEXIST:
                 raise self._clash(bridge, vm) from None
+            if exc.errno == errno.ENOENT:
+                raise host_error(
+                    operation, where, exc.errno, "netvm's sets are missing: run ensure_host()"
+                ) from None
             raise
 
     def _clash(self, bridge: str, vm: VmGuard) -> ConflictError:

@@ -12,8 +12,8 @@ import ipaddress
 
 import pytest
 
-from netvm import ConfigError, ConflictError, FakeBackend
-from netvm.backends.base import Backend
+from netvm import ConfigError, ConflictError, FakeBackend, HostError
+from netvm.backends.base import Backend, TapOptions
 from netvm.firewall import BridgeFirewall
 from netvm.firewall.guard import VmGuard, egress_chain
 from netvm.firewall.nftables import NftablesFirewall
@@ -177,3 +177,25 @@ def test_a_fault_in_the_transaction_changes_nothing() -> None:
     with pytest.raises(Exception, match="injected"):
         firewall.guard("nvbr0", vm("tap-a", 5, GuestPolicy.of(isolated=True)))
     assert snapshot(backend) == before
+
+
+def test_port_isolation_is_the_kernels_per_port_flag(backend: Backend) -> None:
+    backend.create_bridge("br0", 1500)
+    bridge = backend.get_link("br0")
+    assert bridge is not None
+    backend.create_tap("tap-a", TapOptions())
+    with pytest.raises(HostError) as refused:
+        backend.set_port_isolated("tap-a", True)
+    assert refused.value.errno == errno.EOPNOTSUPP
+    backend.set_link("tap-a", master=bridge.index, up=True)
+    link = backend.get_link("tap-a")
+    assert link is not None
+    assert not link.isolated
+    backend.set_port_isolated("tap-a", True)
+    link = backend.get_link("tap-a")
+    assert link is not None
+    assert link.isolated
+    backend.set_port_isolated("tap-a", False)
+    link = backend.get_link("tap-a")
+    assert link is not None
+    assert not link.isolated
