@@ -4,8 +4,9 @@ Run through scripts/bench or as `python bench/guard.py` (root). In a throwaway n
 ensure_host on nftables, then N VMs attached with every guarantee on (each its own forward
 port), then attaches of fresh vm_ids alternating between no guarantee (`OPEN`) and every
 guarantee (anti-spoofing, isolation, an egress allow and deny list, a port forward), each
-detached again untimed (and the kernel given 50 ms to finish deleting its TAP). Printed: the p50/p90 of attach for both and the difference; also
-the firewall's own part (`guard` of the elements, one nf_tables transaction).
+detached again untimed (and the kernel given 50 ms to finish deleting its TAP). Printed:
+the p50/p90 of attach for both and the difference; also the firewall's own part (`guard`
+of the elements, one nf_tables transaction).
 """
 
 from __future__ import annotations
