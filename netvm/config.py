@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from netvm.errors import ConfigError
+from netvm.policy import GuestPolicy
 
 DEFAULT_BRIDGE = "fcbr0"
 DEFAULT_SUBNET = "172.30.0.0/24"
@@ -150,6 +151,9 @@ class NetworkConfig:
     state_dir: Path
     firewall: FirewallChoice
     """Which firewall holds netvm's rules: "auto" picks what the host already uses."""
+    guest_policy: GuestPolicy | None
+    """The guarantees of a VM attached without a policy of its own. None: anti-spoofing
+    where the firewall can give it (nftables), nothing more (docs/firewall.md)."""
 
     def __init__(
         self,
@@ -159,6 +163,7 @@ class NetworkConfig:
         mtu: int = DEFAULT_MTU,
         state_dir: Path | str = DEFAULT_STATE_DIR,
         firewall: FirewallChoice = DEFAULT_FIREWALL,
+        guest_policy: GuestPolicy | None = None,
     ) -> None:
         validate_ifname("bridge_name", bridge_name)
         validate_ifname("host_egress_iface", host_egress_iface)
@@ -174,6 +179,9 @@ class NetworkConfig:
         object.__setattr__(self, "mtu", parse_mtu("mtu", mtu))
         object.__setattr__(self, "state_dir", parse_state_dir("state_dir", state_dir))
         object.__setattr__(self, "firewall", parse_firewall("firewall", firewall))
+        if guest_policy is not None and not isinstance(guest_policy, GuestPolicy):
+            raise ConfigError("guest_policy", guest_policy, "a GuestPolicy or None")
+        object.__setattr__(self, "guest_policy", guest_policy)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> NetworkConfig:

@@ -9,6 +9,7 @@ a TAP's ifalias records its vm_id and address slot, so the lease store is rebuil
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 from collections.abc import Iterable, Iterator
@@ -29,10 +30,12 @@ from netvm.errors import (
     StateStoreError,
     host_error,
 )
-from netvm.firewall import BridgeFirewall, ChosenFirewall
+from netvm.firewall import BridgeFirewall, ChosenFirewall, Firewall, FirewallKind
+from netvm.firewall.guard import VmGuard
 from netvm.host import HostSetup
 from netvm.leases import DamagedStore, LeaseStore, LeaseTransaction
 from netvm.naming import VmNetwork
+from netvm.policy import OPEN, GuestPolicy
 from netvm.reconcile import KernelTap, netvm_taps, rebuild
 from netvm.undo import Undo as _Undo
 from netvm.validation import check_subnet_free
@@ -53,6 +56,8 @@ class Attachment:
     """From the lease, else from the slot the TAP records; None for an old TAP without one."""
     tap_present: bool
     on_bridge: bool
+    policy: GuestPolicy | None = None
+    """The guarantees the firewall holds for the TAP (None: none)."""
 
 
 def _fixed_flags(options: TapOptions) -> tuple[int | None, int | None, bool]:
@@ -92,6 +97,7 @@ class NetworkManager:
             repair=self._repair,
         )
         self._bridge_index: int | None = None
+        self._firewall_kind: FirewallKind | None = None
 
     @classmethod
     def from_env(cls, backend: Backend | None = None) -> NetworkManager:
@@ -145,6 +151,7 @@ class NetworkManager:
                 self._bridge_index = None
                 raise
         self._bridge_index = bridge.index
+        self._firewall_kind = None
 
     def teardown_host(self) -> None:
         """Remove every netvm TAP of this bridge, netvm's rules and chains, and the bridge
@@ -232,6 +239,7 @@ class NetworkManager:
         if mine and not complete:
             log.log(level, "removing TAP %s of %r: its attach did not complete", link.name, vm_id)
             self._delete_if_same(link)
+            self._unguard_quietly(link.name)
 
     def _recover_detach(
         self, intent: dict[str, Any], link: Link, tx: LeaseTransaction, level: int
@@ -245,6 +253,7 @@ class NetworkManager:
         if tx.get(vm_id) is None:
             log.log(level, "deleting TAP %s of %r: its detach did not finish", link.name, vm_id)
             self._delete_if_same(link)
+            self._unguard_quietly(link.name)
         elif isinstance(alias, str):
             log.log(level, "restoring TAP %s of %r: its detach did not complete", link.name, vm_id)
             self.backend.set_link(link.name, up=bool(intent.get("up")), alias=alias)
@@ -255,24 +264,66 @@ class NetworkManager:
 
     # VMs --------------------------------------------------------------------------------
 
-    def attach(self, vm_id: str, tap: TapOptions | None = None) -> VmNetwork:
-        """Lease an address and put the VM's TAP on the bridge (MTU set, up).
+    def attach(
+        self, vm_id: str, tap: TapOptions | None = None, policy: GuestPolicy | None = None
+    ) -> VmNetwork:
+        """Lease an address and put the VM's TAP on the bridge (MTU set, up), with the
+        guarantees of `policy` (default: `config.guest_policy`, else anti-spoofing where the
+        firewall can give it; docs/firewall.md).
 
-        Attaching a vm_id again returns the same network. If a step fails, the TAP and
-        the lease this call created are removed.
+        Attaching a vm_id again returns the same network (and gives it `policy`). If a step
+        fails, the TAP and the lease this call created are removed.
         """
         naming.validate_vm_id(vm_id)
         options = tap if tap is not None else TapOptions()
+        chosen = self._policy(policy)
         try:
             with self._changing() as tx:
-                return self._attach(tx, vm_id, options)
+                return self._attach(tx, vm_id, options, chosen)
         except DamagedStore:
             # Found damaged mid-way (what this call did is undone): the store is rebuilt
             # from the kernel when the next transaction opens it.
             with self._changing() as tx:
-                return self._attach(tx, vm_id, options)
+                return self._attach(tx, vm_id, options, chosen)
 
-    def _attach(self, tx: LeaseTransaction, vm_id: str, options: TapOptions) -> VmNetwork:
+    # Guarantees (netvm/policy.py, docs/firewall.md) -------------------------------------
+
+    def _kind(self) -> FirewallKind:
+        if self._firewall_kind is None:
+            self._firewall_kind = self.choose_firewall().kind
+        return self._firewall_kind
+
+    def _policy(self, policy: GuestPolicy | None) -> GuestPolicy:
+        if policy is not None:
+            return policy
+        if self.config.guest_policy is not None:
+            return self.config.guest_policy
+        return GuestPolicy() if self._kind() == "nftables" else OPEN
+
+    def _guard(self, network: VmNetwork, policy: GuestPolicy) -> None:
+        """The firewall's elements for the VM, then the kernel's port isolation."""
+        vm = VmGuard(network.tap_name, network.guest_mac, network.guest_ip, policy)
+        self.backend.firewall(self._kind()).guard(self.config.bridge_name, vm)
+
+    def _elements(self) -> Firewall | None:
+        """The firewall that holds per-VM elements: nftables, where it can be used."""
+        firewall = self.backend.firewall("nftables")
+        return firewall if firewall.unavailable() is None else None
+
+    def _unguard(self, tap: str) -> None:
+        firewall = self._elements()
+        if firewall is not None:
+            firewall.unguard(self.config.bridge_name, tap)
+
+    def _unguard_quietly(self, tap: str) -> None:
+        try:
+            self._unguard(tap)
+        except NetvmError as exc:
+            log.error("rollback: could not remove the guarantees of %s (gc will): %s", tap, exc)
+
+    def _attach(
+        self, tx: LeaseTransaction, vm_id: str, options: TapOptions, policy: GuestPolicy
+    ) -> VmNetwork:
         lease, _ = tx.acquire(vm_id)
         network = VmNetwork.for_slot(vm_id, self.config.vm_subnet, lease.slot)
         name = network.tap_name
@@ -284,12 +335,22 @@ class NetworkManager:
             tx.clear_intent()  # the TAP is not this call's: a failure must leave it
             link = self.backend.get_link(name)
             if link is None or link.alias != naming.detaching_alias(self.config.bridge_name, vm_id):
-                return self._reuse_tap(tx, network, options, link)
+                network = self._reuse_tap(tx, network, options, link)
+                self._guard(network, policy)
+                if link is not None and link.isolated != policy.isolated:
+                    self.backend.set_port_isolated(name, policy.isolated)
+                return network
             # A detach of this VM has not deleted its old TAP yet: finish that first.
             self._delete_if_same(link)
             tx.intend(intent)
             self.backend.create_tap(name, options)
+        # The TAP is down and on no bridge yet: its guarantees are in place before its
+        # first frame. A failure from here on is undone by the intent (_recover_attach).
+        self._bridge()  # no bridge: say "run ensure_host() first" before anything else
+        self._guard(network, policy)
         self._enslave(name, naming.tap_alias(self.config.bridge_name, vm_id, lease.slot))
+        if policy.isolated:
+            self.backend.set_port_isolated(name, True)
         log.debug("attached %s as %s", vm_id, name)
         return network
 
@@ -398,6 +459,7 @@ class NetworkManager:
                     }
                 )
                 self.backend.set_link(name, up=False, alias=detaching)
+            self._unguard(name)
             tx.release(vm_id)
         if link is not None:
             self._delete_if_same(link)
@@ -439,6 +501,11 @@ class NetworkManager:
         if tx is not None:
             doomed.update(lease.vm_id for lease in tx.all() if lease.vm_id not in kept)
         self.backend.delete_links(names)
+        firewall = self._elements()
+        if firewall is not None:
+            # Also the elements of TAPs that are gone already (a crash, a hand-deleted TAP).
+            live = [t.link.name for t in netvm_taps(self.backend, self.config.bridge_name)]
+            firewall.prune(self.config.bridge_name, live)
         removed.update(doomed)
         if tx is not None:
             for vm_id in doomed:
@@ -477,4 +544,10 @@ class NetworkManager:
     def list(self) -> list[Attachment]:
         """Every VM of this bridge: leased ones, and netvm TAPs on the bridge without a lease."""
         with self.leases.transaction() as tx:
-            return self._list(tx, netvm_taps(self.backend, self.config.bridge_name))
+            found = self._list(tx, netvm_taps(self.backend, self.config.bridge_name))
+        firewall = self._elements()
+        guards = firewall.guards(self.config.bridge_name) if firewall is not None else {}
+        return [
+            dataclasses.replace(a, policy=guards[a.tap_name].policy) if a.tap_name in guards else a
+            for a in found
+        ]

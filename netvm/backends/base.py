@@ -61,6 +61,8 @@ class Link:
     alias: str | None
     tap: TapOptions | None = None
     """For a TAP (kind "tun"): the flags it was created with."""
+    isolated: bool = False
+    """For a bridge port: the kernel's port isolation (IFLA_BRPORT_ISOLATED)."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,10 @@ class Backend(XtablesTables, Protocol):
         alias: str | None = None,
     ) -> None:
         """Change several attributes of a link in one request."""
+
+    def set_port_isolated(self, name: str, isolated: bool) -> None:
+        """Set the kernel's isolation of bridge port `name`: isolated ports exchange no
+        frames with each other. EOPNOTSUPP if `name` is not on a bridge."""
 
     def delete_link(self, name: str, index: int | None = None) -> None:
         """Delete the device `name`; with `index`, only if it still is that device

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from netvm.backends.base import FILTER, NAT, STANDARD_TARGETS, Address, Link, Rule, TapOptions
 from netvm.config import IFNAMSIZ, MAX_MTU, MIN_MTU
 from netvm.errors import host_error
-from netvm.firewall.fake_nft import FakeNftRunner, FakeRuleset
+from netvm.firewall.fake_nft import FakeElements, FakeNftRunner, FakeRuleset
 from netvm.firewall.model import Firewall, FirewallKind
 from netvm.firewall.nftables import NftablesFirewall
 from netvm.firewall.xtables import XtablesFirewall
@@ -152,7 +152,7 @@ class FakeBackend:
         if master is None or link.master == master:
             return
         if link.master is not None:
-            link = self.state.links[name] = replace(link, master=None)
+            link = self.state.links[name] = replace(link, master=None, isolated=False)
         bridge = self._by_index(master)
         if bridge is None:
             raise host_error(operation, name, errno.EINVAL, f"no device with index {master}")
@@ -165,12 +165,19 @@ class FakeBackend:
             raise host_error(operation, name, errno.EXFULL, f"{bridge.name} is full")
         self.state.links[name] = replace(link, master=master)
 
+    def set_port_isolated(self, name: str, isolated: bool) -> None:
+        link = self._require("set port isolation", name)
+        if link.master is None:
+            raise host_error("set port isolation", name, errno.EOPNOTSUPP, "not a bridge port")
+        self._mutate("set port isolation", name)
+        self.state.links[name] = replace(link, isolated=isolated)
+
     def _remove(self, link: Link) -> None:
         del self.state.links[link.name]
         self.state.addresses = [a for a in self.state.addresses if a.index != link.index]
         for other in list(self.state.links.values()):
             if other.master == link.index:
-                self.state.links[other.name] = replace(other, master=None)
+                self.state.links[other.name] = replace(other, master=None, isolated=False)
 
     def delete_link(self, name: str, index: int | None = None) -> None:
         if index is not None:
@@ -231,7 +238,7 @@ class FakeBackend:
         if found is None:
             if kind == "nftables":
                 runner = FakeNftRunner(self.state.nftables, on_change=self._mutate)
-                found = NftablesFirewall(runner, lambda: None)
+                found = NftablesFirewall(runner, lambda: None, FakeElements(runner))
             else:
                 found = XtablesFirewall(self)
             self._firewalls[kind] = found

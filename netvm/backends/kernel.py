@@ -27,6 +27,7 @@ from netvm.backends.netns import NamespaceThread
 from netvm.backends.rtnl import LinkInfo, Rtnl, RtnlError
 from netvm.backends.tun import create_persistent_tap, open_tun
 from netvm.errors import NetvmError, host_error
+from netvm.firewall.elements import KernelElements
 from netvm.firewall.libnftables import KernelNftRunner, binding_unavailable
 from netvm.firewall.model import Firewall, FirewallKind
 from netvm.firewall.nftables import NftablesFirewall
@@ -65,6 +66,7 @@ def _to_link(info: LinkInfo) -> Link:
         up=info.up,
         alias=info.alias,
         tap=tap,
+        isolated=info.isolated,
     )
 
 
@@ -120,7 +122,9 @@ class KernelBackend:
         found = self._firewalls.get(kind)
         if found is None:
             if kind == "nftables":
-                found = NftablesFirewall(KernelNftRunner(self._call), binding_unavailable)
+                found = NftablesFirewall(
+                    KernelNftRunner(self._call), binding_unavailable, KernelElements(self._call)
+                )
             else:
                 found = XtablesFirewall(self)
             self._firewalls[kind] = found
@@ -194,6 +198,10 @@ class KernelBackend:
     ) -> None:
         with _kernel_errors("set link", name):
             self.rtnl.set_link(name, master=master, mtu=mtu, up=up, alias=alias)
+
+    def set_port_isolated(self, name: str, isolated: bool) -> None:
+        with _kernel_errors("set port isolation", name):
+            self.rtnl.set_port_isolated(self.rtnl.get_link(name).index, isolated)
 
     def delete_link(self, name: str, index: int | None = None) -> None:
         with _kernel_errors("delete link", name):

@@ -1,18 +1,23 @@
 """An in-memory nftables ruleset that takes libnftables JSON commands, as the kernel does.
 
-It models what netvm and its tests rely on: tables, chains, rules with handles, the errors
-the kernel gives (ENOENT for what is missing, EBUSY for a chain still in use) and the
-all-or-nothing batch: a command that fails leaves the ruleset as it was before the batch.
+It models what netvm and its tests rely on: tables, chains, rules with handles, named sets
+and maps with their elements (and element comments), the errors the kernel gives (ENOENT for
+what is missing, EBUSY for a chain or set still in use, EEXIST for an element whose key
+exists with other data) and the all-or-nothing batch: a command that fails leaves the
+ruleset as it was before the batch.
 """
 
 from __future__ import annotations
 
 import copy
 import errno
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from netvm.errors import host_error
+from netvm.firewall.guard import Element, element_command, element_json
 
 Json = dict[str, Any]
 
@@ -24,10 +29,21 @@ class _Chain:
 
 
 @dataclass
+class _Set:
+    kind: str
+    """"set" or "map"."""
+    spec: Json
+    elements: list[Json] = field(default_factory=list)
+    """{"key": canonical JSON of the key, "val": the key, "data": ..., "comment": ...}."""
+
+
+@dataclass
 class FakeRuleset:
-    """Tables by (family, name): chains by name, each with its rules in order."""
+    """Tables by (family, name): chains by name, each with its rules in order; and the
+    named sets and maps of each table."""
 
     tables: dict[tuple[str, str], dict[str, _Chain]] = field(default_factory=dict)
+    sets: dict[tuple[str, str], dict[str, _Set]] = field(default_factory=dict)
     next_handle: int = 1
     transactions: int = 0
     """Batches that changed something (a listing is not one)."""
@@ -67,6 +83,7 @@ class FakeNftRunner:
                 self._on_change(operation, where)
             work.transactions += 1
             self.ruleset.tables, self.ruleset.next_handle = work.tables, work.next_handle
+            self.ruleset.sets = work.sets
             self.ruleset.transactions = work.transactions
         return listed
 
@@ -93,8 +110,24 @@ def _rule_object(family: str, table: str, chain: str, rule: Json) -> Json:
     return {"rule": found}
 
 
-def _table_objects(family: str, name: str, table: dict[str, _Chain]) -> list[Json]:
+def _set_object(family: str, table: str, name: str, found: _Set) -> Json:
+    body: Json = {"family": family, "name": name, "table": table, **copy.deepcopy(found.spec)}
+    listed: list[Any] = []
+    for element in found.elements:
+        value: Any = copy.deepcopy(element["val"])
+        if element.get("comment") is not None:
+            value = {"elem": {"val": value, "comment": element["comment"]}}
+        listed.append([value, copy.deepcopy(element["data"])] if found.kind == "map" else value)
+    if listed:
+        body["elem"] = listed
+    return {found.kind: body}
+
+
+def _table_objects(work: FakeRuleset, family: str, name: str) -> list[Json]:
+    table = work.tables[(family, name)]
     objects: list[Json] = [{"table": {"family": family, "name": name}}]
+    for set_name, found in work.sets.get((family, name), {}).items():
+        objects.append(_set_object(family, name, set_name, found))
     for chain_name, chain in table.items():
         objects.append(
             {"chain": {"family": family, "table": name, "name": chain_name, **chain.spec}}
@@ -109,12 +142,41 @@ def _list(work: FakeRuleset, body: Json) -> list[Json]:
     if kind == "tables":
         return [{"table": {"family": f, "name": n}} for f, n in work.tables]
     if kind == "ruleset":
-        return [o for (f, n), t in work.tables.items() for o in _table_objects(f, n, t)]
+        return [o for (f, n) in work.tables for o in _table_objects(work, f, n)]
     if kind == "table":
-        return _table_objects(
-            what["family"], what["name"], _table(work, what["family"], what["name"])
-        )
+        _table(work, what["family"], what["name"])
+        return _table_objects(work, what["family"], what["name"])
+    if kind in ("set", "map"):
+        found = _named_set(work, what["family"], what["table"], what["name"])
+        return [_set_object(what["family"], what["table"], what["name"], found)]
     raise _Refused(errno.EOPNOTSUPP)
+
+
+def _named_set(work: FakeRuleset, family: str, table: str, name: str) -> _Set:
+    _table(work, family, table)
+    found = work.sets.get((family, table), {}).get(name)
+    if found is None:
+        raise _Refused(errno.ENOENT)
+    return found
+
+
+def _references(value: object) -> list[str]:
+    """The named sets ("@name") an expression refers to."""
+    if isinstance(value, str):
+        return [value[1:]] if value.startswith("@") else []
+    if isinstance(value, dict):
+        return [ref for item in value.values() for ref in _references(item)]
+    if isinstance(value, list):
+        return [ref for item in value for ref in _references(item)]
+    return []
+
+
+def _element_jumps(found: _Set) -> list[str]:
+    return [
+        element["data"]["jump"]["target"]
+        for element in found.elements
+        if isinstance(element["data"], dict) and "jump" in element["data"]
+    ]
 
 
 def _jumps(rule: Json) -> list[str]:
@@ -136,8 +198,13 @@ def _change(work: FakeRuleset, verb: str, body: Json) -> None:
         elif verb == "delete":
             _table(work, *key)
             del work.tables[key]
+            work.sets.pop(key, None)
         else:
             raise _Refused(errno.EOPNOTSUPP)
+    elif kind in ("set", "map"):
+        _change_set(work, verb, kind, what)
+    elif kind == "element":
+        _change_elements(work, verb, what)
     elif kind == "chain":
         table = _table(work, family, what["table"])
         if verb == "add":
@@ -148,9 +215,16 @@ def _change(work: FakeRuleset, verb: str, body: Json) -> None:
             if chain is None:
                 raise _Refused(errno.ENOENT)
             used = any(what["name"] in _jumps(r) for c in table.values() for r in c.rules)
+            sets = work.sets.get((family, what["table"]), {}).values()
+            used = used or any(what["name"] in _element_jumps(found) for found in sets)
             if chain.rules or used:
                 raise _Refused(errno.EBUSY)
             del table[what["name"]]
+        elif verb == "flush":
+            chain = table.get(what["name"])
+            if chain is None:
+                raise _Refused(errno.ENOENT)
+            chain.rules = []
         else:
             raise _Refused(errno.EOPNOTSUPP)
     elif kind == "rule":
@@ -158,6 +232,9 @@ def _change(work: FakeRuleset, verb: str, body: Json) -> None:
         if verb in ("add", "insert"):
             table = _table(work, family, what["table"])
             if any(target not in table for target in _jumps(what)):
+                raise _Refused(errno.ENOENT)
+            named = work.sets.get((family, what["table"]), {})
+            if any(ref not in named for ref in _references(what["expr"])):
                 raise _Refused(errno.ENOENT)
             rule = {"handle": work.next_handle, "expr": copy.deepcopy(what["expr"])}
             if "comment" in what:
@@ -176,3 +253,102 @@ def _change(work: FakeRuleset, verb: str, body: Json) -> None:
             raise _Refused(errno.EOPNOTSUPP)
     else:
         raise _Refused(errno.EOPNOTSUPP)
+
+
+_SET_SPEC = ("type", "map", "flags")
+
+
+def _change_set(work: FakeRuleset, verb: str, kind: str, what: Json) -> None:
+    family, table_name, name = what["family"], what["table"], what["name"]
+    table = _table(work, family, table_name)
+    named = work.sets.setdefault((family, table_name), {})
+    if verb == "add":
+        spec = {key: copy.deepcopy(what[key]) for key in _SET_SPEC if key in what}
+        found = named.get(name)
+        if found is None:
+            named[name] = _Set(kind, spec)
+        elif (found.kind, found.spec) != (kind, spec):
+            raise _Refused(errno.EEXIST)
+    elif verb == "delete":
+        if name not in named:
+            raise _Refused(errno.ENOENT)
+        used = any(name in _references(r["expr"]) for c in table.values() for r in c.rules)
+        if used:
+            raise _Refused(errno.EBUSY)
+        del named[name]
+    else:
+        raise _Refused(errno.EOPNOTSUPP)
+
+
+def _split(item: Any, kind: str) -> tuple[Any, Any, str | None]:
+    """(key, data, comment) of one `elem` entry of a command."""
+    data = None
+    if kind == "map":
+        item, data = item
+    comment = None
+    if isinstance(item, dict) and "elem" in item:
+        comment = item["elem"].get("comment")
+        item = item["elem"]["val"]
+    return item, data, comment
+
+
+def _change_elements(work: FakeRuleset, verb: str, what: Json) -> None:
+    found = _named_set(work, what["family"], what["table"], what["name"])
+    table = work.tables[(what["family"], what["table"])]
+    for item in what["elem"]:
+        key, data, comment = _split(item, found.kind)
+        canonical = json.dumps(key, sort_keys=True)
+        index = next(
+            (i for i, element in enumerate(found.elements) if element["key"] == canonical), None
+        )
+        if verb == "add":
+            if isinstance(data, dict) and "jump" in data and data["jump"]["target"] not in table:
+                raise _Refused(errno.ENOENT)
+            if index is not None:
+                if found.elements[index]["data"] != data:
+                    raise _Refused(errno.EEXIST)
+                continue  # as the kernel: no change, the old comment stays
+            found.elements.append(
+                {"key": canonical, "val": copy.deepcopy(key), "data": data, "comment": comment}
+            )
+        elif verb == "delete":
+            if index is None:
+                raise _Refused(errno.ENOENT)
+            del found.elements[index]
+        else:
+            raise _Refused(errno.EOPNOTSUPP)
+
+
+def element_comment(
+    ruleset: FakeRuleset, family: str, table: str, name: str, key: Any
+) -> str | None:
+    """The element's comment ("" without one), None if there is no such element; ENOENT
+    (as a HostError) if the set does not exist."""
+    try:
+        found = _named_set(ruleset, family, table, name)
+    except _Refused as exc:
+        raise host_error("get element", f"{family} {table} {name}", exc.code) from None
+    canonical = json.dumps(key, sort_keys=True)
+    for element in found.elements:
+        if element["key"] == canonical:
+            return str(element["comment"] or "")
+    return None
+
+
+class FakeElements:
+    """The ElementStore of the fake: the same elements as libnftables JSON commands."""
+
+    def __init__(self, runner: FakeNftRunner) -> None:
+        self._runner = runner
+
+    def commit(
+        self, changes: Sequence[tuple[str, Element]], table: str, operation: str, where: str
+    ) -> None:
+        if changes:
+            commands = [element_command(verb, element, table) for verb, element in changes]
+            self._runner.run(commands, operation, where)
+
+    def comment(self, element: Element, table: str, operation: str) -> str | None:
+        schema = element.schema
+        key = element_json(Element(schema, element.key, element.key_end))
+        return element_comment(self._runner.ruleset, schema.family, table, schema.name, key)

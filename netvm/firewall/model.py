@@ -10,7 +10,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from netvm.firewall.guard import VmGuard
 
 FirewallKind = Literal["nftables", "iptables"]
 KINDS: tuple[FirewallKind, ...] = ("nftables", "iptables")
@@ -61,6 +64,11 @@ class BridgeFirewall:
     bridge: str
     subnet: ipaddress.IPv4Network
     egress: str
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        """The bridge's address: the subnet's first host (NetworkConfig.gateway)."""
+        return self.subnet.network_address + 1
 
     @property
     def tag(self) -> str:
@@ -142,8 +150,9 @@ class Firewall(Protocol):
     def check(self, policy: BridgeFirewall) -> list[str]:
         """What `ensure(policy)` would change, one phrase each; empty when it is in place."""
 
-    def listing(self, bridge: str) -> list[Placed]:
-        """netvm's rules of `bridge`, wherever they are; empty when there are none."""
+    def listing(self, bridge: str, guarantees: bool = False) -> list[Placed]:
+        """netvm's rules of `bridge`, wherever they are; empty when there are none. With
+        `guarantees`, also the rules behind the per-VM guarantees (nftables only)."""
 
     def remove(self, bridge: str) -> list[str]:
         """Remove every rule and chain of netvm's for `bridge`; it is fine if there is none.
@@ -151,3 +160,21 @@ class Firewall(Protocol):
         Returns what had to be left (e.g. a foreign rule that jumps into netvm's chain),
         having removed everything else.
         """
+
+    # Per-VM guarantees (netvm/policy.py): elements of sets, never a rule per VM.
+
+    def guard(self, bridge: str, vm: VmGuard) -> None:
+        """Give the VM on `vm.tap` the guarantees of `vm.policy` (replacing what it had), in
+        one transaction. ConfigError where this firewall cannot give them."""
+
+    def record(self, bridge: str, tap: str) -> VmGuard | None:
+        """What the firewall holds for `tap`, or None."""
+
+    def unguard(self, bridge: str, tap: str) -> VmGuard | None:
+        """Remove everything the firewall holds for `tap`; it is fine if there is nothing."""
+
+    def guards(self, bridge: str) -> dict[str, VmGuard]:
+        """Every TAP's guarantees on this bridge."""
+
+    def prune(self, bridge: str, live: Collection[str]) -> list[str]:
+        """Remove the guarantees of every TAP not in `live`; return those TAPs."""

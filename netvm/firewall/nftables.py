@@ -7,18 +7,37 @@ accepts of `BridgeFirewall.passes` go into its DOCKER-USER chain or at the top o
 in the same transaction: written as plain iifname/oifname matches with a comment, which
 iptables-nft lists as `-i B -o E -m comment --comment netvm:B -j ACCEPT`.
 
+The per-VM guarantees (guard.py, guard_rules.py) add the table `bridge netvm-B` and, in
+`inet netvm-B`, a DNAT chain, egress chains and named sets. Converging rewrites chains, never
+the tables: the sets keep the elements of the VMs that run. Elements are written by
+`ElementStore` (packed netlink on the kernel, elements.py), not libnftables.
+
 Commands are libnftables JSON (names are JSON strings, never parsed as syntax). A warm
-ensure reads the two tables and, when they already hold what they should, changes nothing.
+ensure reads the tables and, when they already hold what they should, changes nothing.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Protocol, cast
 
-from netvm.errors import ConflictError, HostError
+from netvm.errors import ConflictError, HostError, NotFound, host_error
+from netvm.firewall import guard_rules
+from netvm.firewall.guard import (
+    EGRESS,
+    EGRESS_PREFIX,
+    SCHEMAS,
+    Element,
+    VmGuard,
+    egress_chain,
+    egress_chain_rules,
+    elements,
+    record_key,
+)
 from netvm.firewall.model import (
     Action,
     BridgeFirewall,
@@ -29,14 +48,18 @@ from netvm.firewall.model import (
     tag_of,
 )
 
+log = logging.getLogger("netvm")
 Json = dict[str, Any]
 FAMILY = "inet"
+BRIDGE_FAMILY = "bridge"
 IPTABLES_FAMILY, IPTABLES_TABLE = "ip", "filter"
 TABLE_PREFIX = "netvm-"
 CHAINS: dict[str, Json] = {
     "forward": {"type": "filter", "hook": "forward", "prio": 0, "policy": "accept"},
     "postrouting": {"type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"},
+    "prerouting": {"type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"},
 }
+OWN_CHAINS: dict[str, dict[str, Json]] = {FAMILY: CHAINS, BRIDGE_FAMILY: guard_rules.BRIDGE_CHAINS}
 
 
 class NftRunner(Protocol):
@@ -47,6 +70,18 @@ class NftRunner(Protocol):
 
     def generation(self) -> int | None:
         """The ruleset's generation (bumped by every commit), or None if unknown."""
+
+
+class ElementStore(Protocol):
+    """Writes and reads elements of netvm's sets, O(1) per element."""
+
+    def commit(
+        self, changes: Sequence[tuple[str, Element]], table: str, operation: str, where: str
+    ) -> None:
+        """("add" | "delete", element) in order, as one transaction; HostError on failure."""
+
+    def comment(self, element: Element, table: str, operation: str) -> str | None:
+        """The comment of the element with this key ("" if none), None if there is none."""
 
 
 def table_name(bridge: str) -> str:
@@ -120,32 +155,125 @@ def decode_exprs(exprs: list[Json]) -> FirewallRule | None:
 
 def _text(exprs: list[Json]) -> str:
     rule = decode_exprs(exprs)
-    return rule.describe() if rule is not None else _canonical(exprs)
+    if rule is not None:
+        return rule.describe()
+    try:
+        return " ".join(_statement(expr) for expr in exprs)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return _canonical(exprs)
+
+
+def _operand(value: Any) -> str:
+    """An expression or value of libnftables JSON in nft's words (for listings)."""
+    if not isinstance(value, dict):
+        return str(value)
+    ((kind, body),) = value.items()
+    if kind == "meta":
+        return str(body["key"])
+    if kind == "payload":
+        return f"{body['protocol']} {body['field']}"
+    if kind == "concat":
+        return " . ".join(_operand(part) for part in body)
+    if kind == "ct":
+        return f"ct {body['key']}"
+    if kind == "fib":
+        return f"fib {' '.join(body['flags'])} {body['result']}"
+    if kind == "prefix":
+        return f"{body['addr']}/{body['len']}"
+    if kind == "range":
+        return f"{body[0]}-{body[1]}"
+    if kind == "map":
+        return f"{_operand(body['key'])} map {body['data']}"
+    raise ValueError(kind)
+
+
+def _statement(expr: Json) -> str:
+    ((kind, body),) = expr.items()
+    if kind == "match":
+        op = "" if body["op"] in ("==", "in") else f"{body['op']} "
+        return f"{_operand(body['left'])} {op}{_operand(body['right'])}"
+    if kind == "vmap":
+        return f"{_operand(body['key'])} vmap {body['data']}"
+    if kind in ("jump", "goto"):
+        return f"{kind} {body['target']}"
+    if kind == "dnat":
+        return f"dnat ip to {_operand(body['addr'])} : {_operand(body['port'])}"
+    if body is None:
+        return str(kind)
+    raise ValueError(kind)
 
 
 class _Table:
-    """One table as listed: its chains (name -> spec) and rules (in order)."""
+    """One table as listed: its chains (name -> spec), rules (in order) and sets."""
 
     def __init__(self, objects: list[Json]) -> None:
         self.chains: dict[str, Json] = {}
         self.rules: list[Json] = []
+        self.sets: dict[str, Json] = {}
         for item in objects:
             if "chain" in item:
                 self.chains[item["chain"]["name"]] = item["chain"]
             elif "rule" in item:
                 self.rules.append(item["rule"])
+            else:
+                for kind in ("set", "map"):
+                    if kind in item:
+                        self.sets[item[kind]["name"]] = {"kind": kind, **item[kind]}
 
 
 def _spec(chain: Json) -> Json:
     return {key: chain.get(key) for key in ("type", "hook", "prio", "policy")}
 
 
+def wanted_rules(policy: BridgeFirewall) -> dict[str, dict[str, list[list[Json]]]]:
+    """family -> chain -> the expressions of its rules, in order, for netvm's two tables."""
+    forward = [rule_exprs(rule) for rule in policy.forward]
+    return {
+        FAMILY: {
+            "forward": [
+                *guard_rules.forward_head(policy),
+                *forward[:-1],
+                guard_rules.forward_before_drop(policy),
+                forward[-1],
+            ],
+            "postrouting": [rule_exprs(rule) for rule in policy.postrouting],
+            "prerouting": guard_rules.prerouting(policy),
+        },
+        BRIDGE_FAMILY: guard_rules.bridge_rules(policy),
+    }
+
+
+def _set_spec(declared: Json) -> Json:
+    return {key: declared.get(key) for key in ("kind", "type", "map", "flags")}
+
+
+WANTED_SETS: dict[str, dict[str, Json]] = {
+    family: {
+        schema.name: _set_spec({"kind": kind, **body})
+        for schema in SCHEMAS
+        if schema.family == family
+        for kind, body in schema.declaration("").items()
+    }
+    for family in OWN_CHAINS
+}
+
+
+def _is_egress(chain: str) -> bool:
+    return chain.startswith(EGRESS_PREFIX)
+
+
 class NftablesFirewall:
     kind: FirewallKind = "nftables"
 
-    def __init__(self, runner: NftRunner, unavailable: Callable[[], str | None]) -> None:
+    def __init__(
+        self,
+        runner: NftRunner,
+        unavailable: Callable[[], str | None],
+        elements: ElementStore | None = None,
+    ) -> None:
         self._runner = runner
         self._unavailable = unavailable
+        self._elements = elements
         self._verified: dict[str, tuple[BridgeFirewall, int]] = {}
         """bridge -> (policy, generation at which its rules were seen in place)."""
 
@@ -154,9 +282,10 @@ class NftablesFirewall:
 
     def close(self) -> None:
         """Release the runner's context and sockets (not part of the Firewall seam)."""
-        close = getattr(self._runner, "close", None)
-        if close is not None:
-            close()
+        for part in (self._runner, self._elements):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
 
     def _run(self, commands: list[Json], operation: str, where: str | None) -> list[Json]:
         return self._runner.run(commands, operation, where)
@@ -176,20 +305,19 @@ class NftablesFirewall:
         command = {"list": {"table": {"family": family, "name": name}}}
         return _Table(self._run([command], "list nftables table", f"{family} {name}"))
 
-    def _read(self, bridge: str) -> tuple[_Table | None, _Table | None]:
-        """netvm's table of `bridge` and the iptables-nft filter table, where they exist."""
+    def _read(self, bridge: str) -> tuple[dict[str, _Table | None], _Table | None]:
+        """netvm's tables of `bridge` (by family) and the iptables-nft filter table."""
         tables = self._tables()
-        return (
-            self._list_table(FAMILY, table_name(bridge), tables),
-            self._list_table(IPTABLES_FAMILY, IPTABLES_TABLE, tables),
-        )
+        own = {
+            family: self._list_table(family, table_name(bridge), tables) for family in OWN_CHAINS
+        }
+        return own, self._list_table(IPTABLES_FAMILY, IPTABLES_TABLE, tables)
 
     def _try_list(self, family: str, name: str) -> _Table | None:
         """The table, or None if listing it fails (it does not exist, most likely).
 
-        For ensure's warm path: two requests instead of three. A failure other than a
-        missing table cannot hide here: ensure then writes, and that transaction reports it
-        by errno.
+        For ensure's warm path: fewer requests. A failure other than a missing table cannot
+        hide here: ensure then writes, and that transaction reports it by errno.
         """
         command = {"list": {"table": {"family": family, "name": name}}}
         try:
@@ -229,52 +357,84 @@ class NftablesFirewall:
 
     # Set-up -----------------------------------------------------------------------------
 
-    def _own_commands(self, policy: BridgeFirewall) -> list[Json]:
-        table = {"family": FAMILY, "name": table_name(policy.bridge)}
-        commands: list[Json] = [
-            {"add": {"table": dict(table)}},
-            {"delete": {"table": dict(table)}},
-            {"add": {"table": dict(table)}},
+    def _own_commands(
+        self, policy: BridgeFirewall, family: str, table: _Table | None
+    ) -> list[Json]:
+        """Make netvm's table of `family` hold exactly its chains, rules and sets.
+
+        The table is never deleted (its sets hold the running VMs' elements): chains are
+        flushed and written again; a chain or set of another shape is replaced.
+        """
+        name = table_name(policy.bridge)
+        ref = {"family": family, "table": name}
+        chains, sets = OWN_CHAINS[family], WANTED_SETS[family]
+        commands: list[Json] = [{"add": {"table": {"family": family, "name": name}}}]
+        present = table.chains if table is not None else {}
+        for chain in chains:
+            if chain in present:
+                commands.append({"flush": {"chain": {**ref, "name": chain}}})
+        for chain, spec in chains.items():
+            if chain in present and _spec(present[chain]) != _spec(spec):
+                commands.append({"delete": {"chain": {**ref, "name": chain}}})
+        have_sets = table.sets if table is not None else {}
+        for set_name, spec in sets.items():
+            if set_name in have_sets and _set_spec(have_sets[set_name]) != spec:
+                kind = have_sets[set_name]["kind"]
+                commands.append({"delete": {kind: {**ref, "name": set_name}}})
+        commands += [
+            {"add": schema.declaration(name)} for schema in SCHEMAS if schema.family == family
         ]
-        for chain, spec in CHAINS.items():
-            commands.append(
-                {"add": {"chain": {**table, "table": table["name"], "name": chain, **spec}}}
-            )
-        for chain, rules in (("forward", policy.forward), ("postrouting", policy.postrouting)):
-            for rule in rules:
+        for chain, spec in chains.items():
+            commands.append({"add": {"chain": {**ref, "name": chain, **spec}}})
+        for chain, rules in wanted_rules(policy)[family].items():
+            for exprs in rules:
                 commands.append(
-                    {
-                        "add": {
-                            "rule": {
-                                "family": FAMILY,
-                                "table": table["name"],
-                                "chain": chain,
-                                "expr": rule_exprs(rule),
-                                "comment": policy.tag,
-                            }
-                        }
-                    }
+                    {"add": {"rule": {**ref, "chain": chain, "expr": exprs, "comment": policy.tag}}}
                 )
         return commands
 
-    def _own_is_current(self, policy: BridgeFirewall, table: _Table | None) -> bool:
+    def _conflicts(self, bridge: str, family: str, table: _Table) -> bool:
+        tag = tag_of(bridge)
+        foreign_rules = [rule for rule in table.rules if rule.get("comment") != tag]
+        unknown = {c for c in table.chains if c not in OWN_CHAINS[family] and not _is_egress(c)}
+        return bool(foreign_rules or unknown or set(table.sets) - set(WANTED_SETS[family]))
+
+    def _own_is_current(self, policy: BridgeFirewall, family: str, table: _Table | None) -> bool:
         if table is None:
             return False
-        foreign = [rule for rule in table.rules if rule.get("comment") != policy.tag]
-        if foreign or set(table.chains) - set(CHAINS):
+        if self._conflicts(policy.bridge, family, table):
             raise ConflictError(
-                f"nftables table {FAMILY} {table_name(policy.bridge)} holds chains or rules "
-                f"netvm did not write (no comment {policy.tag!r}); remove them, netvm will not"
+                f"nftables table {family} {table_name(policy.bridge)} holds chains, sets or "
+                f"rules netvm did not write (no comment {policy.tag!r}); remove them, netvm "
+                "will not"
             )
-        if {name: _spec(chain) for name, chain in table.chains.items()} != CHAINS:
+        chains = OWN_CHAINS[family]
+        fixed = {name: _spec(chain) for name, chain in table.chains.items() if name in chains}
+        if fixed != {name: _spec(spec) for name, spec in chains.items()}:
             return False
-        have = [(rule["chain"], _canonical(rule["expr"])) for rule in table.rules]
-        want = [
-            (chain, _canonical(rule_exprs(rule)))
-            for chain, rules in (("forward", policy.forward), ("postrouting", policy.postrouting))
-            for rule in rules
+        if {name: _set_spec(spec) for name, spec in table.sets.items()} != WANTED_SETS[family]:
+            return False
+        have = [
+            (rule["chain"], _canonical(rule["expr"]))
+            for rule in table.rules
+            if rule["chain"] in chains
         ]
-        return have == want
+        want = [
+            (chain, _canonical(exprs))
+            for chain, rules in wanted_rules(policy)[family].items()
+            for exprs in rules
+        ]
+        return sorted(have) == sorted(want) and self._in_order(have, want)
+
+    @staticmethod
+    def _in_order(have: list[tuple[str, str]], want: list[tuple[str, str]]) -> bool:
+        def by_chain(items: list[tuple[str, str]]) -> dict[str, list[str]]:
+            found: dict[str, list[str]] = {}
+            for chain, exprs in items:
+                found.setdefault(chain, []).append(exprs)
+            return found
+
+        return by_chain(have) == by_chain(want)
 
     def _pass_commands(self, policy: BridgeFirewall, table: _Table | None) -> list[Json]:
         """Commands that make the iptables-nft filter table hold exactly netvm's passes."""
@@ -322,9 +482,12 @@ class NftablesFirewall:
 
     def _ensure(self, policy: BridgeFirewall) -> bool:
         def build() -> list[Json]:
-            own = self._try_list(FAMILY, table_name(policy.bridge))
+            commands: list[Json] = []
+            for family in OWN_CHAINS:
+                own = self._try_list(family, table_name(policy.bridge))
+                if not self._own_is_current(policy, family, own):
+                    commands += self._own_commands(policy, family, own)
             iptables = self._try_list(IPTABLES_FAMILY, IPTABLES_TABLE)
-            commands = [] if self._own_is_current(policy, own) else self._own_commands(policy)
             return commands + self._pass_commands(policy, iptables)
 
         where = f"{FAMILY} {table_name(policy.bridge)}"
@@ -333,14 +496,16 @@ class NftablesFirewall:
     def check(self, policy: BridgeFirewall) -> list[str]:
         own, iptables = self._read(policy.bridge)
         problems: list[str] = []
-        try:
-            current = self._own_is_current(policy, own)
-        except ConflictError as exc:
-            return [str(exc)]
-        if not current:
-            problems.append(
-                f"nftables table {FAMILY} {table_name(policy.bridge)} is missing or differs"
-            )
+        for family, table in own.items():
+            try:
+                current = self._own_is_current(policy, family, table)
+            except ConflictError as exc:
+                return [str(exc)]
+            if not current and not problems:
+                # One phrase for both tables: one ensure writes them together.
+                problems.append(
+                    f"nftables table {family} {table_name(policy.bridge)} is missing or differs"
+                )
         if self._pass_commands(policy, iptables):
             problems.append(
                 f"netvm's accepts in the iptables-nft table {IPTABLES_FAMILY} {IPTABLES_TABLE} "
@@ -350,16 +515,22 @@ class NftablesFirewall:
 
     # Listing and removal ----------------------------------------------------------------
 
-    def listing(self, bridge: str) -> list[Placed]:
+    def listing(self, bridge: str, guarantees: bool = False) -> list[Placed]:
+        """netvm's forward and NAT rules (BridgeFirewall); with `guarantees`, the rules of
+        the per-VM guarantees too (guard_rules.py: the bridge table, DNAT, egress)."""
         tag = tag_of(bridge)
         own, iptables = self._read(bridge)
         found: list[Placed] = []
-        if own is not None:
-            found += [
-                Placed(f"{FAMILY} {table_name(bridge)} {rule['chain']}", _text(rule["expr"]))
-                for rule in own.rules
-                if rule.get("comment") == tag
-            ]
+        for family, table in own.items():
+            if table is not None:
+                found += [
+                    Placed(f"{family} {table_name(bridge)} {rule['chain']}", _text(rule["expr"]))
+                    for rule in table.rules
+                    if rule.get("comment") == tag
+                    and (
+                        guarantees or (family == FAMILY and decode_exprs(rule["expr"]) is not None)
+                    )
+                ]
         if iptables is not None:
             found += [
                 Placed(f"{IPTABLES_FAMILY} {IPTABLES_TABLE} {rule['chain']}", _text(rule["expr"]))
@@ -377,22 +548,24 @@ class NftablesFirewall:
             own, iptables = self._read(bridge)
             problems.clear()
             commands: list[Json] = []
-            if own is not None:
-                foreign = [rule for rule in own.rules if rule.get("comment") != tag]
-                if foreign or set(own.chains) - set(CHAINS):
+            for family, table in own.items():
+                if table is None:
+                    continue
+                if self._conflicts(bridge, family, table):
                     # Someone else's rules live in netvm's table: keep it, take only netvm's.
                     problems.append(
-                        f"nftables table {FAMILY} {table_name(bridge)} kept: it holds chains "
-                        "or rules netvm did not write"
+                        f"nftables table {family} {table_name(bridge)} kept: it holds chains, "
+                        "sets or rules netvm did not write"
                     )
                     commands += [
                         {"delete": {"rule": _rule_ref(rule)}}
-                        for rule in own.rules
+                        for rule in table.rules
                         if rule.get("comment") == tag
                     ]
                 else:
-                    table = {"family": FAMILY, "name": table_name(bridge)}
-                    commands.append({"delete": {"table": table}})
+                    commands.append(
+                        {"delete": {"table": {"family": family, "name": table_name(bridge)}}}
+                    )
             if iptables is not None:
                 commands += [
                     {"delete": {"rule": _rule_ref(rule)}}
@@ -403,6 +576,199 @@ class NftablesFirewall:
 
         self._commit(build, "remove nftables rules", f"{FAMILY} {table_name(bridge)}")
         return list(problems)
+
+    # Per-VM guarantees --------------------------------------------------------------------
+
+    def _store(self) -> ElementStore:
+        if self._elements is None:
+            raise RuntimeError("this NftablesFirewall was made without an element store")
+        return self._elements
+
+    def guard(self, bridge: str, vm: VmGuard) -> None:
+        """Give the VM of `vm.tap` exactly the elements of `vm` (its previous ones, which
+        its record names, are replaced), in one transaction."""
+        old = self.record(bridge, vm.tap)
+        if old == vm:
+            return
+        before = elements(old) if old is not None else []
+        after = elements(vm)
+        keep = {_full(e) for e in before} & {_full(e) for e in after}
+        gone = _by_set(e for e in before if _full(e) not in keep)
+        # An add first: the delete cannot fail on an element someone removed. Grouped by
+        # set, each group is one message (elements.py).
+        changes = [("add", e) for e in gone] + [("delete", e) for e in gone]
+        changes += [("add", e) for e in _by_set(e for e in after if _full(e) not in keep)]
+        self._write(bridge, vm, changes)
+
+    def _write(self, bridge: str, vm: VmGuard, changes: list[tuple[str, Element]]) -> None:
+        table, where = table_name(bridge), f"{vm.tap} in nftables {table_name(bridge)}"
+        operation = f"set the guarantees of {vm.tap}"
+        try:
+            self._store().commit(changes, table, operation, where)
+            return
+        except NotFound:
+            if egress_chain(vm.policy) is None:
+                raise host_error(
+                    operation, where, errno.ENOENT, "netvm's sets are missing: run ensure_host()"
+                ) from None
+            # The egress chain of this policy is written once, cold (libnftables).
+            self._add_egress_chain(bridge, vm)
+        except HostError as exc:
+            if exc.errno == errno.EEXIST:
+                raise self._clash(bridge, vm) from None
+            raise
+        try:
+            self._store().commit(changes, table, operation, where)
+        except HostError as exc:
+            if exc.errno == errno.EEXIST:
+                raise self._clash(bridge, vm) from None
+            if exc.errno == errno.ENOENT:
+                raise host_error(
+                    operation, where, exc.errno, "netvm's sets are missing: run ensure_host()"
+                ) from None
+            raise
+
+    def _clash(self, bridge: str, vm: VmGuard) -> ConflictError:
+        forwards = ", ".join(str(f) for f in vm.policy.port_forwards) or "none"
+        return ConflictError(
+            f"the guarantees of {vm.tap} ({vm.policy.describe()}) clash with another VM's in "
+            f"nftables {table_name(bridge)}: a host port of {forwards} is forwarded to another "
+            f"VM, or a VM that had {vm.ip} was not cleaned up (run gc)"
+        )
+
+    def _add_egress_chain(self, bridge: str, vm: VmGuard) -> None:
+        chain = egress_chain(vm.policy)
+        assert chain is not None
+        ref = {"family": FAMILY, "table": table_name(bridge), "name": chain}
+        commands: list[Json] = [{"add": {"chain": dict(ref)}}, {"flush": {"chain": dict(ref)}}]
+        commands += [
+            {
+                "add": {
+                    "rule": {
+                        "family": FAMILY,
+                        "table": ref["table"],
+                        "chain": chain,
+                        "expr": exprs,
+                        "comment": tag_of(bridge),
+                    }
+                }
+            }
+            for exprs in egress_chain_rules(vm.policy)
+        ]
+        self._run(commands, f"add egress chain {chain}", f"{FAMILY} {ref['table']}")
+
+    def record(self, bridge: str, tap: str) -> VmGuard | None:
+        """The guarantees the kernel holds for `tap`, or None (a few O(1) look-ups)."""
+        table = table_name(bridge)
+        operation = f"read the guarantees of {tap}"
+        store = self._store()
+        try:
+            first = store.comment(record_key(tap, 0), table, operation)
+        except NotFound:
+            return None  # no table or set: nothing is guarded
+        if first is None:
+            return None
+        count, _, text = first.partition(" ")
+        chunks = [text]
+        for index in range(1, int(count) if count.isdigit() else 1):
+            chunk = store.comment(record_key(tap, index), table, operation)
+            chunks.append(chunk or "")
+        try:
+            return VmGuard.from_record(tap, "".join(chunks))
+        except ValueError as exc:
+            raise ConflictError(
+                f"nftables {table} holds a record for {tap} netvm cannot read ({exc}); "
+                "remove the element from set vms"
+            ) from None
+
+    def unguard(self, bridge: str, tap: str) -> VmGuard | None:
+        """Remove every element of `tap`; return what it had (None if nothing)."""
+        old = self.record(bridge, tap)
+        if old is None:
+            return None
+        gone = _by_set(elements(old))
+        changes = [("add", e) for e in gone] + [("delete", e) for e in gone]
+        where = f"{tap} in nftables {table_name(bridge)}"
+        self._store().commit(changes, table_name(bridge), f"remove the guarantees of {tap}", where)
+        return old
+
+    def guards(self, bridge: str) -> dict[str, VmGuard]:
+        """Every VM's record on this bridge (one listing of set vms, O(number of VMs))."""
+        table = table_name(bridge)
+        command = {"list": {"set": {"family": BRIDGE_FAMILY, "table": table, "name": "vms"}}}
+        if (BRIDGE_FAMILY, table) not in self._tables():
+            return {}
+        try:
+            listed = self._run([command], "list nftables set", f"{BRIDGE_FAMILY} {table} vms")
+        except NotFound:
+            return {}
+        chunks: dict[str, dict[int, str]] = {}
+        for item in listed:
+            for value in item.get("set", {}).get("elem", []):
+                elem = value.get("elem", {}) if isinstance(value, dict) else {}
+                tap, index = elem.get("val", {}).get("concat", ["", 0])
+                chunks.setdefault(tap, {})[int(index)] = elem.get("comment", "")
+        found: dict[str, VmGuard] = {}
+        for tap, parts in chunks.items():
+            first = parts.get(0, "")
+            count, _, text = first.partition(" ")
+            n = int(count) if count.isdigit() else 1
+            record = text + "".join(parts.get(i, "") for i in range(1, n))
+            try:
+                found[tap] = VmGuard.from_record(tap, record)
+            except ValueError:
+                log.warning("nftables %s: unreadable record for %s: %r", table, tap, record)
+        return found
+
+    def prune(self, bridge: str, live: Collection[str]) -> list[str]:
+        """Remove the elements of every TAP not in `live`, and egress chains no VM uses.
+
+        What a crash can leave is elements of a TAP that no longer exists: this is the
+        reconciliation (gc, teardown). Returns the TAPs whose elements went.
+        """
+        removed = []
+        for tap in sorted(set(self.guards(bridge)) - set(live)):
+            if self.unguard(bridge, tap) is not None:
+                removed.append(tap)
+        self._prune_egress_chains(bridge)
+        return removed
+
+    def _prune_egress_chains(self, bridge: str) -> None:
+        table = table_name(bridge)
+        if (FAMILY, table) not in self._tables():
+            return
+        listed = _Table(
+            self._run(
+                [{"list": {"table": {"family": FAMILY, "name": table}}}],
+                "list nftables table",
+                f"{FAMILY} {table}",
+            )
+        )
+        used = {
+            data["jump"]["target"]
+            for value in listed.sets.get(EGRESS.name, {}).get("elem", [])
+            if isinstance(value, list)
+            for data in value[1:]
+            if isinstance(data, dict) and "jump" in data
+        }
+        ref = {"family": FAMILY, "table": table}
+        commands: list[Json] = []
+        for chain in listed.chains:
+            if _is_egress(chain) and chain not in used:
+                commands += [
+                    {"flush": {"chain": {**ref, "name": chain}}},
+                    {"delete": {"chain": {**ref, "name": chain}}},
+                ]
+        if commands:
+            self._run(commands, "remove unused egress chains", f"{FAMILY} {table}")
+
+
+def _by_set(found: Iterable[Element]) -> list[Element]:
+    return sorted(found, key=lambda e: (e.schema.family, e.schema.name))
+
+
+def _full(element: Element) -> tuple[object, ...]:
+    return (*element.identity(), element.data, element.comment)
 
 
 def _rule_ref(rule: Json) -> Json:

@@ -10,10 +10,11 @@ it, and iptables-nft would then warn that legacy tables are present.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from netvm.backends.base import FILTER, NAT, Rule, XtablesTables
-from netvm.errors import ConflictError, HostError
+from netvm.errors import ConfigError, ConflictError, HostError
+from netvm.firewall.guard import VmGuard
 from netvm.firewall.model import (
     DOCKER_USER,
     BridgeFirewall,
@@ -189,7 +190,7 @@ class XtablesFirewall:
             return set()
         return self._tables.legacy_tables() & {FILTER, NAT}
 
-    def listing(self, bridge: str) -> list[Placed]:
+    def listing(self, bridge: str, guarantees: bool = False) -> list[Placed]:
         tag = tag_of(bridge)
         own = {FILTER: forward_chain(bridge), NAT: nat_chain(bridge)}
         found: list[Placed] = []
@@ -236,3 +237,29 @@ class XtablesFirewall:
                     f"chain {table}/{chain} kept (emptied): a rule netvm did not write jumps to it"
                 )
         return problems
+
+    # Per-VM guarantees -------------------------------------------------------------------
+    # Without ipset (python-iptables has none) each guarantee would be rules per VM in
+    # chains every packet walks: netvm refuses instead of making attach O(N).
+
+    def guard(self, bridge: str, vm: VmGuard) -> None:
+        if vm.policy.any:
+            raise ConfigError(
+                "guest policy",
+                vm.policy.describe(),
+                f"{', '.join(vm.policy.needs())} needs the nftables firewall "
+                "(firewall='nftables', or 'auto' on a host whose legacy tables hold no rules); "
+                "the iptables firewall has no sets to keep it O(1) per VM",
+            )
+
+    def record(self, bridge: str, tap: str) -> VmGuard | None:
+        return None
+
+    def unguard(self, bridge: str, tap: str) -> VmGuard | None:
+        return None
+
+    def guards(self, bridge: str) -> dict[str, VmGuard]:
+        return {}
+
+    def prune(self, bridge: str, live: Collection[str]) -> list[str]:
+        return []

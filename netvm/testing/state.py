@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from netvm.backends.base import FILTER, NAT, Backend, Rule
@@ -59,7 +60,11 @@ def nftables_ruleset(backend: Backend) -> list[Any] | None:
 def _without_handles(item: Any) -> Any:
     """Handles are numbered anew when a table is made again: the content is what counts."""
     if isinstance(item, dict):
-        return {k: _without_handles(v) for k, v in item.items() if k != "handle"}
+        found = {k: _without_handles(v) for k, v in item.items() if k != "handle"}
+        if isinstance(found.get("elem"), list):
+            # A set's elements come in the order of its hash table: the content is what counts.
+            found["elem"] = sorted(found["elem"], key=lambda e: json.dumps(e, sort_keys=True))
+        return found
     if isinstance(item, list):
         return [_without_handles(v) for v in item]
     return item

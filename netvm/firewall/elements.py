@@ -1,0 +1,341 @@
+"""Set elements written and read with nf_tables netlink messages netvm packs itself.
+
+An attach adds a handful of elements to netvm's sets. Through libnftables that costs
+0.17 ms with 10 VMs and 0.8 ms with 1000 (it lists the ruleset into its cache first, so
+the cost grows with the number of VMs, measured on this machine). The messages themselves
+are small and fixed: one batch of NEWSETELEM/DELSETELEM, committed by the kernel as one
+transaction, and a GETSETELEM by key to read a VM's record. Packed here they cost the
+kernel's time plus a few microseconds, whatever the number of VMs.
+
+Keys are laid out as nftables lays them out: an interface name in 16 bytes, a MAC in 6,
+an IPv4 address in 4 (network order), a protocol in 1, a port in 2 (network order); in a
+concatenation each field takes a multiple of 4 bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from netvm.errors import host_error
+from netvm.firewall.guard import Element, FieldType, SetSchema, Value
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN = 16
+NFNL_MSG_BATCH_END = 17
+NFT_MSG_NEWSETELEM = 12
+NFT_MSG_GETSETELEM = 13
+NFT_MSG_DELSETELEM = 14
+NFTA_SET_ELEM_LIST_TABLE = 1
+NFTA_SET_ELEM_LIST_SET = 2
+NFTA_SET_ELEM_LIST_ELEMENTS = 3
+NFTA_LIST_ELEM = 1
+NFTA_SET_ELEM_KEY = 1
+NFTA_SET_ELEM_DATA = 2
+NFTA_SET_ELEM_USERDATA = 6
+NFTA_SET_ELEM_KEY_END = 10
+NFTA_DATA_VALUE = 1
+NFTA_DATA_VERDICT = 2
+NFTA_VERDICT_CODE = 1
+NFTA_VERDICT_CHAIN = 2
+NFT_JUMP = -3
+NFTNL_UDATA_SET_ELEM_COMMENT = 0
+NLA_F_NESTED = 1 << 15
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_CREATE = 0x400
+NLMSG_ERROR = 2
+FAMILIES = {"inet": 1, "ip": 2, "bridge": 7}
+_HEADER = struct.Struct("=IHHII")
+_NFGENMSG = struct.Struct("=BBH")
+_ATTR = struct.Struct("=HH")
+_WIDTH: dict[FieldType, int] = {
+    "ifname": 16,
+    "ether_addr": 6,
+    "ipv4_addr": 4,
+    "inet_proto": 1,
+    "inet_service": 2,
+    "verdict": 0,
+}
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    size = _ATTR.size + len(payload)
+    return _ATTR.pack(size, kind) + payload + b"\0" * (-size & 3)
+
+
+def _nested(kind: int, payload: bytes) -> bytes:
+    return _attr(kind | NLA_F_NESTED, payload)
+
+
+def _string(value: str) -> bytes:
+    return value.encode() + b"\0"
+
+
+def encode_field(kind: FieldType, value: Value) -> bytes:
+    if kind == "ifname":
+        assert isinstance(value, str)
+        return value.encode().ljust(16, b"\0")
+    if kind == "ether_addr":
+        assert isinstance(value, bytes)
+        assert len(value) == 6
+        return value
+    if kind == "ipv4_addr":
+        return ipaddress.IPv4Address(value).packed
+    assert isinstance(value, int)
+    if kind == "inet_proto":
+        return struct.pack("B", value)
+    return struct.pack("!H", value)
+
+
+def encode_key(kinds: Sequence[FieldType], values: Sequence[Value]) -> bytes:
+    """A key or map datum: a single field as is, a concatenation padded field by field."""
+    if len(kinds) == 1:
+        return encode_field(kinds[0], values[0])
+    out = b""
+    for kind, value in zip(kinds, values, strict=True):
+        raw = encode_field(kind, value)
+        out += raw + b"\0" * (-len(raw) & 3)
+    return out
+
+
+def comment_udata(comment: str) -> bytes:
+    """libnftables' user data for an element comment: one TLV, NUL-terminated."""
+    text = comment.encode() + b"\0"
+    if len(text) > 253:
+        raise ValueError(f"element comment too long ({len(text)} bytes)")
+    return struct.pack("BB", NFTNL_UDATA_SET_ELEM_COMMENT, len(text)) + text
+
+
+def parse_comment(udata: bytes) -> str | None:
+    at = 0
+    while at + 2 <= len(udata):
+        kind, length = udata[at], udata[at + 1]
+        value = udata[at + 2 : at + 2 + length]
+        if kind == NFTNL_UDATA_SET_ELEM_COMMENT:
+            return value.split(b"\0", 1)[0].decode(errors="replace")
+        at += 2 + length
+    return None
+
+
+def _element_attr(element: Element, with_data: bool) -> bytes:
+    schema = element.schema
+    body = _nested(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, encode_key(schema.key, element.key)))
+    if schema.interval:
+        end = element.key_end if element.key_end is not None else element.key
+        body += _nested(NFTA_SET_ELEM_KEY_END, _attr(NFTA_DATA_VALUE, encode_key(schema.key, end)))
+    if with_data and schema.data is not None and element.data is not None:
+        if schema.data == ("verdict",):
+            (chain,) = element.data
+            assert isinstance(chain, str)
+            verdict = _attr(NFTA_VERDICT_CODE, struct.pack("!i", NFT_JUMP)) + _attr(
+                NFTA_VERDICT_CHAIN, _string(chain)
+            )
+            datum = _nested(NFTA_DATA_VERDICT, verdict)
+        else:
+            datum = _attr(NFTA_DATA_VALUE, encode_key(schema.data, element.data))
+        body += _nested(NFTA_SET_ELEM_DATA, datum)
+    if with_data and element.comment is not None:
+        body += _attr(NFTA_SET_ELEM_USERDATA, comment_udata(element.comment))
+    return _nested(NFTA_LIST_ELEM, body)
+
+
+def _list_body(schema: SetSchema, table: str, elements: bytes) -> bytes:
+    return (
+        _NFGENMSG.pack(FAMILIES[schema.family], 0, 0)
+        + _attr(NFTA_SET_ELEM_LIST_TABLE, _string(table))
+        + _attr(NFTA_SET_ELEM_LIST_SET, _string(schema.name))
+        + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, elements)
+    )
+
+
+def _runs(changes: Sequence[tuple[str, Element]]) -> Iterator[tuple[str, list[Element]]]:
+    """Consecutive changes of one verb and one set, as one message each: the kernel's cost
+    is per message more than per element (8 elements: 68 us in 8 messages here)."""
+    run: list[Element] = []
+    verb = ""
+    for change, element in changes:
+        if run and (change != verb or element.schema != run[0].schema):
+            yield verb, run
+            run = []
+        verb = change
+        run.append(element)
+    if run:
+        yield verb, run
+
+
+def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
+    while offset + _ATTR.size <= end:
+        size, kind = _ATTR.unpack_from(data, offset)
+        if size < _ATTR.size:
+            return
+        yield kind & 0x3FFF, offset + _ATTR.size, offset + size
+        offset += (size + 3) & ~3
+
+
+class NetlinkElements:
+    """A NETLINK_NETFILTER socket in the namespace of the thread that creates it.
+
+    Any thread may use it afterwards (a lock keeps one exchange in flight).
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+        )
+        self._sock.bind((0, 0))
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _next(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    def _message(self, kind: int, flags: int, body: bytes) -> tuple[int, bytes]:
+        seq = self._next()
+        return seq, _HEADER.pack(_HEADER.size + len(body), kind, flags, seq, 0) + body
+
+    def commit(
+        self,
+        changes: Sequence[tuple[str, Element]],
+        table: str,
+        operation: str,
+        where: str,
+    ) -> None:
+        """Apply ("add" | "delete", element) pairs as one transaction, in order.
+
+        An add of an element that exists with the same data is no change (its comment is
+        kept); with other data it fails (EEXIST); a delete of one that does not exist fails
+        the whole batch (ENOENT), as in libnftables.
+        """
+        if not changes:
+            return
+        with self._lock:
+            begin = _NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
+            _, first = self._message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, begin)
+            parts = [first]
+            pending: set[int] = set()
+            for verb, run in _runs(changes):
+                msg = NFT_MSG_NEWSETELEM if verb == "add" else NFT_MSG_DELSETELEM
+                flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if verb == "add" else 0)
+                packed_elements = b"".join(_element_attr(e, verb == "add") for e in run)
+                body = _list_body(run[0].schema, table, packed_elements)
+                seq, packed = self._message(NFNL_SUBSYS_NFTABLES << 8 | msg, flags, body)
+                parts.append(packed)
+                pending.add(seq)
+            _, last = self._message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, begin)
+            parts.append(last)
+            self._sock.send(b"".join(parts))
+            failure = 0
+            while pending:
+                for seq, code, _, _, _ in self._receive():
+                    if seq in pending:
+                        pending.discard(seq)
+                        if code and not failure:
+                            failure = code
+                if failure:
+                    break
+            if failure:
+                self._drain()
+        if failure:
+            raise host_error(operation, where, failure, "nf_tables set elements")
+
+    def _drain(self) -> None:
+        """Read what the kernel still sends about an aborted batch."""
+        while True:
+            try:
+                self._sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+
+    def _receive(self) -> Iterator[tuple[int, int, int, bytes, int]]:
+        """(seq, error code or 0, message type, datagram, offset) of each message received."""
+        data = self._sock.recv(65536)
+        offset = 0
+        while offset + _HEADER.size <= len(data):
+            length, kind, _, seq, _ = _HEADER.unpack_from(data, offset)
+            if length < _HEADER.size:
+                return
+            code = 0
+            if kind == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", data, offset + _HEADER.size)
+                code = -code
+            yield seq, code, kind, data[offset : offset + length], 0
+            offset += (length + 3) & ~3
+
+    def comment(self, element: Element, table: str, operation: str) -> str | None:
+        """The comment of `element` (looked up by its key), or None if there is no such element.
+
+        "" for an element without a comment.
+        """
+        body = _list_body(element.schema, table, _element_attr(element, False))
+        with self._lock:
+            kind = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM
+            seq, packed = self._message(kind, NLM_F_REQUEST | NLM_F_ACK, body)
+            self._sock.send(packed)
+            found: str | None = None
+            done = False
+            while not done:
+                for got, code, reply, message, _ in self._receive():
+                    if got != seq:
+                        continue
+                    if reply == NLMSG_ERROR:
+                        done = True
+                        if code in (errno.ENOENT,):
+                            return None
+                        if code:
+                            raise host_error(operation, table, code, "nf_tables set elements")
+                    else:
+                        found = _comment_of(message)
+        return found
+
+
+def _comment_of(message: bytes) -> str:
+    start = _HEADER.size + _NFGENMSG.size
+    for kind, begin, end in _attrs(message, start, len(message)):
+        if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
+            continue
+        for _, elem_begin, elem_end in _attrs(message, begin, end):
+            for attr_kind, attr_begin, attr_end in _attrs(message, elem_begin, elem_end):
+                if attr_kind == NFTA_SET_ELEM_USERDATA:
+                    return parse_comment(message[attr_begin:attr_end]) or ""
+    return ""
+
+
+class KernelElements:
+    """NetlinkElements opened on the namespace's thread on first use, then used from any
+    thread (like the rtnetlink socket)."""
+
+    def __init__(self, call: Callable[[Callable[[], Any]], Any]) -> None:
+        self._call = call
+        self._socket: NetlinkElements | None = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> NetlinkElements:
+        with self._lock:
+            if self._socket is None:
+                self._socket = self._call(NetlinkElements)
+            return self._socket
+
+    def commit(
+        self, changes: Sequence[tuple[str, Element]], table: str, operation: str, where: str
+    ) -> None:
+        self._open().commit(changes, table, operation, where)
+
+    def comment(self, element: Element, table: str, operation: str) -> str | None:
+        return self._open().comment(element, table, operation)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None

@@ -1,0 +1,201 @@
+"""Per-VM guarantees at the firewall seam, on the fake and on the kernel.
+
+The kernel side writes elements with netvm's packed nf_tables messages and is read back
+through libnftables (`guards`, `snapshot`): a wrong layout would show as a wrong listing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import ipaddress
+
+import pytest
+
+from netvm import ConfigError, ConflictError, FakeBackend, HostError
+from netvm.backends.base import Backend, TapOptions
+from netvm.firewall import BridgeFirewall
+from netvm.firewall.guard import VmGuard, egress_chain
+from netvm.firewall.nftables import NftablesFirewall
+from netvm.policy import OPEN, GuestPolicy
+from netvm.testing import snapshot
+
+POLICY = BridgeFirewall("nvbr0", ipaddress.IPv4Network("192.0.2.0/24"), "up0")
+ALL = GuestPolicy.of(
+    isolated=True,
+    egress_allow=("203.0.113.0/24", "0.0.0.0/0:udp:53"),
+    egress_deny=("198.51.100.0/24:tcp:22",),
+    port_forwards=("8080:80", "5353:53/udp"),
+)
+
+
+def vm(tap: str, last: int, policy: GuestPolicy) -> VmGuard:
+    ip = ipaddress.IPv4Address(f"192.0.2.{last}")
+    return VmGuard(tap, bytes([2, 0x6E]) + ip.packed, ip, policy)
+
+
+@pytest.fixture
+def nft(backend: Backend) -> NftablesFirewall:
+    firewall = backend.firewall("nftables")
+    assert isinstance(firewall, NftablesFirewall)
+    firewall.ensure(POLICY)
+    return firewall
+
+
+def egress_chains(firewall: NftablesFirewall) -> set[str]:
+    return {
+        item["chain"]["name"]
+        for item in firewall.ruleset()
+        if "chain" in item and item["chain"]["name"].startswith("egress-")
+    }
+
+
+def test_guard_records_and_is_idempotent(backend: Backend, nft: NftablesFirewall) -> None:
+    a = vm("tap-a", 5, ALL)
+    nft.guard("nvbr0", a)
+    assert nft.record("nvbr0", "tap-a") == a
+    assert nft.guards("nvbr0") == {"tap-a": a}
+    once = snapshot(backend)
+    nft.guard("nvbr0", a)
+    assert snapshot(backend) == once
+    assert nft.check(POLICY) == []
+    assert nft.ensure(POLICY) is False, "elements are not part of the rules ensure compares"
+
+
+def test_unguard_removes_every_element(backend: Backend, nft: NftablesFirewall) -> None:
+    before = snapshot(backend)
+    nft.guard("nvbr0", vm("tap-a", 5, ALL))
+    assert snapshot(backend) != before
+    assert nft.unguard("nvbr0", "tap-a") == vm("tap-a", 5, ALL)
+    nft.prune("nvbr0", live=())  # the shared egress chain goes once no VM uses it
+    assert snapshot(backend) == before
+    assert nft.unguard("nvbr0", "tap-a") is None
+
+
+def test_a_changed_policy_replaces_the_old_elements(
+    backend: Backend, nft: NftablesFirewall
+) -> None:
+    later = GuestPolicy.of(egress_deny=("198.51.100.0/24",), port_forwards=("9090:90",))
+    nft.guard("nvbr0", vm("tap-a", 5, later))
+    fresh = snapshot(backend)
+    nft.unguard("nvbr0", "tap-a")
+    nft.prune("nvbr0", live=())
+    nft.guard("nvbr0", vm("tap-a", 5, ALL))
+    nft.guard("nvbr0", vm("tap-a", 5, later))
+    nft.prune("nvbr0", live=("tap-a",))
+    assert snapshot(backend) == fresh
+
+
+def test_an_open_policy_has_no_elements(backend: Backend, nft: NftablesFirewall) -> None:
+    before = snapshot(backend)
+    nft.guard("nvbr0", vm("tap-a", 5, OPEN))
+    assert snapshot(backend) == before
+    assert nft.record("nvbr0", "tap-a") is None
+
+
+def test_vms_with_the_same_egress_lists_share_one_chain(nft: NftablesFirewall) -> None:
+    nft.guard("nvbr0", vm("tap-a", 5, ALL))
+    nft.guard("nvbr0", vm("tap-b", 6, dataclasses.replace(ALL, port_forwards=())))
+    assert egress_chains(nft) == {egress_chain(ALL)}
+    nft.unguard("nvbr0", "tap-a")
+    nft.prune("nvbr0", live=("tap-b",))
+    assert egress_chains(nft) == {egress_chain(ALL)}, "tap-b still uses it"
+    nft.unguard("nvbr0", "tap-b")
+    nft.prune("nvbr0", live=())
+    assert egress_chains(nft) == set()
+
+
+def test_prune_removes_only_taps_that_are_gone(nft: NftablesFirewall) -> None:
+    nft.guard("nvbr0", vm("tap-a", 5, ALL))
+    nft.guard("nvbr0", vm("tap-b", 6, GuestPolicy.of()))
+    assert nft.prune("nvbr0", live=("tap-a",)) == ["tap-b"]
+    assert set(nft.guards("nvbr0")) == {"tap-a"}
+
+
+def test_a_host_port_forwarded_twice_is_a_conflict_and_changes_nothing(
+    backend: Backend, nft: NftablesFirewall
+) -> None:
+    nft.guard("nvbr0", vm("tap-a", 5, ALL))
+    before = snapshot(backend)
+    with pytest.raises(ConflictError, match="8080:81/tcp"):
+        nft.guard("nvbr0", vm("tap-b", 6, GuestPolicy.of(port_forwards=("8080:81",))))
+    assert snapshot(backend) == before
+
+
+def test_a_long_record_spans_several_elements(nft: NftablesFirewall) -> None:
+    rules = tuple(f"198.51.{i}.0/24:tcp:{1000 + i}" for i in range(20))
+    long = vm("tap-a", 5, GuestPolicy.of(egress_deny=rules))
+    assert len(long.record()) > 400
+    nft.guard("nvbr0", long)
+    assert nft.record("nvbr0", "tap-a") == long
+    assert nft.guards("nvbr0") == {"tap-a": long}
+
+
+def test_ensure_keeps_the_elements_of_running_vms(nft: NftablesFirewall) -> None:
+    a = vm("tap-a", 5, ALL)
+    nft.guard("nvbr0", a)
+    moved = dataclasses.replace(POLICY, egress="up1")
+    assert nft.ensure(moved) is True
+    assert nft.check(moved) == []
+    assert nft.record("nvbr0", "tap-a") == a
+
+
+def test_remove_takes_the_elements_with_the_tables(backend: Backend) -> None:
+    before = snapshot(backend)
+    firewall = backend.firewall("nftables")
+    firewall.ensure(POLICY)
+    firewall.guard("nvbr0", vm("tap-a", 5, ALL))
+    assert firewall.remove("nvbr0") == []
+    assert snapshot(backend) == before
+    assert firewall.guards("nvbr0") == {}
+
+
+def test_guard_without_the_tables_fails_with_the_kernels_error(backend: Backend) -> None:
+    firewall = backend.firewall("nftables")
+    with pytest.raises(Exception, match="nvbr0") as caught:
+        firewall.guard("nvbr0", vm("tap-a", 5, GuestPolicy.of()))
+    assert getattr(caught.value, "errno", None) == errno.ENOENT
+
+
+def test_iptables_refuses_guarantees_by_name(backend: Backend) -> None:
+    firewall = backend.firewall("iptables")
+    firewall.ensure(POLICY)
+    with pytest.raises(ConfigError, match="isolated needs the nftables firewall"):
+        firewall.guard("nvbr0", vm("tap-a", 5, GuestPolicy.of(anti_spoof=False, isolated=True)))
+    with pytest.raises(ConfigError, match="anti_spoof needs the nftables firewall"):
+        firewall.guard("nvbr0", vm("tap-a", 5, GuestPolicy.of()))
+    firewall.guard("nvbr0", vm("tap-a", 5, OPEN))
+    assert firewall.guards("nvbr0") == {}
+
+
+def test_a_fault_in_the_transaction_changes_nothing() -> None:
+    backend = FakeBackend()
+    firewall = backend.firewall("nftables")
+    firewall.ensure(POLICY)
+    before = snapshot(backend)
+    backend.fail_at(1)
+    with pytest.raises(Exception, match="injected"):
+        firewall.guard("nvbr0", vm("tap-a", 5, GuestPolicy.of(isolated=True)))
+    assert snapshot(backend) == before
+
+
+def test_port_isolation_is_the_kernels_per_port_flag(backend: Backend) -> None:
+    backend.create_bridge("br0", 1500)
+    bridge = backend.get_link("br0")
+    assert bridge is not None
+    backend.create_tap("tap-a", TapOptions())
+    with pytest.raises(HostError) as refused:
+        backend.set_port_isolated("tap-a", True)
+    assert refused.value.errno == errno.EOPNOTSUPP
+    backend.set_link("tap-a", master=bridge.index, up=True)
+    link = backend.get_link("tap-a")
+    assert link is not None
+    assert not link.isolated
+    backend.set_port_isolated("tap-a", True)
+    link = backend.get_link("tap-a")
+    assert link is not None
+    assert link.isolated
+    backend.set_port_isolated("tap-a", False)
+    link = backend.get_link("tap-a")
+    assert link is not None
+    assert not link.isolated

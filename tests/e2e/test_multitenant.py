@@ -1,0 +1,365 @@
+"""An attacking guest on a multi-tenant host: each guarantee stops its attack.
+
+Every attack is made twice: with the guarantee on it must fail, with it off it must succeed
+(the negative control: the test can see the attack). Forged frames are written with an
+AF_PACKET socket in the attacker's guest namespace, as a VM's kernel would put them on its
+NIC. 198.51.100.0/24 is the "denied" network, an address of the internet namespace only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+from pyroute2 import IPRoute
+
+from netvm import ConfigError, KernelBackend, NetworkConfig, NetworkManager
+from netvm.naming import VmNetwork
+from netvm.policy import OPEN, GuestPolicy
+from netvm.testing import (
+    FrameCapture,
+    GuestEmulator,
+    Topology,
+    UdpEchoServer,
+    ping,
+    run_in_netns,
+    snapshot,
+    udp_request,
+)
+
+pytestmark = pytest.mark.privileged
+
+DENIED = ipaddress.IPv4Interface("198.51.100.1/24")
+FORGED_MAC = bytes.fromhex("026666666666")
+BROADCAST = b"\xff" * 6
+ETH_IP, ETH_ARP = 0x0800, 0x0806
+
+
+@pytest.fixture
+def nft_config(config: NetworkConfig) -> NetworkConfig:
+    return dataclasses.replace(config, host_egress_iface="eth0", firewall="nftables")
+
+
+@pytest.fixture
+def host(nft_config: NetworkConfig, host_backend: KernelBackend) -> Iterator[NetworkManager]:
+    with NetworkManager(nft_config, host_backend) as manager:
+        manager.ensure_host()
+        yield manager
+
+
+def guest(net: NetworkManager, vm_id: str, policy: GuestPolicy | None = None) -> GuestEmulator:
+    vm = net.attach(vm_id, policy=policy)
+    assert isinstance(net.backend, KernelBackend)
+    return GuestEmulator(vm, net.backend.netns, mtu=net.config.mtu)
+
+
+# Frames -------------------------------------------------------------------------------------
+
+
+def _checksum(data: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return int(~total & 0xFFFF)
+
+
+def udp_frame(
+    src_mac: bytes, dst_mac: bytes, src: str, dst: str, sport: int, dport: int, payload: bytes
+) -> bytes:
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    header = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(udp),
+        0,
+        0,
+        64,
+        socket.IPPROTO_UDP,
+        0,
+        ipaddress.IPv4Address(src).packed,
+        ipaddress.IPv4Address(dst).packed,
+    )
+    header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+    return dst_mac + src_mac + struct.pack("!H", ETH_IP) + header + udp
+
+
+def arp_reply(sender_mac: bytes, sender_ip: str, target_mac: bytes, target_ip: str) -> bytes:
+    body = struct.pack("!HHBBH", 1, ETH_IP, 6, 4, 2)
+    body += sender_mac + ipaddress.IPv4Address(sender_ip).packed
+    body += target_mac + ipaddress.IPv4Address(target_ip).packed
+    return target_mac + sender_mac + struct.pack("!H", ETH_ARP) + body
+
+
+def send(g: GuestEmulator, frame: bytes, times: int = 3) -> None:
+    def run() -> None:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+            sock.bind(("eth0", 0))
+            for _ in range(times):
+                sock.send(frame)
+
+    run_in_netns(g.netns, run)
+
+
+def bridge_mac(net: NetworkManager) -> bytes:
+    assert isinstance(net.backend, KernelBackend)
+
+    def read() -> bytes:
+        with IPRoute() as ipr:
+            (link,) = ipr.link("get", ifname=net.config.bridge_name)
+            return bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
+
+    return run_in_netns(net.backend.netns, read)
+
+
+def neighbour(netns: str, ip: ipaddress.IPv4Address) -> bytes | None:
+    def read() -> bytes | None:
+        with IPRoute() as ipr:
+            for entry in ipr.get_neighbours(family=socket.AF_INET, dst=str(ip)):
+                lladdr = entry.get_attr("NDA_LLADDR")
+                if lladdr:
+                    return bytes.fromhex(lladdr.replace(":", ""))
+        return None
+
+    return run_in_netns(netns, read)
+
+
+def arrives(server: UdpEchoServer, before: int) -> bool:
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        if len(server.peers) > before:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+ON_OFF = pytest.mark.parametrize("on", [True, False], ids=["guarantee-on", "control-off"])
+
+
+# Anti-spoofing ------------------------------------------------------------------------------
+
+
+@ON_OFF
+def test_a_forged_source_mac_reaches_no_one(host: NetworkManager, on: bool) -> None:
+    with (
+        guest(host, "attacker", GuestPolicy() if on else OPEN) as a,
+        guest(host, "victim") as b,
+        FrameCapture(b.netns, "eth0") as seen,
+    ):
+        vm = a.network
+        forged = udp_frame(
+            FORGED_MAC, BROADCAST, str(vm.guest_ip), "192.0.2.255", 9999, 9999, b"forged-mac"
+        )
+        honest = udp_frame(
+            vm.guest_mac, BROADCAST, str(vm.guest_ip), "192.0.2.255", 9999, 9999, b"honest"
+        )
+        send(a, forged)
+        send(a, honest)
+        time.sleep(0.3)
+    sources = {frame.source for frame in seen.received()}
+    assert vm.guest_mac in sources, "the honest frame arrives: the path works"
+    assert (FORGED_MAC in sources) is not on
+
+
+@ON_OFF
+def test_a_forged_source_address_does_not_get_out(
+    host: NetworkManager, topology: Topology, internet_host: UdpEchoServer, on: bool
+) -> None:
+    with guest(host, "attacker", GuestPolicy() if on else OPEN) as a:
+        gateway = bridge_mac(host)  # after the attach: a bridge takes its ports' lowest MAC
+        vm = a.network
+        server = str(internet_host.address)
+        before = len(internet_host.peers)
+        send(
+            a,
+            udp_frame(
+                vm.guest_mac, gateway, str(vm.guest_ip), server, 4000, internet_host.port, b"x"
+            ),
+        )
+        assert arrives(internet_host, before), "the honest datagram gets out: the path works"
+        before = len(internet_host.peers)
+        send(
+            a,
+            udp_frame(vm.guest_mac, gateway, "192.0.2.200", server, 4001, internet_host.port, b"y"),
+        )
+        assert arrives(internet_host, before) is not on
+
+
+@ON_OFF
+def test_an_arp_reply_claiming_the_gateway_poisons_no_neighbour(
+    host: NetworkManager, on: bool
+) -> None:
+    with (
+        guest(host, "attacker", GuestPolicy() if on else OPEN) as a,
+        guest(host, "victim") as b,
+    ):
+        gateway_ip = b.network.gateway_ip
+        assert b.ping(gateway_ip)
+        real = neighbour(b.netns, gateway_ip)
+        assert real == bridge_mac(host)
+        time.sleep(1.2)  # past the neighbour entry's locktime, so a reply may override it
+        send(
+            a,
+            arp_reply(
+                a.network.guest_mac, str(gateway_ip), b.network.guest_mac, str(b.network.guest_ip)
+            ),
+        )
+        time.sleep(0.2)
+        poisoned = neighbour(b.netns, gateway_ip) == a.network.guest_mac
+    assert poisoned is not on
+
+
+@ON_OFF
+def test_a_dhcp_offer_reaches_no_neighbour(host: NetworkManager, on: bool) -> None:
+    with (
+        guest(host, "attacker", GuestPolicy() if on else OPEN) as a,
+        guest(host, "victim") as b,
+        UdpEchoServer(b.netns, "0.0.0.0", 68) as client,
+    ):
+        vm = a.network
+        offer = udp_frame(
+            vm.guest_mac, BROADCAST, str(vm.guest_ip), "255.255.255.255", 67, 68, b"offer"
+        )
+        send(a, offer)
+        assert arrives(client, 0) is not on
+
+
+# Isolation ----------------------------------------------------------------------------------
+
+
+def _route_via_gateway(g: GuestEmulator, other: VmNetwork, gateway_mac: bytes) -> None:
+    """Make `g` send to `other` through the gateway (its MAC), as a guest that wants the
+    host to route for it would."""
+
+    def run() -> None:
+        with IPRoute() as ipr:
+            index = ipr.link_lookup(ifname="eth0")[0]
+            mac = ":".join(f"{octet:02x}" for octet in gateway_mac)
+            ipr.neigh("replace", dst=str(other.guest_ip), lladdr=mac, ifindex=index, state=0x80)
+
+    run_in_netns(g.netns, run)
+
+
+@ON_OFF
+def test_an_isolated_vm_reaches_no_neighbour(
+    host: NetworkManager, topology: Topology, internet_host: UdpEchoServer, on: bool
+) -> None:
+    with (
+        guest(host, "attacker", GuestPolicy.of(isolated=on)) as a,
+        guest(host, "neighbour") as b,
+    ):
+        assert a.ping(a.network.gateway_ip), "the gateway stays reachable"
+        assert a.udp_request(internet_host.address, internet_host.port, b"out") == b"out"
+        assert a.ping(b.network.guest_ip) is not on, "layer 2"
+        assert b.ping(a.network.guest_ip) is not on, "layer 2, towards it"
+        _route_via_gateway(a, b.network, bridge_mac(host))
+        assert a.ping(b.network.guest_ip) is not on, "layer 3, through the gateway"
+        _route_via_gateway(b, a.network, bridge_mac(host))
+        assert b.ping(a.network.guest_ip) is not on, "layer 3, towards it"
+        link = host.backend.get_link(a.network.tap_name)
+        assert link is not None
+        assert link.isolated is on
+
+
+def test_two_isolated_vms_are_apart_also_by_the_kernels_port_flag(host: NetworkManager) -> None:
+    """With netvm's nftables bridge table gone, the kernel's port isolation still holds
+    between two isolated ports (and not between two plain ones: the control)."""
+    isolated = GuestPolicy.of(isolated=True)
+    with guest(host, "a", isolated) as a, guest(host, "b", isolated) as b:
+        table = {"family": "bridge", "name": "netvm-nvbr0"}
+        firewall = host.backend.firewall("nftables")
+        assert hasattr(firewall, "_run")
+        firewall._run([{"delete": {"table": table}}], "test", None)
+        assert not a.ping(b.network.guest_ip)
+        host.backend.set_port_isolated(a.network.tap_name, False)
+        assert a.ping(b.network.guest_ip)
+
+
+# Egress -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def denied_host(topology: Topology) -> Iterator[UdpEchoServer]:
+    """A second internet host, 198.51.100.1, on the internet namespace's loopback."""
+
+    def add() -> None:
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.addr("add", index=lo, address=str(DENIED.ip), prefixlen=32)
+
+    run_in_netns(topology.internet_netns, add)
+    with UdpEchoServer(topology.internet_netns, DENIED.ip) as server:
+        yield server
+
+
+@ON_OFF
+def test_a_denied_network_is_out_of_reach(
+    host: NetworkManager, internet_host: UdpEchoServer, denied_host: UdpEchoServer, on: bool
+) -> None:
+    policy = GuestPolicy.of(egress_deny=["198.51.100.0/24"] if on else [])
+    with guest(host, "vm", policy) as g:
+        assert g.udp_request(internet_host.address, internet_host.port, b"ok") == b"ok"
+        reached = g.udp_request(denied_host.address, denied_host.port, b"no") == b"no"
+    assert reached is not on
+
+
+@ON_OFF
+def test_an_allow_list_is_all_a_vm_reaches(
+    host: NetworkManager, internet_host: UdpEchoServer, denied_host: UdpEchoServer, on: bool
+) -> None:
+    policy = GuestPolicy.of(egress_allow=["203.0.113.0/24:udp"] if on else [])
+    with guest(host, "vm", policy) as g:
+        assert g.udp_request(internet_host.address, internet_host.port, b"ok") == b"ok"
+        assert g.ping(g.network.gateway_ip), "the gateway is not beyond the gateway"
+        assert g.ping(internet_host.address) is not on, "icmp is not on the list"
+        reached = g.udp_request(denied_host.address, denied_host.port, b"no") == b"no"
+    assert reached is not on
+
+
+# Port forwards ------------------------------------------------------------------------------
+
+
+@ON_OFF
+def test_a_port_forward_reaches_the_vm_from_the_internet(
+    host: NetworkManager, topology: Topology, on: bool
+) -> None:
+    policy = GuestPolicy.of(port_forwards=["8080:7/udp"] if on else [])
+    with guest(host, "vm", policy) as g, UdpEchoServer(g.netns, "0.0.0.0", 7) as service:
+        reply = udp_request(topology.internet_netns, topology.uplink.ip, 8080, b"in", timeout=1.0)
+        assert (reply == b"in") is on
+        if on:
+            assert service.seen() == [str(topology.internet.ip)], "the client's own address"
+            assert not ping(topology.internet_netns, g.network.guest_ip), "no route in otherwise"
+
+
+def test_detach_removes_the_forward(host: NetworkManager, topology: Topology) -> None:
+    policy = GuestPolicy.of(port_forwards=["8080:7/udp"], isolated=True)
+    before = snapshot(host.backend)
+    with guest(host, "vm", policy) as g, UdpEchoServer(g.netns, "0.0.0.0", 7):
+        assert udp_request(topology.internet_netns, topology.uplink.ip, 8080, b"in") == b"in"
+        host.detach("vm")
+        assert udp_request(topology.internet_netns, topology.uplink.ip, 8080, b"in") is None
+    host.gc()
+    assert snapshot(host.backend) == before
+
+
+# The legacy firewall ------------------------------------------------------------------------
+
+
+def test_the_iptables_firewall_refuses_guarantees_and_leaves_nothing(
+    nft_config: NetworkConfig, host_backend: KernelBackend
+) -> None:
+    config = dataclasses.replace(nft_config, firewall="iptables")
+    with NetworkManager(config, host_backend) as net:
+        net.ensure_host()
+        before = snapshot(host_backend)
+        with pytest.raises(ConfigError, match="isolated needs the nftables firewall"):
+            net.attach("vm", policy=GuestPolicy.of(anti_spoof=False, isolated=True))
+        assert snapshot(host_backend) == before
+        net.attach("vm")  # the default asks for nothing the legacy tables cannot give
+        assert [a.policy for a in net.list()] == [None]
