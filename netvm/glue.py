@@ -62,12 +62,18 @@ def tap_options_for(
     return TapOptions(owner=owner, group=group, multi_queue=multi_queue, vnet_hdr=True)
 
 
+def _check_tap(tap: TapOptions) -> None:
+    if not isinstance(tap, TapOptions):
+        raise ConfigError("tap", tap, "the TapOptions the TAP was attached with")
+
+
 def queue_pairs_for(tap: TapOptions, queue_pairs: int | None = None) -> int:
     """Queue pairs for a TAP: 1 unless multi-queue (then `DEFAULT_QUEUE_PAIRS` if not given).
 
     A count that disagrees with the TAP's multi-queue flag is a ConfigError: the VMM would
     fail to open the TAP.
     """
+    _check_tap(tap)
     if queue_pairs is None:
         return DEFAULT_QUEUE_PAIRS if tap.multi_queue else 1
     if isinstance(queue_pairs, bool) or not isinstance(queue_pairs, int):
@@ -85,6 +91,7 @@ def firecracker_network_interface(
     network: VmNetwork, tap: TapOptions, iface_id: str = "eth0"
 ) -> dict[str, str]:
     """The JSON body of Firecracker's `PUT /network-interfaces/{iface_id}`."""
+    _check_tap(tap)
     if tap.multi_queue:
         raise ConfigError(
             "multi_queue",
@@ -94,7 +101,11 @@ def firecracker_network_interface(
         )
     # Firecracker's API server takes only '_' and alphanumerics in an id (checked_id in
     # src/firecracker/src/api_server/parsed_request.rs): a '-' is a 400 InvalidID.
-    if not iface_id or not all(c.isascii() and (c.isalnum() or c == "_") for c in iface_id):
+    if (
+        not isinstance(iface_id, str)
+        or not iface_id
+        or not all(c.isascii() and (c.isalnum() or c == "_") for c in iface_id)
+    ):
         raise ConfigError("iface_id", iface_id, "ASCII letters, digits and '_'")
     return {
         "iface_id": iface_id,
@@ -130,6 +141,23 @@ def cloud_hypervisor_net(
 
 # QEMU -------------------------------------------------------------------------------------
 
+NETDEV_ID_RULE = "an ASCII letter, then up to 127 ASCII letters, digits, '-', '.' or '_'"
+
+
+def _check_netdev_id(netdev_id: str) -> str:
+    """QEMU's rule for ids (id_wellformed: a letter, then letters, digits, '-', '.', '_').
+    Anything else could end the `id=` field: a ',' would add options of the caller's choice."""
+    if (
+        not isinstance(netdev_id, str)
+        or not 0 < len(netdev_id) <= 128
+        or not netdev_id.isascii()
+        or not netdev_id[0].isalpha()
+        or not all(c.isalnum() or c in "-._" for c in netdev_id)
+    ):
+        raise ConfigError("netdev_id", netdev_id, NETDEV_ID_RULE)
+    return netdev_id
+
+
 VHOST_NET = Path("/dev/vhost-net")
 
 
@@ -159,6 +187,11 @@ def qemu_netdev(
     None (the default) for a multi-queue TAP when /dev/vhost-net is usable here. QEMU aborts
     at start with `vhost=on` when it cannot open /dev/vhost-net.
     """
+    _check_netdev_id(netdev_id)
+    if vhost is not None and not isinstance(vhost, bool):
+        raise ConfigError(
+            "vhost", vhost, "True, False or None (use it where /dev/vhost-net is usable)"
+        )
     pairs = queue_pairs_for(tap, queue_pairs)
     if vhost is None:
         vhost = tap.multi_queue and vhost_net_usable()
@@ -178,6 +211,7 @@ def qemu_device(
     A multi-queue TAP gets `mq=on,vectors=2N+2` (one MSI-X vector per queue, one for the
     control queue and one for configuration changes).
     """
+    _check_netdev_id(netdev_id)
     pairs = queue_pairs_for(tap, queue_pairs)
     value = f"virtio-net-pci,netdev={netdev_id},mac={network.mac_string()}"
     if tap.multi_queue:

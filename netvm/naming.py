@@ -239,7 +239,8 @@ class VmNetwork:
         up to two `dns` servers fill their fields. Trailing empty fields are left out.
         """
         if hostname is not None and (
-            not 0 < len(hostname) <= 64
+            not isinstance(hostname, str)
+            or not 0 < len(hostname) <= 64
             or not all(c.isascii() and (c.isalnum() or c in "-.") for c in hostname)
         ):
             raise ConfigError(
@@ -251,11 +252,15 @@ class VmNetwork:
             or any(c in "/:" or c.isspace() or not c.isprintable() for c in device)
         ):
             raise ConfigError("device", device, "a guest interface name of 1 to 15 bytes")
+        if isinstance(dns, (str, bytes)) or not isinstance(dns, (tuple, list)):
+            raise ConfigError("dns", dns, "a tuple of at most 2 IPv4 addresses, not one string")
         if len(dns) > 2:
             raise ConfigError("dns", list(dns), "at most 2 servers (the kernel's dns0 and dns1)")
         servers: list[str] = []
         for server in dns:
             try:
+                if not isinstance(server, (str, ipaddress.IPv4Address)):
+                    raise ValueError(server)
                 servers.append(str(ipaddress.IPv4Address(server)))
             except ValueError:
                 raise ConfigError("dns", server, "an IPv4 address") from None

@@ -58,6 +58,12 @@ def test_kernel_ip_arg_fills_hostname_device_and_dns_in_the_kernels_order(
         ({"dns": ("192.0.2.1", "192.0.2.2", "192.0.2.3")}, "dns"),
         ({"dns": ("2001:db8::1",)}, "dns"),
         ({"dns": ("not-an-ip",)}, "dns"),
+        ({"hostname": 5}, "hostname"),
+        ({"hostname": b"vm"}, "hostname"),
+        ({"dns": "192.0.2.53"}, "dns"),
+        ({"dns": None}, "dns"),
+        ({"dns": (53,)}, "dns"),
+        ({"device": 0}, "device"),
     ],
 )
 def test_kernel_ip_arg_rejects_what_would_break_the_field_list(
@@ -304,3 +310,29 @@ def test_cloud_hypervisor_net_passes_its_parser_and_validation(
     assert (num_queues // 2 > 1) is tap.multi_queue
     # --cpus boot= must be at least this for validate() to pass; say so to the user.
     assert num_queues // 2 == glue.queue_pairs_for(tap, pairs)
+
+
+@pytest.mark.parametrize(
+    "netdev_id", ["", "n,script=/tmp/x", "0net", "n et", "n\u00e9t", "x" * 129, 7]
+)
+def test_qemu_netdev_id_cannot_add_options(net: VmNetwork, netdev_id: object) -> None:
+    for make in (glue.qemu_netdev, glue.qemu_device):
+        with pytest.raises(ConfigError) as caught:
+            make(net, TapOptions(), netdev_id=netdev_id)  # type: ignore[arg-type]
+        assert caught.value.field == "netdev_id"
+    assert "id=net-1.a_b," in glue.qemu_netdev(net, TapOptions(), netdev_id="net-1.a_b")
+
+
+@pytest.mark.parametrize(
+    "make", [glue.qemu_netdev, glue.cloud_hypervisor_net, glue.firecracker_network_interface]
+)
+def test_glue_refuses_what_is_not_tap_options(net: VmNetwork, make: object) -> None:
+    with pytest.raises(ConfigError) as caught:
+        make(net, {"multi_queue": True})  # type: ignore[operator]
+    assert caught.value.field == "tap"
+
+
+def test_qemu_vhost_must_be_a_bool_or_none(net: VmNetwork) -> None:
+    with pytest.raises(ConfigError) as caught:
+        glue.qemu_netdev(net, TapOptions(), vhost="off")  # type: ignore[arg-type]
+    assert caught.value.field == "vhost"
