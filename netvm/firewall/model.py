@@ -65,6 +65,17 @@ class BridgeFirewall:
     subnet: ipaddress.IPv4Network
     egress: str
 
+    def __post_init__(self) -> None:
+        # The names go into rules as they are: a '+' would be an iptables wildcard, a
+        # leading '!' a negation. NetworkConfig checks them; this holds for direct use too.
+        from netvm.config import validate_ifname
+        from netvm.errors import ConfigError
+
+        validate_ifname("bridge", self.bridge)
+        validate_ifname("egress", self.egress)
+        if not isinstance(self.subnet, ipaddress.IPv4Network):
+            raise ConfigError("subnet", self.subnet, "an ipaddress.IPv4Network")
+
     @property
     def gateway(self) -> ipaddress.IPv4Address:
         """The bridge's address: the subnet's first host (NetworkConfig.gateway)."""

@@ -118,12 +118,15 @@ def _acquire_many(state_dir: str, prefix: str, count: int) -> list[tuple[str, in
 def test_processes_attaching_at_once_get_distinct_slots(tmp_path: Path) -> None:
     context = multiprocessing.get_context("spawn")
     with context.Pool(4) as pool:
-        runs = pool.starmap(_acquire_many, [(str(tmp_path), f"p{n}", 40) for n in range(4)])
+        # A timeout: a worker that dies (or cannot import this module) must fail the test,
+        # not hang it.
+        args = [(str(tmp_path), f"p{n}", 40) for n in range(4)]
+        runs = pool.starmap_async(_acquire_many, args).get(timeout=120)
     leases = [lease for run in runs for lease in run]
     assert len(leases) == 160
     assert len({slot for _, slot in leases}) == 160
     with context.Pool(4) as pool:
-        shared = pool.starmap(_acquire_many, [(str(tmp_path), "", 1)] * 4)
+        shared = pool.starmap_async(_acquire_many, [(str(tmp_path), "", 1)] * 4).get(timeout=120)
     assert len({run[0] for run in shared}) == 1
     assert len(LeaseStore(tmp_path, "br0", SLASH24).all()) == 161
 

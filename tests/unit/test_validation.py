@@ -305,3 +305,31 @@ def test_attach_and_detach_refuse_a_bad_vm_id_and_change_nothing(
             manager.detach(vm_id)  # type: ignore[arg-type]
         assert snapshot(backend) == before
         assert manager.list() == []
+
+
+@pytest.mark.parametrize(
+    ("bridge", "egress", "field"),
+    [
+        ("br+", "up0", "bridge"),
+        ("!br0", "up0", "bridge"),
+        ("nvbr0", "eth+", "egress"),
+        ("nvbr0", "", "egress"),
+        ("nvbr0", 7, "egress"),
+    ],
+)
+def test_a_bridge_firewall_refuses_names_that_match_more_than_themselves(
+    bridge: object, egress: object, field: str
+) -> None:
+    from netvm.firewall import BridgeFirewall
+
+    with pytest.raises(ConfigError) as caught:
+        BridgeFirewall(bridge, ipaddress.IPv4Network("192.0.2.0/24"), egress)  # type: ignore[arg-type]
+    assert caught.value.field == field
+
+
+def test_a_bridge_firewall_needs_an_ipv4_network() -> None:
+    from netvm.firewall import BridgeFirewall
+
+    with pytest.raises(ConfigError) as caught:
+        BridgeFirewall("nvbr0", "192.0.2.0/24", "up0")  # type: ignore[arg-type]
+    assert caught.value.field == "subnet"
