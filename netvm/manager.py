@@ -23,6 +23,7 @@ from netvm.backends.base import Backend, Link, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
 from netvm.errors import (
+    ConfigError,
     ConflictError,
     DeviceExists,
     HostError,
@@ -275,6 +276,10 @@ class NetworkManager:
         fails, the TAP and the lease this call created are removed.
         """
         naming.validate_vm_id(vm_id)
+        if tap is not None and not isinstance(tap, TapOptions):
+            raise ConfigError("tap", tap, "a netvm.TapOptions or None")
+        if policy is not None and not isinstance(policy, GuestPolicy):
+            raise ConfigError("policy", policy, "a netvm.policy.GuestPolicy or None")
         options = tap if tap is not None else TapOptions()
         chosen = self._policy(policy)
         try:

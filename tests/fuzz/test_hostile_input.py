@@ -285,7 +285,8 @@ def state_of(manager: NetworkManager) -> tuple[dict[str, Any], list[Any]]:
 
 Op = tuple[str, Any, Any]
 OPS: st.SearchStrategy[Op] = st.one_of(
-    st.tuples(st.just("attach"), VM_IDS, st.one_of(st.none(), TAP_ARGS)),
+    st.tuples(st.just("attach"), VM_IDS, st.one_of(st.none(), TAP_ARGS, ANYTHING)),
+    st.tuples(st.just("attach-policy"), st.sampled_from(["vm-a", "vm-c"]), ANYTHING),
     st.tuples(st.just("detach"), VM_IDS, st.none()),
     st.tuples(
         st.just("gc"),
@@ -302,9 +303,12 @@ def apply(manager: NetworkManager, op: Op) -> None:
     attached = {vm_id for vm_id, network, *_ in before[1] if network is not None}
     try:
         if kind == "attach":
-            tap = None if tap_args is None else make_tap(tap_args)
+            # A dict is built into TapOptions (its checks); anything else is passed as it is.
+            tap = make_tap(tap_args) if isinstance(tap_args, dict) else tap_args
             network = manager.attach(value, tap)
             assert network.vm_id == value
+        elif kind == "attach-policy":
+            assert manager.attach(value, policy=tap_args).vm_id == value
         elif kind == "detach":
             manager.detach(value)
         else:
