@@ -30,8 +30,8 @@ NETVM = str(Path(sys.executable).with_name("netvm"))
 IMPORT_TIMER = (
     "import time\nt = time.perf_counter()\nimport {module}\nprint((time.perf_counter() - t) * 1000)"
 )
-ATTACH_LIMIT_MS = 60.0
-IMPORT_LIMIT_MS = 30.0
+ATTACH_LIMIT_MS = 60
+IMPORT_LIMIT_MS = 30
 
 
 def environment() -> dict[str, str]:

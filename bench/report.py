@@ -6,10 +6,11 @@ Every bench writes `DIR/<bench>.json` in one schema (write_result below):
      "machine": {"cpus": int, "kernel": str, "python": str},
      "figures": {key: number, ...}, "targets": [{"name", "value", "limit", "ok", "note"}]}
 
-A figure key is `[GROUP.]NAME[_UNIT]`: the unit suffix (_ms, _us, _s, _mib, _kib, _x) goes
-into the column header; keys with a GROUP (text before the last ".") make one table row per
-group and one column per NAME, in the order the bench wrote them; keys without one make a
-"figure | value" table. So a new bench plugs in without code here.
+A figure key is `[[TABLE/]GROUP.]NAME[_UNIT]`: the unit suffix (_ms, _us, _s, _mib, _kib,
+_x) goes into the column header; keys with a GROUP (text before the last ".") make one row
+per group and one column per NAME, in the order the bench wrote them, in one table per TABLE
+(text before the first "/", named in its corner); keys without a GROUP make a "figure |
+value" table. So a new bench plugs in without code here.
 
 The docs hold generated blocks between markers, rewritten by `--update-docs`:
 
@@ -40,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMITTED = ROOT / "bench" / "results"
+COMMITTED = Path("bench/results")
+"""Under the checkout: the JSON (and charts) the committed docs were rendered from."""
 DOCS = ("README.md", "docs/*.md")
 UNITS = {"_ms": "ms", "_us": "µs", "_s": "s", "_mib": "MiB", "_kib": "KiB", "_x": "x"}
 BLOCK = re.compile(r"(<!-- bench:([a-z0-9_-]+)(?::([a-z]+))? -->\n)(.*?)(<!-- /bench -->)", re.S)
@@ -159,20 +161,25 @@ def table(head: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 def render_figures(result: Result) -> list[str]:
     figures: dict[str, float | int] = result["figures"]
     plain = [(k, v) for k, v in figures.items() if "." not in k]
-    groups: dict[str, dict[str, float | int]] = {}
-    columns: dict[str, None] = {}
+    # table -> group -> name -> value, and table -> its columns, in the bench's order
+    tables: dict[str, dict[str, dict[str, float | int]]] = {}
+    columns: dict[str, dict[str, None]] = {}
     for key, value in figures.items():
         if "." in key:
             group, name = key.rsplit(".", 1)
-            groups.setdefault(group, {})[name] = value
-            columns.setdefault(name)
+            name_of_table, _, row = group.rpartition("/") if "/" in group else ("", "", group)
+            tables.setdefault(name_of_table, {}).setdefault(row, {})[name] = value
+            columns.setdefault(name_of_table, {}).setdefault(name)
     lines: list[str] = []
-    if groups:
+    for name_of_table, groups in tables.items():
+        if lines:
+            lines.append("")
+        shown = columns[name_of_table]
         rows = [
-            [group, *(fmt(values.get(c), split_unit(c)[1]) for c in columns)]
+            [group, *(fmt(values.get(c), split_unit(c)[1]) for c in shown)]
             for group, values in groups.items()
         ]
-        lines += table(["", *(header(c) for c in columns)], rows)
+        lines += table([name_of_table, *(header(c) for c in shown)], rows)
     if plain:
         if lines:
             lines.append("")
@@ -206,14 +213,16 @@ def render_run(result: Result) -> list[str]:
     ]
 
 
-def render_chart(result: Result, doc: Path) -> list[str]:
-    chart = COMMITTED / f"{result['bench']}.png"
+def render_chart(result: Result, doc: Path, root: Path) -> list[str]:
+    chart = root / COMMITTED / f"{result['bench']}.png"
     if not chart.exists():
         return []
     return [f"![{result['bench']}]({os.path.relpath(chart, doc.parent)})"]
 
 
-def render(results: Mapping[str, Result], bench: str, part: str | None, doc: Path) -> str:
+def render(
+    results: Mapping[str, Result], bench: str, part: str | None, doc: Path, root: Path
+) -> str:
     """The text of one block (without its markers)."""
     if bench == "summary":
         lines = [row for r in results.values() for row in render_targets(r, True)[2:]]
@@ -224,7 +233,7 @@ def render(results: Mapping[str, Result], bench: str, part: str | None, doc: Pat
     result = results[bench]
     sections = {
         "run": render_run(result),
-        "chart": render_chart(result, doc),
+        "chart": render_chart(result, doc, root),
         "figures": render_figures(result),
         "targets": render_targets(result),
     }
@@ -235,14 +244,16 @@ def render(results: Mapping[str, Result], bench: str, part: str | None, doc: Pat
     return "\n\n".join(blocks) + "\n"
 
 
-def rewrite(text: str, results: Mapping[str, Result], doc: Path) -> tuple[str, list[str]]:
+def rewrite(
+    text: str, results: Mapping[str, Result], doc: Path, root: Path
+) -> tuple[str, list[str]]:
     """`text` with every block rendered anew; and the blocks whose bench has no result."""
     missing: list[str] = []
 
     def block(match: re.Match[str]) -> str:
         opening, bench, part, _old, closing = match.groups()
         try:
-            body = render(results, bench, part, doc)
+            body = render(results, bench, part, doc, root)
         except KeyError:
             missing.append(bench)
             return match.group(0)
@@ -251,20 +262,23 @@ def rewrite(text: str, results: Mapping[str, Result], doc: Path) -> tuple[str, l
     return BLOCK.sub(block, text), missing
 
 
-def documents() -> list[Path]:
-    return sorted({path for pattern in DOCS for path in ROOT.glob(pattern)})
+def documents(root: Path) -> list[Path]:
+    return sorted({path for pattern in DOCS for path in root.glob(pattern)})
 
 
-def save(results_dir: Path) -> None:
+def save(results_dir: Path, root: Path) -> None:
     """Copy the schema's JSON (and charts) of `results_dir` into bench/results/."""
-    COMMITTED.mkdir(parents=True, exist_ok=True)
+    committed = root / COMMITTED
+    committed.mkdir(parents=True, exist_ok=True)
+    if committed.resolve() == results_dir.resolve():
+        return
     for bench in load(results_dir):
-        shutil.copyfile(results_dir / f"{bench}.json", COMMITTED / f"{bench}.json")
+        shutil.copyfile(results_dir / f"{bench}.json", committed / f"{bench}.json")
         chart = results_dir / f"{bench}.png"
         if chart.exists():
-            shutil.copyfile(chart, COMMITTED / f"{bench}.png")
+            shutil.copyfile(chart, committed / f"{bench}.png")
         else:
-            (COMMITTED / f"{bench}.png").unlink(missing_ok=True)
+            (committed / f"{bench}.png").unlink(missing_ok=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -281,27 +295,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="exit 1 if a doc's block differs from what bench/results/ renders",
     )
+    parser.add_argument(
+        "--root", type=Path, default=ROOT, help="the checkout whose docs are meant (tests)"
+    )
     args = parser.parse_args(argv)
+    root: Path = args.root
     if args.update_docs:
-        save(args.results)
-    source = COMMITTED if args.update_docs or args.check else args.results
+        save(args.results, root)
+    source = root / COMMITTED if args.update_docs or args.check else args.results
     results = load(source)
     if not args.update_docs and not args.check:
         for name in results:
             print(f"== {name} ({source / (name + '.json')})")
-            print(render(results, name, None, ROOT / "docs" / "performance.md"))
+            print(render(results, name, None, root / "docs" / "performance.md", root))
         return 0
     stale: list[str] = []
-    for doc in documents():
+    for doc in documents(root):
         text = doc.read_text()
-        new, missing = rewrite(text, results, doc)
+        new, missing = rewrite(text, results, doc, root)
+        where = doc.relative_to(root)
         for bench in missing:
-            print(f"{doc.relative_to(ROOT)}: no result for bench {bench!r}", file=sys.stderr)
+            print(f"{where}: no result for bench {bench!r}", file=sys.stderr)
         if args.check and (new != text or missing):
-            stale.append(str(doc.relative_to(ROOT)))
+            stale.append(str(where))
         elif args.update_docs and new != text:
             doc.write_text(new)
-            print(f"rewrote the bench blocks of {doc.relative_to(ROOT)}")
+            print(f"rewrote the bench blocks of {where}")
     if stale:
         print(
             "generated blocks differ from bench/results/: " + ", ".join(stale) + " "

@@ -518,7 +518,7 @@ def schema_figures(
     label = f"contention {CONTENTION_PROCESSES} x {CONTENTION_ATTACHES}"
     for i, row in enumerate(contention, 1):
         for key in ("attach_p50_ms", "attach_p99_ms", "attach_max_ms"):
-            figures[f"{label} round {i}.{key}"] = row[key]
+            figures[f"{label}/round {i}.{key}"] = row[key]
     return figures
 
 
