@@ -6,8 +6,11 @@ of netvm in a fresh interpreter (timed inside it, so without the interpreter's s
 `netvm --help`, `netvm attach VM` (a new VM each round, the bridge made once by
 `ensure-host`) and `netvm list`. p50 over the rounds; the `over python` figures subtract the
 bare interpreter's p50, which is what netvm adds, and what the noise of a shared machine
-moves least. Bytecode is written once before the first round (PYTHONDONTWRITEBYTECODE is
-dropped), as an installed package has it.
+moves least. Then what single imports cost, each alone in a fresh interpreter (so with
+everything it imports in turn, less what the interpreter's start loaded already: a module
+a .pth file of the environment imports costs 0 here): the standard library modules netvm's
+use, and netvm's. Bytecode is written once before the first round (PYTHONDONTWRITEBYTECODE
+is dropped), as an installed package has it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,28 @@ NETVM = str(Path(sys.executable).with_name("netvm"))
 IMPORT_TIMER = (
     "import time\nt = time.perf_counter()\nimport {module}\nprint((time.perf_counter() - t) * 1000)"
 )
+IMPORTS = (
+    "argparse",
+    "dataclasses",
+    "typing",
+    "logging",
+    "ipaddress",
+    "hashlib",
+    "json",
+    "socket",
+    "ctypes",
+    "sqlite3",
+    "importlib.metadata",
+    "netvm.config",
+    "netvm.cli",
+    "netvm.leases",
+    "netvm.firewall.nftables",
+    "netvm.backends.kernel",
+    "netvm.manager",
+    "netvm.backends.fake",
+    "netvm.diagnosis",
+)
+IMPORT_ROUNDS = 7
 ATTACH_LIMIT_MS = 60
 IMPORT_LIMIT_MS = 30
 
@@ -81,6 +106,9 @@ def run(rounds: int) -> dict[str, list[float]]:
             samples["attach"].append(wall([*base, "attach", f"vm-{i}"], env))
             samples["list"].append(wall([*base, "list"], env))
         wall([*base, "teardown"], env)
+    for _ in range(IMPORT_ROUNDS):
+        for module in IMPORTS:
+            samples.setdefault(f"import {module}", []).append(import_ms(module, env))
     return samples
 
 
@@ -108,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures[f"{label}.p50_ms"] = p50[name]
         if name not in ("import", "import_cli"):
             figures[f"{label}.over python p50_ms"] = p50[name] - python
+    for module in IMPORTS:
+        figures[f"imports/import {module}.alone p50_ms"] = p50[f"import {module}"]
     figures["rounds"] = args.rounds
     figures = {k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}
     targets = [
