@@ -1,9 +1,12 @@
 """netvm against process-per-step and `ip -batch`, in one run, each in a fresh namespace.
 
-Run through scripts/bench (as root). Every implementation works in its own throwaway
-network namespace, created and deleted here (also on error and ^C); nothing touches the
-root namespace. Rounds are interleaved (netvm, process-per-step, ip -batch, netvm, ...)
-so that machine drift hits all three alike.
+Run through scripts/bench (as root; `python -m bench.run` from the checkout). It writes
+`--out DIR/run.json` in the benches' schema (bench/report.py renders it into
+docs/performance.md) and `DIR/bench-<time>.json` with every sample.
+
+Every implementation works in its own throwaway network namespace, created and deleted
+here (also on error and ^C); nothing touches the root namespace. Rounds are interleaved
+(netvm, process-per-step, ip -batch, netvm, ...) so that machine drift hits all three alike.
 
 Implementations:
   netvm    NetworkManager(config, KernelBackend(netns)), in this process.
@@ -36,6 +39,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench.report import target, write_result
 from netvm import KernelBackend, NetworkConfig, NetworkManager, naming
 from netvm.backends.iptc_compat import load_iptc
 from netvm.backends.netns import NamespaceThread
@@ -480,6 +484,48 @@ def targets(summary: dict[int, dict[str, dict[str, Any]]]) -> list[dict[str, Any
     return checks
 
 
+COLUMNS = (
+    "ensure_cold_ms",
+    "ensure_warm_p50_ms",
+    "attach_p50_ms",
+    "attach_p99_ms",
+    "attach_total_ms",
+    "detach_p50_ms",
+    "detach_p99_ms",
+    "teardown_total_ms",
+)
+"""The columns of table(), as figures of the schema."""
+
+
+def schema_figures(
+    summary: dict[int, dict[str, dict[str, Any]]],
+    contention: list[dict[str, Any]],
+    rss_before_kib: int,
+) -> dict[str, float]:
+    """table()'s cells as `N=<n> <implementation>.<column>` figures, then RSS and contention."""
+    figures: dict[str, float] = {}
+    for n, by_impl in summary.items():
+        for impl in IMPLS:
+            row = by_impl.get(impl)
+            if row is None:
+                continue
+            for key in COLUMNS:
+                if row.get(key) is not None:
+                    figures[f"N={n} {LABELS[impl]}.{key}"] = row[key]
+            if "maxrss_kib" in row:
+                figures[f"N={n} {LABELS[impl]}.peak_rss_mib"] = round(row["maxrss_kib"] / 1024, 1)
+    figures["harness alone peak_rss_mib"] = round(rss_before_kib / 1024, 1)
+    label = f"contention {CONTENTION_PROCESSES} x {CONTENTION_ATTACHES}"
+    for i, row in enumerate(contention, 1):
+        for key in ("attach_p50_ms", "attach_p99_ms", "attach_max_ms"):
+            figures[f"{label}/round {i}.{key}"] = row[key]
+    return figures
+
+
+def schema_targets(checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [target(c["target"], c["value"], c["limit"], c["met"], c["note"]) for c in checks]
+
+
 def machine() -> dict[str, Any]:
     return {
         "nproc": os.cpu_count(),
@@ -618,8 +664,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     json_path = args.out / f"bench-{stamp}.json"
     json_path.write_text(json.dumps(result, indent=1))
-    print(f"\nJSON: {json_path}")
-    print(chart(summary, args.out / f"bench-{stamp}.png"))
+    figures = schema_figures(summary, contention, rss_before)
+    schema = write_result(args.out, "run", command.strip(), figures, schema_targets(checks))
+    print(f"\nJSON: {json_path} (every sample), {schema} (figures and targets)")
+    print(chart(summary, args.out / "run.png"))
     print(f"total {time.time() - started:.0f} s")
     return 0
 

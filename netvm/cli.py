@@ -10,26 +10,22 @@ schema (version 1) is described in docs/cli.md.
 
 `main()` takes the backend from `backend_factory(netns)` (the kernel unless given), which is
 how tests run the whole command in-process on the in-memory FakeBackend.
+
+A command imports what it needs when it runs (the manager, the kernel backend, the doctor,
+the JSON encoder...), so `netvm --help` loads no backend and no lease store, and `attach`
+loads neither the doctor nor the status report (tests/unit/test_imports.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import grp
-import json
-import logging
 import os
-import pwd
-import sqlite3
 import sys
-import traceback
 from collections.abc import Callable, Mapping, Sequence
-from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from netvm import glue
-from netvm.backends.base import MAX_ID, Backend, TapOptions
-from netvm.backends.kernel import KernelBackend
+from netvm.backends.base import MAX_ID, TapOptions
 from netvm.config import (
     DEFAULT_BRIDGE,
     DEFAULT_EGRESS,
@@ -46,22 +42,32 @@ from netvm.config import (
     parse_subnet,
     validate_ifname,
 )
-from netvm.diagnosis import doctor
 from netvm.errors import ConfigError, NetvmError, NotFound, StateStoreError
-from netvm.manager import Attachment, NetworkManager
 from netvm.naming import VmNetwork
-from netvm.status import HostStatus, host_status
+
+if TYPE_CHECKING:
+    import logging
+
+    from netvm.backends.base import Backend
+    from netvm.manager import Attachment, NetworkManager
+    from netvm.status import HostStatus
 
 JSON_SCHEMA_VERSION = 1
 """Bumped only when a key of the `--json` output changes meaning or disappears."""
 
-BackendFactory = Callable[[str | None], Backend]
+BackendFactory = Callable[[str | None], "Backend"]
 """Makes the backend for `--netns NAME` (None: the current namespace)."""
 
-log = logging.getLogger("netvm")
+
+def _log() -> logging.Logger:
+    import logging
+
+    return logging.getLogger("netvm")
 
 
 def _kernel_backend(netns: str | None) -> Backend:
+    from netvm.backends.kernel import KernelBackend
+
     return KernelBackend(netns)
 
 
@@ -97,11 +103,15 @@ def _account(value: str, lookup: Callable[[str], int], what: str) -> int:
 
 def _uid(value: str) -> int:
     """A user id (0 to 2**32-2), or a user name looked up in the passwd database."""
+    import pwd
+
     return _account(value, lambda name: pwd.getpwnam(name).pw_uid, "user")
 
 
 def _gid(value: str) -> int:
     """A group id (0 to 2**32-2), or a group name looked up in the group database."""
+    import grp
+
     return _account(value, lambda name: grp.getgrnam(name).gr_gid, "group")
 
 
@@ -176,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
             "the default. Exit status: 0 success, 1 error, 2 usage error."
         ),
     )
-    parser.add_argument("--version", action="version", version=f"netvm {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="show netvm's version and exit")
     _add_global_options(parser, in_subcommand=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -246,10 +256,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
+    from importlib import metadata  # ~10 ms to import: only for --version
+
     try:
         return metadata.version("netvm")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """argparse's "version" action, with the version looked up only when it is asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"netvm {_version()}")
+        parser.exit()
 
 
 def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> NetworkConfig:
@@ -283,6 +312,8 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Network
 
 def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
     if args.json:
+        import json
+
         print(json.dumps({"version": JSON_SCHEMA_VERSION, **document}, indent=2))
     elif text:
         _print(text)
@@ -348,6 +379,8 @@ def _status_text(status: HostStatus) -> str:
 def _vmm_config(
     args: argparse.Namespace, network: VmNetwork, tap: TapOptions, ip_arg: str
 ) -> tuple[dict[str, Any], str]:
+    import json
+
     vmm: glue.Vmm = args.vmm
     if vmm == "firecracker":
         body = glue.firecracker_network_interface(network, tap, args.iface_id)
@@ -397,7 +430,7 @@ def _attach(args: argparse.Namespace, manager: NetworkManager) -> None:
     if args.vmm is not None:
         tap = glue.tap_options_for(args.vmm, args.owner, args.group, args.multi_queue)
         if args.vmm == "firecracker" and args.owner is None and args.group is None:
-            log.warning(
+            _log().warning(
                 "firecracker: no --owner/--group, so only a privileged Firecracker can open "
                 "the TAP; under the jailer pass the jailer's --uid/--gid"
             )
@@ -450,6 +483,8 @@ def _list(args: argparse.Namespace, manager: NetworkManager) -> None:
 
 def _doctor(args: argparse.Namespace, manager: NetworkManager) -> int:
     """Exit 1 when a finding blocks guest traffic, else 0."""
+    from netvm.diagnosis import doctor
+
     findings = doctor(manager)
     blocking = any(f.blocking for f in findings)
     lines = []
@@ -471,6 +506,8 @@ def _run(args: argparse.Namespace, manager: NetworkManager) -> int:
     name = manager.config.bridge_name
     if args.command == "doctor":
         return _doctor(args, manager)
+    from netvm.status import host_status
+
     if args.command == "ensure-host":
         manager.ensure_host()
         status = host_status(manager)
@@ -514,6 +551,8 @@ def _fail(args: argparse.Namespace, kind: str, message: str) -> int:
     print(f"netvm {args.command}: error: {message}", file=sys.stderr)
     if args.json:
         error = {"type": kind, "message": message}
+        import json
+
         print(json.dumps({"version": JSON_SCHEMA_VERSION, "error": error}, indent=2))
     return 1
 
@@ -564,6 +603,8 @@ def _utf8_encodable(text: str) -> bool:
 
 
 def _execute(args: argparse.Namespace, factory: BackendFactory, environ: Mapping[str, str]) -> int:
+    from netvm.manager import NetworkManager
+
     _check_arguments(args)
     config = load_config(args, environ)
     backend = factory(args.netns)
@@ -572,6 +613,12 @@ def _execute(args: argparse.Namespace, factory: BackendFactory, environ: Mapping
             return _run(args, manager)
     finally:
         backend.close()
+
+
+def _sqlite_errors() -> tuple[type[Exception], ...]:
+    """sqlite3.Error if the lease store loaded sqlite3; else nothing can have raised it."""
+    sqlite3 = sys.modules.get("sqlite3")
+    return (sqlite3.Error,) if sqlite3 is not None else ()
 
 
 def main(
@@ -591,6 +638,9 @@ def main(
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage error (2), or --help / --version (0)
         return exc.code if isinstance(exc.code, int) else 2
+    import logging
+
+    log = logging.getLogger("netvm")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("netvm: %(levelname)s: %(message)s"))
     log.addHandler(handler)
@@ -600,7 +650,7 @@ def main(
         return _execute(args, backend_factory or _kernel_backend, env)
     except NetvmError as exc:
         return _fail(args, type(exc).__name__, f"{exc}{_hint(exc)}")
-    except sqlite3.Error as exc:
+    except _sqlite_errors() as exc:
         # Last resort: the lease store should have turned this into a netvm error.
         return _fail(
             args,
@@ -615,6 +665,8 @@ def main(
         return 130
     except Exception as exc:
         if args.verbose:
+            import traceback
+
             traceback.print_exc(file=sys.stderr)
         return _fail(
             args,
