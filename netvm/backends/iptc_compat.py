@@ -89,7 +89,16 @@ def load_iptc() -> ModuleType:
     assert util_spec is not None
     assert util_spec.loader is not None
     util = importlib.util.module_from_spec(util_spec)
-    util_spec.loader.exec_module(util)
+    # iptc.util tries `distutils.sysconfig` first and falls back to sysconfig; in a venv
+    # with setuptools, distutils is setuptools' (~80 ms of imports): take the fallback.
+    blocked = "distutils" not in sys.modules
+    if blocked:
+        sys.modules["distutils"] = None  # type: ignore[assignment]
+    try:
+        util_spec.loader.exec_module(util)
+    finally:
+        if blocked:
+            del sys.modules["distutils"]
     patched: Any = util
     search_by_path: Callable[[str], Any] = patched._do_find_library
 

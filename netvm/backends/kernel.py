@@ -19,19 +19,20 @@ import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from netvm.backends.base import Address, Link, Rule, TapOptions
-from netvm.backends.iptables import IptablesFirewall, TableReader, load_iptc
 from netvm.backends.netns import NamespaceThread
 from netvm.backends.rtnl import LinkInfo, Rtnl, RtnlError
 from netvm.backends.tun import create_persistent_tap, open_tun
 from netvm.errors import NetvmError, host_error
-from netvm.firewall.elements import KernelElements
-from netvm.firewall.libnftables import KernelNftRunner, binding_unavailable
-from netvm.firewall.model import Firewall, FirewallKind
-from netvm.firewall.nftables import NftablesFirewall
-from netvm.firewall.xtables import XtablesFirewall
+
+if TYPE_CHECKING:
+    # Imported where used: python-iptables, libnftables and the firewall modules cost a
+    # command that does not touch them tens of milliseconds (docs/performance.md).
+    from netvm.backends.iptables import IptablesFirewall
+    from netvm.firewall.model import Firewall, FirewallKind
+    from netvm.firewall.nftables import NftablesFirewall
 
 T = TypeVar("T")
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
@@ -111,6 +112,8 @@ class KernelBackend:
         """The legacy tables' primitives, made on the namespace thread (it loads libiptc)."""
 
         def make() -> IptablesFirewall:
+            from netvm.backends.iptables import IptablesFirewall
+
             if self._iptc is None:
                 self._iptc = IptablesFirewall()
             return self._iptc
@@ -122,10 +125,16 @@ class KernelBackend:
         found = self._firewalls.get(kind)
         if found is None:
             if kind == "nftables":
+                from netvm.firewall.elements import KernelElements
+                from netvm.firewall.libnftables import KernelNftRunner, binding_unavailable
+                from netvm.firewall.nftables import NftablesFirewall
+
                 found = NftablesFirewall(
                     KernelNftRunner(self._call), binding_unavailable, KernelElements(self._call)
                 )
             else:
+                from netvm.firewall.xtables import XtablesFirewall
+
                 found = XtablesFirewall(self)
             self._firewalls[kind] = found
         return found
@@ -287,6 +296,8 @@ class KernelBackend:
     # Legacy xtables tables --------------------------------------------------------------
 
     def xtables_unavailable(self) -> str | None:
+        from netvm.backends.iptc_compat import load_iptc
+
         try:
             load_iptc()
         except NetvmError as exc:
@@ -309,6 +320,8 @@ class KernelBackend:
             return False
 
         def run() -> bool:
+            from netvm.backends.iptables import TableReader
+
             reader = TableReader()
             try:
                 return any(reader.holds_rules(table) for table in tables)
@@ -338,9 +351,9 @@ class KernelBackend:
     def close(self) -> None:
         if self._iptc is not None:
             self._call(self._iptc.close)
-        for firewall in self._firewalls.values():
-            if isinstance(firewall, NftablesFirewall):
-                firewall.close()
+        nft = self._firewalls.get("nftables")
+        if nft is not None:
+            cast("NftablesFirewall", nft).close()
         with self._tun_lock:
             for fd in self._tun_fds:
                 os.close(fd)

@@ -33,9 +33,11 @@ def choose_firewall(choice: FirewallChoice, backend: HasFirewalls) -> ChosenFire
             raise ConfigError("firewall", choice, f"cannot be used on this host: {missing}")
         return ChosenFirewall(choice, "configured", choice)
     nftables, iptables = backend.firewall("nftables"), backend.firewall("iptables")
-    nft_missing, ipt_missing = nftables.unavailable(), iptables.unavailable()
-    legacy_used = ipt_missing is None and iptables.in_use()
+    nft_missing = nftables.unavailable()
+    # in_use() reads the kernel without python-iptables: load it only when it matters.
+    legacy_used = iptables.in_use() and iptables.unavailable() is None
     if nft_missing is not None:
+        ipt_missing = iptables.unavailable()
         if ipt_missing is not None:
             raise ConfigError(
                 "firewall", choice, f"no firewall can be used: {nft_missing}; {ipt_missing}"
