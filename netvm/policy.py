@@ -17,6 +17,7 @@ import ipaddress
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from netvm.errors import ConfigError
@@ -82,6 +83,11 @@ class EgressRule:
         return cls(network, protocol, ports)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
+        return self.text
+
+    @cached_property
+    def text(self) -> str:
+        """The rule as `parse` reads it (kept: an attach writes it into the VM's record)."""
         text = str(self.network)
         if self.protocol is not None:
             text += f":{self.protocol}"
@@ -195,7 +201,13 @@ class GuestPolicy:
     @property
     def any(self) -> bool:
         """Whether the firewall has anything to do for this VM."""
-        return self != GuestPolicy(anti_spoof=False)
+        return bool(
+            self.anti_spoof
+            or self.isolated
+            or self.egress_allow
+            or self.egress_deny
+            or self.port_forwards
+        )
 
     def needs(self) -> list[str]:
         """The guarantees asked for, by field name (for errors on a firewall without them)."""
@@ -226,6 +238,10 @@ class GuestPolicy:
 
     def describe(self) -> str:
         """One line, e.g. `anti_spoof isolated allow=198.51.100.0/24 forward=8080:80/tcp`."""
+        return self._description
+
+    @cached_property
+    def _description(self) -> str:
         parts = [name for name in ("anti_spoof", "isolated") if getattr(self, name)]
         parts += [f"allow={r}" for r in self.egress_allow]
         parts += [f"deny={r}" for r in self.egress_deny]

@@ -301,11 +301,11 @@ def _change_elements(work: FakeRuleset, verb: str, what: Json) -> None:
         index = next(
             (i for i, element in enumerate(found.elements) if element["key"] == canonical), None
         )
-        if verb == "add":
+        if verb in ("add", "create"):
             if isinstance(data, dict) and "jump" in data and data["jump"]["target"] not in table:
                 raise _Refused(errno.ENOENT)
             if index is not None:
-                if found.elements[index]["data"] != data:
+                if verb == "create" or found.elements[index]["data"] != data:
                     raise _Refused(errno.EEXIST)
                 continue  # as the kernel: no change, the old comment stays
             found.elements.append(

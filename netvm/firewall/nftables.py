@@ -31,6 +31,7 @@ from netvm.firewall.guard import (
     EGRESS,
     EGRESS_PREFIX,
     SCHEMAS,
+    VMS,
     Element,
     VmGuard,
     egress_chain,
@@ -584,9 +585,21 @@ class NftablesFirewall:
             raise RuntimeError("this NftablesFirewall was made without an element store")
         return self._elements
 
-    def guard(self, bridge: str, vm: VmGuard) -> None:
+    def guard(self, bridge: str, vm: VmGuard, fresh: bool = False) -> None:
         """Give the VM of `vm.tap` exactly the elements of `vm` (its previous ones, which
-        its record names, are replaced), in one transaction."""
+        its record names, are replaced), in one transaction.
+
+        `fresh`: the TAP was just made, so it has no elements unless a crash left some. They
+        are then written without reading the record first: its elements are created
+        exclusively (NLM_F_EXCL), so a record left behind makes the kernel refuse the whole
+        batch, and the VM's elements are then replaced as for any other TAP.
+        """
+        if fresh:
+            after = elements(vm)
+            if after:
+                changes = [("create" if e.schema is VMS else "add", e) for e in after]
+                if self._write(bridge, vm, changes, exclusive=True):
+                    return
         old = self.record(bridge, vm.tap)
         if old == vm:
             return
@@ -600,33 +613,30 @@ class NftablesFirewall:
         changes += [("add", e) for e in _by_set(e for e in after if _full(e) not in keep)]
         self._write(bridge, vm, changes)
 
-    def _write(self, bridge: str, vm: VmGuard, changes: list[tuple[str, Element]]) -> None:
+    def _write(
+        self, bridge: str, vm: VmGuard, changes: list[tuple[str, Element]], exclusive: bool = False
+    ) -> bool:
+        """Commit; False when `exclusive` and an element exists already (EEXIST)."""
         table, where = table_name(bridge), f"{vm.tap} in nftables {table_name(bridge)}"
         operation = f"set the guarantees of {vm.tap}"
-        try:
-            self._store().commit(changes, table, operation, where)
-            return
-        except NotFound:
-            if egress_chain(vm.policy) is None:
-                raise host_error(
-                    operation, where, errno.ENOENT, "netvm's sets are missing: run ensure_host()"
-                ) from None
+        for attempt in range(2):
+            try:
+                self._store().commit(changes, table, operation, where)
+                return True
+            except HostError as exc:
+                if exc.errno == errno.EEXIST:
+                    if exclusive:
+                        return False
+                    raise self._clash(bridge, vm) from None
+                if exc.errno != errno.ENOENT:
+                    raise
+                if attempt or egress_chain(vm.policy) is None:
+                    raise host_error(
+                        operation, where, exc.errno, "netvm's sets are missing: run ensure_host()"
+                    ) from None
             # The egress chain of this policy is written once, cold (libnftables).
             self._add_egress_chain(bridge, vm)
-        except HostError as exc:
-            if exc.errno == errno.EEXIST:
-                raise self._clash(bridge, vm) from None
-            raise
-        try:
-            self._store().commit(changes, table, operation, where)
-        except HostError as exc:
-            if exc.errno == errno.EEXIST:
-                raise self._clash(bridge, vm) from None
-            if exc.errno == errno.ENOENT:
-                raise host_error(
-                    operation, where, exc.errno, "netvm's sets are missing: run ensure_host()"
-                ) from None
-            raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _clash(self, bridge: str, vm: VmGuard) -> ConflictError:
         forwards = ", ".join(str(f) for f in vm.policy.port_forwards) or "none"

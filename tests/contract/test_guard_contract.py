@@ -199,3 +199,58 @@ def test_port_isolation_is_the_kernels_per_port_flag(backend: Backend) -> None:
     link = backend.get_link("tap-a")
     assert link is not None
     assert not link.isolated
+
+
+# The fresh path: no record read first, the record created exclusively --------------------
+
+
+@pytest.mark.parametrize("later", [GuestPolicy(), OPEN, ALL], ids=["default", "open", "all"])
+def test_a_fresh_guard_replaces_what_a_crash_left(
+    backend: Backend, nft: NftablesFirewall, later: GuestPolicy
+) -> None:
+    """A TAP deleted without its elements (a crash in gc, `ip link del`) and made again for
+    another address: a fresh guard must not keep the old address or guarantees."""
+    before = snapshot(backend)
+    nft.guard("nvbr0", vm("tap-a", 5, ALL))
+    again = vm("tap-a", 6, later)
+    nft.guard("nvbr0", again, fresh=True)
+    assert nft.record("nvbr0", "tap-a") == (again if later.any else None)
+    nft.unguard("nvbr0", "tap-a")
+    nft.prune("nvbr0", live=())
+    assert snapshot(backend) == before, "only the new elements were there to remove"
+
+
+def test_a_fresh_guard_writes_what_a_full_one_does(backend: Backend, nft: NftablesFirewall) -> None:
+    nft.guard("nvbr0", vm("tap-a", 5, ALL))
+    full = snapshot(backend)
+    nft.unguard("nvbr0", "tap-a")
+    nft.guard("nvbr0", vm("tap-a", 5, ALL), fresh=True)
+    assert snapshot(backend) == full
+
+
+def test_a_fresh_guard_that_clashes_is_a_conflict_and_changes_nothing(
+    backend: Backend, nft: NftablesFirewall
+) -> None:
+    nft.guard("nvbr0", vm("tap-a", 5, ALL))
+    before = snapshot(backend)
+    clash = GuestPolicy.of(port_forwards=("8080:81",))
+    with pytest.raises(ConflictError, match="8080:81/tcp"):
+        nft.guard("nvbr0", vm("tap-b", 6, clash), fresh=True)
+    assert snapshot(backend) == before
+
+
+def test_an_error_in_any_message_of_the_batch_is_reported(
+    backend: Backend, nft: NftablesFirewall
+) -> None:
+    """Only the last message of a batch asks for an ack: a failure of an earlier one must
+    still fail the commit, and the batch must change nothing."""
+    a = vm("tap-a", 5, ALL)
+    nft.guard("nvbr0", a)
+    before = snapshot(backend)
+    # forward_addrs (to another address) clashes; forward_ports, the last message, holds
+    # the same guest port and is no change: it succeeds.
+    b = vm("tap-b", 6, GuestPolicy.of(isolated=True, port_forwards=("8080:80",)))
+    with pytest.raises(ConflictError):
+        nft.guard("nvbr0", b)
+    assert snapshot(backend) == before
+    assert nft.record("nvbr0", "tap-b") is None
