@@ -29,6 +29,10 @@ EGRESS_RULE = (
     "(e.g. 198.51.100.0/24, 0.0.0.0/0:udp:53, 203.0.113.0/24:tcp:8000-8100)"
 )
 FORWARD_RULE = "HOST_PORT:GUEST_PORT[/tcp|/udp], ports 1 to 65535 (e.g. 8080:80, 5353:53/udp)"
+POLICY_RULE = (
+    "words anti_spoof, isolated, allow=RULE, deny=RULE, forward=FORWARD, or the one word "
+    "none (e.g. 'anti_spoof isolated deny=169.254.0.0/16')"
+)
 
 
 def _port(field_name: str, value: object, text: object) -> int:
@@ -235,6 +239,36 @@ class GuestPolicy:
             egress_deny=tuple(EgressRule.parse(r) for r in data.get("egress_deny", ())),
             port_forwards=tuple(PortForward.parse(f) for f in data.get("port_forwards", ())),
         )
+
+    @classmethod
+    def parse(cls, text: str, field_name: str = "guest policy") -> GuestPolicy:
+        """The policy `describe()` wrote: words `anti_spoof`, `isolated`, `allow=RULE`,
+        `deny=RULE`, `forward=FORWARD`, or `none` (no guarantee), in any order, separated
+        by white space or commas. ConfigError naming `field_name` otherwise."""
+        flags = {"anti_spoof": False, "isolated": False}
+        lists: dict[str, list[str]] = {"allow": [], "deny": [], "forward": []}
+        words = text.replace(",", " ").split() if isinstance(text, str) else None
+        if not words:
+            raise ConfigError(field_name, text, POLICY_RULE)
+        for word in words:
+            name, sep, value = word.partition("=")
+            if sep and name in lists and value:
+                lists[name].append(value)
+            elif not sep and name in flags:
+                flags[name] = True
+            elif word != "none" or len(words) > 1:
+                raise ConfigError(field_name, text, f"{POLICY_RULE}; not {word!r}")
+        try:
+            return cls(
+                anti_spoof=flags["anti_spoof"],
+                isolated=flags["isolated"],
+                egress_allow=tuple(EgressRule.parse(r) for r in lists["allow"]),
+                egress_deny=tuple(EgressRule.parse(r) for r in lists["deny"]),
+                port_forwards=tuple(PortForward.parse(f) for f in lists["forward"]),
+            )
+        except ConfigError as exc:
+            allowed = f"{exc.field} {exc.value!r}: {exc.allowed}"
+            raise ConfigError(field_name, text, allowed) from None
 
     def describe(self) -> str:
         """One line, e.g. `anti_spoof isolated allow=198.51.100.0/24 forward=8080:80/tcp`."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 from netvm.naming import format_mac
-from netvm.policy import PROTOCOLS, EgressRule, GuestPolicy, PortForward
+from netvm.policy import PROTOCOLS, EgressRule, GuestPolicy
 
 FieldType = Literal["ifname", "ether_addr", "ipv4_addr", "inet_proto", "inet_service", "verdict"]
 Value = str | int | bytes | ipaddress.IPv4Address
@@ -115,23 +115,7 @@ class VmGuard:
     def from_record(cls, tap: str, record: str) -> VmGuard:
         """ValueError (ConfigError) if the record is not one `record()` wrote."""
         ip, mac, *words = record.split()
-        flags: dict[str, bool] = {"anti_spoof": False, "isolated": False}
-        lists: dict[str, list[str]] = {"allow": [], "deny": [], "forward": []}
-        for word in words:
-            name, sep, value = word.partition("=")
-            if sep and name in lists:
-                lists[name].append(value)
-            elif not sep and name in flags:
-                flags[name] = True
-            elif word != "none":
-                raise ValueError(f"not a netvm record: {record!r}")
-        policy = GuestPolicy(
-            anti_spoof=flags["anti_spoof"],
-            isolated=flags["isolated"],
-            egress_allow=tuple(EgressRule.parse(r) for r in lists["allow"]),
-            egress_deny=tuple(EgressRule.parse(r) for r in lists["deny"]),
-            port_forwards=tuple(PortForward.parse(f) for f in lists["forward"]),
-        )
+        policy = GuestPolicy.parse(" ".join(words) or "none")
         return cls(tap, bytes.fromhex(mac.replace(":", "")), ipaddress.IPv4Address(ip), policy)
 
 
