@@ -5,9 +5,10 @@ Written as `nft -j list` prints them, so that a listing compares equal to what n
 `bridge netvm-B` (the bridge family sees every frame with the port it came in on):
 
     prerouting  (hook prerouting)  iifname @guarded jump anti_spoof
-    anti_spoof                     udp sport 67 drop                      (DHCP server replies)
-                                   ARP: sender MAC and address in @addrs with the frame's
-                                        source MAC, accept
+    anti_spoof                     ether type other than ip, arp: drop    (VLAN tags, IPv6, ...)
+                                   udp sport 67 drop                      (DHCP server replies)
+                                   ARP (Ethernet/IPv4 request or reply): sender MAC and
+                                        address in @addrs with the frame's source MAC, accept
                                    DHCP discovery from 0.0.0.0 with the TAP's MAC, accept
                                    IPv4: source MAC and address in @addrs, accept
                                    drop                                   (everything else)
@@ -88,8 +89,20 @@ def bridge_rules(policy: BridgeFirewall) -> dict[str, list[list[Json]]]:
     return {
         "prerouting": [[_match(iif, _set(GUARDED.name)), {"jump": {"target": "anti_spoof"}}]],
         "anti_spoof": [
+            # `ether type` reads a VLAN tag (802.1Q, 802.1ad) as the kernel took it off, so
+            # tagged frames, IPv6 and every other ethertype end here. Without this rule a
+            # tagged IPv4 frame would pass the rules below: their `ip` matches test the
+            # skb's protocol, which is the inner one once the tag is off.
+            [_match(_payload("ether", "type"), {"set": ["ip", "arp"]}, "!="), {"drop": None}],
             [_match(_payload("udp", "sport"), 67), {"drop": None}],
             [
+                # Only Ethernet/IPv4 requests and replies, whose fields are where nft and
+                # the neighbours' kernels read them.
+                _match(_payload("arp", "htype"), 1),
+                _match(_payload("arp", "ptype"), "ip"),
+                _match(_payload("arp", "hlen"), 6),
+                _match(_payload("arp", "plen"), 4),
+                _match(_payload("arp", "operation"), {"set": ["request", "reply"]}),
                 _match(_concat(iif, ether_saddr, _payload("arp", "saddr ip")), _set(ADDRS.name)),
                 _match(
                     _concat(iif, _payload("arp", "saddr ether"), _payload("arp", "saddr ip")),

@@ -183,6 +183,8 @@ def _operand(value: Any) -> str:
         return f"{body['addr']}/{body['len']}"
     if kind == "range":
         return f"{body[0]}-{body[1]}"
+    if kind == "set":
+        return "{ " + ", ".join(_operand(item) for item in body) + " }"
     if kind == "map":
         return f"{_operand(body['key'])} map {body['data']}"
     raise ValueError(kind)
