@@ -19,11 +19,12 @@ import ipaddress
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 from netvm.errors import host_error
 from netvm.firewall.guard import Element, FieldType, SetSchema, Value
+from netvm.firewall.listeners import listening
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -414,6 +415,10 @@ class KernelElements:
 
     def comment(self, element: Element, table: str, operation: str) -> str | None:
         return self._open().comment(element, table, operation)
+
+    def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
+        found: list[str] = self._call(lambda: listening(wanted))
+        return found
 
     def close(self) -> None:
         with self._lock:

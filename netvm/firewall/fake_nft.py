@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,9 @@ class FakeRuleset:
     next_handle: int = 1
     transactions: int = 0
     """Batches that changed something (a listing is not one)."""
+    listening: set[tuple[str, int]] = field(default_factory=set)
+    """(protocol, port) of host services listening beyond loopback (not nftables state:
+    what the port forward check reads, listeners.py)."""
 
 
 class _Refused(Exception):
@@ -347,6 +350,10 @@ class FakeElements:
         if changes:
             commands = [element_command(verb, element, table) for verb, element in changes]
             self._runner.run(commands, operation, where)
+
+    def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
+        busy = self._runner.ruleset.listening
+        return sorted(f"0.0.0.0:{port}/{proto}" for proto, port in wanted if (proto, port) in busy)
 
     def comment(self, element: Element, table: str, operation: str) -> str | None:
         schema = element.schema

@@ -48,6 +48,7 @@ from netvm.firewall.model import (
     pass_chain,
     tag_of,
 )
+from netvm.policy import PortForward
 
 log = logging.getLogger("netvm")
 Json = dict[str, Any]
@@ -83,6 +84,10 @@ class ElementStore(Protocol):
 
     def comment(self, element: Element, table: str, operation: str) -> str | None:
         """The comment of the element with this key ("" if none), None if there is none."""
+
+    def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
+        """`ADDRESS:PORT/PROTOCOL` of host sockets that serve these (protocol, port) pairs
+        from outside loopback (listeners.py)."""
 
 
 def table_name(bridge: str) -> str:
@@ -597,6 +602,7 @@ class NftablesFirewall:
         batch, and the VM's elements are then replaced as for any other TAP.
         """
         if fresh:
+            self._check_forwards(bridge, vm, vm.policy.port_forwards)
             after = elements(vm)
             if after:
                 changes = [("create" if e.schema is VMS else "add", e) for e in after]
@@ -605,6 +611,9 @@ class NftablesFirewall:
         old = self.record(bridge, vm.tap)
         if old == vm:
             return
+        if not fresh:
+            had = set(old.policy.port_forwards) if old is not None else set()
+            self._check_forwards(bridge, vm, [f for f in vm.policy.port_forwards if f not in had])
         before = elements(old) if old is not None else []
         after = elements(vm)
         keep = {_full(e) for e in before} & {_full(e) for e in after}
@@ -639,6 +648,18 @@ class NftablesFirewall:
             # The egress chain of this policy is written once, cold (libnftables).
             self._add_egress_chain(bridge, vm)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check_forwards(self, bridge: str, vm: VmGuard, forwards: Sequence[PortForward]) -> None:
+        """A forward must not take a host port a service listens on (listeners.py)."""
+        if not forwards:
+            return
+        busy = self._store().listening([(f.protocol, f.host_port) for f in forwards])
+        if busy:
+            raise ConflictError(
+                f"the port forward of {vm.tap} would take host port(s) in use from the "
+                f"service(s) listening on {', '.join(busy)}: every new connection to them from "
+                f"the egress would go to the VM; forward another host port"
+            )
 
     def _clash(self, bridge: str, vm: VmGuard) -> ConflictError:
         forwards = ", ".join(str(f) for f in vm.policy.port_forwards) or "none"

@@ -6,19 +6,22 @@ through libnftables (`guards`, `snapshot`): a wrong layout would show as a wrong
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import ipaddress
+import socket
+from collections.abc import Iterator
 
 import pytest
 
-from netvm import ConfigError, ConflictError, FakeBackend, HostError
+from netvm import ConfigError, ConflictError, FakeBackend, HostError, KernelBackend
 from netvm.backends.base import Backend, TapOptions
 from netvm.firewall import BridgeFirewall
 from netvm.firewall.guard import VmGuard, egress_chain
 from netvm.firewall.nftables import NftablesFirewall
 from netvm.policy import OPEN, GuestPolicy
-from netvm.testing import snapshot
+from netvm.testing import run_in_netns, snapshot
 
 POLICY = BridgeFirewall("nvbr0", ipaddress.IPv4Network("192.0.2.0/24"), "up0")
 ALL = GuestPolicy.of(
@@ -254,3 +257,64 @@ def test_an_error_in_any_message_of_the_batch_is_reported(
         nft.guard("nvbr0", b)
     assert snapshot(backend) == before
     assert nft.record("nvbr0", "tap-b") is None
+
+
+# A port forward must not take a host port a service listens on ---------------------------
+
+
+@contextlib.contextmanager
+def listener(backend: Backend, protocol: str, address: str, port: int) -> Iterator[None]:
+    """A host service on `address:port` (a socket in the backend's namespace, or the
+    fake's record of one)."""
+    if isinstance(backend, FakeBackend):
+        if address.startswith("127."):
+            yield  # the fake models only services reachable from outside
+            return
+        backend.state.nftables.listening.add((protocol, port))
+        yield
+        backend.state.nftables.listening.discard((protocol, port))
+        return
+    assert isinstance(backend, KernelBackend)
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+
+    def bound() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, kind)
+        sock.bind((address, port))
+        if protocol == "tcp":
+            sock.listen()
+        return sock
+
+    sock = run_in_netns(backend.netns, bound)
+    try:
+        yield
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_a_forward_of_a_port_a_host_service_uses_is_refused(
+    backend: Backend, nft: NftablesFirewall, protocol: str
+) -> None:
+    before = snapshot(backend)
+    forward = GuestPolicy.of(port_forwards=(f"2222:22/{protocol}",))
+    with listener(backend, protocol, "0.0.0.0", 2222):
+        for fresh in (True, False):
+            with pytest.raises(ConflictError, match=f"0.0.0.0:2222/{protocol}"):
+                nft.guard("nvbr0", vm("tap-a", 5, forward), fresh=fresh)
+            assert snapshot(backend) == before
+    nft.guard("nvbr0", vm("tap-a", 5, forward), fresh=True)
+    assert nft.record("nvbr0", "tap-a") == vm("tap-a", 5, forward), "free again: forwarded"
+
+
+def test_a_loopback_service_or_a_forward_held_already_is_no_conflict(
+    nft: NftablesFirewall, backend: Backend
+) -> None:
+    forward = GuestPolicy.of(port_forwards=("2222:22",))
+    with listener(backend, "tcp", "127.0.0.1", 2222):
+        nft.guard("nvbr0", vm("tap-a", 5, forward), fresh=True)
+    with listener(backend, "tcp", "0.0.0.0", 2222):
+        # A service that came later is not the VM's to break: attaching again keeps it.
+        nft.guard("nvbr0", vm("tap-a", 5, dataclasses.replace(forward, isolated=True)))
+    assert nft.record("nvbr0", "tap-a") == vm(
+        "tap-a", 5, dataclasses.replace(forward, isolated=True)
+    )
