@@ -203,8 +203,9 @@ def check_recovered(
     guards = manager.backend.firewall("nftables").guards(manager.config.bridge_name)
     assert set(guards) == set(taps), f"{where}: guarantees of {sorted(guards)}, TAPs {taps}"
     for lease in leases.values():
-        ip = guest_ip(manager.config.vm_subnet, lease.slot)
-        assert guards[lease.tap_name].ip == ip, f"{where}: {lease.vm_id}'s elements name {ip}"
+        address = guest_ip(manager.config.vm_subnet, lease.slot)
+        held = guards[lease.tap_name].ip
+        assert held == address, f"{where}: {lease.vm_id}'s elements name {held}"
         assert guards[lease.tap_name].policy == GuestPolicy(), f"{where}: stale policy"
         port = taps[lease.tap_name]["linkinfo"].get("info_slave_data", {})
         assert port.get("isolated") is False, f"{where}: {lease.vm_id}'s port still isolated"
