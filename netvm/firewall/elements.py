@@ -20,11 +20,11 @@ import socket
 import struct
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from netvm.errors import host_error
 from netvm.firewall.guard import Element, FieldType, SetSchema, Value
-from netvm.firewall.listeners import listening
+from netvm.firewall.listeners import SockDiag, listening
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -400,6 +400,8 @@ class KernelElements:
     def __init__(self, call: Callable[[Callable[[], Any]], Any]) -> None:
         self._call = call
         self._socket: NetlinkElements | None = None
+        self._diag: SockDiag | Literal[False] | None = None
+        """None: not opened yet; False: the kernel has no NETLINK_SOCK_DIAG."""
         self._lock = threading.Lock()
 
     def _open(self) -> NetlinkElements:
@@ -417,11 +419,27 @@ class KernelElements:
         return self._open().comment(element, table, operation)
 
     def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
-        found: list[str] = self._call(lambda: listening(wanted))
-        return found
+        with self._lock:
+            if self._diag is None:
+                try:
+                    self._diag = self._call(SockDiag)
+                except OSError:  # no NETLINK_SOCK_DIAG: /proc, on the namespace thread
+                    self._diag = False
+        diag = self._diag
+        if not isinstance(diag, SockDiag):
+            found: list[str] = self._call(lambda: listening(wanted))
+            return found
+        try:
+            return diag.listening(wanted)
+        except OSError:  # no inet_diag for a family or protocol (a module missing)
+            fallback: list[str] = self._call(lambda: listening(wanted))
+            return fallback
 
     def close(self) -> None:
         with self._lock:
             if self._socket is not None:
                 self._socket.close()
                 self._socket = None
+            if isinstance(self._diag, SockDiag):
+                self._diag.close()
+            self._diag = None
