@@ -149,6 +149,11 @@ def _list(work: FakeRuleset, body: Json) -> list[Json]:
     if kind == "table":
         _table(work, what["family"], what["name"])
         return _table_objects(work, what["family"], what["name"])
+    if kind == "chain":
+        family, table = what["family"], what["table"]
+        chain = _chain(work, {"family": family, "table": table, "chain": what["name"]})
+        head = {"chain": {"family": family, "table": table, "name": what["name"], **chain.spec}}
+        return [head] + [_rule_object(family, table, what["name"], rule) for rule in chain.rules]
     if kind in ("set", "map"):
         found = _named_set(work, what["family"], what["table"], what["name"])
         return [_set_object(what["family"], what["table"], what["name"], found)]

@@ -9,9 +9,10 @@ adds only elements:
                     addrs     ifname . ether_addr . ipv4_addr   the MAC and addresses each
                                                        guarded TAP may send from
                     isolated  ifname                   TAPs cut off from the other VMs
-    inet netvm-B    egress    ipv4_addr : verdict      a VM's address -> jump to the chain
-                                                       of its egress lists (shared by every
-                                                       VM with the same lists)
+    inet netvm-B    egress-D  ipv4_addr                the addresses of the VMs whose egress
+                                                       lists have the digest D; the chain
+                                                       egress-D holds the lists (shared by
+                                                       every VM with the same lists)
                     forward_addrs inet_proto . inet_service : ipv4_addr
                     forward_ports inet_proto . inet_service : inet_service
 
@@ -67,7 +68,6 @@ VMS = SetSchema("bridge", "vms", ("ifname", "inet_service"))
 GUARDED = SetSchema("bridge", "guarded", ("ifname",))
 ADDRS = SetSchema("bridge", "addrs", ("ifname", "ether_addr", "ipv4_addr"))
 ISOLATED = SetSchema("bridge", "isolated", ("ifname",))
-EGRESS = SetSchema("inet", "egress", ("ipv4_addr",), data=("verdict",))
 # Two maps rather than one to `ipv4_addr . inet_service`: libnftables 1.0.6 cannot declare a
 # map to a concatenation in JSON. A DNAT looks both up, once per new connection.
 FORWARD_ADDRS = SetSchema(
@@ -76,10 +76,23 @@ FORWARD_ADDRS = SetSchema(
 FORWARD_PORTS = SetSchema(
     "inet", "forward_ports", ("inet_proto", "inet_service"), data=("inet_service",)
 )
-SCHEMAS = (VMS, GUARDED, ADDRS, ISOLATED, EGRESS, FORWARD_ADDRS, FORWARD_PORTS)
+SCHEMAS = (VMS, GUARDED, ADDRS, ISOLATED, FORWARD_ADDRS, FORWARD_PORTS)
+"""The sets of every bridge. Each egress policy adds its own set (egress_members)."""
 UNSPECIFIED = ipaddress.IPv4Address("0.0.0.0")
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
 EGRESS_PREFIX = "egress-"
+EGRESS_DISPATCH = "egress_dispatch"
+"""The chain, jumped to from netvm's forward chain, with one rule per egress policy:
+`ip saddr @egress-<digest> jump egress-<digest>`."""
+_MEMBERS: dict[str, SetSchema] = {}
+
+
+def egress_members(chain: str) -> SetSchema:
+    """The set of the addresses of the VMs whose egress policy is `chain` (same name)."""
+    found = _MEMBERS.get(chain)
+    if found is None:
+        found = _MEMBERS[chain] = SetSchema("inet", chain, ("ipv4_addr",))
+    return found
 
 
 class Element(NamedTuple):
@@ -161,7 +174,7 @@ def elements(vm: VmGuard) -> list[Element]:
         found.append(Element(ISOLATED, (tap,)))
     chain = egress_chain(policy)
     if chain is not None:
-        found.append(Element(EGRESS, (ip,), data=(chain,)))
+        found.append(Element(egress_members(chain), (ip,)))
     forwards = policy.port_forwards
     if forwards:
         keys = [(PROTOCOLS[f.protocol], f.host_port) for f in forwards]

@@ -25,7 +25,8 @@ gateway's MAC).
     prerouting  (hook prerouting, dstnat)  from the egress to a local address: DNAT by
                                            @forward_addrs and @forward_ports
     forward     iifname B ct status dnat accept       (replies of forwarded connections)
-                iifname B ip saddr vmap @egress       (the VM's egress chain, if any)
+                iifname B jump egress_dispatch         (per egress policy, shared by its
+                                                        VMs: ip saddr @egress-D jump egress-D)
                 ... BridgeFirewall.forward, with `iifname E oifname B ct status dnat accept`
                     before its drop of new connections from the egress
 """
@@ -36,7 +37,7 @@ from typing import Any
 
 from netvm.firewall.guard import (
     ADDRS,
-    EGRESS,
+    EGRESS_DISPATCH,
     FORWARD_ADDRS,
     FORWARD_PORTS,
     GUARDED,
@@ -157,7 +158,7 @@ def forward_head(policy: BridgeFirewall) -> list[list[Json]]:
     bridge = _match(_meta("iifname"), policy.bridge)
     return [
         _dnat_status(bridge),
-        [bridge, {"vmap": {"key": _payload("ip", "saddr"), "data": _set(EGRESS.name)}}],
+        [bridge, {"jump": {"target": EGRESS_DISPATCH}}],
     ]
 
 
@@ -183,3 +184,8 @@ def prerouting(policy: BridgeFirewall) -> list[list[Json]]:
             },
         ]
     ]
+
+
+def egress_dispatch_rule(chain: str) -> list[Json]:
+    """`ip saddr @egress-D jump egress-D`: the VMs of one egress policy to its chain."""
+    return [_match(_payload("ip", "saddr"), _set(chain)), {"jump": {"target": chain}}]
