@@ -318,3 +318,36 @@ def test_a_loopback_service_or_a_forward_held_already_is_no_conflict(
     assert nft.record("nvbr0", "tap-a") == vm(
         "tap-a", 5, dataclasses.replace(forward, isolated=True)
     )
+
+
+def test_ensure_drops_the_egress_map_of_the_earlier_layout(
+    backend: Backend, nft: NftablesFirewall
+) -> None:
+    table = "netvm-nvbr0"
+    legacy = {"family": "inet", "table": table, "name": "egress", "type": "ipv4_addr"}
+    nft._run([{"add": {"map": {**legacy, "map": "verdict"}}}], "test", None)
+    assert nft.check(POLICY) != []
+    assert nft.ensure(POLICY) is True
+    assert nft.check(POLICY) == []
+    assert not [item for item in nft.ruleset() if "map" in item and item["map"]["name"] == "egress"]
+    nft.guard("nvbr0", vm("tap-a", 5, ALL))
+    assert nft.record("nvbr0", "tap-a") == vm("tap-a", 5, ALL)
+
+
+def test_vms_of_one_egress_policy_share_one_dispatch_rule(nft: NftablesFirewall) -> None:
+    lists = GuestPolicy.of(egress_deny=("198.51.100.0/24",))
+    for n in range(3):
+        nft.guard("nvbr0", vm(f"tap-{n}", 10 + n, lists), fresh=True)
+    rules = [
+        item["rule"]
+        for item in nft.ruleset()
+        if item.get("rule", {}).get("chain") == "egress_dispatch"
+    ]
+    assert len(rules) == 1
+    for n in range(3):
+        nft.unguard("nvbr0", f"tap-{n}")
+    nft.prune("nvbr0", live=())
+    rules = [
+        item for item in nft.ruleset() if item.get("rule", {}).get("chain") == "egress_dispatch"
+    ]
+    assert rules == []
