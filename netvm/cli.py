@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from netvm import glue
+from netvm import cli_policy, glue
 from netvm.backends.base import MAX_ID, TapOptions
 from netvm.config import (
     DEFAULT_BRIDGE,
@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     guest.add_argument(
         "--dns", action="append", default=[], metavar="IP", help="DNS server (up to 2)"
     )
+    cli_policy.add_options(attach)
     detach = command("detach", "delete the VM's TAP and free its address")
     detach.add_argument("vm_id", metavar="VM_ID")
     command("list", "the VMs of the bridge: leases and TAPs")
@@ -412,6 +413,26 @@ def _attachment_dict(a: Attachment) -> dict[str, Any]:
         "guest_mac": net.mac_string() if net is not None else None,
         "tap_present": a.tap_present,
         "on_bridge": a.on_bridge,
+        "policy": cli_policy.policy_json(a.policy),
+    }
+
+
+def _guarantees(manager: NetworkManager, status: HostStatus) -> dict[str, Any]:
+    """`status`'s guarantees: the default policy, each VM's, what becomes of guest IPv6."""
+    default = cli_policy.default_policy(manager.config, status.firewall.kind)
+    vms = manager.list() if status.bridge_present else []
+    lines = [
+        f"policy      default {default.describe()}; " + cli_policy.summary([a.policy for a in vms]),
+        f"guest IPv6  {cli_policy.IPV6}",
+    ]
+    return {
+        "default": default.to_json(),
+        "vms": [
+            {"vm_id": a.vm_id, "tap_name": a.tap_name, "policy": cli_policy.policy_json(a.policy)}
+            for a in vms
+        ],
+        "ipv6": cli_policy.IPV6,
+        "text": "\n".join(lines),
     }
 
 
@@ -439,13 +460,20 @@ def _attach(args: argparse.Namespace, manager: NetworkManager) -> None:
     if args.vnet_hdr:
         tap = TapOptions(tap.owner, tap.group, tap.multi_queue, True)
     glue.queue_pairs_for(tap, args.queues)
+    policy = cli_policy.policy_from_args(args, manager.config.guest_policy)
     # Check the ip= fields before anything is created.
     probe = VmNetwork.for_slot(args.vm_id, manager.config.vm_subnet, 0)
     probe.kernel_ip_arg(args.hostname, args.guest_device, tuple(args.dns))
-    network = manager.attach(args.vm_id, tap)
+    network = manager.attach(args.vm_id, tap, policy)
+    held = cli_policy.held(manager, network.tap_name)
     ip_arg = network.kernel_ip_arg(args.hostname, args.guest_device, tuple(args.dns))
     vm = {**network.to_dict(), "kernel_ip_arg": ip_arg}
-    document: dict[str, Any] = {"vm": vm, "tap": _tap_dict(tap), "vmm": None}
+    document: dict[str, Any] = {
+        "vm": vm,
+        "tap": _tap_dict(tap),
+        "policy": cli_policy.policy_json(held),
+        "vmm": None,
+    }
     lines = [
         f"attached {network.vm_id}",
         f"  tap        {network.tap_name}",
@@ -453,6 +481,7 @@ def _attach(args: argparse.Namespace, manager: NetworkManager) -> None:
         f"  guest_mac  {network.mac_string()}",
         f"  gateway    {network.gateway_ip}",
         f"  kernel_ip  {ip_arg}",
+        f"  policy     {cli_policy.policy_text(held)}",
         f"  tap_flags  {_tap_text(tap)}",
     ]
     if args.vmm is not None:
@@ -463,17 +492,24 @@ def _attach(args: argparse.Namespace, manager: NetworkManager) -> None:
 
 def _list(args: argparse.Namespace, manager: NetworkManager) -> None:
     attachments = manager.list()
-    rows = [("VM_ID", "TAP", "GUEST_IP", "GUEST_MAC", "STATE")]
+    rows = [("VM_ID", "TAP", "GUEST_IP", "GUEST_MAC", "STATE", "POLICY")]
     for a in attachments:
         d = _attachment_dict(a)
         rows.append(
-            (a.vm_id, a.tap_name, d["guest_ip"] or "-", d["guest_mac"] or "-", _attachment_state(a))
+            (
+                a.vm_id,
+                a.tap_name,
+                d["guest_ip"] or "-",
+                d["guest_mac"] or "-",
+                _attachment_state(a),
+                cli_policy.policy_text(a.policy),
+            )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     text = "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(row[:4], widths, strict=True))
+        "  ".join(cell.ljust(width) for cell, width in zip(row[:5], widths, strict=True))
         + "  "
-        + row[4]
+        + row[5]
         for row in rows
     )
     if not attachments:
@@ -514,7 +550,10 @@ def _run(args: argparse.Namespace, manager: NetworkManager) -> int:
         _emit(args, status.to_dict(), _status_text(status))
     elif args.command == "status":
         status = host_status(manager)
-        _emit(args, status.to_dict(), _status_text(status))
+        guarantees = _guarantees(manager, status)
+        *lines, ready = _status_text(status).split("\n")
+        text = "\n".join([*lines, guarantees.pop("text"), ready])
+        _emit(args, {**status.to_dict(), "guarantees": guarantees}, text)
     elif args.command == "attach":
         _attach(args, manager)
     elif args.command == "detach":

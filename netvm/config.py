@@ -25,6 +25,7 @@ ENV_EGRESS = "MICROVM_NETWORK_EGRESS"
 ENV_MTU = "MICROVM_NETWORK_MTU"
 ENV_STATE_DIR = "MICROVM_NETWORK_STATE_DIR"
 ENV_FIREWALL = "MICROVM_NETWORK_FIREWALL"
+ENV_GUEST_POLICY = "MICROVM_NETWORK_GUEST_POLICY"
 
 FirewallChoice = Literal["auto", "nftables", "iptables"]
 FIREWALL_CHOICES: tuple[FirewallChoice, ...] = get_args(FirewallChoice)
@@ -78,6 +79,17 @@ def parse_firewall(field_name: str, value: object) -> FirewallChoice:
         if value == choice:
             return choice
     raise ConfigError(field_name, value, FIREWALL_RULE)
+
+
+def parse_guest_policy(field_name: str, value: str) -> GuestPolicy:
+    """A default guest policy in `GuestPolicy.describe()`'s words. Port forwards are
+    refused: a host port can be forwarded to one VM only, so it is never a default."""
+    policy = GuestPolicy.parse(value, field_name)
+    if policy.port_forwards:
+        raise ConfigError(
+            field_name, value, "no forward=: a host port goes to one VM, give it per attach"
+        )
+    return policy
 
 
 def parse_subnet(field_name: str, value: object) -> ipaddress.IPv4Network:
@@ -185,7 +197,7 @@ class NetworkConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> NetworkConfig:
-        """Read MICROVM_NETWORK_{BRIDGE,SUBNET,EGRESS,MTU,STATE_DIR,FIREWALL}.
+        """Read MICROVM_NETWORK_{BRIDGE,SUBNET,EGRESS,MTU,STATE_DIR,FIREWALL,GUEST_POLICY}.
 
         Unset means the default; a set but invalid value (an empty one included) raises
         ConfigError naming the variable, the value and what is allowed.
@@ -197,6 +209,7 @@ class NetworkConfig:
         mtu = env.get(ENV_MTU)
         state_dir = env.get(ENV_STATE_DIR)
         firewall = env.get(ENV_FIREWALL)
+        guest_policy = env.get(ENV_GUEST_POLICY)
         bridge_name = DEFAULT_BRIDGE if bridge is None else validate_ifname(ENV_BRIDGE, bridge)
         egress_name = DEFAULT_EGRESS if egress is None else validate_ifname(ENV_EGRESS, egress)
         if bridge_name == egress_name:
@@ -217,6 +230,9 @@ class NetworkConfig:
             ),
             firewall=(
                 DEFAULT_FIREWALL if firewall is None else parse_firewall(ENV_FIREWALL, firewall)
+            ),
+            guest_policy=(
+                None if guest_policy is None else parse_guest_policy(ENV_GUEST_POLICY, guest_policy)
             ),
         )
 

@@ -305,10 +305,10 @@ class NetworkManager:
             return self.config.guest_policy
         return GuestPolicy() if self._kind() == "nftables" else OPEN
 
-    def _guard(self, network: VmNetwork, policy: GuestPolicy) -> None:
-        """The firewall's elements for the VM, then the kernel's port isolation."""
+    def _guard(self, network: VmNetwork, policy: GuestPolicy, fresh: bool = False) -> None:
+        """The firewall's elements for the VM (`fresh`: its TAP was just made)."""
         vm = VmGuard(network.tap_name, network.guest_mac, network.guest_ip, policy)
-        self.backend.firewall(self._kind()).guard(self.config.bridge_name, vm)
+        self.backend.firewall(self._kind()).guard(self.config.bridge_name, vm, fresh)
 
     def _elements(self) -> Firewall | None:
         """The firewall that holds per-VM elements: nftables, where it can be used."""
@@ -352,7 +352,7 @@ class NetworkManager:
         # The TAP is down and on no bridge yet: its guarantees are in place before its
         # first frame. A failure from here on is undone by the intent (_recover_attach).
         self._bridge()  # no bridge: say "run ensure_host() first" before anything else
-        self._guard(network, policy)
+        self._guard(network, policy, fresh=True)
         self._enslave(name, naming.tap_alias(self.config.bridge_name, vm_id, lease.slot))
         if policy.isolated:
             self.backend.set_port_isolated(name, True)

@@ -17,6 +17,7 @@ import ipaddress
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from netvm.errors import ConfigError
@@ -28,6 +29,10 @@ EGRESS_RULE = (
     "(e.g. 198.51.100.0/24, 0.0.0.0/0:udp:53, 203.0.113.0/24:tcp:8000-8100)"
 )
 FORWARD_RULE = "HOST_PORT:GUEST_PORT[/tcp|/udp], ports 1 to 65535 (e.g. 8080:80, 5353:53/udp)"
+POLICY_RULE = (
+    "words anti_spoof, isolated, allow=RULE, deny=RULE, forward=FORWARD, or the one word "
+    "none (e.g. 'anti_spoof isolated deny=169.254.0.0/16')"
+)
 
 
 def _port(field_name: str, value: object, text: object) -> int:
@@ -82,6 +87,11 @@ class EgressRule:
         return cls(network, protocol, ports)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
+        return self.text
+
+    @cached_property
+    def text(self) -> str:
+        """The rule as `parse` reads it (kept: an attach writes it into the VM's record)."""
         text = str(self.network)
         if self.protocol is not None:
             text += f":{self.protocol}"
@@ -195,7 +205,13 @@ class GuestPolicy:
     @property
     def any(self) -> bool:
         """Whether the firewall has anything to do for this VM."""
-        return self != GuestPolicy(anti_spoof=False)
+        return bool(
+            self.anti_spoof
+            or self.isolated
+            or self.egress_allow
+            or self.egress_deny
+            or self.port_forwards
+        )
 
     def needs(self) -> list[str]:
         """The guarantees asked for, by field name (for errors on a firewall without them)."""
@@ -224,8 +240,42 @@ class GuestPolicy:
             port_forwards=tuple(PortForward.parse(f) for f in data.get("port_forwards", ())),
         )
 
+    @classmethod
+    def parse(cls, text: str, field_name: str = "guest policy") -> GuestPolicy:
+        """The policy `describe()` wrote: words `anti_spoof`, `isolated`, `allow=RULE`,
+        `deny=RULE`, `forward=FORWARD`, or `none` (no guarantee), in any order, separated
+        by white space or commas. ConfigError naming `field_name` otherwise."""
+        flags = {"anti_spoof": False, "isolated": False}
+        lists: dict[str, list[str]] = {"allow": [], "deny": [], "forward": []}
+        words = text.replace(",", " ").split() if isinstance(text, str) else None
+        if not words:
+            raise ConfigError(field_name, text, POLICY_RULE)
+        for word in words:
+            name, sep, value = word.partition("=")
+            if sep and name in lists and value:
+                lists[name].append(value)
+            elif not sep and name in flags:
+                flags[name] = True
+            elif word != "none" or len(words) > 1:
+                raise ConfigError(field_name, text, f"{POLICY_RULE}; not {word!r}")
+        try:
+            return cls(
+                anti_spoof=flags["anti_spoof"],
+                isolated=flags["isolated"],
+                egress_allow=tuple(EgressRule.parse(r) for r in lists["allow"]),
+                egress_deny=tuple(EgressRule.parse(r) for r in lists["deny"]),
+                port_forwards=tuple(PortForward.parse(f) for f in lists["forward"]),
+            )
+        except ConfigError as exc:
+            allowed = f"{exc.field} {exc.value!r}: {exc.allowed}"
+            raise ConfigError(field_name, text, allowed) from None
+
     def describe(self) -> str:
         """One line, e.g. `anti_spoof isolated allow=198.51.100.0/24 forward=8080:80/tcp`."""
+        return self._description
+
+    @cached_property
+    def _description(self) -> str:
         parts = [name for name in ("anti_spoof", "isolated") if getattr(self, name)]
         parts += [f"allow={r}" for r in self.egress_allow]
         parts += [f"deny={r}" for r in self.egress_deny]

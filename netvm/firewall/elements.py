@@ -19,11 +19,12 @@ import ipaddress
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import Any, Literal
 
 from netvm.errors import host_error
 from netvm.firewall.guard import Element, FieldType, SetSchema, Value
+from netvm.firewall.listeners import SockDiag, listening
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -49,12 +50,17 @@ NFTNL_UDATA_SET_ELEM_COMMENT = 0
 NLA_F_NESTED = 1 << 15
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
+NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 NLMSG_ERROR = 2
 FAMILIES = {"inet": 1, "ip": 2, "bridge": 7}
+_CREATE_FLAGS = {"add": NLM_F_CREATE, "create": NLM_F_CREATE | NLM_F_EXCL}
 _HEADER = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
 _ATTR = struct.Struct("=HH")
+_U8 = struct.Struct("B")
+_VALUE = struct.Struct("=HHHH")
+_BE16 = struct.Struct("!H")
 _WIDTH: dict[FieldType, int] = {
     "ifname": 16,
     "ether_addr": 6,
@@ -87,22 +93,85 @@ def encode_field(kind: FieldType, value: Value) -> bytes:
         assert len(value) == 6
         return value
     if kind == "ipv4_addr":
+        if isinstance(value, ipaddress.IPv4Address):
+            return value.packed
         return ipaddress.IPv4Address(value).packed
     assert isinstance(value, int)
     if kind == "inet_proto":
-        return struct.pack("B", value)
-    return struct.pack("!H", value)
+        return _U8.pack(value)
+    return _BE16.pack(value)
 
 
 def encode_key(kinds: Sequence[FieldType], values: Sequence[Value]) -> bytes:
     """A key or map datum: a single field as is, a concatenation padded field by field."""
     if len(kinds) == 1:
         return encode_field(kinds[0], values[0])
-    out = b""
+    out = []
     for kind, value in zip(kinds, values, strict=True):
         raw = encode_field(kind, value)
-        out += raw + b"\0" * (-len(raw) & 3)
-    return out
+        out.append(raw + b"\0" * (-len(raw) & 3))
+    return b"".join(out)
+
+
+_FORMATS: dict[FieldType, str] = {
+    "ifname": "16s",
+    "ether_addr": "6s",
+    "ipv4_addr": "4s",
+    "inet_proto": "B",
+    "inet_service": "H",
+}
+
+
+def _field_value(kind: FieldType, value: Value) -> bytes | int:
+    if kind == "ifname":
+        assert isinstance(value, str)
+        return value.encode()  # struct pads it to 16 bytes with NULs
+    if kind == "ipv4_addr":
+        if isinstance(value, ipaddress.IPv4Address):
+            return value.packed
+        return ipaddress.IPv4Address(value).packed
+    if kind == "ether_addr":
+        assert isinstance(value, bytes)
+        if len(value) != 6:
+            raise ValueError(f"not a MAC address: {value!r}")
+        return value
+    assert isinstance(value, int)
+    return value
+
+
+class _Layout:
+    """A key or datum layout as one struct, network order (its only integers are a
+    protocol byte and ports), padded to 4 bytes, with its two attribute headers."""
+
+    def __init__(self, kinds: Sequence[FieldType]) -> None:
+        if len(kinds) == 1:
+            fields = _FORMATS[kinds[0]]
+        else:  # each field of a concatenation takes a multiple of 4 bytes
+            fields = "".join(
+                _FORMATS[kind] + f"{-struct.calcsize('!' + _FORMATS[kind]) & 3}x" for kind in kinds
+            )
+        size = struct.calcsize("!" + fields)
+        self.kinds = tuple(kinds)
+        self._value = struct.Struct("!" + fields + f"{-size & 3}x")
+        self._sizes = (_VALUE.size + self._value.size, _ATTR.size + size)
+
+    def pack(self, nested: int, values: Sequence[Value]) -> bytes:
+        """A nested attribute `nested` holding one NFTA_DATA_VALUE of these values."""
+        outer, inner = self._sizes
+        converted = [_field_value(k, v) for k, v in zip(self.kinds, values, strict=True)]
+        return _VALUE.pack(outer, nested | NLA_F_NESTED, inner, NFTA_DATA_VALUE) + (
+            self._value.pack(*converted)
+        )
+
+
+_LAYOUTS: dict[tuple[FieldType, ...], _Layout] = {}
+
+
+def _layout(kinds: tuple[FieldType, ...]) -> _Layout:
+    found = _LAYOUTS.get(kinds)
+    if found is None:
+        found = _LAYOUTS[kinds] = _Layout(kinds)
+    return found
 
 
 def comment_udata(comment: str) -> bytes:
@@ -126,10 +195,11 @@ def parse_comment(udata: bytes) -> str | None:
 
 def _element_attr(element: Element, with_data: bool) -> bytes:
     schema = element.schema
-    body = _nested(NFTA_SET_ELEM_KEY, _attr(NFTA_DATA_VALUE, encode_key(schema.key, element.key)))
+    key = _layout(schema.key)
+    body = key.pack(NFTA_SET_ELEM_KEY, element.key)
     if schema.interval:
         end = element.key_end if element.key_end is not None else element.key
-        body += _nested(NFTA_SET_ELEM_KEY_END, _attr(NFTA_DATA_VALUE, encode_key(schema.key, end)))
+        body += key.pack(NFTA_SET_ELEM_KEY_END, end)
     if with_data and schema.data is not None and element.data is not None:
         if schema.data == ("verdict",):
             (chain,) = element.data
@@ -137,22 +207,27 @@ def _element_attr(element: Element, with_data: bool) -> bytes:
             verdict = _attr(NFTA_VERDICT_CODE, struct.pack("!i", NFT_JUMP)) + _attr(
                 NFTA_VERDICT_CHAIN, _string(chain)
             )
-            datum = _nested(NFTA_DATA_VERDICT, verdict)
+            body += _nested(NFTA_SET_ELEM_DATA, _nested(NFTA_DATA_VERDICT, verdict))
         else:
-            datum = _attr(NFTA_DATA_VALUE, encode_key(schema.data, element.data))
-        body += _nested(NFTA_SET_ELEM_DATA, datum)
+            body += _layout(schema.data).pack(NFTA_SET_ELEM_DATA, element.data)
     if with_data and element.comment is not None:
         body += _attr(NFTA_SET_ELEM_USERDATA, comment_udata(element.comment))
-    return _nested(NFTA_LIST_ELEM, body)
+    return _ATTR.pack(_ATTR.size + len(body), NFTA_LIST_ELEM | NLA_F_NESTED) + body
+
+
+_HEADS: dict[tuple[str, str, str], bytes] = {}
 
 
 def _list_body(schema: SetSchema, table: str, elements: bytes) -> bytes:
-    return (
-        _NFGENMSG.pack(FAMILIES[schema.family], 0, 0)
-        + _attr(NFTA_SET_ELEM_LIST_TABLE, _string(table))
-        + _attr(NFTA_SET_ELEM_LIST_SET, _string(schema.name))
-        + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, elements)
-    )
+    key = (schema.family, schema.name, table)
+    head = _HEADS.get(key)
+    if head is None:
+        head = _HEADS[key] = (
+            _NFGENMSG.pack(FAMILIES[schema.family], 0, 0)
+            + _attr(NFTA_SET_ELEM_LIST_TABLE, _string(table))
+            + _attr(NFTA_SET_ELEM_LIST_SET, _string(schema.name))
+        )
+    return head + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, elements)
 
 
 def _runs(changes: Sequence[tuple[str, Element]]) -> Iterator[tuple[str, list[Element]]]:
@@ -161,7 +236,7 @@ def _runs(changes: Sequence[tuple[str, Element]]) -> Iterator[tuple[str, list[El
     run: list[Element] = []
     verb = ""
     for change, element in changes:
-        if run and (change != verb or element.schema != run[0].schema):
+        if run and (change != verb or element.schema is not run[0].schema):
             yield verb, run
             run = []
         verb = change
@@ -211,39 +286,46 @@ class NetlinkElements:
         operation: str,
         where: str,
     ) -> None:
-        """Apply ("add" | "delete", element) pairs as one transaction, in order.
+        """Apply ("add" | "create" | "delete", element) pairs as one transaction, in order.
 
         An add of an element that exists with the same data is no change (its comment is
-        kept); with other data it fails (EEXIST); a delete of one that does not exist fails
-        the whole batch (ENOENT), as in libnftables.
+        kept); with other data it fails (EEXIST); a create of one that exists fails
+        (EEXIST, NLM_F_EXCL); a delete of one that does not exist fails the whole batch
+        (ENOENT), as in libnftables.
         """
         if not changes:
             return
         with self._lock:
             begin = _NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
-            _, first = self._message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, begin)
+            first_seq, first = self._message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, begin)
             parts = [first]
-            pending: set[int] = set()
-            for verb, run in _runs(changes):
-                msg = NFT_MSG_NEWSETELEM if verb == "add" else NFT_MSG_DELSETELEM
-                flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE if verb == "add" else 0)
-                packed_elements = b"".join(_element_attr(e, verb == "add") for e in run)
+            ours = {first_seq}
+            runs = list(_runs(changes))
+            for number, (verb, run) in enumerate(runs, 1):
+                adding = verb != "delete"
+                msg = NFT_MSG_NEWSETELEM if adding else NFT_MSG_DELSETELEM
+                # Only the last message asks for an ack: the kernel reports every message
+                # that fails whether asked or not, and runs the whole batch before it
+                # answers, so the last ack comes after any error (and after the error of
+                # a failed commit, which names the batch's first message).
+                flags = NLM_F_REQUEST | _CREATE_FLAGS.get(verb, 0)
+                if number == len(runs):
+                    flags |= NLM_F_ACK
+                packed_elements = b"".join(_element_attr(e, adding) for e in run)
                 body = _list_body(run[0].schema, table, packed_elements)
-                seq, packed = self._message(NFNL_SUBSYS_NFTABLES << 8 | msg, flags, body)
+                last_seq, packed = self._message(NFNL_SUBSYS_NFTABLES << 8 | msg, flags, body)
                 parts.append(packed)
-                pending.add(seq)
-            _, last = self._message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, begin)
-            parts.append(last)
+                ours.add(last_seq)
+            _, end = self._message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, begin)
+            parts.append(end)
             self._sock.send(b"".join(parts))
             failure = 0
-            while pending:
+            done = False
+            while not done and not failure:
                 for seq, code, _, _, _ in self._receive():
-                    if seq in pending:
-                        pending.discard(seq)
-                        if code and not failure:
-                            failure = code
-                if failure:
-                    break
+                    if seq in ours:
+                        failure = failure or code
+                        done = done or seq == last_seq
             if failure:
                 self._drain()
         if failure:
@@ -318,6 +400,8 @@ class KernelElements:
     def __init__(self, call: Callable[[Callable[[], Any]], Any]) -> None:
         self._call = call
         self._socket: NetlinkElements | None = None
+        self._diag: SockDiag | Literal[False] | None = None
+        """None: not opened yet; False: the kernel has no NETLINK_SOCK_DIAG."""
         self._lock = threading.Lock()
 
     def _open(self) -> NetlinkElements:
@@ -334,8 +418,28 @@ class KernelElements:
     def comment(self, element: Element, table: str, operation: str) -> str | None:
         return self._open().comment(element, table, operation)
 
+    def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
+        with self._lock:
+            if self._diag is None:
+                try:
+                    self._diag = self._call(SockDiag)
+                except OSError:  # no NETLINK_SOCK_DIAG: /proc, on the namespace thread
+                    self._diag = False
+        diag = self._diag
+        if not isinstance(diag, SockDiag):
+            found: list[str] = self._call(lambda: listening(wanted))
+            return found
+        try:
+            return diag.listening(wanted)
+        except OSError:  # no inet_diag for a family or protocol (a module missing)
+            fallback: list[str] = self._call(lambda: listening(wanted))
+            return fallback
+
     def close(self) -> None:
         with self._lock:
             if self._socket is not None:
                 self._socket.close()
                 self._socket = None
+            if isinstance(self._diag, SockDiag):
+                self._diag.close()
+            self._diag = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,9 @@ class FakeRuleset:
     next_handle: int = 1
     transactions: int = 0
     """Batches that changed something (a listing is not one)."""
+    listening: set[tuple[str, int]] = field(default_factory=set)
+    """(protocol, port) of host services listening beyond loopback (not nftables state:
+    what the port forward check reads, listeners.py)."""
 
 
 class _Refused(Exception):
@@ -146,6 +149,11 @@ def _list(work: FakeRuleset, body: Json) -> list[Json]:
     if kind == "table":
         _table(work, what["family"], what["name"])
         return _table_objects(work, what["family"], what["name"])
+    if kind == "chain":
+        family, table = what["family"], what["table"]
+        chain = _chain(work, {"family": family, "table": table, "chain": what["name"]})
+        head = {"chain": {"family": family, "table": table, "name": what["name"], **chain.spec}}
+        return [head] + [_rule_object(family, table, what["name"], rule) for rule in chain.rules]
     if kind in ("set", "map"):
         found = _named_set(work, what["family"], what["table"], what["name"])
         return [_set_object(what["family"], what["table"], what["name"], found)]
@@ -301,11 +309,11 @@ def _change_elements(work: FakeRuleset, verb: str, what: Json) -> None:
         index = next(
             (i for i, element in enumerate(found.elements) if element["key"] == canonical), None
         )
-        if verb == "add":
+        if verb in ("add", "create"):
             if isinstance(data, dict) and "jump" in data and data["jump"]["target"] not in table:
                 raise _Refused(errno.ENOENT)
             if index is not None:
-                if found.elements[index]["data"] != data:
+                if verb == "create" or found.elements[index]["data"] != data:
                     raise _Refused(errno.EEXIST)
                 continue  # as the kernel: no change, the old comment stays
             found.elements.append(
@@ -347,6 +355,10 @@ class FakeElements:
         if changes:
             commands = [element_command(verb, element, table) for verb, element in changes]
             self._runner.run(commands, operation, where)
+
+    def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
+        busy = self._runner.ruleset.listening
+        return sorted(f"0.0.0.0:{port}/{proto}" for proto, port in wanted if (proto, port) in busy)
 
     def comment(self, element: Element, table: str, operation: str) -> str | None:
         schema = element.schema

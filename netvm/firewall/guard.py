@@ -9,9 +9,10 @@ adds only elements:
                     addrs     ifname . ether_addr . ipv4_addr   the MAC and addresses each
                                                        guarded TAP may send from
                     isolated  ifname                   TAPs cut off from the other VMs
-    inet netvm-B    egress    ipv4_addr : verdict      a VM's address -> jump to the chain
-                                                       of its egress lists (shared by every
-                                                       VM with the same lists)
+    inet netvm-B    egress-D  ipv4_addr                the addresses of the VMs whose egress
+                                                       lists have the digest D; the chain
+                                                       egress-D holds the lists (shared by
+                                                       every VM with the same lists)
                     forward_addrs inet_proto . inet_service : ipv4_addr
                     forward_ports inet_proto . inet_service : inet_service
 
@@ -26,10 +27,10 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from netvm.naming import format_mac
-from netvm.policy import PROTOCOLS, EgressRule, GuestPolicy, PortForward
+from netvm.policy import PROTOCOLS, EgressRule, GuestPolicy
 
 FieldType = Literal["ifname", "ether_addr", "ipv4_addr", "inet_proto", "inet_service", "verdict"]
 Value = str | int | bytes | ipaddress.IPv4Address
@@ -67,7 +68,6 @@ VMS = SetSchema("bridge", "vms", ("ifname", "inet_service"))
 GUARDED = SetSchema("bridge", "guarded", ("ifname",))
 ADDRS = SetSchema("bridge", "addrs", ("ifname", "ether_addr", "ipv4_addr"))
 ISOLATED = SetSchema("bridge", "isolated", ("ifname",))
-EGRESS = SetSchema("inet", "egress", ("ipv4_addr",), data=("verdict",))
 # Two maps rather than one to `ipv4_addr . inet_service`: libnftables 1.0.6 cannot declare a
 # map to a concatenation in JSON. A DNAT looks both up, once per new connection.
 FORWARD_ADDRS = SetSchema(
@@ -76,15 +76,29 @@ FORWARD_ADDRS = SetSchema(
 FORWARD_PORTS = SetSchema(
     "inet", "forward_ports", ("inet_proto", "inet_service"), data=("inet_service",)
 )
-SCHEMAS = (VMS, GUARDED, ADDRS, ISOLATED, EGRESS, FORWARD_ADDRS, FORWARD_PORTS)
+SCHEMAS = (VMS, GUARDED, ADDRS, ISOLATED, FORWARD_ADDRS, FORWARD_PORTS)
+"""The sets of every bridge. Each egress policy adds its own set (egress_members)."""
 UNSPECIFIED = ipaddress.IPv4Address("0.0.0.0")
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
 EGRESS_PREFIX = "egress-"
+EGRESS_DISPATCH = "egress_dispatch"
+"""The chain, jumped to from netvm's forward chain, with one rule per egress policy:
+`ip saddr @egress-<digest> jump egress-<digest>`."""
+_MEMBERS: dict[str, SetSchema] = {}
 
 
-@dataclass(frozen=True)
-class Element:
-    """One element of one of netvm's sets: its key (and, for an interval, the key's end)."""
+def egress_members(chain: str) -> SetSchema:
+    """The set of the addresses of the VMs whose egress policy is `chain` (same name)."""
+    found = _MEMBERS.get(chain)
+    if found is None:
+        found = _MEMBERS[chain] = SetSchema("inet", chain, ("ipv4_addr",))
+    return found
+
+
+class Element(NamedTuple):
+    """One element of one of netvm's sets: its key (and, for an interval, the key's end).
+
+    A NamedTuple rather than a dataclass: an attach makes a dozen, and this is cheaper."""
 
     schema: SetSchema
     key: tuple[Value, ...]
@@ -114,23 +128,7 @@ class VmGuard:
     def from_record(cls, tap: str, record: str) -> VmGuard:
         """ValueError (ConfigError) if the record is not one `record()` wrote."""
         ip, mac, *words = record.split()
-        flags: dict[str, bool] = {"anti_spoof": False, "isolated": False}
-        lists: dict[str, list[str]] = {"allow": [], "deny": [], "forward": []}
-        for word in words:
-            name, sep, value = word.partition("=")
-            if sep and name in lists:
-                lists[name].append(value)
-            elif not sep and name in flags:
-                flags[name] = True
-            elif word != "none":
-                raise ValueError(f"not a netvm record: {record!r}")
-        policy = GuestPolicy(
-            anti_spoof=flags["anti_spoof"],
-            isolated=flags["isolated"],
-            egress_allow=tuple(EgressRule.parse(r) for r in lists["allow"]),
-            egress_deny=tuple(EgressRule.parse(r) for r in lists["deny"]),
-            port_forwards=tuple(PortForward.parse(f) for f in lists["forward"]),
-        )
+        policy = GuestPolicy.parse(" ".join(words) or "none")
         return cls(tap, bytes.fromhex(mac.replace(":", "")), ipaddress.IPv4Address(ip), policy)
 
 
@@ -157,28 +155,34 @@ def egress_chain(policy: GuestPolicy) -> str | None:
 
 
 def elements(vm: VmGuard) -> list[Element]:
-    """Every element the VM has, its record first (empty when the policy asks nothing)."""
+    """Every element the VM has, its record first (empty when the policy asks nothing),
+    grouped by set in the order of SCHEMAS: each group is one message (elements.py)."""
     policy = vm.policy
     if not policy.any:
         return []
-    tap, mac, ip = vm.tap, vm.mac, vm.ip
+    tap, ip = vm.tap, vm.ip
     found = record_elements(tap, vm.record())
     if policy.anti_spoof:
-        found += [
+        mac = vm.mac
+        found += (
             Element(GUARDED, (tap,)),
             Element(ADDRS, (tap, mac, ip)),
             # DHCP discovery and ARP probes come from 0.0.0.0 (with the VM's MAC).
             Element(ADDRS, (tap, mac, UNSPECIFIED)),
-        ]
+        )
     if policy.isolated:
         found.append(Element(ISOLATED, (tap,)))
     chain = egress_chain(policy)
     if chain is not None:
-        found.append(Element(EGRESS, (ip,), data=(chain,)))
-    for forward in policy.port_forwards:
-        key = (PROTOCOLS[forward.protocol], forward.host_port)
-        found.append(Element(FORWARD_ADDRS, key, data=(ip,)))
-        found.append(Element(FORWARD_PORTS, key, data=(forward.guest_port,)))
+        found.append(Element(egress_members(chain), (ip,)))
+    forwards = policy.port_forwards
+    if forwards:
+        keys = [(PROTOCOLS[f.protocol], f.host_port) for f in forwards]
+        found += (Element(FORWARD_ADDRS, key, data=(ip,)) for key in keys)
+        found += (
+            Element(FORWARD_PORTS, key, data=(f.guest_port,))
+            for key, f in zip(keys, forwards, strict=True)
+        )
     return found
 
 

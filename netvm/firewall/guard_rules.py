@@ -5,9 +5,10 @@ Written as `nft -j list` prints them, so that a listing compares equal to what n
 `bridge netvm-B` (the bridge family sees every frame with the port it came in on):
 
     prerouting  (hook prerouting)  iifname @guarded jump anti_spoof
-    anti_spoof                     udp sport 67 drop                      (DHCP server replies)
-                                   ARP: sender MAC and address in @addrs with the frame's
-                                        source MAC, accept
+    anti_spoof                     ether type other than ip, arp: drop    (VLAN tags, IPv6, ...)
+                                   udp sport 67 drop                      (DHCP server replies)
+                                   ARP (Ethernet/IPv4 request or reply): sender MAC and
+                                        address in @addrs with the frame's source MAC, accept
                                    DHCP discovery from 0.0.0.0 with the TAP's MAC, accept
                                    IPv4: source MAC and address in @addrs, accept
                                    drop                                   (everything else)
@@ -24,7 +25,8 @@ gateway's MAC).
     prerouting  (hook prerouting, dstnat)  from the egress to a local address: DNAT by
                                            @forward_addrs and @forward_ports
     forward     iifname B ct status dnat accept       (replies of forwarded connections)
-                iifname B ip saddr vmap @egress       (the VM's egress chain, if any)
+                iifname B jump egress_dispatch         (per egress policy, shared by its
+                                                        VMs: ip saddr @egress-D jump egress-D)
                 ... BridgeFirewall.forward, with `iifname E oifname B ct status dnat accept`
                     before its drop of new connections from the egress
 """
@@ -35,7 +37,7 @@ from typing import Any
 
 from netvm.firewall.guard import (
     ADDRS,
-    EGRESS,
+    EGRESS_DISPATCH,
     FORWARD_ADDRS,
     FORWARD_PORTS,
     GUARDED,
@@ -88,8 +90,20 @@ def bridge_rules(policy: BridgeFirewall) -> dict[str, list[list[Json]]]:
     return {
         "prerouting": [[_match(iif, _set(GUARDED.name)), {"jump": {"target": "anti_spoof"}}]],
         "anti_spoof": [
+            # `ether type` reads a VLAN tag (802.1Q, 802.1ad) as the kernel took it off, so
+            # tagged frames, IPv6 and every other ethertype end here. Without this rule a
+            # tagged IPv4 frame would pass the rules below: their `ip` matches test the
+            # skb's protocol, which is the inner one once the tag is off.
+            [_match(_payload("ether", "type"), {"set": ["ip", "arp"]}, "!="), {"drop": None}],
             [_match(_payload("udp", "sport"), 67), {"drop": None}],
             [
+                # Only Ethernet/IPv4 requests and replies, whose fields are where nft and
+                # the neighbours' kernels read them.
+                _match(_payload("arp", "htype"), 1),
+                _match(_payload("arp", "ptype"), "ip"),
+                _match(_payload("arp", "hlen"), 6),
+                _match(_payload("arp", "plen"), 4),
+                _match(_payload("arp", "operation"), {"set": ["request", "reply"]}),
                 _match(_concat(iif, ether_saddr, _payload("arp", "saddr ip")), _set(ADDRS.name)),
                 _match(
                     _concat(iif, _payload("arp", "saddr ether"), _payload("arp", "saddr ip")),
@@ -144,7 +158,7 @@ def forward_head(policy: BridgeFirewall) -> list[list[Json]]:
     bridge = _match(_meta("iifname"), policy.bridge)
     return [
         _dnat_status(bridge),
-        [bridge, {"vmap": {"key": _payload("ip", "saddr"), "data": _set(EGRESS.name)}}],
+        [bridge, {"jump": {"target": EGRESS_DISPATCH}}],
     ]
 
 
@@ -170,3 +184,8 @@ def prerouting(policy: BridgeFirewall) -> list[list[Json]]:
             },
         ]
     ]
+
+
+def egress_dispatch_rule(chain: str) -> list[Json]:
+    """`ip saddr @egress-D jump egress-D`: the VMs of one egress policy to its chain."""
+    return [_match(_payload("ip", "saddr"), _set(chain)), {"jump": {"target": chain}}]

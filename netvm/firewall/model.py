@@ -174,9 +174,10 @@ class Firewall(Protocol):
 
     # Per-VM guarantees (netvm/policy.py): elements of sets, never a rule per VM.
 
-    def guard(self, bridge: str, vm: VmGuard) -> None:
+    def guard(self, bridge: str, vm: VmGuard, fresh: bool = False) -> None:
         """Give the VM on `vm.tap` the guarantees of `vm.policy` (replacing what it had), in
-        one transaction. ConfigError where this firewall cannot give them."""
+        one transaction. ConfigError where this firewall cannot give them. `fresh`: the TAP
+        was just created (it most likely has nothing yet: a cheaper path, as correct)."""
 
     def record(self, bridge: str, tap: str) -> VmGuard | None:
         """What the firewall holds for `tap`, or None."""

@@ -28,13 +28,15 @@ from typing import Any, Protocol, cast
 from netvm.errors import ConflictError, HostError, NotFound, host_error
 from netvm.firewall import guard_rules
 from netvm.firewall.guard import (
-    EGRESS,
+    EGRESS_DISPATCH,
     EGRESS_PREFIX,
     SCHEMAS,
+    VMS,
     Element,
     VmGuard,
     egress_chain,
     egress_chain_rules,
+    egress_members,
     elements,
     record_key,
 )
@@ -47,6 +49,7 @@ from netvm.firewall.model import (
     pass_chain,
     tag_of,
 )
+from netvm.policy import PortForward
 
 log = logging.getLogger("netvm")
 Json = dict[str, Any]
@@ -82,6 +85,10 @@ class ElementStore(Protocol):
 
     def comment(self, element: Element, table: str, operation: str) -> str | None:
         """The comment of the element with this key ("" if none), None if there is none."""
+
+    def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
+        """`ADDRESS:PORT/PROTOCOL` of host sockets that serve these (protocol, port) pairs
+        from outside loopback (listeners.py)."""
 
 
 def table_name(bridge: str) -> str:
@@ -182,6 +189,8 @@ def _operand(value: Any) -> str:
         return f"{body['addr']}/{body['len']}"
     if kind == "range":
         return f"{body[0]}-{body[1]}"
+    if kind == "set":
+        return "{ " + ", ".join(_operand(item) for item in body) + " }"
     if kind == "map":
         return f"{_operand(body['key'])} map {body['data']}"
     raise ValueError(kind)
@@ -258,8 +267,17 @@ WANTED_SETS: dict[str, dict[str, Json]] = {
 }
 
 
-def _is_egress(chain: str) -> bool:
-    return chain.startswith(EGRESS_PREFIX)
+def _is_egress(name: str) -> bool:
+    """A chain or set of one egress policy (written by guard, removed by prune)."""
+    return name.startswith(EGRESS_PREFIX)
+
+
+LEGACY_SETS = {FAMILY: {"egress"}}
+"""Sets earlier netvm versions wrote (a verdict map by address), removed by ensure."""
+
+
+def _dynamic_set(family: str, name: str) -> bool:
+    return family == FAMILY and _is_egress(name)
 
 
 class NftablesFirewall:
@@ -381,11 +399,17 @@ class NftablesFirewall:
             if set_name in have_sets and _set_spec(have_sets[set_name]) != spec:
                 kind = have_sets[set_name]["kind"]
                 commands.append({"delete": {kind: {**ref, "name": set_name}}})
+        for set_name in LEGACY_SETS.get(family, set()) & set(have_sets):
+            kind = have_sets[set_name]["kind"]
+            commands.append({"delete": {kind: {**ref, "name": set_name}}})
         commands += [
             {"add": schema.declaration(name)} for schema in SCHEMAS if schema.family == family
         ]
         for chain, spec in chains.items():
             commands.append({"add": {"chain": {**ref, "name": chain, **spec}}})
+        if family == FAMILY:
+            # Not flushed: its rules are the egress policies of the running VMs.
+            commands.append({"add": {"chain": {**ref, "name": EGRESS_DISPATCH}}})
         for chain, rules in wanted_rules(policy)[family].items():
             for exprs in rules:
                 commands.append(
@@ -396,8 +420,15 @@ class NftablesFirewall:
     def _conflicts(self, bridge: str, family: str, table: _Table) -> bool:
         tag = tag_of(bridge)
         foreign_rules = [rule for rule in table.rules if rule.get("comment") != tag]
-        unknown = {c for c in table.chains if c not in OWN_CHAINS[family] and not _is_egress(c)}
-        return bool(foreign_rules or unknown or set(table.sets) - set(WANTED_SETS[family]))
+        dynamic = {EGRESS_DISPATCH} if family == FAMILY else set()
+        unknown = {
+            c
+            for c in table.chains
+            if c not in OWN_CHAINS[family] and c not in dynamic and not _is_egress(c)
+        }
+        known = set(WANTED_SETS[family]) | LEGACY_SETS.get(family, set())
+        sets = {name for name in table.sets if not _dynamic_set(family, name)}
+        return bool(foreign_rules or unknown or sets - known)
 
     def _own_is_current(self, policy: BridgeFirewall, family: str, table: _Table | None) -> bool:
         if table is None:
@@ -412,7 +443,14 @@ class NftablesFirewall:
         fixed = {name: _spec(chain) for name, chain in table.chains.items() if name in chains}
         if fixed != {name: _spec(spec) for name, spec in chains.items()}:
             return False
-        if {name: _set_spec(spec) for name, spec in table.sets.items()} != WANTED_SETS[family]:
+        fixed_sets = {
+            name: _set_spec(spec)
+            for name, spec in table.sets.items()
+            if not _dynamic_set(family, name)
+        }
+        if fixed_sets != WANTED_SETS[family]:
+            return False
+        if family == FAMILY and EGRESS_DISPATCH not in table.chains:
             return False
         have = [
             (rule["chain"], _canonical(rule["expr"]))
@@ -584,12 +622,28 @@ class NftablesFirewall:
             raise RuntimeError("this NftablesFirewall was made without an element store")
         return self._elements
 
-    def guard(self, bridge: str, vm: VmGuard) -> None:
+    def guard(self, bridge: str, vm: VmGuard, fresh: bool = False) -> None:
         """Give the VM of `vm.tap` exactly the elements of `vm` (its previous ones, which
-        its record names, are replaced), in one transaction."""
+        its record names, are replaced), in one transaction.
+
+        `fresh`: the TAP was just made, so it has no elements unless a crash left some. They
+        are then written without reading the record first: its elements are created
+        exclusively (NLM_F_EXCL), so a record left behind makes the kernel refuse the whole
+        batch, and the VM's elements are then replaced as for any other TAP.
+        """
+        if fresh:
+            self._check_forwards(bridge, vm, vm.policy.port_forwards)
+            after = elements(vm)
+            if after:
+                changes = [("create" if e.schema is VMS else "add", e) for e in after]
+                if self._write(bridge, vm, changes, exclusive=True):
+                    return
         old = self.record(bridge, vm.tap)
         if old == vm:
             return
+        if not fresh:
+            had = set(old.policy.port_forwards) if old is not None else set()
+            self._check_forwards(bridge, vm, [f for f in vm.policy.port_forwards if f not in had])
         before = elements(old) if old is not None else []
         after = elements(vm)
         keep = {_full(e) for e in before} & {_full(e) for e in after}
@@ -600,33 +654,42 @@ class NftablesFirewall:
         changes += [("add", e) for e in _by_set(e for e in after if _full(e) not in keep)]
         self._write(bridge, vm, changes)
 
-    def _write(self, bridge: str, vm: VmGuard, changes: list[tuple[str, Element]]) -> None:
+    def _write(
+        self, bridge: str, vm: VmGuard, changes: list[tuple[str, Element]], exclusive: bool = False
+    ) -> bool:
+        """Commit; False when `exclusive` and an element exists already (EEXIST)."""
         table, where = table_name(bridge), f"{vm.tap} in nftables {table_name(bridge)}"
         operation = f"set the guarantees of {vm.tap}"
-        try:
-            self._store().commit(changes, table, operation, where)
-            return
-        except NotFound:
-            if egress_chain(vm.policy) is None:
-                raise host_error(
-                    operation, where, errno.ENOENT, "netvm's sets are missing: run ensure_host()"
-                ) from None
+        for attempt in range(2):
+            try:
+                self._store().commit(changes, table, operation, where)
+                return True
+            except HostError as exc:
+                if exc.errno == errno.EEXIST:
+                    if exclusive:
+                        return False
+                    raise self._clash(bridge, vm) from None
+                if exc.errno != errno.ENOENT:
+                    raise
+                if attempt or egress_chain(vm.policy) is None:
+                    raise host_error(
+                        operation, where, exc.errno, "netvm's sets are missing: run ensure_host()"
+                    ) from None
             # The egress chain of this policy is written once, cold (libnftables).
             self._add_egress_chain(bridge, vm)
-        except HostError as exc:
-            if exc.errno == errno.EEXIST:
-                raise self._clash(bridge, vm) from None
-            raise
-        try:
-            self._store().commit(changes, table, operation, where)
-        except HostError as exc:
-            if exc.errno == errno.EEXIST:
-                raise self._clash(bridge, vm) from None
-            if exc.errno == errno.ENOENT:
-                raise host_error(
-                    operation, where, exc.errno, "netvm's sets are missing: run ensure_host()"
-                ) from None
-            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check_forwards(self, bridge: str, vm: VmGuard, forwards: Sequence[PortForward]) -> None:
+        """A forward must not take a host port a service listens on (listeners.py)."""
+        if not forwards:
+            return
+        busy = self._store().listening([(f.protocol, f.host_port) for f in forwards])
+        if busy:
+            raise ConflictError(
+                f"the port forward of {vm.tap} would take host port(s) in use from the "
+                f"service(s) listening on {', '.join(busy)}: every new connection to them from "
+                f"the egress would go to the VM; forward another host port"
+            )
 
     def _clash(self, bridge: str, vm: VmGuard) -> ConflictError:
         forwards = ", ".join(str(f) for f in vm.policy.port_forwards) or "none"
@@ -637,25 +700,45 @@ class NftablesFirewall:
         )
 
     def _add_egress_chain(self, bridge: str, vm: VmGuard) -> None:
+        """The first VM of an egress policy: its set, its chain and its dispatch rule.
+
+        Written once per policy (libnftables), cold. A VM then adds only an element of the
+        set: a plain one, where an element with a jump verdict would make the kernel
+        validate the table, walking every VM's element, at each attach.
+        """
         chain = egress_chain(vm.policy)
         assert chain is not None
-        ref = {"family": FAMILY, "table": table_name(bridge), "name": chain}
-        commands: list[Json] = [{"add": {"chain": dict(ref)}}, {"flush": {"chain": dict(ref)}}]
+        table = table_name(bridge)
+        ref = {"family": FAMILY, "table": table, "name": chain}
+        commands: list[Json] = [
+            {"add": egress_members(chain).declaration(table)},
+            {"add": {"chain": dict(ref)}},
+            {"flush": {"chain": dict(ref)}},
+        ]
         commands += [
-            {
-                "add": {
-                    "rule": {
-                        "family": FAMILY,
-                        "table": ref["table"],
-                        "chain": chain,
-                        "expr": exprs,
-                        "comment": tag_of(bridge),
-                    }
-                }
-            }
+            {"add": {"rule": {**_in(ref, chain), "expr": exprs, "comment": tag_of(bridge)}}}
             for exprs in egress_chain_rules(vm.policy)
         ]
-        self._run(commands, f"add egress chain {chain}", f"{FAMILY} {ref['table']}")
+        dispatch = guard_rules.egress_dispatch_rule(chain)
+        listed = self._run(
+            [{"list": {"chain": {"family": FAMILY, "table": table, "name": EGRESS_DISPATCH}}}],
+            "list nftables chain",
+            f"{FAMILY} {table} {EGRESS_DISPATCH}",
+        )
+        present = [item["rule"]["expr"] for item in listed if "rule" in item]
+        if not any(_canonical(expr) == _canonical(dispatch) for expr in present):
+            commands.append(
+                {
+                    "add": {
+                        "rule": {
+                            **_in(ref, EGRESS_DISPATCH),
+                            "expr": dispatch,
+                            "comment": tag_of(bridge),
+                        }
+                    }
+                }
+            )
+        self._run(commands, f"add egress chain {chain}", f"{FAMILY} {table}")
 
     def record(self, bridge: str, tap: str) -> VmGuard | None:
         """The guarantees the kernel holds for `tap`, or None (a few O(1) look-ups)."""
@@ -734,6 +817,7 @@ class NftablesFirewall:
         return removed
 
     def _prune_egress_chains(self, bridge: str) -> None:
+        """The set, chain and dispatch rule of every egress policy no VM has any more."""
         table = table_name(bridge)
         if (FAMILY, table) not in self._tables():
             return
@@ -744,23 +828,33 @@ class NftablesFirewall:
                 f"{FAMILY} {table}",
             )
         )
-        used = {
-            data["jump"]["target"]
-            for value in listed.sets.get(EGRESS.name, {}).get("elem", [])
-            if isinstance(value, list)
-            for data in value[1:]
-            if isinstance(data, dict) and "jump" in data
-        }
+        used = {name for name, body in listed.sets.items() if _is_egress(name) and body.get("elem")}
         ref = {"family": FAMILY, "table": table}
-        commands: list[Json] = []
+        commands: list[Json] = [
+            {"delete": {"rule": _rule_ref(rule)}}
+            for rule in listed.rules
+            if rule["chain"] == EGRESS_DISPATCH
+            and not any(
+                _canonical(rule["expr"]) == _canonical(guard_rules.egress_dispatch_rule(name))
+                for name in used
+            )
+        ]
         for chain in listed.chains:
             if _is_egress(chain) and chain not in used:
                 commands += [
                     {"flush": {"chain": {**ref, "name": chain}}},
                     {"delete": {"chain": {**ref, "name": chain}}},
                 ]
+        for name in listed.sets:
+            if _is_egress(name) and name not in used:
+                commands.append({"delete": {"set": {**ref, "name": name}}})
         if commands:
             self._run(commands, "remove unused egress chains", f"{FAMILY} {table}")
+
+
+def _in(ref: Json, chain: str) -> Json:
+    """A rule's place: the family and table of `ref`, chain `chain`."""
+    return {"family": ref["family"], "table": ref["table"], "chain": chain}
 
 
 def _by_set(found: Iterable[Element]) -> list[Element]:

@@ -242,7 +242,7 @@ class XtablesFirewall:
     # Without ipset (python-iptables has none) each guarantee would be rules per VM in
     # chains every packet walks: netvm refuses instead of making attach O(N).
 
-    def guard(self, bridge: str, vm: VmGuard) -> None:
+    def guard(self, bridge: str, vm: VmGuard, fresh: bool = False) -> None:
         if vm.policy.any:
             raise ConfigError(
                 "guest policy",

@@ -143,11 +143,19 @@ def test_attach_list_detach(run: Run, state: FakeState) -> None:
             "guest_mac": vm["guest_mac"],
             "tap_present": True,
             "on_bridge": True,
+            "policy": {
+                "anti_spoof": True,
+                "isolated": False,
+                "egress_allow": [],
+                "egress_deny": [],
+                "port_forwards": [],
+            },
         }
     ]
     table = run("list").out.splitlines()
-    assert table[0].split() == ["VM_ID", "TAP", "GUEST_IP", "GUEST_MAC", "STATE"]
-    assert table[1].split() == ["vm-a", vm["tap_name"], vm["guest_ip"], vm["guest_mac"], "attached"]
+    assert table[0].split() == ["VM_ID", "TAP", "GUEST_IP", "GUEST_MAC", "STATE", "POLICY"]
+    row = ["vm-a", vm["tap_name"], vm["guest_ip"], vm["guest_mac"], "attached", "anti_spoof"]
+    assert table[1].split() == row
 
     detached = run("detach", "vm-a", "--json")
     assert detached.code == 0

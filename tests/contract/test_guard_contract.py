@@ -6,19 +6,22 @@ through libnftables (`guards`, `snapshot`): a wrong layout would show as a wrong
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import ipaddress
+import socket
+from collections.abc import Iterator
 
 import pytest
 
-from netvm import ConfigError, ConflictError, FakeBackend, HostError
+from netvm import ConfigError, ConflictError, FakeBackend, HostError, KernelBackend
 from netvm.backends.base import Backend, TapOptions
 from netvm.firewall import BridgeFirewall
 from netvm.firewall.guard import VmGuard, egress_chain
 from netvm.firewall.nftables import NftablesFirewall
 from netvm.policy import OPEN, GuestPolicy
-from netvm.testing import snapshot
+from netvm.testing import run_in_netns, snapshot
 
 POLICY = BridgeFirewall("nvbr0", ipaddress.IPv4Network("192.0.2.0/24"), "up0")
 ALL = GuestPolicy.of(
@@ -199,3 +202,152 @@ def test_port_isolation_is_the_kernels_per_port_flag(backend: Backend) -> None:
     link = backend.get_link("tap-a")
     assert link is not None
     assert not link.isolated
+
+
+# The fresh path: no record read first, the record created exclusively --------------------
+
+
+@pytest.mark.parametrize("later", [GuestPolicy(), OPEN, ALL], ids=["default", "open", "all"])
+def test_a_fresh_guard_replaces_what_a_crash_left(
+    backend: Backend, nft: NftablesFirewall, later: GuestPolicy
+) -> None:
+    """A TAP deleted without its elements (a crash in gc, `ip link del`) and made again for
+    another address: a fresh guard must not keep the old address or guarantees."""
+    before = snapshot(backend)
+    nft.guard("nvbr0", vm("tap-a", 5, ALL))
+    again = vm("tap-a", 6, later)
+    nft.guard("nvbr0", again, fresh=True)
+    assert nft.record("nvbr0", "tap-a") == (again if later.any else None)
+    nft.unguard("nvbr0", "tap-a")
+    nft.prune("nvbr0", live=())
+    assert snapshot(backend) == before, "only the new elements were there to remove"
+
+
+def test_a_fresh_guard_writes_what_a_full_one_does(backend: Backend, nft: NftablesFirewall) -> None:
+    nft.guard("nvbr0", vm("tap-a", 5, ALL))
+    full = snapshot(backend)
+    nft.unguard("nvbr0", "tap-a")
+    nft.guard("nvbr0", vm("tap-a", 5, ALL), fresh=True)
+    assert snapshot(backend) == full
+
+
+def test_a_fresh_guard_that_clashes_is_a_conflict_and_changes_nothing(
+    backend: Backend, nft: NftablesFirewall
+) -> None:
+    nft.guard("nvbr0", vm("tap-a", 5, ALL))
+    before = snapshot(backend)
+    clash = GuestPolicy.of(port_forwards=("8080:81",))
+    with pytest.raises(ConflictError, match="8080:81/tcp"):
+        nft.guard("nvbr0", vm("tap-b", 6, clash), fresh=True)
+    assert snapshot(backend) == before
+
+
+def test_an_error_in_any_message_of_the_batch_is_reported(
+    backend: Backend, nft: NftablesFirewall
+) -> None:
+    """Only the last message of a batch asks for an ack: a failure of an earlier one must
+    still fail the commit, and the batch must change nothing."""
+    a = vm("tap-a", 5, ALL)
+    nft.guard("nvbr0", a)
+    before = snapshot(backend)
+    # forward_addrs (to another address) clashes; forward_ports, the last message, holds
+    # the same guest port and is no change: it succeeds.
+    b = vm("tap-b", 6, GuestPolicy.of(isolated=True, port_forwards=("8080:80",)))
+    with pytest.raises(ConflictError):
+        nft.guard("nvbr0", b)
+    assert snapshot(backend) == before
+    assert nft.record("nvbr0", "tap-b") is None
+
+
+# A port forward must not take a host port a service listens on ---------------------------
+
+
+@contextlib.contextmanager
+def listener(backend: Backend, protocol: str, address: str, port: int) -> Iterator[None]:
+    """A host service on `address:port` (a socket in the backend's namespace, or the
+    fake's record of one)."""
+    if isinstance(backend, FakeBackend):
+        if address.startswith("127."):
+            yield  # the fake models only services reachable from outside
+            return
+        backend.state.nftables.listening.add((protocol, port))
+        yield
+        backend.state.nftables.listening.discard((protocol, port))
+        return
+    assert isinstance(backend, KernelBackend)
+    kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
+
+    def bound() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, kind)
+        sock.bind((address, port))
+        if protocol == "tcp":
+            sock.listen()
+        return sock
+
+    sock = run_in_netns(backend.netns, bound)
+    try:
+        yield
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_a_forward_of_a_port_a_host_service_uses_is_refused(
+    backend: Backend, nft: NftablesFirewall, protocol: str
+) -> None:
+    before = snapshot(backend)
+    forward = GuestPolicy.of(port_forwards=(f"2222:22/{protocol}",))
+    with listener(backend, protocol, "0.0.0.0", 2222):
+        for fresh in (True, False):
+            with pytest.raises(ConflictError, match=f"0.0.0.0:2222/{protocol}"):
+                nft.guard("nvbr0", vm("tap-a", 5, forward), fresh=fresh)
+            assert snapshot(backend) == before
+    nft.guard("nvbr0", vm("tap-a", 5, forward), fresh=True)
+    assert nft.record("nvbr0", "tap-a") == vm("tap-a", 5, forward), "free again: forwarded"
+
+
+def test_a_loopback_service_or_a_forward_held_already_is_no_conflict(
+    nft: NftablesFirewall, backend: Backend
+) -> None:
+    forward = GuestPolicy.of(port_forwards=("2222:22",))
+    with listener(backend, "tcp", "127.0.0.1", 2222):
+        nft.guard("nvbr0", vm("tap-a", 5, forward), fresh=True)
+    with listener(backend, "tcp", "0.0.0.0", 2222):
+        # A service that came later is not the VM's to break: attaching again keeps it.
+        nft.guard("nvbr0", vm("tap-a", 5, dataclasses.replace(forward, isolated=True)))
+    assert nft.record("nvbr0", "tap-a") == vm(
+        "tap-a", 5, dataclasses.replace(forward, isolated=True)
+    )
+
+
+def test_ensure_drops_the_egress_map_of_the_earlier_layout(
+    backend: Backend, nft: NftablesFirewall
+) -> None:
+    table = "netvm-nvbr0"
+    legacy = {"family": "inet", "table": table, "name": "egress", "type": "ipv4_addr"}
+    nft._run([{"add": {"map": {**legacy, "map": "verdict"}}}], "test", None)
+    assert nft.check(POLICY) != []
+    assert nft.ensure(POLICY) is True
+    assert nft.check(POLICY) == []
+    assert not [item for item in nft.ruleset() if "map" in item and item["map"]["name"] == "egress"]
+    nft.guard("nvbr0", vm("tap-a", 5, ALL))
+    assert nft.record("nvbr0", "tap-a") == vm("tap-a", 5, ALL)
+
+
+def test_vms_of_one_egress_policy_share_one_dispatch_rule(nft: NftablesFirewall) -> None:
+    lists = GuestPolicy.of(egress_deny=("198.51.100.0/24",))
+    for n in range(3):
+        nft.guard("nvbr0", vm(f"tap-{n}", 10 + n, lists), fresh=True)
+    rules = [
+        item["rule"]
+        for item in nft.ruleset()
+        if item.get("rule", {}).get("chain") == "egress_dispatch"
+    ]
+    assert len(rules) == 1
+    for n in range(3):
+        nft.unguard("nvbr0", f"tap-{n}")
+    nft.prune("nvbr0", live=())
+    rules = [
+        item for item in nft.ruleset() if item.get("rule", {}).get("chain") == "egress_dispatch"
+    ]
+    assert rules == []

@@ -33,6 +33,7 @@ from netvm.backends import kernel, rtnl, tun
 from netvm.config import FirewallChoice
 from netvm.leases import LeaseTransaction
 from netvm.naming import guest_ip
+from netvm.policy import GuestPolicy
 from netvm.statefile import StateFile
 
 pytestmark = pytest.mark.privileged
@@ -100,10 +101,11 @@ def _instrument(steps: _Steps) -> None:
     namespace = vars(tun)
     real_fcntl = namespace["fcntl"]
     namespace["fcntl"] = Ioctls()
-    from netvm.firewall import nftables
+    from netvm.firewall import elements, nftables
 
     for name in ("ensure", "remove"):
         around(nftables.NftablesFirewall, name)
+    around(elements.NetlinkElements, "commit")  # each VM's guarantees: one transaction
 
 
 def _child(netns: str, config: NetworkConfig, operation: Operation, kill_at: int) -> None:
@@ -198,6 +200,15 @@ def check_recovered(
         ip = str(guest_ip(manager.config.vm_subnet, lease.slot))
         if live[vm_id] is not None:
             assert ip == live[vm_id], f"{where}: {vm_id} moved from {live[vm_id]} to {ip}"
+    guards = manager.backend.firewall("nftables").guards(manager.config.bridge_name)
+    assert set(guards) == set(taps), f"{where}: guarantees of {sorted(guards)}, TAPs {taps}"
+    for lease in leases.values():
+        address = guest_ip(manager.config.vm_subnet, lease.slot)
+        held = guards[lease.tap_name].ip
+        assert held == address, f"{where}: {lease.vm_id}'s elements name {held}"
+        assert guards[lease.tap_name].policy == GuestPolicy(), f"{where}: stale policy"
+        port = taps[lease.tap_name]["linkinfo"].get("info_slave_data", {})
+        assert port.get("isolated") is False, f"{where}: {lease.vm_id}'s port still isolated"
     bridge = found[manager.config.bridge_name]
     assert bridge["ifalias"] == f"netvm-bridge:{manager.config.vm_subnet}", where
     bridges = [
@@ -240,11 +251,22 @@ class Scenario:
 
 OWNED = TapOptions(owner=0)
 """Every TAP of these scenarios: TUNSETOWNER is one more step to cut."""
+EVERY = GuestPolicy.of(
+    isolated=True, egress_deny=["198.51.100.0/24"], port_forwards=["8080:80", "5353:53/udp"]
+)
+"""Every guarantee: the elements, an egress chain, the kernel's port isolation. The agent
+attaches its VMs again with the default policy: the elements must then be replaced."""
 
 SCENARIOS = {
     "ensure_host": Scenario((), lambda m: m.ensure_host(), (), host=False),
     "attach": Scenario(("vm-a",), lambda m: m.attach("vm-b", OWNED), ("vm-a", "vm-b")),
     "attach-abandoned": Scenario(("vm-a",), lambda m: m.attach("vm-b", OWNED), ("vm-a",)),
+    "attach-guarded": Scenario(
+        ("vm-a",), lambda m: m.attach("vm-b", OWNED, EVERY), ("vm-a", "vm-b")
+    ),
+    "attach-guarded-abandoned": Scenario(
+        ("vm-a",), lambda m: m.attach("vm-b", OWNED, EVERY), ("vm-a",)
+    ),
     "detach": Scenario(("vm-a", "vm-b"), lambda m: m.detach("vm-a"), ("vm-b",)),
     "gc": Scenario(("vm-a", "vm-b", "vm-c"), lambda m: m.gc(keep=["vm-b"]), ("vm-b",)),
     "teardown": Scenario(("vm-a",), lambda m: m.teardown_host(), ()),

@@ -1,0 +1,48 @@
+"""GuestPolicy's words: describe() and parse() are inverses; bad words name the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from netvm import ConfigError, NetworkConfig
+from netvm.policy import OPEN, GuestPolicy
+
+POLICIES = [
+    OPEN,
+    GuestPolicy(),
+    GuestPolicy.of(isolated=True),
+    GuestPolicy.of(
+        isolated=True,
+        egress_allow=["203.0.113.0/24:tcp:443", "0.0.0.0/0:udp:53"],
+        egress_deny=["198.51.100.0/24", "192.0.2.7/32:icmp"],
+        port_forwards=["8080:80", "5353:53/udp"],
+    ),
+]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.describe())
+def test_parse_reads_what_describe_writes(policy: GuestPolicy) -> None:
+    assert GuestPolicy.parse(policy.describe()) == policy
+    assert GuestPolicy.parse(policy.describe().replace(" ", ",")) == policy
+    assert policy.any is (policy != OPEN)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", " ", "none isolated", "anti-spoof", "allow=", "allow=10.0.0.1/8", "deny=x", "forward=80"],
+)
+def test_parse_refuses_other_words_naming_the_field(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"^invalid MY_FIELD: ") as caught:
+        GuestPolicy.parse(text, "MY_FIELD")
+    assert caught.value.value == text
+
+
+def test_the_environment_gives_the_default_policy() -> None:
+    env = {"MICROVM_NETWORK_GUEST_POLICY": "anti_spoof,isolated deny=169.254.0.0/16"}
+    assert NetworkConfig.from_env(env).guest_policy == GuestPolicy.of(
+        isolated=True, egress_deny=["169.254.0.0/16"]
+    )
+    assert NetworkConfig.from_env({}).guest_policy is None
+    assert NetworkConfig.from_env({"MICROVM_NETWORK_GUEST_POLICY": "none"}).guest_policy == OPEN
+    with pytest.raises(ConfigError, match=r"MICROVM_NETWORK_GUEST_POLICY.*forward"):
+        NetworkConfig.from_env({"MICROVM_NETWORK_GUEST_POLICY": "forward=8080:80"})
