@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from netvm import naming
+from netvm import attaching, naming
+from netvm.attaching import AttachManyResult
 from netvm.backends.base import Backend, Link, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
@@ -219,14 +220,21 @@ class NetworkManager:
     def _recover(self, intent: dict[str, Any], tx: LeaseTransaction, crashed: bool) -> None:
         """Undo or finish the change `intent` describes. `crashed`: its maker died."""
         name = intent.get("tap")
-        link = self.backend.get_link(name) if isinstance(name, str) else None
-        if link is not None and link.kind != "tun":
-            link = None
+        link = self._tun(name) if isinstance(name, str) else None
         level = logging.WARNING if crashed else logging.DEBUG
+        if intent.get("op") == "attach-many":
+            for vm_id, slot in intent.get("vms", []):
+                one = {"vm_id": vm_id, "slot": slot, "new": True}
+                self._recover_attach(one, self._tun(naming.tap_name(vm_id)), tx, level)
+            return
         if intent.get("op") == "attach":
             self._recover_attach(intent, link, tx, level)
         elif intent.get("op") == "detach" and link is not None:
             self._recover_detach(intent, link, tx, level)
+
+    def _tun(self, name: str) -> Link | None:
+        link = self.backend.get_link(name)
+        return link if link is not None and link.kind == "tun" else None
 
     def _recover_attach(
         self, intent: dict[str, Any], link: Link | None, tx: LeaseTransaction, level: int
@@ -300,6 +308,21 @@ class NetworkManager:
             # from the kernel when the next transaction opens it.
             with self._changing() as tx:
                 return self._attach(tx, vm_id, options, chosen)
+
+    def attach_many(
+        self,
+        vm_ids: Iterable[str],
+        tap: TapOptions | None = None,
+        policy: GuestPolicy | None = None,
+    ) -> AttachManyResult:
+        """Attach many VMs at once (a boot storm): one lease transaction per group of VMs,
+        the TUN ioctls back to back, the enslave requests pipelined (netvm/attaching.py).
+
+        Each VM succeeds or fails on its own: the result maps each vm_id to its network or
+        to its error, and a VM that failed left nothing behind. Errors that concern every
+        VM (no bridge, the lease store) raise, and nothing of this call is left.
+        """
+        return attaching.attach_many(self, vm_ids, tap, policy)
 
     def _attach_two_phase(self, vm_id: str, options: TapOptions, policy: GuestPolicy) -> VmNetwork:
         """A new VM: the lease and an in-flight intent under the lock, the kernel work after

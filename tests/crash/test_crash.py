@@ -76,6 +76,7 @@ def _instrument(steps: _Steps) -> None:
     for owner, name in (
         (rtnl.Rtnl, "request"),
         (rtnl.Rtnl, "set_groups"),
+        (rtnl.Rtnl, "set_links"),
         (kernel.KernelBackend, "set_ip_forward"),
         (kernel.KernelBackend, "create_chain"),
         (kernel.KernelBackend, "delete_chain"),
@@ -276,6 +277,14 @@ SCENARIOS = {
     # In flight, the enslave fails (a full bridge, say): the failed attach is mended by
     # the transaction that follows, as a killed one is.
     "attach-failing": Scenario(("vm-a",), _attach_failing, ("vm-a",)),
+    "attach-many": Scenario(
+        ("vm-a",),
+        lambda m: m.attach_many(["vm-b", "vm-a", "vm-c"], OWNED),
+        ("vm-a", "vm-b", "vm-c"),
+    ),
+    "attach-many-abandoned": Scenario(
+        ("vm-a",), lambda m: m.attach_many(["vm-b", "vm-a", "vm-c"], OWNED), ("vm-a",)
+    ),
     "detach": Scenario(("vm-a", "vm-b"), lambda m: m.detach("vm-a"), ("vm-b",)),
     "gc": Scenario(("vm-a", "vm-b", "vm-c"), lambda m: m.gc(keep=["vm-b"]), ("vm-b",)),
     "teardown": Scenario(("vm-a",), lambda m: m.teardown_host(), ()),
