@@ -201,6 +201,19 @@ class KernelBackend:
                 create_persistent_tap(name, options, fd)
             except HostError as exc:
                 failed[name] = exc
+        # As create_tap: a look-up of each new TAP checks its namespace, and makes the
+        # enslave that follows cheaper (at N = 1000: the pipelined enslaves 0.61 -> 0.26 s
+        # for 5 ms of look-ups; measured, cause not identified, docs/performance.md).
+        for name in names:
+            if name in failed:
+                continue
+            try:
+                with _kernel_errors("create tap", name):
+                    self.rtnl.get_link(name)
+            except HostError as exc:
+                with contextlib.suppress(RtnlError, OSError):
+                    self.rtnl.delete_link(name)
+                failed[name] = exc
         return failed
 
     def set_links(self, changes: Sequence[LinkChange]) -> dict[str, HostError]:
