@@ -168,8 +168,10 @@ class LeaseTransaction:
         return self._store.file.begin_inflight(intent, key)
 
     def wait_for(self, key: int) -> None:
-        """Wait for the in-flight operation on `key`, if there is one."""
+        """Wait for the in-flight operation on `key`, if there is one; `orphans` is read
+        again (that operation may have died or failed meanwhile)."""
         self._store.file.wait_for(key)
+        self.orphans = self._store.file.orphans()
 
     def forget_orphan(self, index: int) -> None:
         self._store.file.forget_orphan(index)

@@ -344,6 +344,8 @@ class NetworkManager:
             flight = tx.begin_inflight(intent, lease.slot) if new else None
             if flight is None:
                 tx.wait_for(lease.slot)
+                if tx.orphans:  # the attach waited for failed or died: mend it first
+                    self._repair(tx)
                 return self._attach(tx, vm_id, options, policy)
             try:
                 tx.commit()

@@ -140,3 +140,38 @@ def test_a_failure_in_flight_is_undone(manager: NetworkManager, backend: Backend
         assert tx.orphans == []
     # And the VM attaches normally afterwards, at its address.
     assert manager.attach("vm-1", policy=OPEN).vm_id == "vm-1"
+
+
+def test_a_second_attach_of_a_vm_whose_attach_in_flight_fails_succeeds(
+    config: NetworkConfig, manager: NetworkManager
+) -> None:
+    manager.ensure_host()
+    results: list[object] = []
+    second: list[threading.Thread] = []
+    other = NetworkManager(config, manager.backend)
+    other.leases.open()  # opened already: its transaction waits for vm-1's attach only
+
+    def attach_again() -> None:
+        results.append(other.attach("vm-1", policy=OPEN))
+
+    def probe() -> None:
+        thread = threading.Thread(target=attach_again)
+        thread.start()
+        second.append(thread)
+        thread.join(0.3)
+        assert thread.is_alive(), "the second attach did not wait for the first"
+        raise host_error("set link", "injected", errno.EXFULL)
+
+    try:
+        with pytest.raises(HostError), during_enslave(manager.backend, probe):
+            manager.attach("vm-1", policy=OPEN)
+        second[0].join(10)
+    finally:
+        other.close()
+    (network,) = results
+    (attached,) = manager.list()
+    assert attached.network == network
+    assert attached.on_bridge
+    assert [link.name for link in manager.backend.list_links() if link.kind == "tun"] == [
+        attached.tap_name
+    ]
