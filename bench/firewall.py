@@ -1,6 +1,6 @@
 """ensure_host on each firewall, side by side: cold (first) and warm (repeated), and teardown.
 
-Run through scripts/bench or as `python bench/firewall.py` (root). Each round makes one
+Run through scripts/bench or as `python -m bench.firewall` (root). Each round makes one
 throwaway namespace per firewall and host layout, interleaved (nftables, iptables,
 nftables, ...) so that machine drift hits both alike. Layouts: a bare host, and one with
 Docker's iptables-nft (or legacy, for the iptables firewall) FORWARD chain and DOCKER-USER,
@@ -11,7 +11,6 @@ where netvm's accepts also go. For comparison, the same nftables ruleset applied
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -22,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.report import write_result
 from netvm import KernelBackend, NetworkConfig, NetworkManager
 from netvm.backends.iptc_compat import load_iptc
 from netvm.config import FirewallChoice
@@ -122,7 +122,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_iptc()  # the libraries' one-time imports, outside every figure
     load_binding()
     runs: dict[str, list[dict[str, Any]]] = {}
-    started = time.time()
     with tempfile.TemporaryDirectory(prefix="netvm-fwbench-", dir="/run") as root:
         for r in range(args.rounds):
             for layout in ("bare", "docker"):
@@ -141,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "teardown_ms_p50": round(p50([result["teardown_ms"] for result in results]), 3),
         }
     summary["nft -f process/bare"] = {"cold_ms_p50": round(p50(process), 3)}
-    command = "python bench/firewall.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.firewall " + " ".join(argv if argv is not None else sys.argv[1:])
     print(f"\n{command.strip()}: ensure_host per firewall, {args.rounds} rounds, ms")
     print(
         f"{'firewall/layout':<22} {'cold p50':>9} {'warm p50':>9} {'warm p99':>9} {'teardown':>9}"
@@ -154,15 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{key:<22} " + " ".join(f"{c:>9.3f}" if c is not None else f"{'-':>9}" for c in cells)
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"firewall-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    document = {
-        "command": command.strip(),
-        "started": started,
-        "rounds": args.rounds,
-        "summary": summary,
+    figures = {
+        f"{key.replace('/', ', ')}.{column.replace('_ms_', ' ')}_ms": value
+        for key, row in summary.items()
+        for column, value in row.items()
+        if isinstance(value, (int, float))
     }
-    path.write_text(json.dumps(document, indent=1))
-    print(f"JSON: {path}")
+    print(f"JSON: {write_result(args.out, 'firewall', command.strip(), figures)}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """What the per-VM guarantees add to an attach, with N VMs already on the bridge.
 
-Run through scripts/bench or as `python bench/guard.py` (root). In a throwaway namespace:
+Run through scripts/bench or as `python -m bench.guard` (root). In a throwaway namespace:
 ensure_host on nftables, N resident VMs attached with every guarantee on (each its own
 forward port), then attaches of fresh vm_ids, interleaved between three policies:
 
@@ -29,9 +29,6 @@ Prints a table and writes `--out DIR/guard.json` (the bench JSON schema of netvm
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shlex
 import socket
 import statistics
@@ -40,10 +37,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.report import write_result
 from netvm import KernelBackend, NetworkConfig, NetworkManager, TapOptions
 from netvm.backends import rtnl
 from netvm.policy import OPEN, GuestPolicy
@@ -235,14 +232,6 @@ def isolation(samples: int) -> dict[str, float]:
 # Output ----------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count() or 0,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,1000")
@@ -250,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=10, help="attaches per policy per round")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
-    command = "python bench/guard.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m bench.guard " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     figures: dict[str, float] = {}
     targets: list[dict[str, Any]] = []
     print(f"{command.strip()}: attach, us (p50 / p90)")
@@ -287,17 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["isolation_enslave_p50_us"] = round(iso["plain"], 1)
     figures["isolation_separate_request_p50_us"] = round(iso["separate"], 1)
     figures["isolation_same_datagram_p50_us"] = round(iso["datagram"], 1)
-    document = {
-        "bench": "guard",
-        "command": command.strip(),
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "figures": figures,
-        "targets": targets,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "guard.json").write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {args.out / 'guard.json'}")
+    print(f"JSON: {write_result(args.out, 'guard', command.strip(), figures, targets)}")
     return 0
 
 

@@ -17,6 +17,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from netvm.attaching import AttachManyResult
     from netvm.backends.base import Address, Backend, Link, Rule, TapOptions
     from netvm.backends.fake import FakeBackend, FakeState
     from netvm.backends.kernel import KernelBackend
@@ -43,22 +44,26 @@ if TYPE_CHECKING:
     )
     from netvm.manager import Attachment, NetworkManager
     from netvm.naming import VmNetwork
+    from netvm.policy import EgressRule, GuestPolicy, PortForward
     from netvm.status import FirewallStatus, HostStatus, host_status
 
 _LAZY: dict[str, str] = {
     "Address": "netvm.backends.base",
+    "AttachManyResult": "netvm.attaching",
     "Attachment": "netvm.manager",
     "Backend": "netvm.backends.base",
     "BridgeFirewall": "netvm.firewall",
     "ConfigError": "netvm.errors",
     "ConflictError": "netvm.errors",
     "DeviceExists": "netvm.errors",
+    "EgressRule": "netvm.policy",
     "FakeBackend": "netvm.backends.fake",
     "FakeState": "netvm.backends.fake",
     "Finding": "netvm.diagnosis",
     "Firewall": "netvm.firewall",
     "FirewallRule": "netvm.firewall",
     "FirewallStatus": "netvm.status",
+    "GuestPolicy": "netvm.policy",
     "HostError": "netvm.errors",
     "HostStatus": "netvm.status",
     "KernelBackend": "netvm.backends.kernel",
@@ -68,6 +73,7 @@ _LAZY: dict[str, str] = {
     "NetworkManager": "netvm.manager",
     "NotFound": "netvm.errors",
     "PermissionDenied": "netvm.errors",
+    "PortForward": "netvm.policy",
     "Rule": "netvm.backends.base",
     "StateStoreError": "netvm.errors",
     "SubnetExhausted": "netvm.errors",
@@ -85,18 +91,21 @@ _LAZY: dict[str, str] = {
 
 __all__ = [
     "Address",
+    "AttachManyResult",
     "Attachment",
     "Backend",
     "BridgeFirewall",
     "ConfigError",
     "ConflictError",
     "DeviceExists",
+    "EgressRule",
     "FakeBackend",
     "FakeState",
     "Finding",
     "Firewall",
     "FirewallRule",
     "FirewallStatus",
+    "GuestPolicy",
     "HostError",
     "HostStatus",
     "KernelBackend",
@@ -106,6 +115,7 @@ __all__ = [
     "NetworkManager",
     "NotFound",
     "PermissionDenied",
+    "PortForward",
     "Rule",
     "StateStoreError",
     "SubnetExhausted",

@@ -39,12 +39,14 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from netvm import naming
+from netvm.attaching import AttachManyResult
 from netvm.backends.base import Backend, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
 from netvm.errors import NetvmError
 from netvm.manager import Attachment, NetworkManager
 from netvm.naming import VmNetwork
+from netvm.policy import GuestPolicy
 from netvm.status import HostStatus, host_status
 
 log = logging.getLogger("netvm")
@@ -244,45 +246,51 @@ class AsyncNetworkManager:
 
     async def attach(self, vm_id: str, tap: TapOptions | None = None) -> VmNetwork:
         """NetworkManager.attach. Cancelled, it is undone if this call created the lease."""
-        (network,) = await self._attach([vm_id], tap, many=False)
-        return network
+        result = await self._attach([vm_id], tap, many=False)
+        return result.networks[vm_id]
 
     async def attach_many(
-        self, vm_ids: Iterable[str], tap: TapOptions | None = None
-    ) -> list[VmNetwork]:
-        """Attach each vm_id (with the same TAP options), all or nothing: networks in order.
+        self,
+        vm_ids: Iterable[str],
+        tap: TapOptions | None = None,
+        policy: GuestPolicy | None = None,
+    ) -> AttachManyResult:
+        """NetworkManager.attach_many: per VM its network or its error (partial success).
 
-        Delegated to the sync manager's attach_many where it has one. Otherwise one job
-        attaches them in turn and, if one fails, detaches those this call leased before
-        raising that error; vm_ids that had a lease before the call stay attached.
-        Cancelled, it is undone the same way.
+        Cancelled, the VMs it attached that had no lease before the call are detached.
         """
-        return await self._attach(naming.validate_vm_ids("vm_ids", vm_ids), tap, many=True)
+        ids = naming.validate_vm_ids("vm_ids", vm_ids)
+        return await self._attach(ids, tap, many=True, policy=policy)
 
     async def _attach(
-        self, vm_ids: list[str], tap: TapOptions | None, *, many: bool
-    ) -> list[VmNetwork]:
+        self,
+        vm_ids: list[str],
+        tap: TapOptions | None,
+        *,
+        many: bool,
+        policy: GuestPolicy | None = None,
+    ) -> AttachManyResult:
         manager = self._main.manager
         ticket = _Ticket()
 
-        def job() -> list[VmNetwork]:
+        def job() -> AttachManyResult:
             try:
                 for vm_id in vm_ids:
                     naming.validate_vm_id(vm_id)
                 created = _unleased(manager, vm_ids)
-                networks = self._attach_now(manager, vm_ids, created, tap, many)
+                result = self._attach_now(manager, vm_ids, created, tap, many, policy)
                 with self._lock:
                     self._generation += 1
                     ticket.generation = self._generation
-                    for vm_id in vm_ids:
+                    for vm_id in result.networks:
                         self._attached_by[vm_id] = ticket.generation
-                ticket.created = [vm_id for vm_id in vm_ids if vm_id in created]
+                ticket.created = [vm_id for vm_id in result.networks if vm_id in created]
             except BaseException:
                 ticket.finish()
                 raise
             if ticket.finish():
                 self._undo(ticket)
-            return networks
+            return result
 
         future = self._submit(self._main, job)
         waiter = asyncio.wrap_future(future)
@@ -310,24 +318,24 @@ class AsyncNetworkManager:
         created: set[str],
         tap: TapOptions | None,
         many: bool,
-    ) -> list[VmNetwork]:
+        policy: GuestPolicy | None,
+    ) -> AttachManyResult:
         if not many:
-            return [manager.attach(vm_ids[0], tap)]
-        delegate: Callable[..., list[VmNetwork]] | None = getattr(manager, "attach_many", None)
+            return AttachManyResult({vm_ids[0]: manager.attach(vm_ids[0], tap)})
+        delegate: Callable[..., AttachManyResult] | None = getattr(manager, "attach_many", None)
         if delegate is not None:
-            return list(delegate(vm_ids, tap))
-        networks: list[VmNetwork] = []
-        done: list[str] = []
+            return delegate(vm_ids, tap, policy)
+        # A manager without attach_many (a stand-in): one by one, all or nothing.
+        networks: dict[str, VmNetwork] = {}
         try:
             for vm_id in vm_ids:
-                networks.append(manager.attach(vm_id, tap))
-                done.append(vm_id)
+                networks[vm_id] = manager.attach(vm_id, tap, policy)
         except BaseException:
-            for vm_id in reversed(done):
+            for vm_id in reversed(networks):
                 if vm_id in created:
                     _detach_quietly(manager, vm_id, "attach_many rollback")
             raise
-        return networks
+        return AttachManyResult(networks)
 
     def _undo(self, ticket: _Ticket) -> None:
         """Detach what a cancelled attach created, unless another attach ran since."""

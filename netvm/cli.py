@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("ensure-host", "create what is missing of the bridge, gateway, ip_forward and rules")
     attach = command("attach", "lease an address and put the VM's TAP on the bridge")
-    attach.add_argument("vm_id", metavar="VM_ID")
+    attach.add_argument("vm_id", metavar="VM_ID", nargs="+", help="one or more (attach_many)")
     tap = attach.add_argument_group("TAP options")
     tap.add_argument(
         "--owner", type=_uid, metavar="UID", help="user that may open the TAP (uid or name)"
@@ -447,7 +447,9 @@ def _attachment_state(a: Attachment) -> str:
 # Commands -------------------------------------------------------------------------------
 
 
-def _attach(args: argparse.Namespace, manager: NetworkManager) -> None:
+def _attach(args: argparse.Namespace, manager: NetworkManager) -> int:
+    """One VM: its document. Several (attach_many): {"vms": [one per VM, in order]}, a
+    VM that failed as {"vm_id", "error": {"type", "message"}}; exit 1 if one failed."""
     if args.vmm is not None:
         tap = glue.tap_options_for(args.vmm, args.owner, args.group, args.multi_queue)
         if args.vmm == "firecracker" and args.owner is None and args.group is None:
@@ -462,9 +464,37 @@ def _attach(args: argparse.Namespace, manager: NetworkManager) -> None:
     glue.queue_pairs_for(tap, args.queues)
     policy = cli_policy.policy_from_args(args, manager.config.guest_policy)
     # Check the ip= fields before anything is created.
-    probe = VmNetwork.for_slot(args.vm_id, manager.config.vm_subnet, 0)
-    probe.kernel_ip_arg(args.hostname, args.guest_device, tuple(args.dns))
-    network = manager.attach(args.vm_id, tap, policy)
+    for vm_id in args.vm_id:
+        probe = VmNetwork.for_slot(vm_id, manager.config.vm_subnet, 0)
+        probe.kernel_ip_arg(args.hostname, args.guest_device, tuple(args.dns))
+    if len(args.vm_id) == 1:
+        network = manager.attach(args.vm_id[0], tap, policy)
+        document, text = _attached(args, manager, network, tap)
+        _emit(args, document, text)
+        return 0
+    result = manager.attach_many(args.vm_id, tap, policy)
+    documents: list[dict[str, Any]] = []
+    texts: list[str] = []
+    for vm_id in dict.fromkeys(args.vm_id):
+        if vm_id in result.networks:
+            document, text = _attached(args, manager, result.networks[vm_id], tap)
+            documents.append(document)
+            texts.append(text)
+        else:
+            error = result.errors[vm_id]
+            message = " ".join(str(error).split())
+            print(f"netvm attach: error: {vm_id}: {message}", file=sys.stderr)
+            documents.append(
+                {"vm_id": vm_id, "error": {"type": type(error).__name__, "message": message}}
+            )
+    _emit(args, {"vms": documents}, "\n".join(texts))
+    return 1 if result.errors else 0
+
+
+def _attached(
+    args: argparse.Namespace, manager: NetworkManager, network: VmNetwork, tap: TapOptions
+) -> tuple[dict[str, Any], str]:
+    """One attached VM's document and text, with the guarantees the kernel holds for it."""
     held = cli_policy.held(manager, network.tap_name)
     ip_arg = network.kernel_ip_arg(args.hostname, args.guest_device, tuple(args.dns))
     vm = {**network.to_dict(), "kernel_ip_arg": ip_arg}
@@ -487,7 +517,7 @@ def _attach(args: argparse.Namespace, manager: NetworkManager) -> None:
     if args.vmm is not None:
         document["vmm"], text = _vmm_config(args, network, tap, ip_arg)
         lines.append(text)
-    _emit(args, document, "\n".join(lines))
+    return document, "\n".join(lines)
 
 
 def _list(args: argparse.Namespace, manager: NetworkManager) -> None:
@@ -555,7 +585,7 @@ def _run(args: argparse.Namespace, manager: NetworkManager) -> int:
         text = "\n".join([*lines, guarantees.pop("text"), ready])
         _emit(args, {**status.to_dict(), "guarantees": guarantees}, text)
     elif args.command == "attach":
-        _attach(args, manager)
+        return _attach(args, manager)
     elif args.command == "detach":
         manager.detach(args.vm_id)
         _emit(args, {"vm_id": args.vm_id, "detached": True}, f"detached {args.vm_id}")

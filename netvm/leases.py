@@ -30,7 +30,7 @@ from typing import Any
 
 from netvm import naming
 from netvm.errors import ConfigError, ConflictError, StateStoreError, SubnetExhausted
-from netvm.statefile import STATE_DIR_HINT, StateFile
+from netvm.statefile import STATE_DIR_HINT, InFlight, StateFile
 
 log = logging.getLogger("netvm")
 
@@ -75,6 +75,8 @@ class LeaseTransaction:
         self.fresh = fresh
         """The database was (re)opened for this transaction: it may lag behind the kernel."""
         self._open = True
+        self.orphans: list[tuple[int, dict[str, Any] | None]] = []
+        """In-flight operations that died or gave up: (slot, intent) for `repair` to mend."""
 
     # Leases -----------------------------------------------------------------------------
 
@@ -159,6 +161,20 @@ class LeaseTransaction:
 
     def clear_intent(self) -> None:
         self._store.file.clear_intent()
+
+    def begin_inflight(self, intent: dict[str, Any], key: int) -> InFlight | None:
+        """An operation on `key` (an address slot) that goes on after this transaction has
+        committed and let go of the lock; None: do it inside the transaction instead."""
+        return self._store.file.begin_inflight(intent, key)
+
+    def wait_for(self, key: int) -> None:
+        """Wait for the in-flight operation on `key`, if there is one; `orphans` is read
+        again (that operation may have died or failed meanwhile)."""
+        self._store.file.wait_for(key)
+        self.orphans = self._store.file.orphans()
+
+    def forget_orphan(self, index: int) -> None:
+        self._store.file.forget_orphan(index)
 
     # Ending -----------------------------------------------------------------------------
 
@@ -356,18 +372,21 @@ class LeaseStore:
     # Transactions -----------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator[LeaseTransaction]:
+    def transaction(self, drain: bool = True) -> Iterator[LeaseTransaction]:
         """One exclusive write transaction (across processes and threads).
 
         It commits when the block ends normally (unless the block committed already) and
-        rolls back on any exception. The StateFile is held throughout.
+        rolls back on any exception. The StateFile is held throughout. With `drain`, it
+        first waits for every in-flight operation (statefile.py), so the block sees the
+        leases and the kernel at rest; without, it sees the leases of in-flight attaches
+        whose kernel work is under way (an attach waits only for one on its own VM).
         """
         with self._lock:
             if self.file.held:
                 raise RuntimeError("lease transactions do not nest")
             self.file.acquire()
             try:
-                tx = self._start()
+                tx = self._start(drain)
                 try:
                     yield tx
                     tx.commit()
@@ -382,14 +401,19 @@ class LeaseStore:
             finally:
                 self.file.release()
 
-    def _start(self) -> LeaseTransaction:
+    def _start(self, drain: bool) -> LeaseTransaction:
         """Open, begin and repair, retrying once on a database found damaged meanwhile."""
         for attempt in (1, 2):
             db, _ = self._ensure_open()
+            if drain or self._unrepaired:
+                self.file.drain()  # a rebuild must not miss the lease of an attach under way
             self.begin(db)
             tx = LeaseTransaction(db, self, self._unrepaired)
             try:
-                if self._repair is not None and (tx.fresh or self.file.read_intent() is not None):
+                tx.orphans = self.file.orphans()
+                if self._repair is not None and (
+                    tx.fresh or tx.orphans or self.file.read_intent() is not None
+                ):
                     self._repair(tx)
                     tx.restart()
                 self._unrepaired = tx.fresh = False

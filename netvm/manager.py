@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from netvm import naming
+from netvm import attaching, naming
+from netvm.attaching import AttachManyResult, check_attach_args
 from netvm.backends.base import Backend, Link, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
 from netvm.errors import (
-    ConfigError,
     ConflictError,
     DeviceExists,
     HostError,
@@ -38,6 +38,7 @@ from netvm.leases import DamagedStore, LeaseStore, LeaseTransaction
 from netvm.naming import VmNetwork
 from netvm.policy import OPEN, GuestPolicy
 from netvm.reconcile import KernelTap, netvm_taps, rebuild
+from netvm.statefile import InFlight
 from netvm.undo import Undo as _Undo
 from netvm.validation import check_subnet_free
 
@@ -59,6 +60,10 @@ class Attachment:
     on_bridge: bool
     policy: GuestPolicy | None = None
     """The guarantees the firewall holds for the TAP (None: none)."""
+
+
+class _Occupied(Exception):
+    """An in-flight attach found its TAP's name taken by a device it cannot judge alone."""
 
 
 def _fixed_flags(options: TapOptions) -> tuple[int | None, int | None, bool]:
@@ -173,9 +178,11 @@ class NetworkManager:
     # Transactions -----------------------------------------------------------------------
 
     @contextmanager
-    def _changing(self) -> Iterator[LeaseTransaction]:
-        """A lease transaction whose failure also undoes what its intent says was begun."""
-        with self.leases.transaction() as tx:
+    def _changing(self, drain: bool = True) -> Iterator[LeaseTransaction]:
+        """A lease transaction whose failure also undoes what its intent says was begun.
+
+        `drain`: wait for the attaches in flight first (LeaseStore.transaction)."""
+        with self.leases.transaction(drain) as tx:
             try:
                 yield tx
                 tx.commit()
@@ -196,51 +203,67 @@ class NetworkManager:
             log.error("rollback: %s (the next call retries)", exc)
 
     def _repair(self, tx: LeaseTransaction) -> None:
-        """The store's hook: a holder's leftover intent, then a rebuild of a new store."""
+        """The store's hook: a holder's leftover intent, attaches in flight that died or
+        failed, then a rebuild of a new store."""
         intent = tx.intent
         if intent is not None:
             self._recover(intent, tx, crashed=True)
             tx.clear_intent()
+        for index, orphan in tx.orphans:
+            if orphan is not None:
+                self._recover(orphan, tx, crashed=not orphan.get("failed"))
+            tx.forget_orphan(index)
+        tx.orphans = []
         if tx.fresh:
             rebuild(tx, netvm_taps(self.backend, self.config.bridge_name))
 
     def _recover(self, intent: dict[str, Any], tx: LeaseTransaction, crashed: bool) -> None:
         """Undo or finish the change `intent` describes. `crashed`: its maker died."""
         name = intent.get("tap")
-        if not isinstance(name, str):
-            return
-        link = self.backend.get_link(name)
-        if link is None or link.kind != "tun":
-            return
+        link = self._tun(name) if isinstance(name, str) else None
         level = logging.WARNING if crashed else logging.DEBUG
+        if intent.get("op") == "attach-many":
+            for vm_id, slot in intent.get("vms", []):
+                one = {"vm_id": vm_id, "slot": slot, "new": True}
+                self._recover_attach(one, self._tun(naming.tap_name(vm_id)), tx, level)
+            return
         if intent.get("op") == "attach":
             self._recover_attach(intent, link, tx, level)
-        elif intent.get("op") == "detach":
+        elif intent.get("op") == "detach" and link is not None:
             self._recover_detach(intent, link, tx, level)
 
+    def _tun(self, name: str) -> Link | None:
+        link = self.backend.get_link(name)
+        return link if link is not None and link.kind == "tun" else None
+
     def _recover_attach(
-        self, intent: dict[str, Any], link: Link, tx: LeaseTransaction, level: int
+        self, intent: dict[str, Any], link: Link | None, tx: LeaseTransaction, level: int
     ) -> None:
-        """The TAP an attach was making stays only if that attach completed."""
+        """The TAP an attach was making stays only if that attach completed; so does the
+        lease it created (`new`: an attach in flight commits its lease first)."""
         vm_id, slot = intent.get("vm_id"), intent.get("slot")
         if not isinstance(vm_id, str) or not isinstance(slot, int):
             return
         lease = tx.get(vm_id)
+        alias = naming.tap_alias(self.config.bridge_name, vm_id, slot)
         complete = (
-            lease is not None
+            link is not None
+            and lease is not None
             and lease.slot == slot
-            and link.alias == naming.tap_alias(self.config.bridge_name, vm_id, slot)
+            and link.alias == alias
             and link.up
             and link.master is not None
             and link.master == self._bridge_or_none()
         )
-        mine = link.alias is None or link.alias == naming.tap_alias(
-            self.config.bridge_name, vm_id, slot
-        )
-        if mine and not complete:
+        if complete:
+            return
+        if link is not None and (link.alias is None or link.alias == alias):
             log.log(level, "removing TAP %s of %r: its attach did not complete", link.name, vm_id)
             self._delete_if_same(link)
             self._unguard_quietly(link.name)
+        if intent.get("new") and lease is not None and lease.slot == slot:
+            log.log(level, "freeing the lease of %r: its attach did not complete", vm_id)
+            tx.release(vm_id)
 
     def _recover_detach(
         self, intent: dict[str, Any], link: Link, tx: LeaseTransaction, level: int
@@ -276,20 +299,115 @@ class NetworkManager:
         fails, the TAP and the lease this call created are removed.
         """
         naming.validate_vm_id(vm_id)
-        if tap is not None and not isinstance(tap, TapOptions):
-            raise ConfigError("tap", tap, "a netvm.TapOptions or None")
-        if policy is not None and not isinstance(policy, GuestPolicy):
-            raise ConfigError("policy", policy, "a netvm.policy.GuestPolicy or None")
+        check_attach_args(tap, policy)
         options = tap if tap is not None else TapOptions()
         chosen = self._policy(policy)
         try:
-            with self._changing() as tx:
-                return self._attach(tx, vm_id, options, chosen)
+            return self._attach_two_phase(vm_id, options, chosen)
         except DamagedStore:
             # Found damaged mid-way (what this call did is undone): the store is rebuilt
             # from the kernel when the next transaction opens it.
             with self._changing() as tx:
                 return self._attach(tx, vm_id, options, chosen)
+
+    def attach_many(
+        self,
+        vm_ids: Iterable[str],
+        tap: TapOptions | None = None,
+        policy: GuestPolicy | None = None,
+    ) -> AttachManyResult:
+        """Attach many VMs at once (a boot storm): one lease transaction per group of VMs,
+        the TUN ioctls back to back, the enslave requests pipelined (netvm/attaching.py).
+
+        Each VM succeeds or fails on its own: the result maps each vm_id to its network or
+        to its error, and a VM that failed left nothing behind. Errors that concern every
+        VM (no bridge, the lease store) raise, and nothing of this call is left.
+        """
+        return attaching.attach_many(self, vm_ids, tap, policy)
+
+    def _attach_two_phase(self, vm_id: str, options: TapOptions, policy: GuestPolicy) -> VmNetwork:
+        """A new VM: the lease and an in-flight intent under the lock, the kernel work after
+        it, so that other attaches do not queue behind this one's (docs/performance.md).
+
+        A VM that has a lease already (attached again, or one whose TAP must be checked)
+        is attached inside the transaction, after any attach of it still in flight.
+        """
+        with self._changing(drain=False) as tx:
+            lease, new = tx.acquire(vm_id)
+            network = VmNetwork.for_slot(vm_id, self.config.vm_subnet, lease.slot)
+            intent = {
+                "op": "attach",
+                "tap": network.tap_name,
+                "vm_id": vm_id,
+                "slot": lease.slot,
+                "new": True,
+            }
+            flight = tx.begin_inflight(intent, lease.slot) if new else None
+            if flight is None:
+                tx.wait_for(lease.slot)
+                if tx.orphans:  # the attach waited for failed or died: mend it first
+                    self._repair(tx)
+                return self._attach(tx, vm_id, options, policy)
+            try:
+                tx.commit()
+            except BaseException:
+                flight.finish()  # nothing was committed: nothing to mend
+                raise
+        try:
+            self._attach_in_flight(flight, network, lease.slot, options, policy)
+        except _Occupied:
+            # The TAP's name is taken, not by a detach of this VM: the checks of an attach
+            # inside the transaction decide (netvm's TAP of this VM, or someone else's).
+            self._abandon(flight)
+            with self._changing() as tx:
+                return self._attach(tx, vm_id, options, policy)
+        except BaseException:
+            self._abandon(flight)
+            raise
+        flight.finish()
+        log.debug("attached %s as %s", vm_id, network.tap_name)
+        return network
+
+    def _attach_in_flight(
+        self,
+        flight: InFlight,
+        network: VmNetwork,
+        slot: int,
+        options: TapOptions,
+        policy: GuestPolicy,
+    ) -> None:
+        """The kernel work of a new VM's attach, outside the lock; its intent is `flight`."""
+        name = network.tap_name
+        try:
+            self.backend.create_tap(name, options)
+        except DeviceExists:
+            link = self.backend.get_link(name)
+            detaching = naming.detaching_alias(self.config.bridge_name, network.vm_id)
+            if link is None or link.alias != detaching:
+                flight.update({"op": "attach", "vm_id": network.vm_id, "slot": slot, "new": True})
+                raise _Occupied from None
+            # A detach of this VM has not deleted its old TAP yet: finish that first.
+            self._delete_if_same(link)
+            self.backend.create_tap(name, options)
+        # The TAP is down and on no bridge yet: its guarantees are in place before its
+        # first frame. A failure from here on is undone by the intent (_recover_attach).
+        self._bridge()
+        self._guard(network, policy)
+        self._enslave(name, naming.tap_alias(self.config.bridge_name, network.vm_id, slot))
+        if policy.isolated:
+            self.backend.set_port_isolated(name, True)
+
+    def _abandon(self, flight: InFlight) -> None:
+        """Leave a failed attach's intent to the next transaction, which mends it as it
+        mends one whose process died (one code path for both); this call opens that
+        transaction at once unless another process's comes first."""
+        flight.update({**flight.intent, "failed": True})
+        flight.abandon()
+        try:
+            with self.leases.transaction(drain=False):
+                pass
+        except NetvmError as exc:
+            log.error("rollback: %s (the next call retries)", exc)
 
     # Guarantees (netvm/policy.py, docs/firewall.md) -------------------------------------
 

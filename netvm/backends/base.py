@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from netvm.errors import ConfigError
+from netvm.errors import ConfigError, HostError
 
 if TYPE_CHECKING:
     from netvm.firewall.model import Firewall, FirewallKind
@@ -63,6 +63,17 @@ class Link:
     """For a TAP (kind "tun"): the flags it was created with."""
     isolated: bool = False
     """For a bridge port: the kernel's port isolation (IFLA_BRPORT_ISOLATED)."""
+
+
+@dataclass(frozen=True)
+class LinkChange:
+    """One set_link request of a batch (Backend.set_links)."""
+
+    name: str
+    master: int | None = None
+    mtu: int | None = None
+    up: bool | None = None
+    alias: str | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +171,14 @@ class Backend(XtablesTables, Protocol):
         alias: str | None = None,
     ) -> None:
         """Change several attributes of a link in one request."""
+
+    def create_taps(self, names: Sequence[str], options: TapOptions) -> dict[str, HostError]:
+        """create_tap for each name, back to back; the error of each that failed (the
+        others exist). DeviceExists for a name in use, as create_tap."""
+
+    def set_links(self, changes: Sequence[LinkChange]) -> dict[str, HostError]:
+        """set_link for each change, the requests pipelined (all sent, then all answers
+        read); the error of each that failed, the others are applied."""
 
     def set_port_isolated(self, name: str, isolated: bool) -> None:
         """Set the kernel's isolation of bridge port `name`: isolated ports exchange no

@@ -12,9 +12,18 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from netvm.backends.base import FILTER, NAT, STANDARD_TARGETS, Address, Link, Rule, TapOptions
+from netvm.backends.base import (
+    FILTER,
+    NAT,
+    STANDARD_TARGETS,
+    Address,
+    Link,
+    LinkChange,
+    Rule,
+    TapOptions,
+)
 from netvm.config import IFNAMSIZ, MAX_MTU, MIN_MTU
-from netvm.errors import host_error
+from netvm.errors import HostError, host_error
 from netvm.firewall.fake_nft import FakeElements, FakeNftRunner, FakeRuleset
 from netvm.firewall.model import Firewall, FirewallKind
 from netvm.firewall.nftables import NftablesFirewall
@@ -164,6 +173,26 @@ class FakeBackend:
         if ports >= MAX_BRIDGE_PORTS:
             raise host_error(operation, name, errno.EXFULL, f"{bridge.name} is full")
         self.state.links[name] = replace(link, master=master)
+
+    def create_taps(self, names: Sequence[str], options: TapOptions) -> dict[str, HostError]:
+        failed: dict[str, HostError] = {}
+        for name in names:
+            try:
+                self.create_tap(name, options)
+            except HostError as exc:
+                failed[name] = exc
+        return failed
+
+    def set_links(self, changes: Sequence[LinkChange]) -> dict[str, HostError]:
+        """Each change as set_link, in order (the kernel handles pipelined requests one
+        after the other too); a failing one does not stop the others."""
+        failed: dict[str, HostError] = {}
+        for c in changes:
+            try:
+                self.set_link(c.name, master=c.master, mtu=c.mtu, up=c.up, alias=c.alias)
+            except HostError as exc:
+                failed[c.name] = exc
+        return failed
 
     def set_port_isolated(self, name: str, isolated: bool) -> None:
         link = self._require("set port isolation", name)

@@ -206,6 +206,31 @@ def parse_address(data: bytes | memoryview, offset: int, end: int) -> tuple[int,
     return index, str(ipaddress.IPv4Address(packed)), prefixlen
 
 
+@dataclass(frozen=True)
+class LinkRequest:
+    """One link change of a pipelined set_links."""
+
+    name: str
+    master: int | None = None
+    mtu: int | None = None
+    up: bool | None = None
+    alias: str | None = None
+
+
+def _link_body(change: LinkRequest) -> bytes:
+    """The RTM_NEWLINK body of a change, as set_link packs it."""
+    up = change.up
+    body = _IFINFOMSG.pack(0, 0, 0, IFF_UP if up else 0, 0 if up is None else IFF_UP)
+    body += name_attr(change.name)
+    if change.master is not None:
+        body += u32_attr(IFLA_MASTER, change.master)
+    if change.mtu is not None:
+        body += u32_attr(IFLA_MTU, change.mtu)
+    if change.alias is not None:
+        body += attr(IFLA_IFALIAS, change.alias.encode())
+    return body
+
+
 class RtnlError(OSError):
     """The kernel refused a request: errno and, when it gave one, its extended-ack message."""
 
@@ -413,6 +438,36 @@ class Rtnl:
                     sequences[self._seq] = name
                 self._sock.send(b"".join(messages))
                 failed.extend(self._collect_acks(sequences))
+        return failed
+
+    def set_links(self, changes: Sequence[LinkRequest]) -> list[tuple[str, int, str]]:
+        """One RTM_NEWLINK per change, all sent before any ack is read (several per
+        datagram); (name, errno, extended-ack message) of each that failed."""
+        failed: list[tuple[str, int, str]] = []
+        chunk = 64  # acks of one datagram must fit the socket's receive buffer
+        with self._lock:
+            for first in range(0, len(changes), chunk):
+                messages = []
+                sequences: dict[int, str] = {}
+                for change in changes[first : first + chunk]:
+                    self._seq = (self._seq + 1) & 0xFFFFFFFF
+                    body = _link_body(change)
+                    flags = NLM_F_REQUEST | NLM_F_ACK
+                    messages.append(
+                        _NLMSGHDR.pack(_HEADER + len(body), RTM_NEWLINK, flags, self._seq, 0) + body
+                    )
+                    sequences[self._seq] = change.name
+                self._sock.send(b"".join(messages))
+                pending = dict(sequences)
+                view = memoryview(self._buffer)
+                while pending:
+                    for offset, end, kind, msg_flags, seq in self._received():
+                        if kind == NLMSG_ERROR and seq in pending:
+                            (code,) = _ERRNO.unpack_from(self._buffer, offset + _HEADER)
+                            name = pending.pop(seq)
+                            if code:
+                                error = self._error(-code, view, offset, end, msg_flags)
+                                failed.append((name, -code, error.message))
         return failed
 
     def _collect_acks(self, sequences: dict[int, str]) -> Iterator[tuple[str, int]]:

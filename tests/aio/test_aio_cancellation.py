@@ -171,7 +171,7 @@ async def test_attach_many_cancelled_midway_undoes_what_it_attached(
     half_states: HalfStates,
     leased: Leased,
 ) -> None:
-    manager.attach_many = None  # type: ignore[attr-defined]  # the fallback, always
+    manager.attach_many = None  # type: ignore[assignment, method-assign]  # the fallback
     await net.attach("m-0")
     gate = gates(manager.backend, "create_tap", naming.tap_name("m-3"))
     task = asyncio.create_task(net.attach_many([f"m-{n}" for n in range(5)]))

@@ -21,6 +21,7 @@ from netvm import (
     naming,
 )
 from netvm.aio import AsyncNetworkManager
+from netvm.attaching import AttachManyResult
 from netvm.errors import host_error
 
 pytestmark = pytest.mark.asyncio
@@ -87,9 +88,12 @@ async def test_netvm_errors_arrive_unchanged(
     with pytest.raises(ConflictError, match="is not netvm's TAP"):
         await net.detach("squatted")
     assert "squatted" not in leased(manager)
-    with pytest.raises(ConflictError, match="is not netvm's TAP"):
-        await net.attach_many(["fine-1", "squatted"])
-    assert "fine-1" not in leased(manager)
+    # attach_many: each VM on its own (partial success), the error per VM.
+    result = await net.attach_many(["fine-1", "squatted"])
+    assert isinstance(result.errors["squatted"], ConflictError)
+    assert list(result.networks) == ["fine-1"]
+    assert "squatted" not in leased(manager)
+    assert "fine-1" in leased(manager)
 
 
 async def test_attach_before_ensure_host_raises_the_sync_error(
@@ -169,9 +173,9 @@ async def test_no_sync_call_runs_on_the_loops_thread(manager: NetworkManager) ->
 async def test_attach_many_is_all_or_nothing(
     net: AsyncNetworkManager, manager: NetworkManager, leased: Leased, half_states: HalfStates
 ) -> None:
-    manager.attach_many = None  # type: ignore[attr-defined]  # the fallback, always
+    manager.attach_many = None  # type: ignore[assignment, method-assign]  # the fallback
     before = await net.attach("before")
-    networks = await net.attach_many(["a-1", "before", "a-2"])
+    networks = list((await net.attach_many(["a-1", "before", "a-2"])).networks.values())
     assert [vm.vm_id for vm in networks] == ["a-1", "before", "a-2"]
     assert networks[1] == before
     refused = host_error("create tap", naming.tap_name("c-3"), errno.EIO, "injected")
@@ -208,21 +212,21 @@ async def test_attach_many_and_detach_many_delegate_when_the_manager_has_them(
 ) -> None:
     seen: list[tuple[str, list[str]]] = []
 
-    def attach_many(vm_ids: list[str], tap: Any = None) -> list[Any]:
+    def attach_many(vm_ids: list[str], tap: Any = None, policy: Any = None) -> AttachManyResult:
         seen.append(("attach_many", list(vm_ids)))
-        return [manager.attach(vm_id, tap) for vm_id in vm_ids]
+        return AttachManyResult({vm_id: manager.attach(vm_id, tap) for vm_id in vm_ids})
 
     def detach_many(vm_ids: list[str]) -> None:
         seen.append(("detach_many", list(vm_ids)))
         for vm_id in vm_ids:
             manager.detach(vm_id)
 
-    manager.attach_many = attach_many  # type: ignore[attr-defined]
+    manager.attach_many = attach_many  # type: ignore[assignment, method-assign]
     manager.detach_many = detach_many  # type: ignore[attr-defined]
     async with AsyncNetworkManager(manager) as net:
         await net.ensure_host()
-        networks = await net.attach_many(iter(["x-1", "x-2"]))
-        assert [vm.vm_id for vm in networks] == ["x-1", "x-2"]
+        result = await net.attach_many(iter(["x-1", "x-2"]))
+        assert [vm.vm_id for vm in result.networks.values()] == ["x-1", "x-2"]
         await net.detach_many(["x-1", "x-2"])
         assert await net.list() == []
     assert seen == [("attach_many", ["x-1", "x-2"]), ("detach_many", ["x-1", "x-2"])]

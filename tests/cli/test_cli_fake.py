@@ -448,3 +448,26 @@ def test_help_and_version_exit_0(run: Run) -> None:
     version = run("--version")
     assert version.code == 0
     assert version.out.startswith("netvm ")
+
+
+def test_attach_many_vms_prints_a_list_and_fails_only_the_bad_one(
+    run: Run, state: FakeState
+) -> None:
+    assert run("ensure-host").code == 0
+    state.links[tap_name("vm-x")] = state.links["lo"].__class__(
+        999, tap_name("vm-x"), "veth", None, 1500, False, None
+    )
+    result = run("attach", "vm-a", "vm-x", "vm-b", "--json")
+    assert result.code == 1
+    vms = result.json()["vms"]
+    assert [v.get("vm", {}).get("vm_id") or v["vm_id"] for v in vms] == ["vm-a", "vm-x", "vm-b"]
+    assert vms[1]["error"]["type"] == "ConflictError"
+    assert "vm-x: " in result.err
+    for doc in (vms[0], vms[2]):
+        assert state.links[doc["vm"]["tap_name"]].master == state.links["nvbr0"].index
+    text = run("attach", "vm-a", "vm-b")
+    assert text.code == 0
+    assert [line for line in text.out.splitlines() if line.startswith("attached")] == [
+        "attached vm-a",
+        "attached vm-b",
+    ]

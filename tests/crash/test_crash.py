@@ -14,6 +14,7 @@ of a child that attaches and detaches in a loop follow.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import multiprocessing
 import os
@@ -31,10 +32,11 @@ import pytest
 from netvm import KernelBackend, NetworkConfig, NetworkManager, TapOptions
 from netvm.backends import kernel, rtnl, tun
 from netvm.config import FirewallChoice
+from netvm.errors import HostError
 from netvm.leases import LeaseTransaction
 from netvm.naming import guest_ip
 from netvm.policy import GuestPolicy
-from netvm.statefile import StateFile
+from netvm.statefile import InFlight, StateFile
 
 pytestmark = pytest.mark.privileged
 
@@ -75,6 +77,7 @@ def _instrument(steps: _Steps) -> None:
     for owner, name in (
         (rtnl.Rtnl, "request"),
         (rtnl.Rtnl, "set_groups"),
+        (rtnl.Rtnl, "set_links"),
         (kernel.KernelBackend, "set_ip_forward"),
         (kernel.KernelBackend, "create_chain"),
         (kernel.KernelBackend, "delete_chain"),
@@ -82,6 +85,12 @@ def _instrument(steps: _Steps) -> None:
         (kernel.KernelBackend, "delete_rule"),
         (StateFile, "write_intent"),
         (StateFile, "clear_intent"),
+        # An attach in flight (its kernel work after the lock): its slot, intent and end.
+        (StateFile, "begin_inflight"),
+        (StateFile, "forget_orphan"),
+        (InFlight, "update"),
+        (InFlight, "finish"),
+        (InFlight, "abandon"),
         (LeaseTransaction, "commit"),
     ):
         around(owner, name)
@@ -257,6 +266,24 @@ EVERY = GuestPolicy.of(
 """Every guarantee: the elements, an egress chain, the kernel's port isolation. The agent
 attaches its VMs again with the default policy: the elements must then be replaced."""
 
+
+def _attach_failing(manager: NetworkManager) -> None:
+    """attach("vm-b") whose enslave the kernel refuses (EXFULL, as a full bridge would)."""
+    real = rtnl.Rtnl.set_link
+
+    def refuse(self: rtnl.Rtnl, name: str, **changes: Any) -> None:
+        if changes.get("master") is not None:
+            raise rtnl.RtnlError(errno.EXFULL, "injected")
+        real(self, name, **changes)
+
+    rtnl.Rtnl.set_link = refuse  # type: ignore[method-assign]
+    try:
+        with pytest.raises(HostError):
+            manager.attach("vm-b", OWNED)
+    finally:
+        rtnl.Rtnl.set_link = real  # type: ignore[method-assign]
+
+
 SCENARIOS = {
     "ensure_host": Scenario((), lambda m: m.ensure_host(), (), host=False),
     "attach": Scenario(("vm-a",), lambda m: m.attach("vm-b", OWNED), ("vm-a", "vm-b")),
@@ -266,6 +293,19 @@ SCENARIOS = {
     ),
     "attach-guarded-abandoned": Scenario(
         ("vm-a",), lambda m: m.attach("vm-b", OWNED, EVERY), ("vm-a",)
+    ),
+    # Attached already: checked and mended inside the transaction, not in flight.
+    "attach-again": Scenario(("vm-a",), lambda m: m.attach("vm-a", OWNED), ("vm-a",)),
+    # In flight, the enslave fails (a full bridge, say): the failed attach is mended by
+    # the transaction that follows, as a killed one is.
+    "attach-failing": Scenario(("vm-a",), _attach_failing, ("vm-a",)),
+    "attach-many": Scenario(
+        ("vm-a",),
+        lambda m: m.attach_many(["vm-b", "vm-a", "vm-c"], OWNED),
+        ("vm-a", "vm-b", "vm-c"),
+    ),
+    "attach-many-abandoned": Scenario(
+        ("vm-a",), lambda m: m.attach_many(["vm-b", "vm-a", "vm-c"], OWNED), ("vm-a",)
     ),
     "detach": Scenario(("vm-a", "vm-b"), lambda m: m.detach("vm-a"), ("vm-b",)),
     "gc": Scenario(("vm-a", "vm-b", "vm-c"), lambda m: m.gc(keep=["vm-b"]), ("vm-b",)),
@@ -322,7 +362,8 @@ def test_a_kill_at_any_step_is_mended_by_the_next_calls(
     add_foreign(netns)
     steps = walk(netns, crash_config(tmp_path / "state"), name, SCENARIOS[name])
     # Proof that the kills landed inside the operation, not only around it.
-    assert steps >= {"ensure_host": 12, "teardown": 8, "gc": 4, "detach": 6}.get(name, 10)
+    least = {"ensure_host": 12, "teardown": 8, "gc": 4, "detach": 6, "attach-again": 4}
+    assert steps >= least.get(name, 10)
 
 
 @pytest.mark.parametrize("name", ["ensure_host", "teardown"])

@@ -287,6 +287,11 @@ Op = tuple[str, Any, Any]
 OPS: st.SearchStrategy[Op] = st.one_of(
     st.tuples(st.just("attach"), VM_IDS, st.one_of(st.none(), TAP_ARGS, ANYTHING)),
     st.tuples(st.just("attach-policy"), st.sampled_from(["vm-a", "vm-c"]), ANYTHING),
+    st.tuples(
+        st.just("attach-many"),
+        st.one_of(VM_IDS, st.lists(VM_IDS, max_size=3)),
+        st.one_of(st.none(), ANYTHING),
+    ),
     st.tuples(st.just("detach"), VM_IDS, st.none()),
     st.tuples(
         st.just("gc"),
@@ -309,6 +314,10 @@ def apply(manager: NetworkManager, op: Op) -> None:
             assert network.vm_id == value
         elif kind == "attach-policy":
             assert manager.attach(value, policy=tap_args).vm_id == value
+        elif kind == "attach-many":
+            result = manager.attach_many(value, tap_args)
+            assert not isinstance(value, str), "a str must never be read as its characters"
+            assert set(result.networks) | set(result.errors) == set(value)
         elif kind == "detach":
             manager.detach(value)
         else:

@@ -1,0 +1,201 @@
+"""The lock file: its fair queue, and operations that stay in flight after the lock is let go."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+from netvm.statefile import INFLIGHT_SLOTS, PAGE, SIZE, InFlight, StateFile
+
+
+def _holding(path: Path) -> StateFile:
+    file = StateFile(path)
+    file.acquire()
+    return file
+
+
+def test_an_operation_in_flight_outlives_the_lock_and_leaves_nothing_when_finished(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "x.lock"
+    first = _holding(path)
+    flight = first.begin_inflight({"op": "attach", "vm_id": "a"}, key=7)
+    assert flight is not None
+    first.release()
+    # Another open file takes the lock at once: the operation does not hold it.
+    second = _holding(path)
+    assert second.in_use() == [flight.index]
+    assert second.orphans() == []  # alive: not an orphan
+    second.release()
+    flight.finish()
+    third = _holding(path)
+    assert third.in_use() == []
+    assert third.orphans() == []
+    third.close()
+    first.close()
+    second.close()
+
+
+def test_an_abandoned_operation_is_an_orphan_with_its_intent_until_forgotten(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "x.lock"
+    first = _holding(path)
+    flight = first.begin_inflight({"op": "attach", "vm_id": "a"}, key=3)
+    assert flight is not None
+    first.release()
+    flight.update({"op": "attach", "vm_id": "a", "failed": True})
+    flight.abandon()
+    second = _holding(path)
+    assert second.orphans() == [(flight.index, {"op": "attach", "vm_id": "a", "failed": True})]
+    second.forget_orphan(flight.index)
+    assert second.orphans() == []
+    assert second.in_use() == []
+    second.close()
+    first.close()
+
+
+def _die_in_flight(path: Path, ready: multiprocessing.synchronize.Event) -> None:
+    file = _holding(path)
+    assert file.begin_inflight({"op": "attach", "vm_id": "dead"}, key=1) is not None
+    file.release()
+    ready.set()
+    time.sleep(60)
+
+
+def test_the_operation_of_a_killed_process_is_an_orphan(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    child = context.Process(target=_die_in_flight, args=(path, ready))
+    child.start()
+    assert ready.wait(10)
+    probe = _holding(path)
+    assert probe.orphans() == []  # the child lives: its operation is in flight
+    probe.release()
+    assert child.pid is not None
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(10)
+    probe.acquire()
+    ((_, intent),) = probe.orphans()
+    assert intent == {"op": "attach", "vm_id": "dead"}
+    probe.close()
+
+
+def test_drain_and_wait_for_wait_until_the_operation_ends(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    first = _holding(path)
+    flight = first.begin_inflight({"op": "attach"}, key=5)
+    assert flight is not None
+    first.release()
+    second = _holding(path)
+    # The key is busy: a second operation on it cannot go in flight.
+    assert second.begin_inflight({"op": "attach"}, key=5) is None
+    other = second.begin_inflight({"op": "attach"}, key=6)
+    assert other is not None
+    other.finish()
+    ended: list[str] = []
+
+    def end(name: str, ending: InFlight) -> None:
+        ended.append(name)
+        ending.finish()
+
+    timer = threading.Timer(0.2, end, ("finished", flight))
+    timer.start()
+    second.wait_for(5)
+    assert ended == ["finished"]
+    flight = second.begin_inflight({"op": "attach"}, key=5)
+    assert flight is not None
+    timer = threading.Timer(0.2, end, ("again", flight))
+    timer.start()
+    second.drain()
+    assert ended == ["finished", "again"]
+    timer.join()
+    second.close()
+    first.close()
+
+
+def test_every_slot_taken_means_no_flight(tmp_path: Path) -> None:
+    file = _holding(tmp_path / "x.lock")
+    flights = [file.begin_inflight({"n": k}, key=k) for k in range(INFLIGHT_SLOTS)]
+    assert all(f is not None for f in flights)
+    assert file.begin_inflight({"n": "one more"}, key=99) is None
+    for flight in flights:
+        assert flight is not None
+        flight.finish()
+    file.close()
+
+
+def test_a_lock_file_of_one_page_grows_its_slots_and_keeps_its_intent(tmp_path: Path) -> None:
+    path = tmp_path / "old.lock"
+    old = _holding(path)
+    old.write_intent({"op": "create-bridge", "bridge": "br0"})
+    old.close()
+    with open(path, "r+b") as raw:
+        raw.truncate(PAGE)  # as a netvm from before in-flight slots left it
+    file = _holding(path)
+    assert path.stat().st_size == SIZE
+    assert file.read_intent() == {"op": "create-bridge", "bridge": "br0"}
+    assert file.begin_inflight({"op": "attach"}, key=1) is not None
+    file.close()
+
+
+def _queue(path: Path, order: list[int], me: int, started: threading.Event) -> None:
+    file = StateFile(path)
+    started.set()
+    file.acquire()
+    order.append(me)
+    file.release()
+    file.close()
+
+
+def test_waiters_get_the_lock_in_the_order_they_came(tmp_path: Path) -> None:
+    path = tmp_path / "q.lock"
+    holder = _holding(path)
+    order: list[int] = []
+    threads = []
+    for me in range(6):
+        started = threading.Event()
+        thread = threading.Thread(target=_queue, args=(path, order, me, started))
+        thread.start()
+        started.wait()
+        time.sleep(0.05)  # it has taken its ticket and waits
+        threads.append(thread)
+    holder.release()
+    for thread in threads:
+        thread.join(10)
+    assert order == list(range(6))
+    holder.close()
+
+
+def _wait_for_lock(path: Path, got: multiprocessing.synchronize.Event) -> None:
+    file = StateFile(path)
+    file.acquire()
+    got.set()
+    time.sleep(60)
+
+
+def test_a_waiter_that_dies_does_not_let_the_next_one_past_the_holder(tmp_path: Path) -> None:
+    path = tmp_path / "q.lock"
+    holder = _holding(path)
+    context = multiprocessing.get_context("fork")
+    events = [context.Event(), context.Event()]
+    waiters = [context.Process(target=_wait_for_lock, args=(path, e)) for e in events]
+    for waiter in waiters:
+        waiter.start()
+        time.sleep(0.2)  # in the queue, in this order
+    assert waiters[0].pid is not None
+    os.kill(waiters[0].pid, signal.SIGKILL)  # the one just before the second waiter
+    waiters[0].join(10)
+    # The second one waited for the dead one; now it must wait for the holder.
+    assert not events[1].wait(0.5)
+    holder.release()
+    assert events[1].wait(10)
+    assert waiters[1].pid is not None
+    os.kill(waiters[1].pid, signal.SIGKILL)
+    waiters[1].join(10)
+    holder.close()
