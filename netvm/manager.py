@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from types import TracebackType
 from typing import Any
 
 from netvm import naming
-from netvm.backends.base import Backend, Link, TapOptions
+from netvm.backends.base import NO_MASTER, Backend, Link, LinkChange, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
 from netvm.errors import (
@@ -36,6 +37,7 @@ from netvm.host import HostSetup
 from netvm.leases import DamagedStore, LeaseStore, LeaseTransaction
 from netvm.naming import VmNetwork
 from netvm.policy import OPEN, GuestPolicy
+from netvm.reaper import CLOSE_WAIT, Reaper
 from netvm.reconcile import KernelTap, netvm_taps, rebuild
 from netvm.undo import Undo as _Undo
 from netvm.validation import check_subnet_free
@@ -44,6 +46,8 @@ log = logging.getLogger("netvm")
 
 BRIDGE_ALIAS = naming.BRIDGE_ALIAS
 """The prefix of the ifalias that marks a bridge as netvm's (`netvm-bridge:<subnet>`)."""
+DETACH_CHUNK = 128
+"""TAPs one detach intent names (the intent page holds 4 KiB); detach_many commits per chunk."""
 
 
 @dataclass(frozen=True)
@@ -98,12 +102,20 @@ class NetworkManager:
         )
         self._bridge_index: int | None = None
         self._firewall_kind: FirewallKind | None = None
+        self._reaper = Reaper(
+            self.backend.deleter, f"netvm-reaper-{self.config.bridge_name}", self._sweep
+        )
+        self._swept = False
 
     @classmethod
     def from_env(cls, backend: Backend | None = None) -> NetworkManager:
         return cls(NetworkConfig.from_env(), backend)
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = CLOSE_WAIT) -> None:
+        """Wait (at most `timeout` seconds) for the deletion of the TAPs detached so far,
+        then release everything. What is not deleted by then is left, marked, to the next
+        ensure_host or gc."""
+        self._reaper.close(timeout)
         self.leases.close()
         self.host.close()
         if self._owns_backend:
@@ -152,6 +164,10 @@ class NetworkManager:
                 raise
         self._bridge_index = bridge.index
         self._firewall_kind = None
+        if not self._swept:
+            # TAPs that processes which died marked and did not delete: off this call's path.
+            self._swept = True
+            self._reaper.request_sweep()
 
     def teardown_host(self) -> None:
         """Remove every netvm TAP of this bridge, netvm's rules and chains, and the bridge
@@ -205,6 +221,9 @@ class NetworkManager:
 
     def _recover(self, intent: dict[str, Any], tx: LeaseTransaction, crashed: bool) -> None:
         """Undo or finish the change `intent` describes. `crashed`: its maker died."""
+        if intent.get("op") == "detach" and isinstance(intent.get("group"), int):
+            self._recover_retired(intent, tx, logging.WARNING if crashed else logging.DEBUG)
+            return
         name = intent.get("tap")
         if not isinstance(name, str):
             return
@@ -244,7 +263,8 @@ class NetworkManager:
     def _recover_detach(
         self, intent: dict[str, Any], link: Link, tx: LeaseTransaction, level: int
     ) -> None:
-        """A detach that did not commit is undone; one that did is finished."""
+        """(An intent of netvm before the deferred detach.) A detach that did not commit
+        is undone; one that did is finished."""
         vm_id, alias = intent.get("vm_id"), intent.get("alias")
         if not isinstance(vm_id, str) or link.index != intent.get("index"):
             return
@@ -434,35 +454,165 @@ class NetworkManager:
             )
 
     def detach(self, vm_id: str) -> None:
-        """Delete the VM's TAP and free its lease; a VM that is already gone is success.
+        """Take the VM's TAP off the bridge and free its lease; a VM that is already gone
+        is success. The TAP is deleted moments later, off the caller's path (below).
 
-        Deleting a device makes the kernel wait for an RCU grace period (~16 ms), so the
-        lease lock is not held for it: inside the lock the TAP is taken down and marked as
-        detaching, and the lease is freed; the deletion follows, by ifindex, so that it can
-        never hit a TAP that a new attach of the same vm_id made meanwhile.
+        Deleting a device makes the kernel wait for an RCU grace period (~16 ms) per
+        request, so a detach does not delete: under the lease lock, one request takes the
+        TAP down and off the bridge, renames it (naming.detached_name: the VM's name is
+        free for a new attach at once), marks it `netvm-detaching:<bridge>:<vm_id>` and
+        moves it into the reaper's link group; the reaper's thread deletes the group, all
+        the TAPs detached meanwhile in one request (netvm/reaper.py).
         """
         naming.validate_vm_id(vm_id)
-        name = naming.tap_name(vm_id)
-        detaching = naming.detaching_alias(self.config.bridge_name, vm_id)
-        with self._changing() as tx:
+        self._detach([vm_id])
+
+    def detach_many(self, vm_ids: Iterable[str]) -> None:
+        """Detach each vm_id: one lock, the TAPs looked up and changed in pipelined
+        requests, one deferred deletion. Every TAP is checked first (a ConflictError
+        changes nothing); the leases are committed every DETACH_CHUNK VMs."""
+        wanted = list(dict.fromkeys(naming.validate_vm_ids("vm_ids", vm_ids)))
+        if wanted:
+            self._detach(wanted)
+
+    def wait_detached(self, timeout: float | None = CLOSE_WAIT) -> bool:
+        """Wait until the TAPs this manager detached so far are deleted; False on timeout."""
+        return self._reaper.wait(timeout)
+
+    def _detach(self, vm_ids: list[str]) -> None:
+        group = self._reaper.begin()
+        moved = [0]
+        try:
+            with self._changing() as tx:
+                self._retire_vms(tx, vm_ids, group, moved)
+        finally:
+            # After the commit, or after _changing undid what the intent names.
+            self._reaper.end(group, moved[0])
+
+    def _retire_vms(
+        self, tx: LeaseTransaction, vm_ids: list[str], group: int, moved: list[int]
+    ) -> None:
+        bridge = self.config.bridge_name
+        names = {naming.tap_name(vm_id): vm_id for vm_id in vm_ids}
+        if len(names) == 1:
+            (name,) = names
             link = self.backend.get_link(name)
-            if link is not None and link.alias != detaching:
-                self._check_tap(link, vm_id)
-                tx.intend(
-                    {
-                        "op": "detach",
-                        "tap": name,
-                        "vm_id": vm_id,
-                        "index": link.index,
-                        "alias": link.alias,
-                        "up": link.up,
-                    }
-                )
-                self.backend.set_link(name, up=False, alias=detaching)
-            self._unguard(name)
-            tx.release(vm_id)
-        if link is not None:
-            self._delete_if_same(link)
+            links = {} if link is None else {name: link}
+        else:
+            links = self.backend.get_links(list(names))
+        doomed: list[tuple[Link, str]] = []
+        for name, link in links.items():
+            vm_id = names[name]
+            if link.alias != naming.detaching_alias(bridge, vm_id):
+                self._check_tap(link, vm_id)  # a foreign device: ConflictError, no change
+            doomed.append((link, vm_id))
+        for first in range(0, len(doomed), DETACH_CHUNK):
+            part = doomed[first : first + DETACH_CHUNK]
+            if first:
+                tx.restart()
+            tx.intend(
+                {
+                    "op": "detach",
+                    "group": group,
+                    "taps": [link.index for link, _ in part],
+                    "isolated": [link.index for link, _ in part if link.isolated],
+                }
+            )
+            moved[0] += len(part)  # from here on the group may hold them
+            self._retire(part, group)
+            for link, vm_id in part:
+                self._unguard(link.name)
+                tx.release(vm_id)
+        for name, vm_id in names.items():
+            if name not in links:
+                self._unguard(name)
+                tx.release(vm_id)
+
+    def _retire(self, doomed: list[tuple[Link, str]], group: int) -> None:
+        """Down, off the bridge, renamed away, marked and in `group`, in pipelined requests."""
+        bridge = self.config.bridge_name
+        changes = [
+            LinkChange(
+                link.index,
+                name=naming.detached_name(link.index),
+                up=False,
+                master=NO_MASTER,
+                alias=naming.detaching_alias(bridge, vm_id),
+                group=group,
+            )
+            for link, vm_id in doomed
+        ]
+        failed = self.backend.change_links(changes)
+        retry = [change for change, code in failed if code != errno.ENODEV]
+        if retry:
+            # The name is taken, or an older kernel (< 6.2) renames no device that is up:
+            # everything else first, then the name alone, which may fail (the TAP then
+            # keeps its VM's name, and the VM's next attach deletes it at once).
+            unnamed = [dataclasses.replace(change, name=None) for change in retry]
+            for change, code in self.backend.change_links(unnamed):
+                if code != errno.ENODEV:
+                    raise host_error("detach", f"ifindex {change.index}", code)
+            names = [LinkChange(change.index, name=change.name) for change in retry]
+            for change, code in self.backend.change_links(names):
+                log.warning("detached TAP %d keeps its name: %s", change.index, os.strerror(code))
+
+    def _recover_retired(self, intent: dict[str, Any], tx: LeaseTransaction, level: int) -> None:
+        """A detach (intent: its group and TAPs) was cut short: each TAP whose lease is
+        still held (the detach did not commit) is put back as it was; the others, whose
+        detach committed, are deleted with their group."""
+        group = intent["group"]
+        taps = {index for index in intent.get("taps", []) if isinstance(index, int)}
+        isolated = set(intent.get("isolated", []))
+        bridge = self.config.bridge_name
+        master = self._bridge_or_none()
+        finished = False
+        for link in self.backend.list_links():
+            if link.index not in taps or link.kind != "tun":
+                continue
+            vm_id = naming.detaching_vm_id(link.alias, bridge)
+            if vm_id is None:
+                continue  # never marked: the detach did not reach it
+            lease = tx.get(vm_id)
+            if lease is None:
+                finished = True
+                continue
+            log.log(level, "restoring TAP %s of %r: its detach did not complete", link.name, vm_id)
+            name = naming.tap_name(vm_id)
+            restore = LinkChange(
+                link.index,
+                name=name if link.name != name else None,
+                up=True,
+                master=master,
+                alias=naming.tap_alias(bridge, vm_id, lease.slot),
+                group=0,
+            )
+            failed = self.backend.change_links([restore])
+            if failed:
+                log.error("TAP %s of %r could not be restored: %s", link.name, vm_id, failed[0][1])
+                finished = True
+            elif link.index in isolated and master is not None:
+                self.backend.set_port_isolated(name, True)
+        if finished:
+            self._reaper.doom(group)
+
+    def _sweep(self) -> None:
+        """(On the reaper's thread.) Delete the TAPs of this bridge that detaches marked and
+        no live reaper has deleted: those of processes that died. Under the lease lock, so
+        that no detach is half-way; TAPs of live reapers may go too, which is harmless."""
+        try:
+            with self.leases.transaction():
+                taps = netvm_taps(self.backend, self.config.bridge_name)
+                marked = [tap.link for tap in taps if tap.detaching]
+                if not marked:
+                    return
+                group = self._reaper.begin()
+                try:
+                    self.backend.change_links([LinkChange(t.index, group=group) for t in marked])
+                finally:
+                    self._reaper.end(group, len(marked))
+                log.warning("deleting %d TAP(s) whose detach did not finish", len(marked))
+        except StateStoreError as exc:
+            log.warning("sweep skipped (gc works from the kernel alone): %s", exc)
 
     def _delete_if_same(self, link: Link) -> None:
         """Delete `link` if that very device (its ifindex) still exists."""

@@ -192,7 +192,7 @@ async def test_cancelled_detach_completes(
     leased: Leased,
 ) -> None:
     await net.attach("gone")
-    gate = gates(manager.backend, "delete_link", naming.tap_name("gone"))
+    gate = gates(manager.backend, "get_link", naming.tap_name("gone"))
     task = asyncio.create_task(net.detach("gone"))
     await gate.wait_entered()
     task.cancel()
