@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
+import os
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -36,6 +38,7 @@ from netvm.naming import MAX_BRIDGE_PORTS
 
 IFALIASZ = 256
 F = TypeVar("F", bound=Callable[..., Any])
+_states: weakref.WeakValueDictionary[int, FakeState] = weakref.WeakValueDictionary()
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     FILTER: ("INPUT", "FORWARD", "OUTPUT"),
     NAT: ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
@@ -68,6 +71,7 @@ class FakeState:
 
     def __post_init__(self) -> None:
         self.links.setdefault("lo", Link(1, "lo", None, None, 65536, False, None))
+        _states[id(self)] = self
 
 
 class FakeBackend:
@@ -448,3 +452,12 @@ def _locked(method: F) -> F:
 for _name, _method in list(vars(FakeBackend).items()):
     if callable(_method) and not _name.startswith("_"):
         setattr(FakeBackend, _name, _locked(_method))
+
+
+def _unlock_in_child() -> None:
+    """A fork while another thread held a state's lock must not leave the child stuck."""
+    for state in list(_states.values()):
+        state.lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_unlock_in_child)

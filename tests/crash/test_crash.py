@@ -74,6 +74,7 @@ def _instrument(steps: _Steps) -> None:
     for owner, name in (
         (rtnl.Rtnl, "request"),
         (rtnl.Rtnl, "set_groups"),
+        (rtnl.Rtnl, "change_links"),
         (kernel.KernelBackend, "set_ip_forward"),
         (kernel.KernelBackend, "create_chain"),
         (kernel.KernelBackend, "delete_chain"),
@@ -198,6 +199,8 @@ def check_recovered(
         ip = str(guest_ip(manager.config.vm_subnet, lease.slot))
         if live[vm_id] is not None:
             assert ip == live[vm_id], f"{where}: {vm_id} moved from {live[vm_id]} to {ip}"
+    expected = {"lo", *FOREIGN, manager.config.bridge_name, *taps}
+    assert set(found) == expected, f"{where}: left {sorted(set(found) - expected)}"
     bridge = found[manager.config.bridge_name]
     assert bridge["ifalias"] == f"netvm-bridge:{manager.config.vm_subnet}", where
     bridges = [
@@ -241,11 +244,22 @@ class Scenario:
 OWNED = TapOptions(owner=0)
 """Every TAP of these scenarios: TUNSETOWNER is one more step to cut."""
 
+
+def _detach_attach(manager: NetworkManager) -> None:
+    """A VM restarted: its attach right after its detach, while the old TAP awaits deletion."""
+    manager.detach("vm-a")
+    manager.attach("vm-a", OWNED)
+
+
 SCENARIOS = {
     "ensure_host": Scenario((), lambda m: m.ensure_host(), (), host=False),
     "attach": Scenario(("vm-a",), lambda m: m.attach("vm-b", OWNED), ("vm-a", "vm-b")),
     "attach-abandoned": Scenario(("vm-a",), lambda m: m.attach("vm-b", OWNED), ("vm-a",)),
     "detach": Scenario(("vm-a", "vm-b"), lambda m: m.detach("vm-a"), ("vm-b",)),
+    "detach_many": Scenario(
+        ("vm-a", "vm-b", "vm-c"), lambda m: m.detach_many(["vm-a", "vm-c"]), ("vm-b",)
+    ),
+    "detach-attach": Scenario(("vm-a", "vm-b"), lambda m: _detach_attach(m), ("vm-a", "vm-b")),
     "gc": Scenario(("vm-a", "vm-b", "vm-c"), lambda m: m.gc(keep=["vm-b"]), ("vm-b",)),
     "teardown": Scenario(("vm-a",), lambda m: m.teardown_host(), ()),
 }
@@ -300,7 +314,8 @@ def test_a_kill_at_any_step_is_mended_by_the_next_calls(
     add_foreign(netns)
     steps = walk(netns, crash_config(tmp_path / "state"), name, SCENARIOS[name])
     # Proof that the kills landed inside the operation, not only around it.
-    assert steps >= {"ensure_host": 12, "teardown": 8, "gc": 4, "detach": 6}.get(name, 10)
+    least = {"ensure_host": 12, "teardown": 8, "gc": 4, "detach": 6, "detach_many": 6}
+    assert steps >= least.get(name, 10)
 
 
 @pytest.mark.parametrize("name", ["ensure_host", "teardown"])
