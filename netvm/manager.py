@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -106,6 +105,12 @@ class NetworkManager:
             self.backend.deleter, f"netvm-reaper-{self.config.bridge_name}", self._sweep
         )
         self._swept = False
+        # A detached TAP stays a (down) port of the bridge until the reaper deletes it,
+        # unless the subnet holds enough guests to fill the bridge's 1023 ports: then the
+        # detach also releases the port (~0.25 ms more), so that an attach right after
+        # it cannot find the bridge full.
+        capacity = self.config.vm_subnet.num_addresses - 3
+        self._release_ports = capacity > naming.MAX_BRIDGE_PORTS // 2
 
     @classmethod
     def from_env(cls, backend: Backend | None = None) -> NetworkManager:
@@ -222,7 +227,7 @@ class NetworkManager:
     def _recover(self, intent: dict[str, Any], tx: LeaseTransaction, crashed: bool) -> None:
         """Undo or finish the change `intent` describes. `crashed`: its maker died."""
         if intent.get("op") == "detach" and isinstance(intent.get("group"), int):
-            self._recover_retired(intent, tx, logging.WARNING if crashed else logging.DEBUG)
+            self._recover_retired(intent, tx, crashed)
             return
         name = intent.get("tap")
         if not isinstance(name, str):
@@ -459,10 +464,11 @@ class NetworkManager:
 
         Deleting a device makes the kernel wait for an RCU grace period (~16 ms) per
         request, so a detach does not delete: under the lease lock, one request takes the
-        TAP down and off the bridge, renames it (naming.detached_name: the VM's name is
-        free for a new attach at once), marks it `netvm-detaching:<bridge>:<vm_id>` and
-        moves it into the reaper's link group; the reaper's thread deletes the group, all
-        the TAPs detached meanwhile in one request (netvm/reaper.py).
+        TAP down (and off the bridge where it can fill up), renames it away from the VM's
+        name (naming.detached_name: free for a new attach at once), marks it
+        `netvm-detaching:<bridge>:<vm_id>` and moves it into the reaper's link group; the
+        reaper's thread deletes the group, all the TAPs detached meanwhile in one request
+        (netvm/reaper.py).
         """
         naming.validate_vm_id(vm_id)
         self._detach([vm_id])
@@ -482,15 +488,29 @@ class NetworkManager:
     def _detach(self, vm_ids: list[str]) -> None:
         group = self._reaper.begin()
         moved = [0]
+        unguarded: list[VmGuard] = []
         try:
             with self._changing() as tx:
-                self._retire_vms(tx, vm_ids, group, moved)
+                self._retire_vms(tx, vm_ids, group, moved, unguarded)
+        except BaseException:
+            # _changing put the TAPs back as they were: their guarantees follow.
+            for guard in unguarded:
+                try:
+                    self.backend.firewall("nftables").guard(self.config.bridge_name, guard)
+                except NetvmError as exc:
+                    log.error("rollback: guarantees of %s not restored: %s", guard.tap, exc)
+            raise
         finally:
             # After the commit, or after _changing undid what the intent names.
             self._reaper.end(group, moved[0])
 
     def _retire_vms(
-        self, tx: LeaseTransaction, vm_ids: list[str], group: int, moved: list[int]
+        self,
+        tx: LeaseTransaction,
+        vm_ids: list[str],
+        group: int,
+        moved: list[int],
+        unguarded: list[VmGuard],
     ) -> None:
         bridge = self.config.bridge_name
         names = {naming.tap_name(vm_id): vm_id for vm_id in vm_ids}
@@ -509,7 +529,8 @@ class NetworkManager:
         for first in range(0, len(doomed), DETACH_CHUNK):
             part = doomed[first : first + DETACH_CHUNK]
             if first:
-                tx.restart()
+                tx.restart()  # the chunks before are done: no rollback undoes them
+                unguarded.clear()
             tx.intend(
                 {
                     "op": "detach",
@@ -521,45 +542,66 @@ class NetworkManager:
             moved[0] += len(part)  # from here on the group may hold them
             self._retire(part, group)
             for link, vm_id in part:
-                self._unguard(link.name)
+                self._unguard_into(link.name, unguarded)
                 tx.release(vm_id)
         for name, vm_id in names.items():
             if name not in links:
-                self._unguard(name)
+                self._unguard_into(name, unguarded)
                 tx.release(vm_id)
 
+    def _unguard_into(self, tap: str, unguarded: list[VmGuard]) -> None:
+        """Remove the TAP's guarantees, keeping what they were for a rollback."""
+        firewall = self._elements()
+        if firewall is not None:
+            old = firewall.unguard(self.config.bridge_name, tap)
+            if old is not None:
+                unguarded.append(old)
+
     def _retire(self, doomed: list[tuple[Link, str]], group: int) -> None:
-        """Down, off the bridge, renamed away, marked and in `group`, in pipelined requests."""
+        """Down, renamed away, marked and in `group` (off the bridge too where the bridge
+        can fill up), in pipelined requests.
+
+        The rename frees the VM's name at once: an attach of the VM makes its new TAP
+        without meeting the old one, which the reaper may delete at any moment.
+        """
         bridge = self.config.bridge_name
+        release = NO_MASTER if self._release_ports else None
         changes = [
             LinkChange(
                 link.index,
                 name=naming.detached_name(link.index),
                 up=False,
-                master=NO_MASTER,
+                master=release,
                 alias=naming.detaching_alias(bridge, vm_id),
                 group=group,
             )
             for link, vm_id in doomed
         ]
         failed = self.backend.change_links(changes)
+        for change, code in failed:
+            if code not in (errno.ENODEV, errno.EEXIST, errno.EBUSY):
+                raise host_error("detach", f"TAP with ifindex {change.index}", code)
         retry = [change for change, code in failed if code != errno.ENODEV]
-        if retry:
-            # The name is taken, or an older kernel (< 6.2) renames no device that is up:
-            # everything else first, then the name alone, which may fail (the TAP then
-            # keeps its VM's name, and the VM's next attach deletes it at once).
-            unnamed = [dataclasses.replace(change, name=None) for change in retry]
-            for change, code in self.backend.change_links(unnamed):
-                if code != errno.ENODEV:
-                    raise host_error("detach", f"ifindex {change.index}", code)
-            names = [LinkChange(change.index, name=change.name) for change in retry]
-            for change, code in self.backend.change_links(names):
-                log.warning("detached TAP %d keeps its name: %s", change.index, os.strerror(code))
+        if not retry:
+            return
+        # The name is taken, or the kernel (< 6.2) renames no device that is up: all else
+        # first, then the name alone. A TAP that cannot be renamed keeps its VM's name
+        # until deleted (an attach of the VM meanwhile renames or deletes it first).
+        unnamed = [dataclasses.replace(change, name=None) for change in retry]
+        for change, code in self.backend.change_links(unnamed):
+            if code != errno.ENODEV:  # gone meanwhile: nothing to delete
+                raise host_error("detach", f"TAP with ifindex {change.index}", code)
+        renames = [LinkChange(change.index, name=change.name) for change in retry]
+        for change, code in self.backend.change_links(renames):
+            log.info("detached TAP %d keeps its name: %s", change.index, errno.errorcode[code])
 
-    def _recover_retired(self, intent: dict[str, Any], tx: LeaseTransaction, level: int) -> None:
-        """A detach (intent: its group and TAPs) was cut short: each TAP whose lease is
-        still held (the detach did not commit) is put back as it was; the others, whose
-        detach committed, are deleted with their group."""
+    def _recover_retired(self, intent: dict[str, Any], tx: LeaseTransaction, crashed: bool) -> None:
+        """A detach (intent: its group and TAPs) was cut short. A TAP whose lease is gone
+        (its detach committed) is deleted with the group. One whose lease is still held is
+        put back as it was if the detach failed in this process (which restores its
+        guarantees too), and its detach is finished if its process died (it wanted the VM
+        gone, and what it had of the guarantees went with it)."""
+        level = logging.WARNING if crashed else logging.DEBUG
         group = intent["group"]
         taps = {index for index in intent.get("taps", []) if isinstance(index, int)}
         isolated = set(intent.get("isolated", []))
@@ -576,13 +618,19 @@ class NetworkManager:
             if lease is None:
                 finished = True
                 continue
+            if crashed:
+                log.log(level, "finishing the detach of %r (TAP %s)", vm_id, link.name)
+                self._unguard_quietly(link.name)
+                tx.release(vm_id)
+                finished = True
+                continue
             log.log(level, "restoring TAP %s of %r: its detach did not complete", link.name, vm_id)
             name = naming.tap_name(vm_id)
             restore = LinkChange(
                 link.index,
                 name=name if link.name != name else None,
                 up=True,
-                master=master,
+                master=master if link.master != master else None,
                 alias=naming.tap_alias(bridge, vm_id, lease.slot),
                 group=0,
             )
@@ -603,6 +651,10 @@ class NetworkManager:
             with self.leases.transaction():
                 taps = netvm_taps(self.backend, self.config.bridge_name)
                 marked = [tap.link for tap in taps if tap.detaching]
+                firewall = self._elements()
+                if firewall is not None:  # the guarantees of TAPs gone or going
+                    live = [tap.link.name for tap in taps if not tap.detaching]
+                    firewall.prune(self.config.bridge_name, live)
                 if not marked:
                     return
                 group = self._reaper.begin()
@@ -615,7 +667,25 @@ class NetworkManager:
             log.warning("sweep skipped (gc works from the kernel alone): %s", exc)
 
     def _delete_if_same(self, link: Link) -> None:
-        """Delete `link` if that very device (its ifindex) still exists."""
+        """Delete `link` if that very device (its ifindex) still exists.
+
+        A TAP a detach marked (an attach of its VM found it under the VM's name) is not
+        deleted here: renamed away (naming.detached_name), its name is free at once, and
+        the reaper deletes it with its group. Any other, or one that cannot be renamed, is
+        deleted now, paying the kernel's grace period.
+        """
+        if naming.detaching_vm_id(link.alias, self.config.bridge_name) is not None:
+            group = self._reaper.begin()
+            retire = LinkChange(
+                link.index, name=naming.detached_name(link.index), up=False, group=group
+            )
+            try:
+                failed = self.backend.change_links([retire])
+            finally:
+                self._reaper.end(group, 1)
+            if not failed or failed[0][1] == errno.ENODEV:
+                return
+            log.warning("TAP %s cannot be renamed (%s): deleted now", link.name, failed[0][1])
         try:
             self.backend.delete_link(link.name, index=link.index)
         except HostError as exc:

@@ -32,6 +32,7 @@ import random
 import threading
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 from netvm.backends.base import GroupDeleter
 
@@ -41,6 +42,9 @@ LINGER = 0.005
 """Seconds the thread waits after the first detach of a batch, gathering more."""
 CLOSE_WAIT = 5.0
 """Seconds close() (and the atexit hook) waits for pending deletions."""
+IDLE_EXIT = 10.0
+"""Seconds without work after which the thread ends (the next detach starts another), so
+that a manager dropped without close() leaves no thread; its socket goes with it."""
 _GROUPS = (1 << 20, 1 << 31)
 
 _live: weakref.WeakSet[Reaper] = weakref.WeakSet()
@@ -69,7 +73,9 @@ class Reaper:
         """A fresh state (also in a forked child, where the thread and its locks are gone)."""
         self._pid = os.getpid()
         self._cond = threading.Condition(threading.Lock())
+        self._deleter_lock = threading.Lock()
         self._deleter: GroupDeleter | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
         self._thread: threading.Thread | None = None
         self._group: int | None = None
         self._next: int | None = None
@@ -164,9 +170,10 @@ class Reaper:
                 return False
         with self._cond:
             left = not self._idle()
-            deleter, self._deleter = self._deleter, None
-        if deleter is not None:
-            deleter.close()
+        with self._deleter_lock:
+            if self._finalizer is not None:
+                self._finalizer()  # closes the deleter, once
+            self._deleter = self._finalizer = None
         return not left
 
     # The thread -------------------------------------------------------------------------
@@ -181,9 +188,13 @@ class Reaper:
             self._thread.start()
 
     def _ensure_deleter(self) -> GroupDeleter:
-        if self._deleter is None:
-            self._deleter = self._open_deleter()
-        return self._deleter
+        with self._deleter_lock:
+            if self._deleter is None:
+                deleter = self._open_deleter()
+                self._deleter = deleter
+                # Closed by close(), or when a manager dropped without it is collected.
+                self._finalizer = weakref.finalize(self, deleter.close)
+            return self._deleter
 
     def _pick(self) -> int:
         """A group number no device uses (one group-only dump)."""
@@ -196,9 +207,10 @@ class Reaper:
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: not self._idle() or self._stopping)
-                if self._idle():
-                    return  # stopping, nothing left
+                self._cond.wait_for(lambda: not self._idle() or self._stopping, IDLE_EXIT)
+                if self._idle():  # stopping, or nothing to do for a while
+                    self._thread = None
+                    return
                 sweep, self._sweeping = self._sweeping, False
                 self._busy = True
             if sweep and self._sweep is not None:

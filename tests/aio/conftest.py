@@ -104,7 +104,6 @@ def _half_states(manager: NetworkManager) -> list[str]:
         awaiting_deletion = (
             naming.detaching_vm_id(link.alias, bridge_name) is not None
             and not link.up
-            and link.master is None
             and link.group != 0
         )
         if not awaiting_deletion:  # a detached TAP the reaper deletes is no half state

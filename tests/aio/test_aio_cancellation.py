@@ -54,6 +54,7 @@ async def test_attach_cancelled_midway_is_undone(
         await task
     assert gate.held == 1
     assert "vm-c" not in leased(manager)
+    assert manager.wait_detached()  # the TAP's deletion follows the detach
     assert manager.backend.get_link(naming.tap_name("vm-c")) is None
     assert half_states(manager) == []
     # The manager goes on working, and the vm_id can be attached again.
@@ -201,6 +202,7 @@ async def test_cancelled_detach_completes(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert leased(manager) == set()
+    assert manager.wait_detached()  # the TAP's deletion follows the detach
     assert manager.backend.get_link(naming.tap_name("gone")) is None
     assert half_states(manager) == []
 

@@ -142,9 +142,9 @@ def test_detach_removes_the_tap_and_frees_the_lease(manager: NetworkManager) -> 
     before = snapshot(manager.backend)
     vm = manager.attach("vm-1")
     manager.detach("vm-1")
-    assert manager.backend.get_link(vm.tap_name) is None
     assert manager.list() == []
     assert manager.wait_detached()
+    assert manager.backend.get_link(vm.tap_name) is None
     assert snapshot(manager.backend) == before
     manager.detach("vm-1")
     manager.detach("never-attached")

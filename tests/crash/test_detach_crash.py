@@ -149,8 +149,11 @@ def test_a_forked_child_neither_hangs_nor_deletes_the_parents_taps(
 
 
 def test_a_forked_child_runs_its_own_reaper(tmp_path: Path) -> None:
+    """The child makes its own manager (a SQLite connection must not cross a fork), while
+    the parent's reaper may be mid-way (its locks are reset in the child)."""
     config = crash_config(tmp_path / "state")
-    with NetworkManager(config, FakeBackend()) as manager:
+    fake = FakeBackend()
+    with NetworkManager(config, fake) as manager:
         manager.ensure_host()
         for vm_id in ("vm-p", "vm-c"):
             manager.attach(vm_id)
@@ -159,9 +162,10 @@ def test_a_forked_child_runs_its_own_reaper(tmp_path: Path) -> None:
         if pid == 0:
             code = 1
             try:
-                manager.detach("vm-c")
-                ok = manager.wait_detached(10)
-                marks = {link.alias for link in manager.backend.list_links()}
+                with NetworkManager(config, FakeBackend(fake.state)) as child:
+                    child.detach("vm-c")
+                    ok = child.wait_detached(10)
+                    marks = {link.alias for link in child.backend.list_links()}
                 code = 0 if ok and detaching_alias(config.bridge_name, "vm-c") not in marks else 3
             finally:
                 os._exit(code)
