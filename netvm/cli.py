@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dns", action="append", default=[], metavar="IP", help="DNS server (up to 2)"
     )
     detach = command("detach", "delete the VMs' TAPs and free their addresses")
-    detach.add_argument("vm_ids", nargs="+", metavar="VM_ID")
+    detach.add_argument("vm_id", nargs="+", metavar="VM_ID")  # a list: one or more
     command("list", "the VMs of the bridge: leases and TAPs")
     gc = command("gc", "detach every VM of the bridge except those kept")
     gc.add_argument(
@@ -481,7 +481,7 @@ def _run(args: argparse.Namespace, manager: NetworkManager) -> int:
     elif args.command == "attach":
         _attach(args, manager)
     elif args.command == "detach":
-        vm_ids: list[str] = args.vm_ids
+        vm_ids: list[str] = args.vm_id
         if len(vm_ids) == 1:
             manager.detach(vm_ids[0])
             _emit(args, {"vm_id": vm_ids[0], "detached": True}, f"detached {vm_ids[0]}")

@@ -194,6 +194,7 @@ class Reaper:
                 self._deleter = deleter
                 # Closed by close(), or when a manager dropped without it is collected.
                 self._finalizer = weakref.finalize(self, deleter.close)
+                self._finalizer.atexit = False  # at exit, _flush_at_exit needs it first
             return self._deleter
 
     def _pick(self) -> int:
