@@ -104,7 +104,8 @@ class Reaper:
             if self._closed:
                 raise RuntimeError("the manager is closed")
             if self._group is None:
-                self._group = self._next if self._next is not None else self._pick()
+                ready = self._next if self._next is not None else self._spare_group()
+                self._group = ready if ready is not None else self._pick()
                 self._next = None
             group = self._group
             self._users[group] = self._users.get(group, 0) + 1
@@ -204,21 +205,21 @@ class Reaper:
                 self._finalizer.atexit = False  # at exit, _flush_at_exit needs it first
             return self._deleter
 
+    def _spare_group(self) -> int | None:
+        """Under the lock: the group deleted last (this reaper's own, emptied by its
+        deletion) while the dump that showed it unused is fresh. The reuse spares a dump
+        (milliseconds of Python at 1000 links, which callers would wait for through the
+        GIL) at every batch."""
+        spare, self._spare = self._spare, None
+        fresh = time.monotonic() - self._checked < RECHECK
+        if spare is None or not fresh or spare in self._pending or spare in self._doomed:
+            return None
+        return spare
+
     def _pick(self) -> int:
-        """A group number no device uses: the last one deleted (this reaper's, emptied by
-        its deletion) while its check is fresh, else a new random one checked with one
-        group-only dump. The reuse spares the dump (milliseconds of Python at 1000 links,
-        which the callers' threads would wait for) at every batch."""
-        now = time.monotonic()
-        with self._cond:
-            spare = self._spare
-            fresh = now - self._checked < RECHECK
-            if spare is not None and fresh and spare not in {*self._pending, *self._doomed}:
-                self._spare = None
-                return spare
+        """A new group number no device uses (one group-only dump)."""
         used = self._ensure_deleter().link_groups() | set(self._pending) | self._doomed
-        with self._cond:
-            self._checked = now
+        self._checked = time.monotonic()
         while True:
             group = random.randrange(*_GROUPS)
             if group not in used:
@@ -277,6 +278,10 @@ class Reaper:
         """Pick the next group off the callers' path."""
         with self._cond:
             if self._next is not None or self._stopping:
+                return
+            spare = self._spare_group()
+            if spare is not None and spare != self._group:
+                self._next = spare
                 return
         try:
             group = self._pick()
