@@ -11,10 +11,10 @@ ioctls, libiptc, SQLite) runs on a worker thread.
 
 Threads. A NetworkManager is never called from two threads at once: each manager this
 class drives is confined to its own single-thread executor, so its calls run one at a time,
-in the order they were made. The *main* manager runs every operation. A detach waits
-~16 ms in the kernel (an RCU grace period) while it holds its backend's one netlink
-socket, so a second thread on the same manager would not overlap two detaches; extra
-*detach managers*, each with its own backend and so its own socket, do. They share the
+in the order they were made. The *main* manager runs every operation. Extra *detach
+managers*, each with its own backend and socket, run detaches beside it (made when a
+detach held its socket for the kernel's ~16 ms grace period; now each manager's reaper
+thread pays that off the caller's path, docs/design.md). They share the
 lease database and the namespace with the main manager exactly as several netvm processes
 on one host do, which netvm is built for. `open()` makes two of them by default.
 

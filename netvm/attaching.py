@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from netvm import naming
-from netvm.backends.base import LinkChange, TapOptions
+from netvm.backends.base import LinkSetting, TapOptions
 from netvm.errors import ConfigError, DeviceExists, NetvmError
 from netvm.leases import LeaseTransaction
 from netvm.naming import VmNetwork
@@ -150,7 +150,7 @@ def _attach_group(
         except NetvmError as exc:
             result.errors[vm_id] = exc
     changes = [
-        LinkChange(
+        LinkSetting(
             network.tap_name,
             master=bridge,
             mtu=manager.config.mtu,

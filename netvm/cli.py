@@ -2,7 +2,7 @@
 
     netvm [global options] COMMAND [options]
 
-Commands: ensure-host, attach VM_ID, detach VM_ID, list, gc --keep [VM_ID...], teardown,
+Commands: ensure-host, attach VM_ID, detach VM_ID..., list, gc --keep [VM_ID...], teardown,
 status. Global options may come before or after the command. Exit status: 0 on success,
 1 when netvm reports an error (one line on stderr saying what failed and what to do),
 2 for a usage error, 130 when interrupted. `--json` prints one JSON document on stdout whose
@@ -235,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dns", action="append", default=[], metavar="IP", help="DNS server (up to 2)"
     )
     cli_policy.add_options(attach)
-    detach = command("detach", "delete the VM's TAP and free its address")
-    detach.add_argument("vm_id", metavar="VM_ID")
+    detach = command("detach", "delete the VMs' TAPs and free their addresses")
+    detach.add_argument("vm_id", nargs="+", metavar="VM_ID")  # a list: one or more
     command("list", "the VMs of the bridge: leases and TAPs")
     gc = command("gc", "detach every VM of the bridge except those kept")
     gc.add_argument(
@@ -587,8 +587,13 @@ def _run(args: argparse.Namespace, manager: NetworkManager) -> int:
     elif args.command == "attach":
         return _attach(args, manager)
     elif args.command == "detach":
-        manager.detach(args.vm_id)
-        _emit(args, {"vm_id": args.vm_id, "detached": True}, f"detached {args.vm_id}")
+        vm_ids: list[str] = args.vm_id
+        if len(vm_ids) == 1:
+            manager.detach(vm_ids[0])
+            _emit(args, {"vm_id": vm_ids[0], "detached": True}, f"detached {vm_ids[0]}")
+        else:  # one lock, one deletion of all the TAPs
+            manager.detach_many(vm_ids)
+            _emit(args, {"vm_ids": vm_ids, "detached": True}, "detached " + " ".join(vm_ids))
     elif args.command == "list":
         _list(args, manager)
     elif args.command == "gc":

@@ -20,7 +20,7 @@ from typing import Any
 
 from netvm import attaching, naming
 from netvm.attaching import AttachManyResult, check_attach_args
-from netvm.backends.base import Backend, Link, TapOptions
+from netvm.backends.base import NO_MASTER, Backend, Link, LinkChange, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
 from netvm.errors import (
@@ -37,6 +37,7 @@ from netvm.host import HostSetup
 from netvm.leases import DamagedStore, LeaseStore, LeaseTransaction
 from netvm.naming import VmNetwork
 from netvm.policy import OPEN, GuestPolicy
+from netvm.reaper import CLOSE_WAIT, Reaper
 from netvm.reconcile import KernelTap, netvm_taps, rebuild
 from netvm.statefile import InFlight
 from netvm.undo import Undo as _Undo
@@ -46,6 +47,8 @@ log = logging.getLogger("netvm")
 
 BRIDGE_ALIAS = naming.BRIDGE_ALIAS
 """The prefix of the ifalias that marks a bridge as netvm's (`netvm-bridge:<subnet>`)."""
+DETACH_CHUNK = 128
+"""TAPs one detach intent names (the intent page holds 4 KiB); detach_many commits per chunk."""
 
 
 @dataclass(frozen=True)
@@ -104,12 +107,26 @@ class NetworkManager:
         )
         self._bridge_index: int | None = None
         self._firewall_kind: FirewallKind | None = None
+        self._reaper = Reaper(
+            self.backend.deleter, f"netvm-reaper-{self.config.bridge_name}", self._sweep
+        )
+        self._swept = False
+        # A detached TAP stays a (down) port of the bridge until the reaper deletes it,
+        # unless the subnet holds enough guests to fill the bridge's 1023 ports: then the
+        # detach also releases the port (~0.25 ms more), so that an attach right after
+        # it cannot find the bridge full.
+        capacity = self.config.vm_subnet.num_addresses - 3
+        self._release_ports = capacity > naming.MAX_BRIDGE_PORTS // 2
 
     @classmethod
     def from_env(cls, backend: Backend | None = None) -> NetworkManager:
         return cls(NetworkConfig.from_env(), backend)
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = CLOSE_WAIT) -> None:
+        """Wait (at most `timeout` seconds) for the deletion of the TAPs detached so far,
+        then release everything. What is not deleted by then is left, marked, to the next
+        ensure_host or gc."""
+        self._reaper.close(timeout)
         self.leases.close()
         self.host.close()
         if self._owns_backend:
@@ -158,6 +175,10 @@ class NetworkManager:
                 raise
         self._bridge_index = bridge.index
         self._firewall_kind = None
+        if not self._swept:
+            # TAPs that processes which died marked and did not delete: off this call's path.
+            self._swept = True
+            self._reaper.request_sweep()
 
     def teardown_host(self) -> None:
         """Remove every netvm TAP of this bridge, netvm's rules and chains, and the bridge
@@ -219,6 +240,9 @@ class NetworkManager:
 
     def _recover(self, intent: dict[str, Any], tx: LeaseTransaction, crashed: bool) -> None:
         """Undo or finish the change `intent` describes. `crashed`: its maker died."""
+        if intent.get("op") == "detach" and isinstance(intent.get("group"), int):
+            self._recover_retired(intent, tx, crashed)
+            return
         name = intent.get("tap")
         link = self._tun(name) if isinstance(name, str) else None
         level = logging.WARNING if crashed else logging.DEBUG
@@ -268,7 +292,8 @@ class NetworkManager:
     def _recover_detach(
         self, intent: dict[str, Any], link: Link, tx: LeaseTransaction, level: int
     ) -> None:
-        """A detach that did not commit is undone; one that did is finished."""
+        """(An intent of netvm before the deferred detach.) A detach that did not commit
+        is undone; one that did is finished."""
         vm_id, alias = intent.get("vm_id"), intent.get("alias")
         if not isinstance(vm_id, str) or link.index != intent.get("index"):
             return
@@ -557,38 +582,233 @@ class NetworkManager:
             )
 
     def detach(self, vm_id: str) -> None:
-        """Delete the VM's TAP and free its lease; a VM that is already gone is success.
+        """Take the VM's TAP off the bridge and free its lease; a VM that is already gone
+        is success. The TAP is deleted moments later, off the caller's path (below).
 
-        Deleting a device makes the kernel wait for an RCU grace period (~16 ms), so the
-        lease lock is not held for it: inside the lock the TAP is taken down and marked as
-        detaching, and the lease is freed; the deletion follows, by ifindex, so that it can
-        never hit a TAP that a new attach of the same vm_id made meanwhile.
+        Deleting a device makes the kernel wait for an RCU grace period (~16 ms) per
+        request, so a detach does not delete: under the lease lock, one request takes the
+        TAP down (and off the bridge where it can fill up), renames it away from the VM's
+        name (naming.detached_name: free for a new attach at once), marks it
+        `netvm-detaching:<bridge>:<vm_id>` and moves it into the reaper's link group; the
+        reaper's thread deletes the group, all the TAPs detached meanwhile in one request
+        (netvm/reaper.py).
         """
         naming.validate_vm_id(vm_id)
-        name = naming.tap_name(vm_id)
-        detaching = naming.detaching_alias(self.config.bridge_name, vm_id)
-        with self._changing() as tx:
+        self._detach([vm_id])
+
+    def detach_many(self, vm_ids: Iterable[str]) -> None:
+        """Detach each vm_id: one lock, the TAPs looked up and changed in pipelined
+        requests, one deferred deletion. Every TAP is checked first (a ConflictError
+        changes nothing); the leases are committed every DETACH_CHUNK VMs."""
+        wanted = list(dict.fromkeys(naming.validate_vm_ids("vm_ids", vm_ids)))
+        if wanted:
+            self._detach(wanted)
+
+    def wait_detached(self, timeout: float | None = CLOSE_WAIT) -> bool:
+        """Wait until the TAPs this manager detached so far are deleted; False on timeout."""
+        return self._reaper.wait(timeout)
+
+    def _detach(self, vm_ids: list[str]) -> None:
+        group = self._reaper.begin()
+        moved = [0]
+        unguarded: list[VmGuard] = []
+        try:
+            with self._changing() as tx:
+                self._retire_vms(tx, vm_ids, group, moved, unguarded)
+        except BaseException:
+            # _changing put the TAPs back as they were: their guarantees follow.
+            for guard in unguarded:
+                try:
+                    self.backend.firewall("nftables").guard(self.config.bridge_name, guard)
+                except NetvmError as exc:
+                    log.error("rollback: guarantees of %s not restored: %s", guard.tap, exc)
+            raise
+        finally:
+            # After the commit, or after _changing undid what the intent names.
+            self._reaper.end(group, moved[0])
+
+    def _retire_vms(
+        self,
+        tx: LeaseTransaction,
+        vm_ids: list[str],
+        group: int,
+        moved: list[int],
+        unguarded: list[VmGuard],
+    ) -> None:
+        bridge = self.config.bridge_name
+        names = {naming.tap_name(vm_id): vm_id for vm_id in vm_ids}
+        if len(names) == 1:
+            (name,) = names
             link = self.backend.get_link(name)
-            if link is not None and link.alias != detaching:
-                self._check_tap(link, vm_id)
-                tx.intend(
-                    {
-                        "op": "detach",
-                        "tap": name,
-                        "vm_id": vm_id,
-                        "index": link.index,
-                        "alias": link.alias,
-                        "up": link.up,
-                    }
-                )
-                self.backend.set_link(name, up=False, alias=detaching)
-            self._unguard(name)
-            tx.release(vm_id)
-        if link is not None:
-            self._delete_if_same(link)
+            links = {} if link is None else {name: link}
+        else:
+            links = self.backend.get_links(list(names))
+        doomed: list[tuple[Link, str]] = []
+        for name, link in links.items():
+            vm_id = names[name]
+            if link.alias != naming.detaching_alias(bridge, vm_id):
+                self._check_tap(link, vm_id)  # a foreign device: ConflictError, no change
+            doomed.append((link, vm_id))
+        for first in range(0, len(doomed), DETACH_CHUNK):
+            part = doomed[first : first + DETACH_CHUNK]
+            if first:
+                tx.restart()  # the chunks before are done: no rollback undoes them
+                unguarded.clear()
+            tx.intend(
+                {
+                    "op": "detach",
+                    "group": group,
+                    "taps": [link.index for link, _ in part],
+                    "isolated": [link.index for link, _ in part if link.isolated],
+                }
+            )
+            moved[0] += len(part)  # from here on the group may hold them
+            self._retire(part, group)
+            for link, vm_id in part:
+                self._unguard_into(link.name, unguarded)
+                tx.release(vm_id)
+        for name, vm_id in names.items():
+            if name not in links:
+                self._unguard_into(name, unguarded)
+                tx.release(vm_id)
+
+    def _unguard_into(self, tap: str, unguarded: list[VmGuard]) -> None:
+        """Remove the TAP's guarantees, keeping what they were for a rollback."""
+        firewall = self._elements()
+        if firewall is not None:
+            old = firewall.unguard(self.config.bridge_name, tap)
+            if old is not None:
+                unguarded.append(old)
+
+    def _retire(self, doomed: list[tuple[Link, str]], group: int) -> None:
+        """Down, renamed away, marked and in `group` (off the bridge too where the bridge
+        can fill up), in pipelined requests.
+
+        The rename frees the VM's name at once: an attach of the VM makes its new TAP
+        without meeting the old one, which the reaper may delete at any moment.
+        """
+        bridge = self.config.bridge_name
+        release = NO_MASTER if self._release_ports else None
+        changes = [
+            LinkChange(
+                link.index,
+                name=naming.detached_name(link.index),
+                up=False,
+                master=release,
+                alias=naming.detaching_alias(bridge, vm_id),
+                group=group,
+            )
+            for link, vm_id in doomed
+        ]
+        failed = self.backend.change_links(changes)
+        for change, code in failed:
+            if code not in (errno.ENODEV, errno.EEXIST, errno.EBUSY):
+                raise host_error("detach", f"TAP with ifindex {change.index}", code)
+        retry = [change for change, code in failed if code != errno.ENODEV]
+        if not retry:
+            return
+        # The name is taken, or the kernel (< 6.2) renames no device that is up: all else
+        # first, then the name alone. A TAP that cannot be renamed keeps its VM's name
+        # until deleted (an attach of the VM meanwhile renames or deletes it first).
+        unnamed = [dataclasses.replace(change, name=None) for change in retry]
+        for change, code in self.backend.change_links(unnamed):
+            if code != errno.ENODEV:  # gone meanwhile: nothing to delete
+                raise host_error("detach", f"TAP with ifindex {change.index}", code)
+        renames = [LinkChange(change.index, name=change.name) for change in retry]
+        for change, code in self.backend.change_links(renames):
+            log.info("detached TAP %d keeps its name: %s", change.index, errno.errorcode[code])
+
+    def _recover_retired(self, intent: dict[str, Any], tx: LeaseTransaction, crashed: bool) -> None:
+        """A detach (intent: its group and TAPs) was cut short. A TAP whose lease is gone
+        (its detach committed) is deleted with the group. One whose lease is still held is
+        put back as it was if the detach failed in this process (which restores its
+        guarantees too), and its detach is finished if its process died (it wanted the VM
+        gone, and what it had of the guarantees went with it)."""
+        level = logging.WARNING if crashed else logging.DEBUG
+        group = intent["group"]
+        taps = {index for index in intent.get("taps", []) if isinstance(index, int)}
+        isolated = set(intent.get("isolated", []))
+        bridge = self.config.bridge_name
+        master = self._bridge_or_none()
+        finished = False
+        for link in self.backend.list_links():
+            if link.index not in taps or link.kind != "tun":
+                continue
+            vm_id = naming.detaching_vm_id(link.alias, bridge)
+            if vm_id is None:
+                continue  # never marked: the detach did not reach it
+            lease = tx.get(vm_id)
+            if lease is None:
+                finished = True
+                continue
+            if crashed:
+                log.log(level, "finishing the detach of %r (TAP %s)", vm_id, link.name)
+                self._unguard_quietly(link.name)
+                tx.release(vm_id)
+                finished = True
+                continue
+            log.log(level, "restoring TAP %s of %r: its detach did not complete", link.name, vm_id)
+            name = naming.tap_name(vm_id)
+            restore = LinkChange(
+                link.index,
+                name=name if link.name != name else None,
+                up=True,
+                master=master if link.master != master else None,
+                alias=naming.tap_alias(bridge, vm_id, lease.slot),
+                group=0,
+            )
+            failed = self.backend.change_links([restore])
+            if failed:
+                log.error("TAP %s of %r could not be restored: %s", link.name, vm_id, failed[0][1])
+                finished = True
+            elif link.index in isolated and master is not None:
+                self.backend.set_port_isolated(name, True)
+        if finished:
+            self._reaper.doom(group)
+
+    def _sweep(self) -> None:
+        """(On the reaper's thread.) Delete the TAPs of this bridge that detaches marked and
+        no live reaper has deleted: those of processes that died. Under the lease lock, so
+        that no detach is half-way; TAPs of live reapers may go too, which is harmless."""
+        try:
+            with self.leases.transaction():
+                taps = netvm_taps(self.backend, self.config.bridge_name)
+                marked = [tap.link for tap in taps if tap.detaching]
+                firewall = self._elements()
+                if firewall is not None:  # the guarantees of TAPs gone or going
+                    live = [tap.link.name for tap in taps if not tap.detaching]
+                    firewall.prune(self.config.bridge_name, live)
+                if not marked:
+                    return
+                group = self._reaper.begin()
+                try:
+                    self.backend.change_links([LinkChange(t.index, group=group) for t in marked])
+                finally:
+                    self._reaper.end(group, len(marked))
+                log.warning("deleting %d TAP(s) whose detach did not finish", len(marked))
+        except StateStoreError as exc:
+            log.warning("sweep skipped (gc works from the kernel alone): %s", exc)
 
     def _delete_if_same(self, link: Link) -> None:
-        """Delete `link` if that very device (its ifindex) still exists."""
+        """Delete `link` if that very device (its ifindex) still exists.
+
+        A TAP a detach marked (an attach of its VM found it under the VM's name) is not
+        deleted here: renamed away (naming.detached_name), its name is free at once, and
+        the reaper deletes it with its group. Any other, or one that cannot be renamed, is
+        deleted now, paying the kernel's grace period.
+        """
+        if naming.detaching_vm_id(link.alias, self.config.bridge_name) is not None:
+            group = self._reaper.begin()
+            retire = LinkChange(
+                link.index, name=naming.detached_name(link.index), up=False, group=group
+            )
+            try:
+                failed = self.backend.change_links([retire])
+            finally:
+                self._reaper.end(group, 1)
+            if not failed or failed[0][1] == errno.ENODEV:
+                return
+            log.warning("TAP %s cannot be renamed (%s): deleted now", link.name, failed[0][1])
         try:
             self.backend.delete_link(link.name, index=link.index)
         except HostError as exc:

@@ -110,6 +110,28 @@ def detaching_alias(bridge: str, vm_id: str) -> str:
     return f"netvm-detaching:{bridge}:{vm_id}"
 
 
+def detaching_vm_id(alias: str | None, bridge: str) -> str | None:
+    """The vm_id in a detaching mark of `bridge` (detaching_alias), or None."""
+    prefix = detaching_alias(bridge, "")
+    if alias is None or not alias.startswith(prefix):
+        return None
+    vm_id = alias.removeprefix(prefix)
+    try:
+        return validate_vm_id(vm_id)
+    except ConfigError:
+        return None
+
+
+DETACHED_PREFIX = "nvdel"
+
+
+def detached_name(index: int) -> str:
+    """The name a detached TAP has until it is deleted: `nvdel` and its ifindex in hex
+    (at most 13 characters). Unique while the device exists, it is no VM's TAP name, so
+    the VM's own name is free for the next attach at once."""
+    return f"{DETACHED_PREFIX}{index:x}"
+
+
 @dataclass(frozen=True)
 class TapMark:
     """What a netvm TAP's ifalias says. `slot` is None for TAPs made before netvm

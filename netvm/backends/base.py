@@ -63,11 +63,33 @@ class Link:
     """For a TAP (kind "tun"): the flags it was created with."""
     isolated: bool = False
     """For a bridge port: the kernel's port isolation (IFLA_BRPORT_ISOLATED)."""
+    group: int = 0
+    """The link group (IFLA_GROUP); 0 is the kernel's default group."""
+
+
+NO_MASTER = 0
+"""`master=NO_MASTER` in a LinkChange releases the device from its bridge."""
 
 
 @dataclass(frozen=True)
 class LinkChange:
-    """One set_link request of a batch (Backend.set_links)."""
+    """One RTM_NEWLINK on the device with ifindex `index`; None leaves an attribute as is.
+
+    The kernel applies them in its own order (group, name, alias, up/down, then master) and
+    keeps the earlier ones when a later one fails. `name` renames the device.
+    """
+
+    index: int
+    name: str | None = None
+    up: bool | None = None
+    master: int | None = None
+    alias: str | None = None
+    group: int | None = None
+
+
+@dataclass(frozen=True)
+class LinkSetting:
+    """One set_link request of a batch (Backend.set_links), by name."""
 
     name: str
     master: int | None = None
@@ -134,6 +156,16 @@ class XtablesTables(Protocol):
         """Delete the first rule equal to `rule`; NotFound if there is none."""
 
 
+class GroupDeleter(Protocol):
+    """What the reaper's thread needs (netvm/reaper.py)."""
+
+    def link_groups(self) -> set[int]: ...
+
+    def delete_group(self, group: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Backend(XtablesTables, Protocol):
     """Links, addresses, the ip_forward switch and the firewalls of one network namespace.
 
@@ -176,7 +208,7 @@ class Backend(XtablesTables, Protocol):
         """create_tap for each name, back to back; the error of each that failed (the
         others exist). DeviceExists for a name in use, as create_tap."""
 
-    def set_links(self, changes: Sequence[LinkChange]) -> dict[str, HostError]:
+    def set_links(self, changes: Sequence[LinkSetting]) -> dict[str, HostError]:
         """set_link for each change, the requests pipelined (all sent, then all answers
         read); the error of each that failed, the others are applied."""
 
@@ -193,6 +225,28 @@ class Backend(XtablesTables, Protocol):
 
         Names that are already gone are skipped.
         """
+
+    def get_links(self, names: Sequence[str]) -> dict[str, Link]:
+        """Look up many devices by name in one round trip; absent names are left out."""
+
+    def change_links(self, changes: Sequence[LinkChange]) -> list[tuple[LinkChange, int]]:
+        """Apply each change (by ifindex), all requests in flight at once; return the
+        failed ones with their errno (ENODEV: no device with that index)."""
+
+    def link_groups(self) -> set[int]:
+        """The link groups some device of the namespace is in."""
+
+    def delete_group(self, group: int) -> None:
+        """Delete every device of link group `group` in one request (one grace period).
+
+        A group no device is in is success. Only group numbers netvm chose unused may be
+        given: the kernel deletes whatever is in the group.
+        """
+
+    def deleter(self) -> GroupDeleter:
+        """A handle of this namespace for a thread that deletes groups: its requests wait
+        for the kernel's grace period without holding up this backend's callers. Closed by
+        whoever asked for it."""
 
     def list_addresses(self, index: int | None = None) -> list[Address]: ...
 

@@ -8,17 +8,24 @@ fail the k-th change so that rollback can be tested at every step.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
-from collections.abc import Sequence
+import os
+import threading
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from netvm.backends.base import (
     FILTER,
     NAT,
+    NO_MASTER,
     STANDARD_TARGETS,
     Address,
     Link,
     LinkChange,
+    LinkSetting,
     Rule,
     TapOptions,
 )
@@ -31,6 +38,8 @@ from netvm.firewall.xtables import XtablesFirewall
 from netvm.naming import MAX_BRIDGE_PORTS
 
 IFALIASZ = 256
+F = TypeVar("F", bound=Callable[..., Any])
+_states: weakref.WeakValueDictionary[int, FakeState] = weakref.WeakValueDictionary()
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     FILTER: ("INPUT", "FORWARD", "OUTPUT"),
     NAT: ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
@@ -55,9 +64,15 @@ class FakeState:
     proc: dict[str, str] = field(default_factory=dict)
     """Other /proc/sys/net and /proc/thread-self/net files, by path (ip_forward is above)."""
     next_index: int = 2
+    live_rename: bool = True
+    """Linux >= 6.2 renames a device that is up; older kernels refuse it (EBUSY)."""
+    lock: threading.RLock = field(default_factory=threading.RLock, compare=False, repr=False)
+    """Held by every FakeBackend call: backends of one state may run on several threads
+    (the reaper's deleter is one), as in one namespace of the kernel."""
 
     def __post_init__(self) -> None:
         self.links.setdefault("lo", Link(1, "lo", None, None, 65536, False, None))
+        _states[id(self)] = self
 
 
 class FakeBackend:
@@ -158,10 +173,18 @@ class FakeBackend:
         if up is not None:
             changes["up"] = up
         link = self.state.links[name] = replace(link, **changes)  # type: ignore[arg-type]
+        self._set_master(operation, link, master)
+
+    def _set_master(self, operation: str, link: Link, master: int | None) -> None:
+        """do_set_master: 0 releases the device; another master releases the old one
+        before the new one is checked."""
+        name = link.name
         if master is None or link.master == master:
             return
         if link.master is not None:
             link = self.state.links[name] = replace(link, master=None, isolated=False)
+        if master == NO_MASTER:
+            return
         bridge = self._by_index(master)
         if bridge is None:
             raise host_error(operation, name, errno.EINVAL, f"no device with index {master}")
@@ -183,7 +206,7 @@ class FakeBackend:
                 failed[name] = exc
         return failed
 
-    def set_links(self, changes: Sequence[LinkChange]) -> dict[str, HostError]:
+    def set_links(self, changes: Sequence[LinkSetting]) -> dict[str, HostError]:
         """Each change as set_link, in order (the kernel handles pipelined requests one
         after the other too); a failing one does not stop the others."""
         failed: dict[str, HostError] = {}
@@ -225,6 +248,69 @@ class FakeBackend:
         self._mutate("delete links", ",".join(link.name for link in present))
         for link in present:
             self._remove(link)
+
+    def get_links(self, names: Sequence[str]) -> dict[str, Link]:
+        return {name: self.state.links[name] for name in names if name in self.state.links}
+
+    def change_links(self, changes: Sequence[LinkChange]) -> list[tuple[LinkChange, int]]:
+        failed: list[tuple[LinkChange, int]] = []
+        for change in changes:
+            try:
+                self._change(change)
+            except HostError as exc:
+                failed.append((change, exc.errno))
+        return failed
+
+    def _change(self, change: LinkChange) -> None:
+        """do_setlink by ifindex, in the kernel's order: group, name, alias, flags, master;
+        a failing step keeps the earlier ones."""
+        operation = "set link"
+        link = self._by_index(change.index)
+        if link is None:
+            raise host_error(operation, f"index {change.index}", errno.ENODEV)
+        if change.alias is not None and len(change.alias.encode()) > IFALIASZ - 1:
+            raise host_error(operation, link.name, errno.ERANGE, "ifalias too long")
+        if change.name is not None and len(change.name.encode()) >= IFNAMSIZ:
+            raise host_error(operation, link.name, errno.ERANGE)
+        self._mutate(operation, link.name)
+        if change.group is not None:
+            link = self._put(replace(link, group=change.group))
+        if change.name is not None and change.name != link.name:
+            if not _valid_name(change.name):
+                raise host_error(operation, link.name, errno.EINVAL, "invalid name")
+            if change.name in self.state.links:
+                raise host_error(operation, link.name, errno.EEXIST, f"{change.name} exists")
+            if link.up and not self.state.live_rename:
+                raise host_error(operation, link.name, errno.EBUSY, "the device is up")
+            del self.state.links[link.name]
+            link = self._put(replace(link, name=change.name))
+        if change.alias is not None:
+            link = self._put(replace(link, alias=change.alias or None))
+        if change.up is not None:
+            link = self._put(replace(link, up=change.up))
+        self._set_master(operation, link, change.master)
+
+    def _put(self, link: Link) -> Link:
+        self.state.links[link.name] = link
+        return link
+
+    def link_groups(self) -> set[int]:
+        return {link.group for link in self.state.links.values()}
+
+    def delete_group(self, group: int) -> None:
+        """Like the kernel, group 0 (every device's default) is refused."""
+        if group == 0:
+            raise host_error("delete link group", "0", errno.EOPNOTSUPP)
+        members = [link for link in self.state.links.values() if link.group == group]
+        if not members:
+            return
+        self._mutate("delete link group", str(group))
+        for link in members:
+            self._remove(link)
+
+    def deleter(self) -> FakeBackend:
+        """Another backend over the same state, with its own fault injection."""
+        return FakeBackend(self.state)
 
     # Addresses --------------------------------------------------------------------------
 
@@ -364,3 +450,35 @@ class FakeBackend:
 
     def close(self) -> None:
         """Nothing to release: the state lives as long as the object."""
+
+
+def _valid_name(name: str) -> bool:
+    """The kernel's dev_valid_name."""
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and not any(c == "/" or c == ":" or c.isspace() for c in name)
+    )
+
+
+def _locked(method: F) -> F:
+    @functools.wraps(method)
+    def run(self: FakeBackend, *args: Any, **kwargs: Any) -> Any:
+        with self.state.lock:
+            return method(self, *args, **kwargs)
+
+    return run  # type: ignore[return-value]
+
+
+for _name, _method in list(vars(FakeBackend).items()):
+    if callable(_method) and not _name.startswith("_"):
+        setattr(FakeBackend, _name, _locked(_method))
+
+
+def _unlock_in_child() -> None:
+    """A fork while another thread held a state's lock must not leave the child stuck."""
+    for state in list(_states.values()):
+        state.lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_unlock_in_child)

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar, cast
 
-from netvm.backends.base import Address, Link, LinkChange, Rule, TapOptions
+from netvm.backends.base import Address, Link, LinkChange, LinkSetting, Rule, TapOptions
 from netvm.backends.netns import NamespaceThread
-from netvm.backends.rtnl import LinkInfo, LinkRequest, Rtnl, RtnlError
+from netvm.backends.rtnl import LinkChangeRequest, LinkInfo, LinkRequest, Rtnl, RtnlError
 from netvm.backends.tun import create_persistent_tap, open_tun
 from netvm.errors import HostError, NetvmError, host_error
 
@@ -68,7 +68,34 @@ def _to_link(info: LinkInfo) -> Link:
         alias=info.alias,
         tap=tap,
         isolated=info.isolated,
+        group=info.group,
     )
+
+
+def _delete_group(rtnl: Rtnl, group: int) -> None:
+    try:
+        with _kernel_errors("delete link group", str(group)):
+            rtnl.delete_group(group)
+    except HostError as exc:
+        if exc.errno != errno.ENODEV:  # no device in the group (any more)
+            raise
+
+
+class KernelGroupDeleter:
+    """One netlink socket of a namespace, for the reaper's thread (netvm/reaper.py)."""
+
+    def __init__(self, rtnl: Rtnl) -> None:
+        self._rtnl = rtnl
+
+    def link_groups(self) -> set[int]:
+        with _kernel_errors("list links", None):
+            return self._rtnl.dump_groups()
+
+    def delete_group(self, group: int) -> None:
+        _delete_group(self._rtnl, group)
+
+    def close(self) -> None:
+        self._rtnl.close()
 
 
 class KernelBackend:
@@ -225,7 +252,7 @@ class KernelBackend:
                 failed[name] = exc
         return failed
 
-    def set_links(self, changes: Sequence[LinkChange]) -> dict[str, HostError]:
+    def set_links(self, changes: Sequence[LinkSetting]) -> dict[str, HostError]:
         requests = [
             LinkRequest(c.name, master=c.master, mtu=c.mtu, up=c.up, alias=c.alias) for c in changes
         ]
@@ -275,6 +302,30 @@ class KernelBackend:
         if errors:
             name, code = errors[0]
             raise host_error("group link for deletion", name, code)
+
+    def get_links(self, names: Sequence[str]) -> dict[str, Link]:
+        with _kernel_errors("get links", ",".join(names)):
+            return {name: _to_link(info) for name, info in self.rtnl.get_links(names).items()}
+
+    def change_links(self, changes: Sequence[LinkChange]) -> list[tuple[LinkChange, int]]:
+        requests = [
+            LinkChangeRequest(c.index, c.name, c.up, c.master, c.alias, c.group) for c in changes
+        ]
+        with _kernel_errors("set links", ",".join(str(c.index) for c in changes)):
+            failed = self.rtnl.change_links(requests)
+        return [(changes[at], code) for at, code in failed]
+
+    def link_groups(self) -> set[int]:
+        with _kernel_errors("list links", None):
+            return self.rtnl.dump_groups()
+
+    def delete_group(self, group: int) -> None:
+        _delete_group(self.rtnl, group)
+
+    def deleter(self) -> KernelGroupDeleter:
+        """A netlink socket of its own, opened in the namespace (on its thread)."""
+        with _kernel_errors("open rtnetlink socket", self.netns):
+            return KernelGroupDeleter(self._call(Rtnl))
 
     # Addresses --------------------------------------------------------------------------
 

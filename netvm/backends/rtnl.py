@@ -207,6 +207,33 @@ def parse_address(data: bytes | memoryview, offset: int, end: int) -> tuple[int,
 
 
 @dataclass(frozen=True)
+class LinkChangeRequest:
+    """What change_links sends for one device: None leaves an attribute as is; `master`
+    0 releases the device from its bridge; `name` renames it."""
+
+    index: int
+    name: str | None = None
+    up: bool | None = None
+    master: int | None = None
+    alias: str | None = None
+    group: int | None = None
+
+
+def _change_body(change: LinkChangeRequest) -> bytes:
+    flags = IFF_UP if change.up else 0
+    body = _IFINFOMSG.pack(0, 0, change.index, flags, 0 if change.up is None else IFF_UP)
+    if change.name is not None:
+        body += name_attr(change.name)
+    if change.master is not None:
+        body += u32_attr(IFLA_MASTER, change.master)
+    if change.group is not None:
+        body += u32_attr(IFLA_GROUP, change.group)
+    if change.alias is not None:
+        body += attr(IFLA_IFALIAS, change.alias.encode())
+    return body
+
+
+@dataclass(frozen=True)
 class LinkRequest:
     """One link change of a pipelined set_links."""
 
@@ -469,6 +496,55 @@ class Rtnl:
                                 error = self._error(-code, view, offset, end, msg_flags)
                                 failed.append((name, -code, error.message))
         return failed
+
+    def get_links(self, names: Sequence[str]) -> dict[str, LinkInfo]:
+        """Look up each name, several requests per datagram; absent names are left out."""
+        found: dict[str, LinkInfo] = {}
+        chunk = 32  # the replies of one datagram (~1.5 KiB each) must fit the receive buffer
+        with self._lock:
+            for first in range(0, len(names), chunk):
+                messages = []
+                pending: set[int] = set()
+                for name in names[first : first + chunk]:
+                    body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + name_attr(name) + _SKIP_STATS
+                    messages.append(self._message(RTM_GETLINK, NLM_F_REQUEST, body))
+                    pending.add(self._seq)
+                self._sock.send(b"".join(messages))
+                while pending:
+                    for offset, end, kind, _, seq in self._received():
+                        if seq not in pending:
+                            continue
+                        if kind == RTM_NEWLINK:
+                            info = parse_link(memoryview(self._buffer), offset, end)
+                            found[info.name] = info
+                            pending.discard(seq)
+                        elif kind == NLMSG_ERROR:
+                            (code,) = _ERRNO.unpack_from(self._buffer, offset + _HEADER)
+                            if -code not in (0, errno.ENODEV):
+                                raise RtnlError(-code)
+                            pending.discard(seq)
+        return found
+
+    def change_links(self, changes: Sequence[LinkChangeRequest]) -> list[tuple[int, int]]:
+        """One RTM_NEWLINK per change, selected by ifindex, several per datagram; return
+        (position in `changes`, errno) of each that failed."""
+        failed: list[tuple[int, int]] = []
+        chunk = 64  # acks of one datagram must fit the socket's receive buffer
+        with self._lock:
+            for first in range(0, len(changes), chunk):
+                messages = []
+                sequences: dict[int, str] = {}
+                for at in range(first, min(first + chunk, len(changes))):
+                    body = _change_body(changes[at])
+                    messages.append(self._message(RTM_NEWLINK, NLM_F_REQUEST | NLM_F_ACK, body))
+                    sequences[self._seq] = str(at)
+                self._sock.send(b"".join(messages))
+                failed.extend((int(at), code) for at, code in self._collect_acks(sequences))
+        return failed
+
+    def _message(self, kind: int, flags: int, body: bytes) -> bytes:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return _NLMSGHDR.pack(_HEADER + len(body), kind, flags, self._seq, 0) + body
 
     def _collect_acks(self, sequences: dict[int, str]) -> Iterator[tuple[str, int]]:
         pending = dict(sequences)

@@ -54,6 +54,7 @@ async def test_attach_cancelled_midway_is_undone(
         await task
     assert gate.held == 1
     assert "vm-c" not in leased(manager)
+    assert manager.wait_detached()  # the TAP's deletion follows the detach
     assert manager.backend.get_link(naming.tap_name("vm-c")) is None
     assert half_states(manager) == []
     # The manager goes on working, and the vm_id can be attached again.
@@ -192,7 +193,7 @@ async def test_cancelled_detach_completes(
     leased: Leased,
 ) -> None:
     await net.attach("gone")
-    gate = gates(manager.backend, "delete_link", naming.tap_name("gone"))
+    gate = gates(manager.backend, "get_link", naming.tap_name("gone"))
     task = asyncio.create_task(net.detach("gone"))
     await gate.wait_entered()
     task.cancel()
@@ -201,6 +202,7 @@ async def test_cancelled_detach_completes(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert leased(manager) == set()
+    assert manager.wait_detached()  # the TAP's deletion follows the detach
     assert manager.backend.get_link(naming.tap_name("gone")) is None
     assert half_states(manager) == []
 

@@ -131,6 +131,8 @@ BACKEND_METHODS = [
     "set_link",
     "delete_link",
     "delete_links",
+    "get_links",
+    "change_links",
     "list_addresses",
     "add_address",
     "get_ip_forward",
@@ -143,7 +145,16 @@ BACKEND_METHODS = [
     "delete_chain",
     "firewall",
 ]
-MANAGER_METHODS = ["ensure_host", "attach", "detach", "list", "gc", "teardown_host", "close"]
+MANAGER_METHODS = [
+    "ensure_host",
+    "attach",
+    "detach",
+    "detach_many",
+    "list",
+    "gc",
+    "teardown_host",
+    "close",
+]
 
 
 async def test_no_sync_call_runs_on_the_loops_thread(manager: NetworkManager) -> None:
@@ -164,7 +175,8 @@ async def test_no_sync_call_runs_on_the_loops_thread(manager: NetworkManager) ->
         await net.teardown_host()
     called = {name for name, _, _ in calls}
     # The recording saw the work (else the test would prove nothing).
-    assert {"ensure_host", "attach", "create_tap", "delete_link", "transaction"} <= called
+    assert {"ensure_host", "attach", "create_tap", "change_links", "transaction"} <= called
+    assert {"detach", "detach_many", "get_links"} <= called
     assert {"firewall", "close", "teardown_host", "gc"} <= called
     on_loop = [name for name, thread, loop_here in calls if thread == loop_thread or loop_here]
     assert on_loop == []
@@ -197,7 +209,7 @@ async def test_attach_many_is_all_or_nothing(
 async def test_detach_many_tries_every_vm_and_raises_the_first_error(
     net: AsyncNetworkManager, manager: NetworkManager, leased: Leased
 ) -> None:
-    manager.detach_many = None  # type: ignore[attr-defined]  # the fallback, always
+    manager.detach_many = None  # type: ignore[method-assign, assignment]  # the fallback, always
     await net.attach_many([f"d-{n}" for n in range(6)])
     manager.backend.create_bridge(naming.tap_name("squatted"), 1500)
     with pytest.raises(ConflictError, match="is not netvm's TAP"):
@@ -221,8 +233,8 @@ async def test_attach_many_and_detach_many_delegate_when_the_manager_has_them(
         for vm_id in vm_ids:
             manager.detach(vm_id)
 
-    manager.attach_many = attach_many  # type: ignore[assignment, method-assign]
-    manager.detach_many = detach_many  # type: ignore[attr-defined]
+    manager.attach_many = attach_many  # type: ignore[method-assign, assignment]
+    manager.detach_many = detach_many  # type: ignore[method-assign, assignment]
     async with AsyncNetworkManager(manager) as net:
         await net.ensure_host()
         result = await net.attach_many(iter(["x-1", "x-2"]))

@@ -471,3 +471,31 @@ def test_attach_many_vms_prints_a_list_and_fails_only_the_bad_one(
         "attached vm-a",
         "attached vm-b",
     ]
+
+
+def test_detach_of_several_vms(run: Run, state: FakeState) -> None:
+    run("ensure-host")
+    for vm_id in ("vm-a", "vm-b", "vm-c"):
+        run("attach", vm_id)
+    done = run("detach", "vm-a", "vm-b", "vm-gone", "--json")
+    assert done.code == 0
+    assert done.json() == {"version": 1, "vm_ids": ["vm-a", "vm-b", "vm-gone"], "detached": True}
+    # The command returns after the deletion (closing the manager waits for it).
+    assert [link.name for link in state.links.values() if link.kind == "tun"] == [tap_name("vm-c")]
+    assert [vm["vm_id"] for vm in run("list", "--json").json()["vms"]] == ["vm-c"]
+    assert run("detach", "vm-c", "vm-a").out.strip() == "detached vm-c vm-a"
+    assert run("list").out.strip() == "no VMs on nvbr0"
+
+
+def test_detach_of_several_vms_refuses_a_foreign_device_and_changes_nothing(
+    run: Run, state: FakeState
+) -> None:
+    run("ensure-host")
+    run("attach", "vm-a")
+    FakeBackend(state).create_tap(tap_name("squatted"), TapOptions())
+    failed = run("detach", "vm-a", "squatted")
+    assert failed.code == 1
+    (line,) = failed.err.splitlines()
+    assert line.startswith("netvm detach: error: ")
+    assert "not netvm's TAP" in line
+    assert [vm["vm_id"] for vm in run("list", "--json").json()["vms"]] == ["vm-a"]

@@ -7,7 +7,7 @@ import errno
 import pytest
 
 from netvm import ConflictError, HostError, NetworkManager, TapOptions, naming
-from netvm.backends.base import Backend, LinkChange
+from netvm.backends.base import Backend, LinkSetting
 from netvm.errors import DeviceExists, NotFound, host_error
 from netvm.policy import OPEN
 
@@ -33,9 +33,9 @@ def test_set_links_applies_each_and_reports_each_failure(backend: Backend) -> No
     assert bridge is not None
     names = [f"tapl{i}" for i in range(70)]  # more than one datagram of requests
     assert backend.create_taps(names, TapOptions()) == {}
-    changes = [LinkChange(n, master=bridge.index, mtu=1400, up=True, alias=n) for n in names]
-    changes.insert(5, LinkChange("gone0", up=True))
-    changes.insert(0, LinkChange("tapl1", master=999999))  # fails; the next one for it not
+    changes = [LinkSetting(n, master=bridge.index, mtu=1400, up=True, alias=n) for n in names]
+    changes.insert(5, LinkSetting("gone0", up=True))
+    changes.insert(0, LinkSetting("tapl1", master=999999))  # fails; the next one for it not
     failed = backend.set_links(changes)
     assert set(failed) == {"gone0", "tapl1"}
     assert failed["gone0"].errno == errno.ENODEV
@@ -91,7 +91,7 @@ def test_a_failure_in_the_middle_fails_that_vm_only(manager: NetworkManager) -> 
     refused = host_error("set link", naming.tap_name("vm-3"), errno.EXFULL, "injected")
     broken = host_error("create tap", naming.tap_name("vm-4"), errno.EIO, "injected")
 
-    def set_links(changes: list[LinkChange]) -> dict[str, HostError]:
+    def set_links(changes: list[LinkSetting]) -> dict[str, HostError]:
         tap = naming.tap_name("vm-3")
         failed = real_set_links([c for c in changes if c.name != tap])
         return {**failed, tap: refused} if any(c.name == tap for c in changes) else failed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -141,11 +142,14 @@ def test_detach_removes_the_tap_and_frees_the_lease(manager: NetworkManager) -> 
     before = snapshot(manager.backend)
     vm = manager.attach("vm-1")
     manager.detach("vm-1")
-    assert manager.backend.get_link(vm.tap_name) is None
     assert manager.list() == []
+    assert manager.wait_detached()
+    assert manager.backend.get_link(vm.tap_name) is None
     assert snapshot(manager.backend) == before
     manager.detach("vm-1")
     manager.detach("never-attached")
+    assert manager.wait_detached()
+    assert snapshot(manager.backend) == before
 
 
 @pytest.mark.parametrize("vm_id", ["", "has space"])
@@ -348,32 +352,48 @@ def test_attach_follows_a_bridge_made_again_behind_its_back(
     assert tap.master == new.index
 
 
-def test_detach_deletes_the_tap_outside_the_lease_lock(
+def test_detach_deletes_the_tap_outside_the_lease_lock_and_the_callers_thread(
     manager: NetworkManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The ~16 ms of a device deletion must not hold up other attaches."""
+    """The ~16 ms of a device deletion must hold up neither the caller nor other attaches."""
     import sqlite3
+    import threading
 
     manager.ensure_host()
     manager.attach("vm-1")
-    deleting = manager.backend.delete_link
-    lock_was_free: list[bool] = []
+    seen: list[tuple[bool, bool]] = []
+    real = manager.backend.deleter
 
-    def delete_link(name: str, index: int | None = None) -> None:
-        probe = sqlite3.connect(manager.leases.path, timeout=0, isolation_level=None)
-        try:
-            probe.execute("BEGIN IMMEDIATE")
-            probe.execute("ROLLBACK")
-            lock_was_free.append(True)
-        except sqlite3.OperationalError:
-            lock_was_free.append(False)
-        finally:
-            probe.close()
-        deleting(name, index)
+    def deleter() -> Any:
+        inner = real()
 
-    monkeypatch.setattr(manager.backend, "delete_link", delete_link)
+        class Probe:
+            def link_groups(self) -> set[int]:
+                return inner.link_groups()
+
+            def delete_group(self, group: int) -> None:
+                probe = sqlite3.connect(manager.leases.path, timeout=0, isolation_level=None)
+                try:
+                    probe.execute("BEGIN IMMEDIATE")
+                    probe.execute("ROLLBACK")
+                    free = True
+                except sqlite3.OperationalError:
+                    free = False
+                finally:
+                    probe.close()
+                seen.append((free, threading.current_thread() is threading.main_thread()))
+                inner.delete_group(group)
+
+            def close(self) -> None:
+                inner.close()
+
+        return Probe()
+
+    monkeypatch.setattr(manager.backend, "deleter", deleter)
+    manager._reaper = type(manager._reaper)(manager.backend.deleter)
     manager.detach("vm-1")
-    assert lock_was_free == [True]
+    assert manager.wait_detached()
+    assert seen == [(True, False)]
     assert manager.backend.get_link(tap_name("vm-1")) is None
 
 

@@ -78,6 +78,7 @@ def _instrument(steps: _Steps) -> None:
         (rtnl.Rtnl, "request"),
         (rtnl.Rtnl, "set_groups"),
         (rtnl.Rtnl, "set_links"),
+        (rtnl.Rtnl, "change_links"),
         (kernel.KernelBackend, "set_ip_forward"),
         (kernel.KernelBackend, "create_chain"),
         (kernel.KernelBackend, "delete_chain"),
@@ -218,6 +219,8 @@ def check_recovered(
         assert guards[lease.tap_name].policy == GuestPolicy(), f"{where}: stale policy"
         port = taps[lease.tap_name]["linkinfo"].get("info_slave_data", {})
         assert port.get("isolated") is False, f"{where}: {lease.vm_id}'s port still isolated"
+    expected = {"lo", *FOREIGN, manager.config.bridge_name, *taps}
+    assert set(found) == expected, f"{where}: left {sorted(set(found) - expected)}"
     bridge = found[manager.config.bridge_name]
     assert bridge["ifalias"] == f"netvm-bridge:{manager.config.vm_subnet}", where
     bridges = [
@@ -284,6 +287,12 @@ def _attach_failing(manager: NetworkManager) -> None:
         rtnl.Rtnl.set_link = real  # type: ignore[method-assign]
 
 
+def _detach_attach(manager: NetworkManager) -> None:
+    """A VM restarted: its attach right after its detach, while the old TAP awaits deletion."""
+    manager.detach("vm-a")
+    manager.attach("vm-a", OWNED)
+
+
 SCENARIOS = {
     "ensure_host": Scenario((), lambda m: m.ensure_host(), (), host=False),
     "attach": Scenario(("vm-a",), lambda m: m.attach("vm-b", OWNED), ("vm-a", "vm-b")),
@@ -308,6 +317,10 @@ SCENARIOS = {
         ("vm-a",), lambda m: m.attach_many(["vm-b", "vm-a", "vm-c"], OWNED), ("vm-a",)
     ),
     "detach": Scenario(("vm-a", "vm-b"), lambda m: m.detach("vm-a"), ("vm-b",)),
+    "detach_many": Scenario(
+        ("vm-a", "vm-b", "vm-c"), lambda m: m.detach_many(["vm-a", "vm-c"]), ("vm-b",)
+    ),
+    "detach-attach": Scenario(("vm-a", "vm-b"), lambda m: _detach_attach(m), ("vm-a", "vm-b")),
     "gc": Scenario(("vm-a", "vm-b", "vm-c"), lambda m: m.gc(keep=["vm-b"]), ("vm-b",)),
     "teardown": Scenario(("vm-a",), lambda m: m.teardown_host(), ()),
 }
@@ -362,7 +375,14 @@ def test_a_kill_at_any_step_is_mended_by_the_next_calls(
     add_foreign(netns)
     steps = walk(netns, crash_config(tmp_path / "state"), name, SCENARIOS[name])
     # Proof that the kills landed inside the operation, not only around it.
-    least = {"ensure_host": 12, "teardown": 8, "gc": 4, "detach": 6, "attach-again": 4}
+    least = {
+        "ensure_host": 12,
+        "teardown": 8,
+        "gc": 4,
+        "detach": 6,
+        "detach_many": 6,
+        "attach-again": 4,
+    }
     assert steps >= least.get(name, 10)
 
 

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -209,10 +210,16 @@ def test_after_detach_the_guest_reaches_nothing_and_nothing_is_left(
         assert g.ping(vm.gateway_ip)
         assert g.ping(topology.internet.ip)
         net.detach("vm-gone")
-        assert g.host_lost
+        # At once the TAP is down (and marked): the guest reaches nothing...
         assert not g.ping(vm.gateway_ip)
         assert not g.ping(topology.internet.ip)
         assert g.udp_request(internet_host.address, internet_host.port) is None
+        # ...and moments later the reaper deletes it, under the VMM's open descriptor.
+        assert net.wait_detached()
+        deadline = time.monotonic() + 2
+        while not g.host_lost and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert g.host_lost
     assert snapshot(host_backend) == before
     assert host_backend.get_link(vm.tap_name) is None
     assert net.list() == []

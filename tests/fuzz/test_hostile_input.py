@@ -304,6 +304,7 @@ OPS: st.SearchStrategy[Op] = st.one_of(
 def apply(manager: NetworkManager, op: Op) -> None:
     """Run one operation; on a refusal, check that nothing changed."""
     kind, value, tap_args = op
+    assert manager.wait_detached()  # the TAPs of earlier detaches are deleted in the background
     before = state_of(manager)
     attached = {vm_id for vm_id, network, *_ in before[1] if network is not None}
     try:
@@ -326,6 +327,7 @@ def apply(manager: NetworkManager, op: Op) -> None:
             assert not set(removed) & set(value), "gc removed a VM it was told to keep"
             assert set(removed) <= attached
     except NetvmError:
+        assert manager.wait_detached()
         assert state_of(manager) == before, f"{op!r} was refused but changed the namespace"
 
 

@@ -120,6 +120,9 @@ class FakeAgreesWithKernel(RuleBasedStateMachine):
 
     @invariant()
     def same_state(self) -> None:
+        for pair in self.managers.values():
+            for manager in pair:
+                assert manager.wait_detached()  # the reapers' deletions, at their own pace
         fake, kernel = (snapshot(b) for b in self.backends)
         assert fake == kernel
         for fake_manager, kernel_manager in self.managers.values():
