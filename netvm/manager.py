@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from netvm import attaching, naming
+from netvm import attaching, detaching, naming
 from netvm.attaching import AttachManyResult, check_attach_args
-from netvm.backends.base import NO_MASTER, Backend, Link, LinkChange, TapOptions
+from netvm.backends.base import Backend, Link, LinkChange, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
 from netvm.errors import (
@@ -47,8 +47,6 @@ log = logging.getLogger("netvm")
 
 BRIDGE_ALIAS = naming.BRIDGE_ALIAS
 """The prefix of the ifalias that marks a bridge as netvm's (`netvm-bridge:<subnet>`)."""
-DETACH_CHUNK = 128
-"""TAPs one detach intent names (the intent page holds 4 KiB); detach_many commits per chunk."""
 
 
 @dataclass(frozen=True)
@@ -241,7 +239,7 @@ class NetworkManager:
     def _recover(self, intent: dict[str, Any], tx: LeaseTransaction, crashed: bool) -> None:
         """Undo or finish the change `intent` describes. `crashed`: its maker died."""
         if intent.get("op") == "detach" and isinstance(intent.get("group"), int):
-            self._recover_retired(intent, tx, crashed)
+            detaching.recover_retired(self, intent, tx, crashed)
             return
         name = intent.get("tap")
         link = self._tun(name) if isinstance(name, str) else None
@@ -594,83 +592,19 @@ class NetworkManager:
         (netvm/reaper.py).
         """
         naming.validate_vm_id(vm_id)
-        self._detach([vm_id])
+        detaching.detach(self, [vm_id])
 
     def detach_many(self, vm_ids: Iterable[str]) -> None:
         """Detach each vm_id: one lock, the TAPs looked up and changed in pipelined
         requests, one deferred deletion. Every TAP is checked first (a ConflictError
-        changes nothing); the leases are committed every DETACH_CHUNK VMs."""
+        changes nothing); the leases are committed every detaching.DETACH_CHUNK VMs."""
         wanted = list(dict.fromkeys(naming.validate_vm_ids("vm_ids", vm_ids)))
         if wanted:
-            self._detach(wanted)
+            detaching.detach(self, wanted)
 
     def wait_detached(self, timeout: float | None = CLOSE_WAIT) -> bool:
         """Wait until the TAPs this manager detached so far are deleted; False on timeout."""
         return self._reaper.wait(timeout)
-
-    def _detach(self, vm_ids: list[str]) -> None:
-        group = self._reaper.begin()
-        moved = [0]
-        unguarded: list[VmGuard] = []
-        try:
-            with self._changing() as tx:
-                self._retire_vms(tx, vm_ids, group, moved, unguarded)
-        except BaseException:
-            # _changing put the TAPs back as they were: their guarantees follow.
-            for guard in unguarded:
-                try:
-                    self.backend.firewall("nftables").guard(self.config.bridge_name, guard)
-                except NetvmError as exc:
-                    log.error("rollback: guarantees of %s not restored: %s", guard.tap, exc)
-            raise
-        finally:
-            # After the commit, or after _changing undid what the intent names.
-            self._reaper.end(group, moved[0])
-
-    def _retire_vms(
-        self,
-        tx: LeaseTransaction,
-        vm_ids: list[str],
-        group: int,
-        moved: list[int],
-        unguarded: list[VmGuard],
-    ) -> None:
-        bridge = self.config.bridge_name
-        names = {naming.tap_name(vm_id): vm_id for vm_id in vm_ids}
-        if len(names) == 1:
-            (name,) = names
-            link = self.backend.get_link(name)
-            links = {} if link is None else {name: link}
-        else:
-            links = self.backend.get_links(list(names))
-        doomed: list[tuple[Link, str]] = []
-        for name, link in links.items():
-            vm_id = names[name]
-            if link.alias != naming.detaching_alias(bridge, vm_id):
-                self._check_tap(link, vm_id)  # a foreign device: ConflictError, no change
-            doomed.append((link, vm_id))
-        for first in range(0, len(doomed), DETACH_CHUNK):
-            part = doomed[first : first + DETACH_CHUNK]
-            if first:
-                tx.restart()  # the chunks before are done: no rollback undoes them
-                unguarded.clear()
-            tx.intend(
-                {
-                    "op": "detach",
-                    "group": group,
-                    "taps": [link.index for link, _ in part],
-                    "isolated": [link.index for link, _ in part if link.isolated],
-                }
-            )
-            moved[0] += len(part)  # from here on the group may hold them
-            self._retire(part, group)
-            for link, vm_id in part:
-                self._unguard_into(link.name, unguarded)
-                tx.release(vm_id)
-        for name, vm_id in names.items():
-            if name not in links:
-                self._unguard_into(name, unguarded)
-                tx.release(vm_id)
 
     def _unguard_into(self, tap: str, unguarded: list[VmGuard]) -> None:
         """Remove the TAP's guarantees, keeping what they were for a rollback."""
@@ -680,114 +614,9 @@ class NetworkManager:
             if old is not None:
                 unguarded.append(old)
 
-    def _retire(self, doomed: list[tuple[Link, str]], group: int) -> None:
-        """Down, renamed away, marked and in `group` (off the bridge too where the bridge
-        can fill up), in pipelined requests.
-
-        The rename frees the VM's name at once: an attach of the VM makes its new TAP
-        without meeting the old one, which the reaper may delete at any moment.
-        """
-        bridge = self.config.bridge_name
-        release = NO_MASTER if self._release_ports else None
-        changes = [
-            LinkChange(
-                link.index,
-                name=naming.detached_name(link.index),
-                up=False,
-                master=release,
-                alias=naming.detaching_alias(bridge, vm_id),
-                group=group,
-            )
-            for link, vm_id in doomed
-        ]
-        failed = self.backend.change_links(changes)
-        for change, code in failed:
-            if code not in (errno.ENODEV, errno.EEXIST, errno.EBUSY):
-                raise host_error("detach", f"TAP with ifindex {change.index}", code)
-        retry = [change for change, code in failed if code != errno.ENODEV]
-        if not retry:
-            return
-        # The name is taken, or the kernel (< 6.2) renames no device that is up: all else
-        # first, then the name alone. A TAP that cannot be renamed keeps its VM's name
-        # until deleted (an attach of the VM meanwhile renames or deletes it first).
-        unnamed = [dataclasses.replace(change, name=None) for change in retry]
-        for change, code in self.backend.change_links(unnamed):
-            if code != errno.ENODEV:  # gone meanwhile: nothing to delete
-                raise host_error("detach", f"TAP with ifindex {change.index}", code)
-        renames = [LinkChange(change.index, name=change.name) for change in retry]
-        for change, code in self.backend.change_links(renames):
-            log.info("detached TAP %d keeps its name: %s", change.index, errno.errorcode[code])
-
-    def _recover_retired(self, intent: dict[str, Any], tx: LeaseTransaction, crashed: bool) -> None:
-        """A detach (intent: its group and TAPs) was cut short. A TAP whose lease is gone
-        (its detach committed) is deleted with the group. One whose lease is still held is
-        put back as it was if the detach failed in this process (which restores its
-        guarantees too), and its detach is finished if its process died (it wanted the VM
-        gone, and what it had of the guarantees went with it)."""
-        level = logging.WARNING if crashed else logging.DEBUG
-        group = intent["group"]
-        taps = {index for index in intent.get("taps", []) if isinstance(index, int)}
-        isolated = set(intent.get("isolated", []))
-        bridge = self.config.bridge_name
-        master = self._bridge_or_none()
-        finished = False
-        for link in self.backend.list_links():
-            if link.index not in taps or link.kind != "tun":
-                continue
-            vm_id = naming.detaching_vm_id(link.alias, bridge)
-            if vm_id is None:
-                continue  # never marked: the detach did not reach it
-            lease = tx.get(vm_id)
-            if lease is None:
-                finished = True
-                continue
-            if crashed:
-                log.log(level, "finishing the detach of %r (TAP %s)", vm_id, link.name)
-                self._unguard_quietly(link.name)
-                tx.release(vm_id)
-                finished = True
-                continue
-            log.log(level, "restoring TAP %s of %r: its detach did not complete", link.name, vm_id)
-            name = naming.tap_name(vm_id)
-            restore = LinkChange(
-                link.index,
-                name=name if link.name != name else None,
-                up=True,
-                master=master if link.master != master else None,
-                alias=naming.tap_alias(bridge, vm_id, lease.slot),
-                group=0,
-            )
-            failed = self.backend.change_links([restore])
-            if failed:
-                log.error("TAP %s of %r could not be restored: %s", link.name, vm_id, failed[0][1])
-                finished = True
-            elif link.index in isolated and master is not None:
-                self.backend.set_port_isolated(name, True)
-        if finished:
-            self._reaper.doom(group)
-
     def _sweep(self) -> None:
-        """(On the reaper's thread.) Delete the TAPs of this bridge that detaches marked and
-        no live reaper has deleted: those of processes that died. Under the lease lock, so
-        that no detach is half-way; TAPs of live reapers may go too, which is harmless."""
-        try:
-            with self.leases.transaction():
-                taps = netvm_taps(self.backend, self.config.bridge_name)
-                marked = [tap.link for tap in taps if tap.detaching]
-                firewall = self._elements()
-                if firewall is not None:  # the guarantees of TAPs gone or going
-                    live = [tap.link.name for tap in taps if not tap.detaching]
-                    firewall.prune(self.config.bridge_name, live)
-                if not marked:
-                    return
-                group = self._reaper.begin()
-                try:
-                    self.backend.change_links([LinkChange(t.index, group=group) for t in marked])
-                finally:
-                    self._reaper.end(group, len(marked))
-                log.warning("deleting %d TAP(s) whose detach did not finish", len(marked))
-        except StateStoreError as exc:
-            log.warning("sweep skipped (gc works from the kernel alone): %s", exc)
+        """(On the reaper's thread.) See netvm/detaching.py: sweep."""
+        detaching.sweep(self)
 
     def _delete_if_same(self, link: Link) -> None:
         """Delete `link` if that very device (its ifindex) still exists.

@@ -140,8 +140,10 @@ class InFlight:
             return
         self._done = True
         try:
-            _lock(self._fd, fcntl.F_UNLCK, _KEYS + self._key, 1, wait=False)
+            # The slot first: a waiter woken by the key must find an abandoned operation
+            # among the orphans (its slot no longer locked), or it would miss mending it.
             _lock(self._fd, fcntl.F_UNLCK, _INFLIGHT + self.index, 1, wait=False)
+            _lock(self._fd, fcntl.F_UNLCK, _KEYS + self._key, 1, wait=False)
         finally:
             self._file.slot_done(self.index)
 

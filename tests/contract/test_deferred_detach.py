@@ -138,9 +138,9 @@ def test_detach_many_takes_one_deletion_for_all(manager: NetworkManager) -> None
 def test_detach_many_over_several_chunks(
     manager: NetworkManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import netvm.manager
+    import netvm.detaching
 
-    monkeypatch.setattr(netvm.manager, "DETACH_CHUNK", 3)
+    monkeypatch.setattr(netvm.detaching, "DETACH_CHUNK", 3)
     manager.ensure_host()
     before = snapshot(manager.backend)
     vm_ids = [f"vm-{i}" for i in range(10)]

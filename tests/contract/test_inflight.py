@@ -43,13 +43,21 @@ def during_enslave(backend: Backend, probe: Callable[[], None]) -> Iterator[None
     assert done, "the probe never ran"
 
 
+def ensure_host_settled(manager: NetworkManager) -> None:
+    """ensure_host, then wait for the sweep it asks of the reaper's thread (a draining
+    transaction: it would wait for the attach these tests hold in flight, and a probe's
+    transaction would queue behind it)."""
+    manager.ensure_host()
+    assert manager.wait_detached()
+
+
 def other_store(manager: NetworkManager) -> LeaseStore:
     """The same lease store, opened a second time (as another process opens it)."""
     return LeaseStore(manager.config.state_dir, manager.leases.path.stem, manager.config.vm_subnet)
 
 
 def test_the_lock_is_free_while_the_tap_is_made(manager: NetworkManager) -> None:
-    manager.ensure_host()
+    ensure_host_settled(manager)
     seen: list[object] = []
     store = other_store(manager)
     store.open()  # opened before: a store's first transaction waits for attaches in flight
@@ -69,7 +77,7 @@ def test_the_lock_is_free_while_the_tap_is_made(manager: NetworkManager) -> None
 
 
 def test_a_draining_transaction_waits_for_the_attach_in_flight(manager: NetworkManager) -> None:
-    manager.ensure_host()
+    ensure_host_settled(manager)
     order: list[str] = []
     waiter: list[threading.Thread] = []
 
@@ -100,7 +108,7 @@ def test_a_draining_transaction_waits_for_the_attach_in_flight(manager: NetworkM
 def test_a_second_attach_of_the_same_vm_waits_and_gets_the_same_network(
     config: NetworkConfig, manager: NetworkManager
 ) -> None:
-    manager.ensure_host()
+    ensure_host_settled(manager)
     results: list[object] = []
     second: list[threading.Thread] = []
 
@@ -123,7 +131,7 @@ def test_a_second_attach_of_the_same_vm_waits_and_gets_the_same_network(
 
 
 def test_a_failure_in_flight_is_undone(manager: NetworkManager, backend: Backend) -> None:
-    manager.ensure_host()
+    ensure_host_settled(manager)
     manager.attach("vm-0", policy=OPEN)
 
     def refuse() -> None:
@@ -145,7 +153,7 @@ def test_a_failure_in_flight_is_undone(manager: NetworkManager, backend: Backend
 def test_a_second_attach_of_a_vm_whose_attach_in_flight_fails_succeeds(
     config: NetworkConfig, manager: NetworkManager
 ) -> None:
-    manager.ensure_host()
+    ensure_host_settled(manager)
     results: list[object] = []
     second: list[threading.Thread] = []
     other = NetworkManager(config, manager.backend)

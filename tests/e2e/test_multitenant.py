@@ -277,7 +277,9 @@ def test_two_isolated_vms_are_apart_also_by_the_kernels_port_flag(host: NetworkM
         firewall._run([{"delete": {"table": table}}], "test", None)
         assert not a.ping(b.network.guest_ip)
         host.backend.set_port_isolated(a.network.tap_name, False)
-        assert a.ping(b.network.guest_ip)
+        # A few tries: the failed ping above left b's neighbour entry unresolved in a, and
+        # the kernel may drop the next packet while it resolves it again.
+        assert any(a.ping(b.network.guest_ip) for _ in range(3))
 
 
 # Egress -------------------------------------------------------------------------------------
