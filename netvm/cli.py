@@ -463,10 +463,12 @@ def _attach(args: argparse.Namespace, manager: NetworkManager) -> int:
         tap = TapOptions(tap.owner, tap.group, tap.multi_queue, True)
     glue.queue_pairs_for(tap, args.queues)
     policy = cli_policy.policy_from_args(args, manager.config.guest_policy)
-    # Check the ip= fields before anything is created.
+    # Check the ip= and VMM fields before anything is created.
     for vm_id in args.vm_id:
         probe = VmNetwork.for_slot(vm_id, manager.config.vm_subnet, 0)
         probe.kernel_ip_arg(args.hostname, args.guest_device, tuple(args.dns))
+        if args.vmm is not None:  # the VMM fields too (--iface-id, --queues)
+            _vmm_config(args, probe, tap, "")
     if len(args.vm_id) == 1:
         network = manager.attach(args.vm_id[0], tap, policy)
         document, text = _attached(args, manager, network, tap)

@@ -450,6 +450,24 @@ def test_help_and_version_exit_0(run: Run) -> None:
     assert version.out.startswith("netvm ")
 
 
+@pytest.mark.parametrize(
+    "vmm_args",
+    [
+        ["--for", "firecracker", "--iface-id", "\u00b2"],
+        ["--for", "firecracker", "--iface-id", "a-b"],
+    ],
+)
+def test_a_bad_vmm_field_is_refused_before_the_tap_is_made(
+    run: Run, state: FakeState, vmm_args: list[str]
+) -> None:
+    assert run("ensure-host").code == 0
+    refused = run("attach", "vm-a", *vmm_args)
+    assert refused.code == 1
+    assert "iface_id" in refused.err
+    assert not [link for link in state.links.values() if link.kind == "tun"]
+    assert run("attach", "vm-a", "--for", "firecracker").code == 0  # the control
+
+
 def test_attach_many_vms_prints_a_list_and_fails_only_the_bad_one(
     run: Run, state: FakeState
 ) -> None:
