@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 from netvm.backends.base import Address, Link, LinkChange, LinkSetting, Rule, TapOptions
 from netvm.backends.netns import NamespaceThread
-from netvm.backends.rtnl import LinkChangeRequest, LinkInfo, LinkRequest, Rtnl, RtnlError
+from netvm.backends.rtnl import LinkInfo, Rtnl, RtnlError
 from netvm.backends.tun import create_persistent_tap, open_tun
 from netvm.errors import HostError, NetvmError, host_error
 
@@ -253,11 +253,8 @@ class KernelBackend:
         return failed
 
     def set_links(self, changes: Sequence[LinkSetting]) -> dict[str, HostError]:
-        requests = [
-            LinkRequest(c.name, master=c.master, mtu=c.mtu, up=c.up, alias=c.alias) for c in changes
-        ]
         with _kernel_errors("set links", None):
-            failed = self.rtnl.set_links(requests)
+            failed = self.rtnl.set_links(changes)
         return {name: host_error("set link", name, code, message) for name, code, message in failed}
 
     def set_link(
@@ -308,11 +305,8 @@ class KernelBackend:
             return {name: _to_link(info) for name, info in self.rtnl.get_links(names).items()}
 
     def change_links(self, changes: Sequence[LinkChange]) -> list[tuple[LinkChange, int]]:
-        requests = [
-            LinkChangeRequest(c.index, c.name, c.up, c.master, c.alias, c.group) for c in changes
-        ]
         with _kernel_errors("set links", ",".join(str(c.index) for c in changes)):
-            failed = self.rtnl.change_links(requests)
+            failed = self.rtnl.change_links(changes)
         return [(changes[at], code) for at, code in failed]
 
     def link_groups(self) -> set[int]:

@@ -22,6 +22,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from netvm.backends.base import LinkChange, LinkSetting
+
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10
@@ -206,56 +208,39 @@ def parse_address(data: bytes | memoryview, offset: int, end: int) -> tuple[int,
     return index, str(ipaddress.IPv4Address(packed)), prefixlen
 
 
-@dataclass(frozen=True)
-class LinkChangeRequest:
-    """What change_links sends for one device: None leaves an attribute as is; `master`
-    0 releases the device from its bridge; `name` renames it."""
-
-    index: int
-    name: str | None = None
-    up: bool | None = None
-    master: int | None = None
-    alias: str | None = None
-    group: int | None = None
-
-
-def _change_body(change: LinkChangeRequest) -> bytes:
-    flags = IFF_UP if change.up else 0
-    body = _IFINFOMSG.pack(0, 0, change.index, flags, 0 if change.up is None else IFF_UP)
-    if change.name is not None:
-        body += name_attr(change.name)
-    if change.master is not None:
-        body += u32_attr(IFLA_MASTER, change.master)
-    if change.group is not None:
-        body += u32_attr(IFLA_GROUP, change.group)
-    if change.alias is not None:
-        body += attr(IFLA_IFALIAS, change.alias.encode())
+def _newlink_body(
+    index: int,
+    name: str | None,
+    up: bool | None,
+    master: int | None = None,
+    mtu: int | None = None,
+    alias: str | None = None,
+    group: int | None = None,
+) -> bytes:
+    """An RTM_NEWLINK body: the device by `index` (or by `name` when index is 0, else
+    `name` renames it); None leaves an attribute as is, master 0 releases the device."""
+    body = _IFINFOMSG.pack(0, 0, index, IFF_UP if up else 0, 0 if up is None else IFF_UP)
+    if name is not None:
+        body += name_attr(name)
+    if master is not None:
+        body += u32_attr(IFLA_MASTER, master)
+    if mtu is not None:
+        body += u32_attr(IFLA_MTU, mtu)
+    if group is not None:
+        body += u32_attr(IFLA_GROUP, group)
+    if alias is not None:
+        body += attr(IFLA_IFALIAS, alias.encode())
     return body
 
 
-@dataclass(frozen=True)
-class LinkRequest:
-    """One link change of a pipelined set_links."""
-
-    name: str
-    master: int | None = None
-    mtu: int | None = None
-    up: bool | None = None
-    alias: str | None = None
+def _change_body(change: LinkChange) -> bytes:
+    return _newlink_body(
+        change.index, change.name, change.up, change.master, None, change.alias, change.group
+    )
 
 
-def _link_body(change: LinkRequest) -> bytes:
-    """The RTM_NEWLINK body of a change, as set_link packs it."""
-    up = change.up
-    body = _IFINFOMSG.pack(0, 0, 0, IFF_UP if up else 0, 0 if up is None else IFF_UP)
-    body += name_attr(change.name)
-    if change.master is not None:
-        body += u32_attr(IFLA_MASTER, change.master)
-    if change.mtu is not None:
-        body += u32_attr(IFLA_MTU, change.mtu)
-    if change.alias is not None:
-        body += attr(IFLA_IFALIAS, change.alias.encode())
-    return body
+def _link_body(change: LinkSetting) -> bytes:
+    return _newlink_body(0, change.name, change.up, change.master, change.mtu, change.alias)
 
 
 class RtnlError(OSError):
@@ -403,17 +388,7 @@ class Rtnl:
         group: int | None = None,
     ) -> None:
         """One RTM_NEWLINK on the device called `name`."""
-        change = 0 if up is None else IFF_UP
-        flags = IFF_UP if up else 0
-        body = _IFINFOMSG.pack(0, 0, 0, flags, change) + name_attr(name)
-        if master is not None:
-            body += u32_attr(IFLA_MASTER, master)
-        if mtu is not None:
-            body += u32_attr(IFLA_MTU, mtu)
-        if group is not None:
-            body += u32_attr(IFLA_GROUP, group)
-        if alias is not None:
-            body += attr(IFLA_IFALIAS, alias.encode())
+        body = _newlink_body(0, name, up, master, mtu, alias, group)
         self.request(RTM_NEWLINK, 0, body)
 
     def set_port_isolated(self, index: int, isolated: bool) -> None:
@@ -467,7 +442,7 @@ class Rtnl:
                 failed.extend(self._collect_acks(sequences))
         return failed
 
-    def set_links(self, changes: Sequence[LinkRequest]) -> list[tuple[str, int, str]]:
+    def set_links(self, changes: Sequence[LinkSetting]) -> list[tuple[str, int, str]]:
         """One RTM_NEWLINK per change, all sent before any ack is read (several per
         datagram); (name, errno, extended-ack message) of each that failed."""
         failed: list[tuple[str, int, str]] = []
@@ -525,7 +500,7 @@ class Rtnl:
                             pending.discard(seq)
         return found
 
-    def change_links(self, changes: Sequence[LinkChangeRequest]) -> list[tuple[int, int]]:
+    def change_links(self, changes: Sequence[LinkChange]) -> list[tuple[int, int]]:
         """One RTM_NEWLINK per change, selected by ifindex, several per datagram; return
         (position in `changes`, errno) of each that failed."""
         failed: list[tuple[int, int]] = []
