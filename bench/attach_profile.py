@@ -2,7 +2,8 @@
 
 Run as root: `python -m bench.attach_profile` (also from scripts/bench). In a throwaway
 namespace, ensure_host on nftables, then N attaches of new VMs (default policy, then
-`OPEN`), with a timer around each step of the hot path. Steps nest (the lock hold contains
+`OPEN`, then every guarantee with a port forward of its own: bench/guard.py's `all`), with
+a timer around each step of the hot path. Steps nest (the lock hold contains
 the kernel steps, `create_tap` contains the ioctls and the close): every figure is
 inclusive, a median over the attaches. `lock held` is from the moment the lock is taken
 to the moment it is let go. Timers cost about 1 µs each, so the sum of the parts exceeds
@@ -24,7 +25,7 @@ from typing import Any
 from bench.report import write_result
 from netvm import KernelBackend, NetworkConfig, NetworkManager
 from netvm.backends import kernel, rtnl, tun
-from netvm.firewall import nftables
+from netvm.firewall import elements, nftables
 from netvm.leases import LeaseStore, LeaseTransaction
 from netvm.policy import OPEN, GuestPolicy
 from netvm.statefile import StateFile
@@ -128,6 +129,8 @@ def instrumented(timers: Timers) -> Iterator[None]:
         timers.wrap(rtnl.Rtnl, "set_port_isolated", "rtnl: RTM_SETLINK (isolation)"),
         timers.wrap(nftables.NftablesFirewall, "guard", "guard: nftables elements (all)"),
         timers.wrap(nftables.NftablesFirewall, "record", "guard: read the record"),
+        timers.wrap(nftables.NftablesFirewall, "_check_forwards", "guard: listeners (forwards)"),
+        timers.wrap(elements.KernelElements, "commit", "guard: element batch"),
     ]
     module = vars(tun)
     real_fcntl, real_os = module["fcntl"], module["os"]
@@ -145,7 +148,20 @@ def config(state_dir: Path) -> NetworkConfig:
     return NetworkConfig("nvprof0", "10.64.0.0/20", "up0", state_dir=state_dir, firewall="nftables")
 
 
-def profile(attaches: int, policy: GuestPolicy | None) -> dict[str, float]:
+def every(port: int) -> GuestPolicy:
+    """Every guarantee (as bench/guard.py's `all`), a forward of its own host port."""
+    return GuestPolicy.of(
+        isolated=True,
+        egress_allow=["203.0.113.0/24", "0.0.0.0/0:udp:53"],
+        egress_deny=["198.51.100.0/24"],
+        port_forwards=[f"{port}:80"],
+    )
+
+
+PolicyOf = Callable[[int], GuestPolicy | None]
+
+
+def profile(attaches: int, policy_of: PolicyOf) -> dict[str, float]:
     """Median µs per step over `attaches` attaches, and the untimed attach p50."""
     timers = Timers()
     with throwaway_netns("netvm-prof-") as netns, tempfile.TemporaryDirectory(dir="/run") as d:
@@ -153,15 +169,15 @@ def profile(attaches: int, policy: GuestPolicy | None) -> dict[str, float]:
         try:
             with NetworkManager(config(Path(d)), backend) as net:
                 net.ensure_host()
-                net.attach("warm-up", policy=policy)
+                net.attach("warm-up", policy=policy_of(0))
                 untimed = []
                 for i in range(attaches):
                     start = ns()
-                    net.attach(f"plain-{i}", policy=policy)
+                    net.attach(f"plain-{i}", policy=policy_of(1 + i))
                     untimed.append(ns() - start)
                 with instrumented(timers):
                     for i in range(attaches):
-                        net.attach(f"timed-{i}", policy=policy)
+                        net.attach(f"timed-{i}", policy=policy_of(1 + attaches + i))
                         timers.flush()
                 net.teardown_host()
         finally:
@@ -181,10 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attaches", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
-    runs = {"default": profile(args.attaches, None), "open": profile(args.attaches, OPEN)}
+    runs = {
+        "default": profile(args.attaches, lambda _: None),
+        "open": profile(args.attaches, lambda _: OPEN),
+        "all": profile(args.attaches, lambda i: every(20000 + i)),
+    }
     labels = sorted({label for run in runs.values() for label in run})
     print(f"python -m bench.attach_profile --attaches {args.attaches}: median µs per attach")
-    print(f"{'step':<44} {'default':>9} {'OPEN':>9}")
+    print(f"{'step':<44} {'default':>9} {'OPEN':>9} {'all':>9}")
     for label in labels:
         cells = [f"{runs[k][label]:9.1f}" if label in runs[k] else f"{'-':>9}" for k in runs]
         print(f"{label:<44} " + " ".join(cells))

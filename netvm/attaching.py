@@ -146,7 +146,7 @@ def _attach_group(
         tx.intend(_intent(made, slots))
     for vm_id, network in list(made.items()):
         try:
-            manager._guard(network, policy)
+            manager._guard(network, policy, fresh=True)
         except NetvmError as exc:
             result.errors[vm_id] = exc
     changes = [
@@ -156,6 +156,7 @@ def _attach_group(
             mtu=manager.config.mtu,
             up=True,
             alias=naming.tap_alias(manager.config.bridge_name, vm_id, slots[vm_id]),
+            isolated=True if policy.isolated else None,
         )
         for vm_id, network in made.items()
         if vm_id not in result.errors
@@ -164,11 +165,6 @@ def _attach_group(
     for vm_id, network in made.items():
         if network.tap_name in refused:
             result.errors[vm_id] = refused[network.tap_name]
-        elif vm_id not in result.errors and policy.isolated:
-            try:
-                manager.backend.set_port_isolated(network.tap_name, True)
-            except NetvmError as exc:
-                result.errors[vm_id] = exc
     _undo(manager, tx, [v for v in fresh if v in result.errors], made)
     for vm_id, network in made.items():
         if vm_id not in result.errors:

@@ -402,7 +402,7 @@ class NetworkManager:
         """The kernel work of a new VM's attach, outside the lock; its intent is `flight`."""
         name = network.tap_name
         try:
-            self.backend.create_tap(name, options)
+            index = self.backend.create_tap(name, options)
         except DeviceExists:
             link = self.backend.get_link(name)
             detaching = naming.detaching_alias(self.config.bridge_name, network.vm_id)
@@ -411,14 +411,13 @@ class NetworkManager:
                 raise _Occupied from None
             # A detach of this VM has not deleted its old TAP yet: finish that first.
             self._delete_if_same(link)
-            self.backend.create_tap(name, options)
+            index = self.backend.create_tap(name, options)
         # The TAP is down and on no bridge yet: its guarantees are in place before its
         # first frame. A failure from here on is undone by the intent (_recover_attach).
         self._bridge()
-        self._guard(network, policy)
-        self._enslave(name, naming.tap_alias(self.config.bridge_name, network.vm_id, slot))
-        if policy.isolated:
-            self.backend.set_port_isolated(name, True)
+        self._guard(network, policy, fresh=True)
+        alias = naming.tap_alias(self.config.bridge_name, network.vm_id, slot)
+        self._enslave(name, alias, index, policy.isolated)
 
     def _abandon(self, flight: InFlight) -> None:
         """Leave a failed attach's intent to the next transaction, which mends it as it
@@ -476,7 +475,7 @@ class NetworkManager:
         intent = {"op": "attach", "tap": name, "vm_id": vm_id, "slot": lease.slot}
         tx.intend(intent)
         try:
-            self.backend.create_tap(name, options)
+            index = self.backend.create_tap(name, options)
         except DeviceExists:
             tx.clear_intent()  # the TAP is not this call's: a failure must leave it
             link = self.backend.get_link(name)
@@ -489,14 +488,13 @@ class NetworkManager:
             # A detach of this VM has not deleted its old TAP yet: finish that first.
             self._delete_if_same(link)
             tx.intend(intent)
-            self.backend.create_tap(name, options)
+            index = self.backend.create_tap(name, options)
         # The TAP is down and on no bridge yet: its guarantees are in place before its
         # first frame. A failure from here on is undone by the intent (_recover_attach).
         self._bridge()  # no bridge: say "run ensure_host() first" before anything else
         self._guard(network, policy, fresh=True)
-        self._enslave(name, naming.tap_alias(self.config.bridge_name, vm_id, lease.slot))
-        if policy.isolated:
-            self.backend.set_port_isolated(name, True)
+        alias = naming.tap_alias(self.config.bridge_name, vm_id, lease.slot)
+        self._enslave(name, alias, index, policy.isolated)
         log.debug("attached %s as %s", vm_id, name)
         return network
 
@@ -561,12 +559,23 @@ class NetworkManager:
             self._bridge_index = link.index
         return self._bridge_index
 
-    def _enslave(self, name: str, alias: str) -> None:
-        """One request: master, MTU, up and alias. A cached bridge index is checked on failure."""
+    def _enslave(
+        self, name: str, alias: str, index: int | None = None, isolated: bool = False
+    ) -> None:
+        """One request: master, MTU, up and alias, and for an isolated VM the port's
+        isolation in the same datagram (`index`: the new TAP's, known from its creation).
+        A cached bridge index is checked on failure."""
         cached = self._bridge_index
+        isolation = True if isolated else None  # a new port is not isolated
         try:
             self.backend.set_link(
-                name, master=self._bridge(), mtu=self.config.mtu, up=True, alias=alias
+                name,
+                index=index,
+                master=self._bridge(),
+                mtu=self.config.mtu,
+                up=True,
+                alias=alias,
+                isolated=isolation,
             )
         except HostError as exc:
             if cached is None or exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV):
@@ -576,7 +585,13 @@ class NetworkManager:
             if self._bridge() == cached:
                 raise
             self.backend.set_link(
-                name, master=self._bridge(), mtu=self.config.mtu, up=True, alias=alias
+                name,
+                index=index,
+                master=self._bridge(),
+                mtu=self.config.mtu,
+                up=True,
+                alias=alias,
+                isolated=isolation,
             )
 
     def detach(self, vm_id: str) -> None:

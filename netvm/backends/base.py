@@ -89,13 +89,18 @@ class LinkChange:
 
 @dataclass(frozen=True)
 class LinkSetting:
-    """One set_link request of a batch (Backend.set_links), by name."""
+    """One set_link request of a batch (Backend.set_links), by name (or by `index`)."""
 
     name: str
+    index: int | None = None
+    """The device's ifindex, where known: the request goes to that device (ENODEV if it
+    is gone), and needs no look-up for `isolated`."""
     master: int | None = None
     mtu: int | None = None
     up: bool | None = None
     alias: str | None = None
+    isolated: bool | None = None
+    """The port isolation to set once the device is a bridge port (set_link)."""
 
 
 @dataclass(frozen=True)
@@ -190,19 +195,25 @@ class Backend(XtablesTables, Protocol):
 
     def create_bridge(self, name: str, mtu: int, alias: str | None = None) -> None: ...
 
-    def create_tap(self, name: str, options: TapOptions) -> None:
-        """A persistent TAP; DeviceExists if any device has that name (never reused)."""
+    def create_tap(self, name: str, options: TapOptions) -> int:
+        """A persistent TAP, and its ifindex; DeviceExists if any device has that name
+        (never reused)."""
 
     def set_link(
         self,
         name: str,
         *,
+        index: int | None = None,
         master: int | None = None,
         mtu: int | None = None,
         up: bool | None = None,
         alias: str | None = None,
+        isolated: bool | None = None,
     ) -> None:
-        """Change several attributes of a link in one request."""
+        """Change several attributes of a link in one request; `isolated` (the port's
+        isolation, as set_port_isolated) applies once the other changes are made, so it
+        can come with the enslave. A failure keeps the changes made before it. With
+        `index`, the device with that ifindex (ENODEV if there is none), `name` in errors."""
 
     def create_taps(self, names: Sequence[str], options: TapOptions) -> dict[str, HostError]:
         """create_tap for each name, back to back; the error of each that failed (the

@@ -143,22 +143,31 @@ class FakeBackend:
         if alias is not None:
             self.state.links[name] = replace(self.state.links[name], alias=alias)
 
-    def create_tap(self, name: str, options: TapOptions) -> None:
+    def create_tap(self, name: str, options: TapOptions) -> int:
         self._new_link("create tap", name, "tun", 1500, tap=options)
+        return self.state.links[name].index
 
     def set_link(
         self,
         name: str,
         *,
+        index: int | None = None,
         master: int | None = None,
         mtu: int | None = None,
         up: bool | None = None,
         alias: str | None = None,
+        isolated: bool | None = None,
     ) -> None:
         """Like the kernel's do_setlink: the attributes are applied in its order (MTU,
         alias, flags, then master), and a failing step keeps the earlier ones. Changing
-        the master releases the old one before the new one is checked."""
+        the master releases the old one before the new one is checked. The isolation is
+        a request of its own after that one (as the kernel backend sends it)."""
         operation = "set link"
+        if index is not None:
+            found = self._by_index(index)
+            if found is None:
+                raise host_error(operation, name, errno.ENODEV, f"no device with index {index}")
+            name = found.name
         link = self._require(operation, name)
         if alias is not None and len(alias.encode()) > IFALIASZ - 1:
             raise host_error(operation, name, errno.ERANGE, "ifalias too long")
@@ -174,6 +183,8 @@ class FakeBackend:
             changes["up"] = up
         link = self.state.links[name] = replace(link, **changes)  # type: ignore[arg-type]
         self._set_master(operation, link, master)
+        if isolated is not None:
+            self.set_port_isolated(name, isolated)
 
     def _set_master(self, operation: str, link: Link, master: int | None) -> None:
         """do_set_master: 0 releases the device; another master releases the old one
@@ -212,7 +223,15 @@ class FakeBackend:
         failed: dict[str, HostError] = {}
         for c in changes:
             try:
-                self.set_link(c.name, master=c.master, mtu=c.mtu, up=c.up, alias=c.alias)
+                self.set_link(
+                    c.name,
+                    index=c.index,
+                    master=c.master,
+                    mtu=c.mtu,
+                    up=c.up,
+                    alias=c.alias,
+                    isolated=c.isolated,
+                )
             except HostError as exc:
                 failed[c.name] = exc
         return failed

@@ -19,6 +19,7 @@ import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar, cast
 
 from netvm.backends.base import Address, Link, LinkChange, LinkSetting, Rule, TapOptions
@@ -206,7 +207,7 @@ class KernelBackend:
                 self._tun_fds = self._call(lambda: [open_tun() for _ in range(TUN_POOL)])
             return self._tun_fds.pop()
 
-    def create_tap(self, name: str, options: TapOptions) -> None:
+    def create_tap(self, name: str, options: TapOptions) -> int:
         create_persistent_tap(name, options, self._tun_fd())
         # Check that the TAP is in the namespace of the socket (the pooled descriptor's).
         # Measured on Linux 6.18 (cause not identified), this RTM_GETLINK of the new TAP
@@ -216,7 +217,7 @@ class KernelBackend:
         # a pause of the same length does not do it.
         try:
             with _kernel_errors("create tap", name):
-                self.rtnl.get_link(name)
+                return self.rtnl.get_link(name).index
         except BaseException:
             # The TAP is persistent: it must not outlive a failed create_tap.
             with contextlib.suppress(RtnlError, OSError):
@@ -253,21 +254,44 @@ class KernelBackend:
         return failed
 
     def set_links(self, changes: Sequence[LinkSetting]) -> dict[str, HostError]:
+        errors: dict[str, HostError] = {}
+        unknown = [c.name for c in changes if c.isolated is not None and not c.index]
+        if unknown:  # the port isolation goes by index: look the devices up, in one trip
+            with _kernel_errors("get links", ",".join(unknown)):
+                found = self.rtnl.get_links(unknown)
+            indexed = []
+            for change in changes:
+                if change.isolated is None or change.index:
+                    indexed.append(change)
+                elif change.name in found:
+                    indexed.append(replace(change, index=found[change.name].index))
+                else:
+                    errors[change.name] = host_error("set link", change.name, errno.ENODEV)
+            changes = indexed
         with _kernel_errors("set links", None):
             failed = self.rtnl.set_links(changes)
-        return {name: host_error("set link", name, code, message) for name, code, message in failed}
+        for name, code, message in failed:  # a device's first error (its enslave's)
+            errors.setdefault(name, host_error("set link", name, code, message))
+        return errors
 
     def set_link(
         self,
         name: str,
         *,
+        index: int | None = None,
         master: int | None = None,
         mtu: int | None = None,
         up: bool | None = None,
         alias: str | None = None,
+        isolated: bool | None = None,
     ) -> None:
-        with _kernel_errors("set link", name):
-            self.rtnl.set_link(name, master=master, mtu=mtu, up=up, alias=alias)
+        if isolated is None:
+            with _kernel_errors("set link", name):
+                self.rtnl.set_link(name, index=index, master=master, mtu=mtu, up=up, alias=alias)
+            return
+        failed = self.set_links([LinkSetting(name, index, master, mtu, up, alias, isolated)])
+        if failed:
+            raise failed[name]
 
     def set_port_isolated(self, name: str, isolated: bool) -> None:
         with _kernel_errors("set port isolation", name):

@@ -240,7 +240,16 @@ def _change_body(change: LinkChange) -> bytes:
 
 
 def _link_body(change: LinkSetting) -> bytes:
-    return _newlink_body(0, change.name, change.up, change.master, change.mtu, change.alias)
+    """By index when it is known: then the name is not sent (it would rename the device)."""
+    index = change.index or 0
+    name = None if index else change.name
+    return _newlink_body(index, name, change.up, change.master, change.mtu, change.alias)
+
+
+def _isolation_body(index: int, isolated: bool) -> bytes:
+    """RTM_SETLINK (AF_BRIDGE) of bridge port `index`: its IFLA_BRPORT_ISOLATED."""
+    info = attr(IFLA_PROTINFO | NLA_F_NESTED, attr(IFLA_BRPORT_ISOLATED, bytes([isolated])))
+    return _IFINFOMSG.pack(AF_BRIDGE, 0, index, 0, 0) + info
 
 
 class RtnlError(OSError):
@@ -381,14 +390,15 @@ class Rtnl:
         self,
         name: str,
         *,
+        index: int | None = None,
         master: int | None = None,
         mtu: int | None = None,
         up: bool | None = None,
         alias: str | None = None,
         group: int | None = None,
     ) -> None:
-        """One RTM_NEWLINK on the device called `name`."""
-        body = _newlink_body(0, name, up, master, mtu, alias, group)
+        """One RTM_NEWLINK on the device called `name` (or with ifindex `index`)."""
+        body = _newlink_body(index or 0, None if index else name, up, master, mtu, alias, group)
         self.request(RTM_NEWLINK, 0, body)
 
     def set_port_isolated(self, index: int, isolated: bool) -> None:
@@ -398,8 +408,7 @@ class Rtnl:
         only once the device is a port (an IFLA_PROTINFO in the enslaving RTM_NEWLINK is
         ignored, and IFLA_INFO_SLAVE_DATA is refused with EOPNOTSUPP; measured on 6.18).
         """
-        info = attr(IFLA_PROTINFO | NLA_F_NESTED, attr(IFLA_BRPORT_ISOLATED, bytes([isolated])))
-        self.request(RTM_SETLINK, 0, _IFINFOMSG.pack(AF_BRIDGE, 0, index, 0, 0) + info)
+        self.request(RTM_SETLINK, 0, _isolation_body(index, isolated))
 
     def create_link(self, name: str, kind: str) -> None:
         info = attr(IFLA_LINKINFO, attr(IFLA_INFO_KIND, kind.encode()))
@@ -444,9 +453,15 @@ class Rtnl:
 
     def set_links(self, changes: Sequence[LinkSetting]) -> list[tuple[str, int, str]]:
         """One RTM_NEWLINK per change, all sent before any ack is read (several per
-        datagram); (name, errno, extended-ack message) of each that failed."""
+        datagram); (name, errno, extended-ack message) of each that failed, in order.
+
+        A change with `isolated` needs its index: its port isolation follows its
+        RTM_NEWLINK in the same datagram (the kernel applies a port's bridge attributes
+        only once the device is a port, so it cannot be in the RTM_NEWLINK itself).
+        """
         failed: list[tuple[str, int, str]] = []
-        chunk = 64  # acks of one datagram must fit the socket's receive buffer
+        chunk = 32  # acks of one datagram must fit the socket's receive buffer
+        flags = NLM_F_REQUEST | NLM_F_ACK
         with self._lock:
             for first in range(0, len(changes), chunk):
                 messages = []
@@ -454,11 +469,20 @@ class Rtnl:
                 for change in changes[first : first + chunk]:
                     self._seq = (self._seq + 1) & 0xFFFFFFFF
                     body = _link_body(change)
-                    flags = NLM_F_REQUEST | NLM_F_ACK
                     messages.append(
                         _NLMSGHDR.pack(_HEADER + len(body), RTM_NEWLINK, flags, self._seq, 0) + body
                     )
                     sequences[self._seq] = change.name
+                    if change.isolated is not None:
+                        if not change.index:
+                            raise ValueError(f"isolation of {change.name}: its index is unknown")
+                        self._seq = (self._seq + 1) & 0xFFFFFFFF
+                        body = _isolation_body(change.index, change.isolated)
+                        messages.append(
+                            _NLMSGHDR.pack(_HEADER + len(body), RTM_SETLINK, flags, self._seq, 0)
+                            + body
+                        )
+                        sequences[self._seq] = change.name
                 self._sock.send(b"".join(messages))
                 pending = dict(sequences)
                 view = memoryview(self._buffer)

@@ -193,10 +193,10 @@ async def test_attach_many_is_all_or_nothing(
     refused = host_error("create tap", naming.tap_name("c-3"), errno.EIO, "injected")
     original = manager.backend.create_tap
 
-    def create_tap(name: str, options: Any) -> None:
+    def create_tap(name: str, options: Any) -> int:
         if name == naming.tap_name("c-3"):
             raise refused
-        original(name, options)
+        return original(name, options)
 
     manager.backend.create_tap = create_tap  # type: ignore[method-assign]
     with pytest.raises(HostError) as failed:

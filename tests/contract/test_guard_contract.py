@@ -204,6 +204,51 @@ def test_port_isolation_is_the_kernels_per_port_flag(backend: Backend) -> None:
     assert not link.isolated
 
 
+def test_the_enslave_can_carry_the_port_isolation(backend: Backend) -> None:
+    """set_link(isolated=...) applies the isolation after the enslave (one datagram on the
+    kernel), by the index create_tap returned, or looked up when none is given."""
+    backend.create_bridge("br0", 1500)
+    bridge = backend.get_link("br0")
+    assert bridge is not None
+    index = backend.create_tap("tap-a", TapOptions())
+    made = backend.get_link("tap-a")
+    assert made is not None
+    assert made.index == index
+    backend.set_link("tap-a", index=index, master=bridge.index, up=True, isolated=True)
+    link = backend.get_link("tap-a")
+    assert link is not None
+    assert (link.master, link.up, link.isolated) == (bridge.index, True, True)
+    backend.create_tap("tap-b", TapOptions())
+    backend.set_link("tap-b", master=bridge.index, isolated=True)
+    link = backend.get_link("tap-b")
+    assert link is not None
+    assert (link.master, link.isolated) == (bridge.index, True)
+
+
+def test_an_isolation_without_a_bridge_is_refused_after_the_other_changes(
+    backend: Backend,
+) -> None:
+    backend.create_tap("tap-a", TapOptions())
+    with pytest.raises(HostError) as refused:
+        backend.set_link("tap-a", mtu=1400, isolated=True)
+    assert refused.value.errno == errno.EOPNOTSUPP
+    link = backend.get_link("tap-a")
+    assert link is not None
+    assert (link.mtu, link.isolated) == (1400, False)  # the MTU came first, and stays
+
+
+def test_a_set_link_by_a_gone_index_changes_nothing(backend: Backend) -> None:
+    index = backend.create_tap("tap-a", TapOptions())
+    backend.delete_link("tap-a")
+    backend.create_tap("tap-a", TapOptions())  # same name, another device
+    with pytest.raises(HostError) as refused:
+        backend.set_link("tap-a", index=index, mtu=1400)
+    assert refused.value.errno == errno.ENODEV
+    link = backend.get_link("tap-a")
+    assert link is not None
+    assert link.mtu == 1500
+
+
 # The fresh path: no record read first, the record created exclusively --------------------
 
 
