@@ -18,9 +18,9 @@ Two ways of attaching, since the kernel's cost depends on how warm its code is:
   host. An nf_tables transaction that costs 15-30 us back-to-back costs 100-180 us after
   such a pause on a 2 vCPU VM (the cache is cold), whatever its number of elements.
 
-Also measured, outside netvm (its backend sends them as two requests): the kernel's port
-isolation flag as a second request after the enslave, against the same message in the
-enslave's datagram (the kernel refuses it inside the enslave request itself: EOPNOTSUPP
+Also measured, outside netvm: the kernel's port isolation flag as a second request after
+the enslave, against the same message in the enslave's datagram (how netvm's backend
+sends it) (the kernel refuses it inside the enslave request itself: EOPNOTSUPP
 for IFLA_INFO_SLAVE_DATA, and IFLA_PROTINFO is ignored there).
 
 Prints a table and writes `--out DIR/guard.json` (the bench JSON schema of netvm's benches).
