@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench.guard import every
 from bench.report import write_result
 from netvm import KernelBackend, NetworkConfig, NetworkManager
 from netvm.backends import kernel, rtnl, tun
@@ -146,16 +147,6 @@ def instrumented(timers: Timers) -> Iterator[None]:
 
 def config(state_dir: Path) -> NetworkConfig:
     return NetworkConfig("nvprof0", "10.64.0.0/20", "up0", state_dir=state_dir, firewall="nftables")
-
-
-def every(port: int) -> GuestPolicy:
-    """Every guarantee (as bench/guard.py's `all`), a forward of its own host port."""
-    return GuestPolicy.of(
-        isolated=True,
-        egress_allow=["203.0.113.0/24", "0.0.0.0/0:udp:53"],
-        egress_deny=["198.51.100.0/24"],
-        port_forwards=[f"{port}:80"],
-    )
 
 
 PolicyOf = Callable[[int], GuestPolicy | None]

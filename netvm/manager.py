@@ -566,8 +566,8 @@ class NetworkManager:
         isolation in the same datagram (`index`: the new TAP's, known from its creation).
         A cached bridge index is checked on failure."""
         cached = self._bridge_index
-        isolation = True if isolated else None  # a new port is not isolated
-        try:
+
+        def send() -> None:
             self.backend.set_link(
                 name,
                 index=index,
@@ -575,8 +575,11 @@ class NetworkManager:
                 mtu=self.config.mtu,
                 up=True,
                 alias=alias,
-                isolated=isolation,
+                isolated=True if isolated else None,  # a new port is not isolated
             )
+
+        try:
+            send()
         except HostError as exc:
             if cached is None or exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV):
                 raise
@@ -584,15 +587,7 @@ class NetworkManager:
             self._bridge_index = None
             if self._bridge() == cached:
                 raise
-            self.backend.set_link(
-                name,
-                index=index,
-                master=self._bridge(),
-                mtu=self.config.mtu,
-                up=True,
-                alias=alias,
-                isolated=isolation,
-            )
+            send()
 
     def detach(self, vm_id: str) -> None:
         """Take the VM's TAP off the bridge and free its lease; a VM that is already gone

@@ -467,21 +467,13 @@ class Rtnl:
                 messages = []
                 sequences: dict[int, str] = {}
                 for change in changes[first : first + chunk]:
-                    self._seq = (self._seq + 1) & 0xFFFFFFFF
-                    body = _link_body(change)
-                    messages.append(
-                        _NLMSGHDR.pack(_HEADER + len(body), RTM_NEWLINK, flags, self._seq, 0) + body
-                    )
+                    messages.append(self._message(RTM_NEWLINK, flags, _link_body(change)))
                     sequences[self._seq] = change.name
                     if change.isolated is not None:
                         if not change.index:
                             raise ValueError(f"isolation of {change.name}: its index is unknown")
-                        self._seq = (self._seq + 1) & 0xFFFFFFFF
                         body = _isolation_body(change.index, change.isolated)
-                        messages.append(
-                            _NLMSGHDR.pack(_HEADER + len(body), RTM_SETLINK, flags, self._seq, 0)
-                            + body
-                        )
+                        messages.append(self._message(RTM_SETLINK, flags, body))
                         sequences[self._seq] = change.name
                 self._sock.send(b"".join(messages))
                 pending = dict(sequences)
