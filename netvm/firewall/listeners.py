@@ -71,6 +71,9 @@ def listening(
 
 
 NETLINK_SOCK_DIAG = 4
+TCPDIAG_GETSOCK = 18
+"""The original inet_diag request: TCP only, but both families in one walk of the
+listening hash (the kernel dumps it as AF_UNSPEC). Half the cost of one dump per family."""
 SOCK_DIAG_BY_FAMILY = 20
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
@@ -79,7 +82,9 @@ STATES = {"tcp": 1 << 10, "udp": 1 << 7}
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 _HEADER = struct.Struct("=IHHII")
 _REQUEST = struct.Struct("=BBBxI48x")  # inet_diag_req_v2: family, protocol, ext, states, id
+_LEGACY_REQUEST = struct.Struct("=B3x48xII")  # inet_diag_req: family, ..., id, states, dbs
 _MESSAGE = struct.Struct("=BBBB2s2s16s")  # inet_diag_msg: family, state, ..., sport, dport, src
+_SPORT = struct.Struct("!H")
 
 
 class SockDiag:
@@ -93,38 +98,51 @@ class SockDiag:
         self._sock.bind((0, 0))
         self._lock = threading.Lock()
         self._seq = 0
+        self._legacy = True
+        """False once the kernel refused TCPDIAG_GETSOCK: one dump per family then."""
 
     def close(self) -> None:
         self._sock.close()
 
-    def _dump(self, family: int, protocol: str) -> Iterator[tuple[int, bytes]]:
-        """(port, address bytes) of each socket of `protocol` in its listening state."""
+    def _dump(self, kind: int, body: bytes) -> Iterator[tuple[int, int, bytes]]:
+        """(family, port, address bytes) of each socket the dump request reports."""
         self._seq = (self._seq + 1) & 0xFFFFFFFF
-        body = _REQUEST.pack(family, PROTOCOLS[protocol], 0, STATES[protocol])
         flags = NLM_F_REQUEST | NLM_F_DUMP
-        self._sock.send(
-            _HEADER.pack(_HEADER.size + len(body), SOCK_DIAG_BY_FAMILY, flags, self._seq, 0) + body
-        )
+        self._sock.send(_HEADER.pack(_HEADER.size + len(body), kind, flags, self._seq, 0) + body)
         while True:
             data = self._sock.recv(65536)
             offset = 0
             while offset + _HEADER.size <= len(data):
-                length, kind, _, seq, _ = _HEADER.unpack_from(data, offset)
+                length, reply, _, seq, _ = _HEADER.unpack_from(data, offset)
                 if length < _HEADER.size:
                     return
                 if seq == self._seq:
-                    if kind == NLMSG_DONE:
+                    if reply == NLMSG_DONE:
                         return
-                    if kind == NLMSG_ERROR:
+                    if reply == NLMSG_ERROR:
                         (code,) = struct.unpack_from("=i", data, offset + _HEADER.size)
                         raise OSError(-code, f"sock_diag: {errno.errorcode.get(-code, code)}")
-                    if kind == SOCK_DIAG_BY_FAMILY:
-                        _, _, _, _, sport, _, src = _MESSAGE.unpack_from(
+                    if reply == kind:
+                        family, _, _, _, sport, _, src = _MESSAGE.unpack_from(
                             data, offset + _HEADER.size
                         )
                         size = 4 if family == socket.AF_INET else 16
-                        yield struct.unpack("!H", sport)[0], src[:size]
+                        yield family, _SPORT.unpack(sport)[0], src[:size]
                 offset += (length + 3) & ~3
+
+    def _sockets(self, protocol: str) -> list[tuple[int, int, bytes]]:
+        """Every socket of `protocol` in its listening state, IPv4 and IPv6."""
+        states = STATES[protocol]
+        if protocol == "tcp" and self._legacy:
+            try:
+                return list(self._dump(TCPDIAG_GETSOCK, _LEGACY_REQUEST.pack(0, states, 0)))
+            except OSError:  # a kernel without the original request: one per family
+                self._legacy = False
+        found: list[tuple[int, int, bytes]] = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            body = _REQUEST.pack(family, PROTOCOLS[protocol], 0, states)
+            found += self._dump(SOCK_DIAG_BY_FAMILY, body)
+        return found
 
     def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
         """As `listening()`, from the kernel's socket tables."""
@@ -134,10 +152,11 @@ class SockDiag:
                 ports = {port for proto, port in wanted if proto == protocol}
                 if not ports:
                     continue
-                for family in (socket.AF_INET, socket.AF_INET6):
-                    for port, raw in list(self._dump(family, protocol)):
-                        address = ipaddress.ip_address(raw)
-                        if port in ports and not _loopback(address):
-                            shown = f"[{address}]" if address.version == 6 else str(address)
-                            found.add(f"{shown}:{port}/{protocol}")
+                for _, port, raw in self._sockets(protocol):
+                    if port not in ports:
+                        continue
+                    address = ipaddress.ip_address(raw)
+                    if not _loopback(address):
+                        shown = f"[{address}]" if address.version == 6 else str(address)
+                        found.add(f"{shown}:{port}/{protocol}")
         return sorted(found)

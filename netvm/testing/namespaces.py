@@ -17,6 +17,8 @@ from netvm.errors import NetvmError, host_error
 from netvm.firewall.libnftables import binding_unavailable
 
 MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_SHARED = 1 << 20
 MNT_DETACH = 0x2
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -25,9 +27,28 @@ def _fail(operation: str, device: str) -> None:
     raise host_error(operation, device, ctypes.get_errno() or errno.EIO)
 
 
+def _share_run_dir() -> None:
+    """Make /run/netns a shared mount of its own, as `ip netns add` does.
+
+    Otherwise the first `ip netns add` after a namespace of ours bind-mounts the directory
+    over itself, which hides our namespace's mount under it: the file can then be neither
+    unmounted ("not mounted") nor removed (EBUSY), and the namespace leaks.
+    """
+    directory = str(NETNS_RUN_DIR).encode()
+    if _libc.mount(b"none", directory, None, MS_SHARED | MS_REC, None) == 0:
+        return
+    if ctypes.get_errno() != errno.EINVAL:  # EINVAL: not a mount point yet
+        _fail("share the mount of", str(NETNS_RUN_DIR))
+    if _libc.mount(directory, directory, b"none", MS_BIND | MS_REC, None) != 0:
+        _fail("bind-mount", str(NETNS_RUN_DIR))
+    if _libc.mount(b"none", directory, None, MS_SHARED | MS_REC, None) != 0:
+        _fail("share the mount of", str(NETNS_RUN_DIR))
+
+
 def create_netns(name: str) -> None:
     """Create the named network namespace /run/netns/NAME (EEXIST if it exists)."""
     NETNS_RUN_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _share_run_dir()
     path = NETNS_RUN_DIR / name
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 
 import pytest
 
@@ -11,11 +12,22 @@ from netvm.testing import run_in_netns, throwaway_netns
 
 pytestmark = pytest.mark.privileged
 
-WANTED = [("tcp", 2222), ("tcp", 2223), ("tcp", 2224), ("udp", 5353), ("udp", 2222), ("tcp", 80)]
+WANTED = [
+    ("tcp", 2222),
+    ("tcp", 2223),
+    ("tcp", 2224),
+    ("tcp", 2225),
+    ("udp", 5353),
+    ("udp", 5354),
+    ("udp", 2222),
+    ("tcp", 80),
+]
 
 
 def test_sock_diag_and_proc_find_the_same_services() -> None:
     with throwaway_netns("netvm-test-") as netns:
+        # ::1 exists once lo is up.
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
 
         def probe() -> tuple[list[str], list[str]]:
             socks = []
@@ -23,7 +35,10 @@ def test_sock_diag_and_proc_find_the_same_services() -> None:
                 (socket.AF_INET, socket.SOCK_STREAM, "0.0.0.0", 2222),
                 (socket.AF_INET6, socket.SOCK_STREAM, "::", 2223),
                 (socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1", 2224),  # loopback only
+                (socket.AF_INET6, socket.SOCK_STREAM, "::1", 2225),  # loopback only
                 (socket.AF_INET, socket.SOCK_DGRAM, "0.0.0.0", 5353),
+                (socket.AF_INET6, socket.SOCK_DGRAM, "::", 5354),
+                (socket.AF_INET, socket.SOCK_STREAM, "0.0.0.0", 2226),  # not wanted
             ):
                 sock = socket.socket(family, kind)
                 sock.bind((address, port))
@@ -32,6 +47,15 @@ def test_sock_diag_and_proc_find_the_same_services() -> None:
                 socks.append(sock)
             diag = SockDiag()
             try:
+                tcp_only = [w for w in WANTED if w[0] == "tcp"]
+                assert diag.listening(tcp_only) == listening(tcp_only)
+                assert diag._legacy, "the kernel refused the one-walk TCP dump"
+                per_family = SockDiag()
+                per_family._legacy = False  # the fallback: one dump per family
+                try:
+                    assert per_family.listening(WANTED) == listening(WANTED)
+                finally:
+                    per_family.close()
                 return diag.listening(WANTED), listening(WANTED)
             finally:
                 diag.close()
@@ -39,5 +63,5 @@ def test_sock_diag_and_proc_find_the_same_services() -> None:
                     sock.close()
 
         from_diag, from_proc = run_in_netns(netns, probe)
-    assert from_diag == ["0.0.0.0:2222/tcp", "0.0.0.0:5353/udp", "[::]:2223/tcp"]
+    assert from_diag == ["0.0.0.0:2222/tcp", "0.0.0.0:5353/udp", "[::]:2223/tcp", "[::]:5354/udp"]
     assert from_proc == from_diag
