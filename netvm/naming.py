@@ -215,7 +215,7 @@ def guest_mac(ip: ipaddress.IPv4Address) -> bytes:
 
 
 def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
+    return mac.hex(":")
 
 
 @dataclass(frozen=True)

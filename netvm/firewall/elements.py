@@ -84,35 +84,6 @@ def _string(value: str) -> bytes:
     return value.encode() + b"\0"
 
 
-def encode_field(kind: FieldType, value: Value) -> bytes:
-    if kind == "ifname":
-        assert isinstance(value, str)
-        return value.encode().ljust(16, b"\0")
-    if kind == "ether_addr":
-        assert isinstance(value, bytes)
-        assert len(value) == 6
-        return value
-    if kind == "ipv4_addr":
-        if isinstance(value, ipaddress.IPv4Address):
-            return value.packed
-        return ipaddress.IPv4Address(value).packed
-    assert isinstance(value, int)
-    if kind == "inet_proto":
-        return _U8.pack(value)
-    return _BE16.pack(value)
-
-
-def encode_key(kinds: Sequence[FieldType], values: Sequence[Value]) -> bytes:
-    """A key or map datum: a single field as is, a concatenation padded field by field."""
-    if len(kinds) == 1:
-        return encode_field(kinds[0], values[0])
-    out = []
-    for kind, value in zip(kinds, values, strict=True):
-        raw = encode_field(kind, value)
-        out.append(raw + b"\0" * (-len(raw) & 3))
-    return b"".join(out)
-
-
 _FORMATS: dict[FieldType, str] = {
     "ifname": "16s",
     "ether_addr": "6s",
@@ -122,26 +93,44 @@ _FORMATS: dict[FieldType, str] = {
 }
 
 
-def _field_value(kind: FieldType, value: Value) -> bytes | int:
-    if kind == "ifname":
-        assert isinstance(value, str)
-        return value.encode()  # struct pads it to 16 bytes with NULs
-    if kind == "ipv4_addr":
-        if isinstance(value, ipaddress.IPv4Address):
-            return value.packed
-        return ipaddress.IPv4Address(value).packed
-    if kind == "ether_addr":
-        assert isinstance(value, bytes)
-        if len(value) != 6:
-            raise ValueError(f"not a MAC address: {value!r}")
-        return value
+def _ifname(value: Value) -> bytes:
+    assert isinstance(value, str)
+    return value.encode()  # struct pads it to 16 bytes with NULs
+
+
+def _ipv4(value: Value) -> bytes:
+    if isinstance(value, ipaddress.IPv4Address):
+        return value.packed
+    return ipaddress.IPv4Address(value).packed
+
+
+def _ether(value: Value) -> bytes:
+    assert isinstance(value, bytes)
+    if len(value) != 6:
+        raise ValueError(f"not a MAC address: {value!r}")
+    return value
+
+
+def _integer(value: Value) -> int:
     assert isinstance(value, int)
     return value
 
 
+_CONVERT: dict[FieldType, Callable[[Value], bytes | int]] = {
+    "ifname": _ifname,
+    "ipv4_addr": _ipv4,
+    "ether_addr": _ether,
+    "inet_proto": _integer,
+    "inet_service": _integer,
+}
+
+
 class _Layout:
     """A key or datum layout as one struct, network order (its only integers are a
-    protocol byte and ports), padded to 4 bytes, with its two attribute headers."""
+    protocol byte and ports), padded to 4 bytes, with its two attribute headers.
+
+    An attach packs a dozen keys: the headers of each nesting are packed once here, and
+    each field has its converter, so a key costs one struct pack and a call per field."""
 
     def __init__(self, kinds: Sequence[FieldType]) -> None:
         if len(kinds) == 1:
@@ -153,14 +142,20 @@ class _Layout:
         size = struct.calcsize("!" + fields)
         self.kinds = tuple(kinds)
         self._value = struct.Struct("!" + fields + f"{-size & 3}x")
+        self._converters = tuple(_CONVERT[kind] for kind in kinds)
         self._sizes = (_VALUE.size + self._value.size, _ATTR.size + size)
+        self._heads: dict[int, bytes] = {}
 
     def pack(self, nested: int, values: Sequence[Value]) -> bytes:
         """A nested attribute `nested` holding one NFTA_DATA_VALUE of these values."""
-        outer, inner = self._sizes
-        converted = [_field_value(k, v) for k, v in zip(self.kinds, values, strict=True)]
-        return _VALUE.pack(outer, nested | NLA_F_NESTED, inner, NFTA_DATA_VALUE) + (
-            self._value.pack(*converted)
+        head = self._heads.get(nested)
+        if head is None:
+            outer, inner = self._sizes
+            head = self._heads[nested] = _VALUE.pack(
+                outer, nested | NLA_F_NESTED, inner, NFTA_DATA_VALUE
+            )
+        return head + self._value.pack(
+            *[convert(value) for convert, value in zip(self._converters, values, strict=True)]
         )
 
 

@@ -24,6 +24,7 @@ never leaves elements without the record that names them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass
@@ -148,9 +149,12 @@ def egress_chain(policy: GuestPolicy) -> str | None:
     one chain, so an attach adds only a map element (the chain is written once, cold)."""
     if not policy.egress_allow and not policy.egress_deny:
         return None
-    text = " ".join(
-        [f"allow={r}" for r in policy.egress_allow] + [f"deny={r}" for r in policy.egress_deny]
-    )
+    return _egress_chain(policy.egress_allow, policy.egress_deny)
+
+
+@functools.lru_cache(maxsize=256)
+def _egress_chain(allow: tuple[EgressRule, ...], deny: tuple[EgressRule, ...]) -> str:
+    text = " ".join([f"allow={r}" for r in allow] + [f"deny={r}" for r in deny])
     return EGRESS_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
