@@ -41,6 +41,10 @@ def _port(field_name: str, value: object, text: object) -> int:
     return value
 
 
+_PARSED_RULES: dict[str, EgressRule] = {}
+_PARSED_RULES_MAX = 4096
+
+
 @dataclass(frozen=True)
 class EgressRule:
     """Destinations: a network, optionally one protocol, optionally a port range of it."""
@@ -68,6 +72,16 @@ class EgressRule:
             return text
         if not isinstance(text, str):
             raise ConfigError("egress rule", text, EGRESS_RULE)
+        # A rule is immutable: one parse per text, shared (its text and hash computed once).
+        found = _PARSED_RULES.get(text)
+        if found is None:
+            if len(_PARSED_RULES) >= _PARSED_RULES_MAX:
+                _PARSED_RULES.clear()
+            found = _PARSED_RULES[text] = cls._parse(text)
+        return found
+
+    @classmethod
+    def _parse(cls, text: str) -> EgressRule:
         parts = text.strip().split(":")
         if not 1 <= len(parts) <= 3:
             raise ConfigError("egress rule", text, EGRESS_RULE)
@@ -277,10 +291,17 @@ class GuestPolicy:
     @cached_property
     def _description(self) -> str:
         parts = [name for name in ("anti_spoof", "isolated") if getattr(self, name)]
-        parts += [f"allow={r}" for r in self.egress_allow]
-        parts += [f"deny={r}" for r in self.egress_deny]
+        if self.egress_text:
+            parts.append(self.egress_text)
         parts += [f"forward={f}" for f in self.port_forwards]
         return " ".join(parts) or "none"
+
+    @cached_property
+    def egress_text(self) -> str:
+        """`allow=NET ... deny=NET ...`: the egress lists in describe()'s words ("" if none)."""
+        return " ".join(
+            [f"allow={r}" for r in self.egress_allow] + [f"deny={r}" for r in self.egress_deny]
+        )
 
 
 OPEN = GuestPolicy(anti_spoof=False)

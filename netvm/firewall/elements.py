@@ -145,6 +145,10 @@ class _Layout:
         self._converters = tuple(_CONVERT[kind] for kind in kinds)
         self._sizes = (_VALUE.size + self._value.size, _ATTR.size + size)
         self._heads: dict[int, bytes] = {}
+        outer, inner = self._sizes
+        self._plain = _ATTR.pack(_ATTR.size + outer, NFTA_LIST_ELEM | NLA_F_NESTED) + _VALUE.pack(
+            outer, NFTA_SET_ELEM_KEY | NLA_F_NESTED, inner, NFTA_DATA_VALUE
+        )
 
     def pack(self, nested: int, values: Sequence[Value]) -> bytes:
         """A nested attribute `nested` holding one NFTA_DATA_VALUE of these values."""
@@ -154,7 +158,14 @@ class _Layout:
             head = self._heads[nested] = _VALUE.pack(
                 outer, nested | NLA_F_NESTED, inner, NFTA_DATA_VALUE
             )
-        return head + self._value.pack(
+        return head + self._values(values)
+
+    def element(self, values: Sequence[Value]) -> bytes:
+        """A whole NFTA_LIST_ELEM of a key alone (most of an attach's elements)."""
+        return self._plain + self._values(values)
+
+    def _values(self, values: Sequence[Value]) -> bytes:
+        return self._value.pack(
             *[convert(value) for convert, value in zip(self._converters, values, strict=True)]
         )
 
@@ -191,6 +202,10 @@ def parse_comment(udata: bytes) -> str | None:
 def _element_attr(element: Element, with_data: bool) -> bytes:
     schema = element.schema
     key = _layout(schema.key)
+    if not schema.interval and (
+        not with_data or (element.comment is None and (element.data is None or not schema.data))
+    ):
+        return key.element(element.key)
     body = key.pack(NFTA_SET_ELEM_KEY, element.key)
     if schema.interval:
         end = element.key_end if element.key_end is not None else element.key

@@ -149,12 +149,11 @@ def egress_chain(policy: GuestPolicy) -> str | None:
     one chain, so an attach adds only a map element (the chain is written once, cold)."""
     if not policy.egress_allow and not policy.egress_deny:
         return None
-    return _egress_chain(policy.egress_allow, policy.egress_deny)
+    return _egress_chain(policy.egress_text)
 
 
-@functools.lru_cache(maxsize=256)
-def _egress_chain(allow: tuple[EgressRule, ...], deny: tuple[EgressRule, ...]) -> str:
-    text = " ".join([f"allow={r}" for r in allow] + [f"deny={r}" for r in deny])
+@functools.lru_cache(maxsize=1024)
+def _egress_chain(text: str) -> str:
     return EGRESS_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

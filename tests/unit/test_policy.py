@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from netvm import ConfigError, NetworkConfig
-from netvm.policy import OPEN, GuestPolicy
+from netvm.policy import OPEN, EgressRule, GuestPolicy
 
 POLICIES = [
     OPEN,
@@ -46,3 +48,15 @@ def test_the_environment_gives_the_default_policy() -> None:
     assert NetworkConfig.from_env({"MICROVM_NETWORK_GUEST_POLICY": "none"}).guest_policy == OPEN
     with pytest.raises(ConfigError, match=r"MICROVM_NETWORK_GUEST_POLICY.*forward"):
         NetworkConfig.from_env({"MICROVM_NETWORK_GUEST_POLICY": "forward=8080:80"})
+
+
+def test_a_rule_text_is_parsed_once_and_a_bad_one_every_time() -> None:
+    first = EgressRule.parse("198.51.100.0/24:tcp:443")
+    assert EgressRule.parse("198.51.100.0/24:tcp:443") is first
+    assert EgressRule.parse("198.51.100.0/24:tcp:80") is not first
+    for _ in range(2):  # a refusal is not remembered as a rule
+        with pytest.raises(ConfigError, match=re.escape("198.51.100.1/24")):
+            EgressRule.parse("198.51.100.1/24")
+    policy = GuestPolicy.of(egress_allow=["198.51.100.0/24:tcp:443"], egress_deny=["0.0.0.0/0"])
+    assert policy.egress_text == "allow=198.51.100.0/24:tcp:443 deny=0.0.0.0/0"
+    assert policy.describe() == f"anti_spoof {policy.egress_text}"
