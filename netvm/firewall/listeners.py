@@ -85,6 +85,35 @@ _REQUEST = struct.Struct("=BBBxI48x")  # inet_diag_req_v2: family, protocol, ext
 _LEGACY_REQUEST = struct.Struct("=B3x48xII")  # inet_diag_req: family, ..., id, states, dbs
 _MESSAGE = struct.Struct("=BBBB2s2s16s")  # inet_diag_msg: family, state, ..., sport, dport, src
 _SPORT = struct.Struct("!H")
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_JMP = 1
+INET_DIAG_BC_S_EQ = 11
+_BC_OP = struct.Struct("=BBH")  # inet_diag_bc_op: code, yes (jump if true), no (if false)
+MAX_FILTERED_PORTS = 1024
+"""More ports than this: no filter (the jumps are 16-bit offsets)."""
+
+
+def port_filter(ports: Collection[int]) -> bytes:
+    """INET_DIAG_REQ_BYTECODE that keeps only sockets bound to one of `ports` ("" if too
+    many): the kernel then sends what matters, and usually nothing, which saves a read
+    (NLMSG_DONE comes with the first answer) and the parsing of every other listener.
+
+    The ports are ORed as `ss` compiles it, since the kernel accepts a jump only to an op
+    on the path of `yes` jumps: per port an S_EQ op and its operand (true: on to the next
+    op; false: to the next port, or past the end, dropping, after the last), then, but
+    for the last port, a JMP whose `no` goes to the end (keeping).
+    """
+    ordered = sorted(set(ports))
+    if not ordered or len(ordered) > MAX_FILTERED_PORTS:
+        return b""
+    size = 12 * len(ordered) - 4
+    code = b""
+    for port in ordered:
+        at = len(code)
+        code += _BC_OP.pack(INET_DIAG_BC_S_EQ, 8, 12) + _BC_OP.pack(0, 0, port)
+        if at + 8 < size:
+            code += _BC_OP.pack(INET_DIAG_BC_JMP, 4, size - at - 8)
+    return struct.pack("=HH", 4 + size, INET_DIAG_REQ_BYTECODE) + code
 
 
 class SockDiag:
@@ -100,6 +129,8 @@ class SockDiag:
         self._seq = 0
         self._legacy = True
         """False once the kernel refused TCPDIAG_GETSOCK: one dump per family then."""
+        self._filter = True
+        """False once the kernel refused a port filter (port_filter)."""
 
     def close(self) -> None:
         self._sock.close()
@@ -130,19 +161,30 @@ class SockDiag:
                         yield family, _SPORT.unpack(sport)[0], src[:size]
                 offset += (length + 3) & ~3
 
-    def _sockets(self, protocol: str) -> list[tuple[int, int, bytes]]:
-        """Every socket of `protocol` in its listening state, IPv4 and IPv6."""
+    def _sockets(self, protocol: str, ports: Collection[int]) -> list[tuple[int, int, bytes]]:
+        """The sockets of `protocol` in their listening state, IPv4 and IPv6 (only those on
+        `ports` where the kernel filters them: the caller checks the port still)."""
         states = STATES[protocol]
-        if protocol == "tcp" and self._legacy:
-            try:
-                return list(self._dump(TCPDIAG_GETSOCK, _LEGACY_REQUEST.pack(0, states, 0)))
-            except OSError:  # a kernel without the original request: one per family
-                self._legacy = False
-        found: list[tuple[int, int, bytes]] = []
-        for family in (socket.AF_INET, socket.AF_INET6):
-            body = _REQUEST.pack(family, PROTOCOLS[protocol], 0, states)
-            found += self._dump(SOCK_DIAG_BY_FAMILY, body)
-        return found
+        bytecode = port_filter(ports) if self._filter else b""
+        try:
+            if protocol == "tcp" and self._legacy:
+                try:
+                    body = _LEGACY_REQUEST.pack(0, states, 0) + bytecode
+                    return list(self._dump(TCPDIAG_GETSOCK, body))
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL and bytecode:
+                        raise
+                    self._legacy = False  # a kernel without the original request
+            found: list[tuple[int, int, bytes]] = []
+            for family in (socket.AF_INET, socket.AF_INET6):
+                body = _REQUEST.pack(family, PROTOCOLS[protocol], 0, states) + bytecode
+                found += self._dump(SOCK_DIAG_BY_FAMILY, body)
+            return found
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not bytecode:
+                raise
+            self._filter = False  # the kernel refused the filter: every listener, then
+            return self._sockets(protocol, ports)
 
     def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
         """As `listening()`, from the kernel's socket tables."""
@@ -152,7 +194,7 @@ class SockDiag:
                 ports = {port for proto, port in wanted if proto == protocol}
                 if not ports:
                     continue
-                for _, port, raw in self._sockets(protocol):
+                for _, port, raw in self._sockets(protocol, ports):
                     if port not in ports:
                         continue
                     address = ipaddress.ip_address(raw)

@@ -50,12 +50,17 @@ def test_sock_diag_and_proc_find_the_same_services() -> None:
                 tcp_only = [w for w in WANTED if w[0] == "tcp"]
                 assert diag.listening(tcp_only) == listening(tcp_only)
                 assert diag._legacy, "the kernel refused the one-walk TCP dump"
-                per_family = SockDiag()
-                per_family._legacy = False  # the fallback: one dump per family
-                try:
-                    assert per_family.listening(WANTED) == listening(WANTED)
-                finally:
-                    per_family.close()
+                for legacy, filtered in ((False, True), (True, False), (False, False)):
+                    other = SockDiag()
+                    other._legacy = legacy  # False: the fallback, one dump per family
+                    other._filter = filtered  # False: the fallback, every listener
+                    try:
+                        assert other.listening(WANTED) == listening(WANTED)
+                    finally:
+                        other.close()
+                assert diag._filter, "the kernel refused the port filter"
+                many = WANTED + [("tcp", port) for port in range(3000, 4100)]
+                assert diag.listening(many) == listening(many)  # too many to filter
                 return diag.listening(WANTED), listening(WANTED)
             finally:
                 diag.close()
