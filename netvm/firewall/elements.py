@@ -144,21 +144,20 @@ class _Layout:
         self._value = struct.Struct("!" + fields + f"{-size & 3}x")
         self._converters = tuple(_CONVERT[kind] for kind in kinds)
         self._sizes = (_VALUE.size + self._value.size, _ATTR.size + size)
-        self._heads: dict[int, bytes] = {}
         outer, inner = self._sizes
-        self._plain = _ATTR.pack(_ATTR.size + outer, NFTA_LIST_ELEM | NLA_F_NESTED) + _VALUE.pack(
-            outer, NFTA_SET_ELEM_KEY | NLA_F_NESTED, inner, NFTA_DATA_VALUE
+        self._heads = {
+            nested: _VALUE.pack(outer, nested | NLA_F_NESTED, inner, NFTA_DATA_VALUE)
+            for nested in (NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_KEY_END, NFTA_SET_ELEM_DATA)
+        }
+        self._plain = (
+            _ATTR.pack(_ATTR.size + outer, NFTA_LIST_ELEM | NLA_F_NESTED)
+            + self._heads[NFTA_SET_ELEM_KEY]
         )
 
     def pack(self, nested: int, values: Sequence[Value]) -> bytes:
-        """A nested attribute `nested` holding one NFTA_DATA_VALUE of these values."""
-        head = self._heads.get(nested)
-        if head is None:
-            outer, inner = self._sizes
-            head = self._heads[nested] = _VALUE.pack(
-                outer, nested | NLA_F_NESTED, inner, NFTA_DATA_VALUE
-            )
-        return head + self._values(values)
+        """A nested attribute `nested` (key, key end or datum) holding one NFTA_DATA_VALUE
+        of these values."""
+        return self._heads[nested] + self._values(values)
 
     def element(self, values: Sequence[Value]) -> bytes:
         """A whole NFTA_LIST_ELEM of a key alone (most of an attach's elements)."""

@@ -164,27 +164,30 @@ class SockDiag:
     def _sockets(self, protocol: str, ports: Collection[int]) -> list[tuple[int, int, bytes]]:
         """The sockets of `protocol` in their listening state, IPv4 and IPv6 (only those on
         `ports` where the kernel filters them: the caller checks the port still)."""
-        states = STATES[protocol]
         bytecode = port_filter(ports) if self._filter else b""
         try:
-            if protocol == "tcp" and self._legacy:
-                try:
-                    body = _LEGACY_REQUEST.pack(0, states, 0) + bytecode
-                    return list(self._dump(TCPDIAG_GETSOCK, body))
-                except OSError as exc:
-                    if exc.errno == errno.EINVAL and bytecode:
-                        raise
-                    self._legacy = False  # a kernel without the original request
-            found: list[tuple[int, int, bytes]] = []
-            for family in (socket.AF_INET, socket.AF_INET6):
-                body = _REQUEST.pack(family, PROTOCOLS[protocol], 0, states) + bytecode
-                found += self._dump(SOCK_DIAG_BY_FAMILY, body)
-            return found
+            return self._ask(protocol, bytecode)
         except OSError as exc:
             if exc.errno != errno.EINVAL or not bytecode:
                 raise
             self._filter = False  # the kernel refused the filter: every listener, then
-            return self._sockets(protocol, ports)
+            return self._ask(protocol, b"")
+
+    def _ask(self, protocol: str, bytecode: bytes) -> list[tuple[int, int, bytes]]:
+        states = STATES[protocol]
+        if protocol == "tcp" and self._legacy:
+            try:
+                body = _LEGACY_REQUEST.pack(0, states, 0) + bytecode
+                return list(self._dump(TCPDIAG_GETSOCK, body))
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and bytecode:
+                    raise  # the filter, perhaps: _sockets asks again without it
+                self._legacy = False  # a kernel without the original request
+        found: list[tuple[int, int, bytes]] = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            body = _REQUEST.pack(family, PROTOCOLS[protocol], 0, states) + bytecode
+            found += self._dump(SOCK_DIAG_BY_FAMILY, body)
+        return found
 
     def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
         """As `listening()`, from the kernel's socket tables."""
