@@ -177,9 +177,35 @@ def _add_global_options(parser: argparse.ArgumentParser, in_subcommand: bool) ->
     )
 
 
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size() gives it: $COLUMNS, else the
+    terminal of stdout, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns > 0:
+        return columns
+    stdout = sys.__stdout__
+    try:
+        return (os.get_terminal_size(stdout.fileno()).columns if stdout else 0) or 80
+    except (ValueError, OSError):
+        return 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, given its width. Without one it imports shutil, and with it
+    zlib, bz2 and lzma (~2 ms of every command), to ask the terminal each time an
+    argument is added, for help that only --help prints."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, width=_columns() - 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="netvm",
+        formatter_class=_HelpFormatter,
         description="Host networking for microVMs: bridge, NAT, per-VM TAPs.",
         epilog=(
             "Each global option overrides its MICROVM_NETWORK_* variable, which overrides "
@@ -191,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, formatter_class=_HelpFormatter
+        )
         _add_global_options(sub, in_subcommand=True)
         return sub
 
@@ -574,13 +602,15 @@ def _run(args: argparse.Namespace, manager: NetworkManager) -> int:
     name = manager.config.bridge_name
     if args.command == "doctor":
         return _doctor(args, manager)
-    from netvm.status import host_status
-
     if args.command == "ensure-host":
+        from netvm.status import host_status
+
         manager.ensure_host()
         status = host_status(manager)
         _emit(args, status.to_dict(), _status_text(status))
     elif args.command == "status":
+        from netvm.status import host_status
+
         status = host_status(manager)
         guarantees = _guarantees(manager, status)
         *lines, ready = _status_text(status).split("\n")

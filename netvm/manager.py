@@ -405,8 +405,7 @@ class NetworkManager:
             index = self.backend.create_tap(name, options)
         except DeviceExists:
             link = self.backend.get_link(name)
-            detaching = naming.detaching_alias(self.config.bridge_name, network.vm_id)
-            if link is None or link.alias != detaching:
+            if link is None or naming.retired_vm_id(link.alias) != network.vm_id:
                 flight.update({"op": "attach", "vm_id": network.vm_id, "slot": slot, "new": True})
                 raise _Occupied from None
             # A detach of this VM has not deleted its old TAP yet: finish that first.
@@ -479,7 +478,7 @@ class NetworkManager:
         except DeviceExists:
             tx.clear_intent()  # the TAP is not this call's: a failure must leave it
             link = self.backend.get_link(name)
-            if link is None or link.alias != naming.detaching_alias(self.config.bridge_name, vm_id):
+            if link is None or naming.retired_vm_id(link.alias) != vm_id:
                 network = self._reuse_tap(tx, network, options, link)
                 self._guard(network, policy)
                 if link is not None and link.isolated != policy.isolated:
@@ -595,11 +594,11 @@ class NetworkManager:
 
         Deleting a device makes the kernel wait for an RCU grace period (~16 ms) per
         request, so a detach does not delete: under the lease lock, one request takes the
-        TAP down (and off the bridge where it can fill up), renames it away from the VM's
-        name (naming.detached_name: free for a new attach at once), marks it
+        TAP down (and off the bridge where it can fill up), marks it
         `netvm-detaching:<bridge>:<vm_id>` and moves it into the reaper's link group; the
         reaper's thread deletes the group, all the TAPs detached meanwhile in one request
-        (netvm/reaper.py).
+        (netvm/reaper.py). Until then the TAP keeps the VM's name; an attach of the VM
+        meanwhile renames it away (naming.detached_name) and makes a new one.
         """
         naming.validate_vm_id(vm_id)
         detaching.detach(self, [vm_id])
@@ -631,10 +630,10 @@ class NetworkManager:
     def _delete_if_same(self, link: Link) -> None:
         """Delete `link` if that very device (its ifindex) still exists.
 
-        A TAP a detach marked (an attach of its VM found it under the VM's name) is not
-        deleted here: renamed away (naming.detached_name), its name is free at once, and
-        the reaper deletes it with its group. Any other, or one that cannot be renamed, is
-        deleted now, paying the kernel's grace period.
+        A TAP a detach marked (an attach of its VM found it under the VM's name, which a
+        detached TAP keeps) is not deleted here: renamed away (naming.detached_name), its
+        name is free at once, and the reaper deletes it with its group. Any other, or one
+        that cannot be renamed, is deleted now, paying the kernel's grace period.
         """
         if naming.detaching_vm_id(link.alias, self.config.bridge_name) is not None:
             group = self._reaper.begin()

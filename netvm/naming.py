@@ -105,9 +105,12 @@ def tap_alias(bridge: str, vm_id: str, slot: int) -> str:
     return f"netvm:{bridge}:{slot}:{vm_id}"
 
 
+DETACHING_MARK = "netvm-detaching:"
+
+
 def detaching_alias(bridge: str, vm_id: str) -> str:
     """The ifalias of a TAP whose VM is detached and that is about to be deleted."""
-    return f"netvm-detaching:{bridge}:{vm_id}"
+    return f"{DETACHING_MARK}{bridge}:{vm_id}"
 
 
 def detaching_vm_id(alias: str | None, bridge: str) -> str | None:
@@ -116,6 +119,20 @@ def detaching_vm_id(alias: str | None, bridge: str) -> str | None:
     if alias is None or not alias.startswith(prefix):
         return None
     vm_id = alias.removeprefix(prefix)
+    try:
+        return validate_vm_id(vm_id)
+    except ConfigError:
+        return None
+
+
+def retired_vm_id(alias: str | None) -> str | None:
+    """The vm_id in a detaching mark of any bridge (a TAP that netvm retired and is about
+    to delete), or None; a bridge name has no ':', so the first ':' after the mark ends it."""
+    if alias is None or not alias.startswith(DETACHING_MARK):
+        return None
+    bridge, colon, vm_id = alias.removeprefix(DETACHING_MARK).partition(":")
+    if not bridge or not colon:
+        return None
     try:
         return validate_vm_id(vm_id)
     except ConfigError:

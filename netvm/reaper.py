@@ -2,11 +2,11 @@
 
 Deleting a device makes the kernel wait for an RCU grace period (~16 ms here), per
 request, whoever asks. So a detach does not delete: under the lease lock it takes the TAP
-down, off the bridge, renames it away from its VM's name, marks it
-`netvm-detaching:<bridge>:<vm_id>` and moves it into the reaper's current link group, all
-in one request, then returns. The reaper's thread deletes that group in one RTM_DELLINK,
-paying the grace period once for every TAP detached meanwhile, on a netlink socket of its
-own (GroupDeleter), so the manager's callers never wait behind it.
+down (and off the bridge where it can fill up), marks it `netvm-detaching:<bridge>:<vm_id>`
+and moves it into the reaper's current link group, all in one request, then returns. The
+reaper's thread deletes that group in one RTM_DELLINK, paying the grace period once for
+every TAP detached meanwhile, on a netlink socket of its own (GroupDeleter), so the
+manager's callers never wait behind it.
 
 Protocol with the detaches: begin() hands out the current group and counts the detach as
 in flight; end() says how many TAPs it put there. The reaper switches to a fresh group

@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.privileged
 
 NEVER = {"pyroute2", "hypothesis", "pytest", "asyncio", "netvm.testing", "netvm.aio"}
-NOT_FOR_ATTACH = {"netvm.diagnosis", "netvm.backends.fake"}
+NOT_FOR_ATTACH = {"netvm.diagnosis", "netvm.status", "netvm.backends.fake", "shutil"}
 
 
 def modules_after(netns: str, state: Path, *commands: list[str]) -> set[str]:

@@ -68,9 +68,9 @@ def test_a_detached_tap_is_down_marked_grouped_and_not_listed(
     manager.attach("vm-2")
     _no_deletion_here(manager, monkeypatch)
     manager.detach("vm-1")
-    assert manager.backend.get_link(vm.tap_name) is None  # the VM's name is free at once
-    tap = _link(manager.backend, detached_name(index))
+    tap = _link(manager.backend, vm.tap_name)  # not renamed: a rename costs a grace period
     assert (tap.index, tap.up, tap.alias) == (index, False, detaching_alias("nvbr0", "vm-1"))
+    assert manager.backend.get_link(detached_name(index)) is None
     assert tap.group != 0
     assert [a.vm_id for a in manager.list()] == ["vm-2"]
     assert [lease.vm_id for lease in manager.leases.all()] == ["vm-2"]
@@ -89,6 +89,7 @@ def test_an_attach_right_after_its_detach_needs_no_deletion(
     old = _link(manager.backend, first.tap_name)
     _no_deletion_here(manager, monkeypatch)
     manager.detach("vm-1")
+    assert _link(manager.backend, first.tap_name).index == old.index
     again = manager.attach("vm-1")  # other TAP options: it is a new TAP
     assert again == first
     new = _link(manager.backend, again.tap_name)
@@ -243,7 +244,8 @@ def test_a_large_subnet_frees_the_port_at_once_a_small_one_later(
             vm = manager.attach("vm-1")
             index = _link(backend, vm.tap_name).index
             manager.detach("vm-1")
-            tap = _link(backend, detached_name(index))
+            tap = _link(backend, vm.tap_name)
+            assert tap.index == index
             assert (tap.master is None) == released
             assert manager.wait_detached()
             manager.teardown_host()
@@ -317,7 +319,7 @@ def test_two_managers_on_one_bridge_detach_and_attach_across(
         assert snapshot(backend) == before
 
 
-def test_on_a_kernel_that_renames_no_device_that_is_up_detach_renames_after_down(
+def test_on_a_kernel_that_renames_no_device_that_is_up_an_attach_renames_the_down_tap(
     config: NetworkConfig,
 ) -> None:
     backend = FakeBackend()
@@ -328,8 +330,41 @@ def test_on_a_kernel_that_renames_no_device_that_is_up_detach_renames_after_down
         vm = manager.attach("vm-1")
         index = _link(backend, vm.tap_name).index
         manager.detach("vm-1")
-        assert _link(backend, detached_name(index)).up is False
+        assert _link(backend, vm.tap_name).up is False
         assert manager.attach("vm-1") == vm
+        assert _link(backend, detached_name(index)).up is False
+        assert _link(backend, vm.tap_name).index != index
         manager.detach("vm-1")
         assert manager.wait_detached()
+        assert snapshot(backend) == before
+
+
+def test_a_vm_moves_to_another_bridge_right_after_its_detach(
+    config: NetworkConfig, backend: Backend
+) -> None:
+    """The detached TAP keeps the VM's name until its reaper deletes it: the other
+    bridge's attach renames it away, and that bridge's detach leaves it to its reaper."""
+    other = dataclasses.replace(
+        config, bridge_name="nvbr1", vm_subnet=ipaddress.IPv4Network("198.51.100.0/24")
+    )
+    with NetworkManager(config, backend) as a, NetworkManager(other, backend) as b:
+        a.ensure_host()
+        b.ensure_host()
+        before = snapshot(backend)
+        first = a.attach("vm-1")
+        old = _link(backend, first.tap_name).index
+        a.detach("vm-1")
+        moved = b.attach("vm-1")
+        assert moved.tap_name == first.tap_name
+        tap = _link(backend, moved.tap_name)
+        assert (tap.index != old, tap.master) == (True, _link(backend, "nvbr1").index)
+        assert [x.vm_id for x in b.list()] == ["vm-1"]
+        assert a.list() == []
+        b.detach("vm-1")
+        a.attach("vm-1")  # and back, before b's reaper deleted the TAP it retired
+        assert [(x.vm_id, x.on_bridge) for x in a.list()] == [("vm-1", True)]
+        a.detach("vm-1")
+        b.detach("vm-1")  # a TAP nvbr0 retired: left to nvbr0's reaper, success
+        assert a.wait_detached()
+        assert b.wait_detached()
         assert snapshot(backend) == before

@@ -1,0 +1,362 @@
+"""`netvm doctor`: what on this host would stop guest traffic, with evidence and a fix.
+
+Read-only: it lists rulesets and reads /proc, never writes, and never reads a legacy
+xtables table the kernel has not instantiated (reading one would create it).
+
+    with NetworkManager(config) as manager:
+        for finding in doctor(manager):
+            print(finding.severity, finding.message, finding.fix)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from netvm.backends.base import FILTER, Backend
+from netvm.errors import NetvmError
+from netvm.firewall.nftables import IPTABLES_FAMILY, IPTABLES_TABLE, TABLE_PREFIX, NftablesFirewall
+from netvm.manager import NetworkManager
+from netvm.validation import read_routes as _routes
+
+Severity = Literal["blocking", "warning"]
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    severity: Severity
+    message: str
+    evidence: str
+    fix: str
+
+    @property
+    def blocking(self) -> bool:
+        return self.severity == "blocking"
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "code": self.code,
+            "severity": self.severity,
+            "message": self.message,
+            "evidence": self.evidence,
+            "fix": self.fix,
+        }
+
+
+def doctor(manager: NetworkManager) -> list[Finding]:
+    """Every finding for `manager`'s bridge; none blocking means guests will get out."""
+    config, backend = manager.config, manager.backend
+    bridge, egress = config.bridge_name, config.host_egress_iface
+    found: list[Finding] = []
+    found += _egress(backend, egress)
+    found += _subnet(manager)
+    found += _sysctls(backend, bridge, egress)
+    try:
+        chosen = manager.choose_firewall()
+    except NetvmError as exc:
+        return [
+            *found,
+            Finding("no-firewall", "blocking", str(exc), "", "install python3-nftables"),
+        ]
+    missing = backend.firewall(chosen.kind).check(manager.firewall_policy)
+    if missing:
+        found.append(
+            Finding(
+                "netvm-rules-missing",
+                "blocking",
+                f"netvm's {chosen.kind} rules for {bridge} are not (all) in place",
+                "; ".join(missing),
+                f"run `netvm ensure-host` (or NetworkManager.ensure_host()) for {bridge}",
+            )
+        )
+    found += _nftables(backend, chosen.kind, bridge, egress)
+    found += _legacy(backend, chosen.kind)
+    return found
+
+
+# Interfaces, routes, addresses ------------------------------------------------------------
+
+
+def _egress(backend: Backend, egress: str) -> list[Finding]:
+    if backend.get_link(egress) is None:
+        return [
+            Finding(
+                "egress-missing",
+                "blocking",
+                f"the egress interface {egress} does not exist in this namespace",
+                "no link of that name",
+                "set host_egress_iface (MICROVM_NETWORK_EGRESS, --egress) to the uplink",
+            )
+        ]
+    defaults = [iface for iface, net in _routes(backend) if net.prefixlen == 0]
+    if egress not in defaults:
+        where = ", ".join(defaults) if defaults else "none"
+        return [
+            Finding(
+                "no-default-route",
+                "warning",
+                f"no default route leaves through {egress}",
+                f"default routes via: {where}",
+                "set host_egress_iface to the interface of the default route, or add a route",
+            )
+        ]
+    return []
+
+
+def _subnet(manager: NetworkManager) -> list[Finding]:
+    config, backend = manager.config, manager.backend
+    bridge = backend.get_link(config.bridge_name)
+    names = {link.index: link.name for link in backend.list_links()}
+    found: list[Finding] = []
+    for address in backend.list_addresses():
+        if address.interface.network.overlaps(config.vm_subnet) and (
+            bridge is None or address.index != bridge.index
+        ):
+            found.append(
+                Finding(
+                    "subnet-overlap",
+                    "blocking",
+                    f"the VM subnet {config.vm_subnet} overlaps an address of another interface",
+                    f"{address.interface} on {names.get(address.index, address.index)}",
+                    "choose another vm_subnet (MICROVM_NETWORK_SUBNET, --subnet)",
+                )
+            )
+    for iface, network in _routes(manager.backend):
+        if network.prefixlen and network.overlaps(config.vm_subnet) and iface != config.bridge_name:
+            found.append(
+                Finding(
+                    "subnet-overlap",
+                    "blocking",
+                    f"the VM subnet {config.vm_subnet} overlaps a route",
+                    f"{network} dev {iface}",
+                    "choose another vm_subnet (MICROVM_NETWORK_SUBNET, --subnet)",
+                )
+            )
+    return found
+
+
+def _sysctls(backend: Backend, bridge: str, egress: str) -> list[Finding]:
+    found: list[Finding] = []
+    if (backend.read_proc("/proc/sys/net/ipv4/ip_forward") or "0").strip() != "1":
+        found.append(
+            Finding(
+                "ip-forward-off",
+                "blocking",
+                "IPv4 forwarding is off in this namespace",
+                "/proc/sys/net/ipv4/ip_forward = 0",
+                "run `netvm ensure-host`: it switches ip_forward on (and off again at teardown)",
+            )
+        )
+    rp = backend.read_proc(f"/proc/sys/net/ipv4/conf/{egress}/rp_filter")
+    if rp is not None and rp.strip() == "1":
+        found.append(
+            Finding(
+                "rp-filter-strict",
+                "warning",
+                f"strict reverse-path filtering on {egress}",
+                f"/proc/sys/net/ipv4/conf/{egress}/rp_filter = 1",
+                "fine while replies come back through the egress; with asymmetric routing use "
+                f"loose mode: sysctl net.ipv4.conf.{egress}.rp_filter=2",
+            )
+        )
+    nf_call = backend.read_proc("/proc/sys/net/bridge/bridge-nf-call-iptables")
+    if nf_call is not None and nf_call.strip() == "1":
+        found.append(
+            Finding(
+                "br-netfilter",
+                "warning",
+                "br_netfilter is loaded: frames bridged between guests pass the forward hook",
+                "/proc/sys/net/bridge/bridge-nf-call-iptables = 1",
+                f"netvm accepts {bridge} -> {bridge}; a foreign DROP at the forward hook "
+                "also stops guest-to-guest traffic",
+            )
+        )
+    return found
+
+
+# nftables ---------------------------------------------------------------------------------
+
+
+def _matches(rule: Json, key: str, value: str) -> bool:
+    for expr in rule.get("expr", []):
+        match = expr.get("match") if isinstance(expr, dict) else None
+        if match and match.get("left") == {"meta": {"key": key}} and match.get("right") == value:
+            return True
+    return False
+
+
+def _verdicts(rule: Json) -> set[str]:
+    return {
+        name
+        for expr in rule.get("expr", [])
+        if isinstance(expr, dict)
+        for name in expr
+        if name in ("accept", "drop", "reject", "jump", "goto")
+    }
+
+
+def _nftables(backend: Backend, chosen: str, bridge: str, egress: str) -> list[Finding]:
+    firewall = backend.firewall("nftables")
+    if not isinstance(firewall, NftablesFirewall) or firewall.unavailable() is not None:
+        return []
+    nf_call = backend.read_proc("/proc/sys/net/bridge/bridge-nf-call-iptables")
+    bridged = nf_call is not None and nf_call.strip() == "1"
+    chains: dict[tuple[str, str], dict[str, Json]] = {}
+    rules: dict[tuple[str, str], list[Json]] = {}
+    for item in firewall.ruleset():
+        if "chain" in item:
+            chain = item["chain"]
+            chains.setdefault((chain["family"], chain["table"]), {})[chain["name"]] = chain
+        elif "rule" in item:
+            rule = item["rule"]
+            rules.setdefault((rule["family"], rule["table"]), []).append(rule)
+    found: list[Finding] = []
+    for (family, table), by_name in chains.items():
+        if table.startswith(TABLE_PREFIX):
+            continue
+        table_rules = rules.get((family, table), [])
+        if (family, table) == (IPTABLES_FAMILY, IPTABLES_TABLE) and "FORWARD" in by_name:
+            found += _iptables_nft(by_name, table_rules, chosen, bridge, egress, bridged)
+            continue
+        for name, chain in by_name.items():
+            if chain.get("hook") != "forward":
+                continue
+            found += _foreign_forward(family, table, name, chain, table_rules, bridge)
+    return found
+
+
+def _iptables_nft(
+    chains: dict[str, Json],
+    rules: list[Json],
+    chosen: str,
+    bridge: str,
+    egress: str,
+    bridged: bool,
+) -> list[Finding]:
+    forward = chains["FORWARD"]
+    drops = forward.get("policy") == "drop" or any(
+        rule["chain"] == "FORWARD" and _verdicts(rule) & {"drop", "reject"} for rule in rules
+    )
+    if not drops:
+        return []
+    if any(name.startswith("ufw-") for name in chains):
+        return _ufw(rules, bridge, egress, bridged)
+    if chosen != "nftables":
+        return [
+            Finding(
+                "rules-split",
+                "blocking",
+                "the iptables-nft filter table drops forwarded packets, and netvm's rules are "
+                "in the legacy tables, whose accept cannot override it",
+                "ip filter FORWARD drops; netvm firewall = iptables (legacy)",
+                "use the nftables firewall: --firewall nftables (MICROVM_NETWORK_FIREWALL)",
+            )
+        ]
+    return []  # netvm's own accepts stand there: `check` reports them when missing
+
+
+def _ufw(rules: list[Json], bridge: str, egress: str, bridged: bool) -> list[Finding]:
+    def allowed(out: str) -> bool:
+        return any(
+            rule["chain"] == "ufw-user-forward"
+            and _matches(rule, "iifname", bridge)
+            and _matches(rule, "oifname", out)
+            and "accept" in _verdicts(rule)
+            for rule in rules
+        )
+
+    evidence = (
+        "iptables-nft filter FORWARD policy DROP with ufw-* chains; ufw rewrites them on "
+        "reload, so netvm does not write there"
+    )
+    found: list[Finding] = []
+    if not allowed(egress):
+        found.append(
+            Finding(
+                "ufw-forward-drop",
+                "blocking",
+                f"ufw drops forwarded packets and lets nothing from {bridge} to {egress} through",
+                evidence,
+                f"ufw route allow in on {bridge} out on {egress}",
+            )
+        )
+    if bridged and not allowed(bridge):
+        found.append(
+            Finding(
+                "ufw-bridge-drop",
+                "warning",
+                "with br_netfilter, ufw also drops frames between guests on the bridge",
+                evidence,
+                f"ufw route allow in on {bridge} out on {bridge}",
+            )
+        )
+    return found
+
+
+def _foreign_forward(
+    family: str, table: str, name: str, chain: Json, rules: list[Json], bridge: str
+) -> list[Finding]:
+    own = [rule for rule in rules if rule["chain"] == name]
+    drops = chain.get("policy") == "drop" or any(
+        _verdicts(rule) & {"drop", "reject"} for rule in own
+    )
+    if not drops:
+        return []
+    if table == "firewalld":
+        trusted = any(
+            _matches(rule, "iifname", bridge) and _verdicts(rule) & {"goto", "jump", "accept"}
+            for rule in rules
+        )
+        if trusted:
+            return []
+        return [
+            Finding(
+                "firewalld-forward-reject",
+                "blocking",
+                f"firewalld rejects forwarded packets of {bridge} (not in a zone that allows it)",
+                f"table {family} {table} chain {name} ends in a reject; firewalld rewrites its "
+                "table on reload, so netvm does not write there",
+                f"firewall-cmd --zone=trusted --add-interface={bridge} "
+                "(and again with --permanent to keep it)",
+            )
+        ]
+    if any(_matches(rule, "iifname", bridge) and "accept" in _verdicts(rule) for rule in own):
+        return []
+    return [
+        Finding(
+            "foreign-forward-drop",
+            "blocking",
+            f"table {family} {table} drops or rejects forwarded packets at the forward hook, "
+            f"and nothing there lets {bridge} through",
+            f"chain {name}: policy {chain.get('policy')}, {len(own)} rule(s)",
+            f'nft insert rule {family} {table} {name} iifname "{bridge}" accept; '
+            f'nft insert rule {family} {table} {name} oifname "{bridge}" '
+            "ct state established,related accept",
+        )
+    ]
+
+
+# Legacy xtables ---------------------------------------------------------------------------
+
+
+def _legacy(backend: Backend, chosen: str) -> list[Finding]:
+    if FILTER not in backend.legacy_tables() or backend.xtables_unavailable() is not None:
+        return []
+    policy = backend.legacy_policy(FILTER, "FORWARD")
+    drops = policy != "ACCEPT" or any(
+        rule.target in ("DROP", "REJECT") for rule in backend.list_rules(FILTER, "FORWARD")
+    )
+    if not drops or chosen == "iptables":
+        return []
+    return [
+        Finding(
+            "rules-split",
+            "blocking",
+            "the legacy xtables filter table drops forwarded packets, and netvm's rules are in "
+            "nftables, whose accept cannot override it",
+            f"iptables-legacy filter FORWARD policy {policy}",
+            "use the iptables firewall: --firewall iptables (MICROVM_NETWORK_FIREWALL)",
+        )
+    ]

@@ -1,0 +1,454 @@
+"""Set elements written and read with nf_tables netlink messages netvm packs itself.
+
+An attach adds a handful of elements to netvm's sets. Through libnftables that costs
+0.17 ms with 10 VMs and 0.8 ms with 1000 (it lists the ruleset into its cache first, so
+the cost grows with the number of VMs, measured on this machine). The messages themselves
+are small and fixed: one batch of NEWSETELEM/DELSETELEM, committed by the kernel as one
+transaction, and a GETSETELEM by key to read a VM's record. Packed here they cost the
+kernel's time plus a few microseconds, whatever the number of VMs.
+
+Keys are laid out as nftables lays them out: an interface name in 16 bytes, a MAC in 6,
+an IPv4 address in 4 (network order), a protocol in 1, a port in 2 (network order); in a
+concatenation each field takes a multiple of 4 bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import Any, Literal
+
+from netvm.errors import host_error
+from netvm.firewall.guard import Element, FieldType, SetSchema, Value
+from netvm.firewall.listeners import SockDiag, listening
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN = 16
+NFNL_MSG_BATCH_END = 17
+NFT_MSG_NEWSETELEM = 12
+NFT_MSG_GETSETELEM = 13
+NFT_MSG_DELSETELEM = 14
+NFTA_SET_ELEM_LIST_TABLE = 1
+NFTA_SET_ELEM_LIST_SET = 2
+NFTA_SET_ELEM_LIST_ELEMENTS = 3
+NFTA_LIST_ELEM = 1
+NFTA_SET_ELEM_KEY = 1
+NFTA_SET_ELEM_DATA = 2
+NFTA_SET_ELEM_USERDATA = 6
+NFTA_SET_ELEM_KEY_END = 10
+NFTA_DATA_VALUE = 1
+NFTA_DATA_VERDICT = 2
+NFTA_VERDICT_CODE = 1
+NFTA_VERDICT_CHAIN = 2
+NFT_JUMP = -3
+NFTNL_UDATA_SET_ELEM_COMMENT = 0
+NLA_F_NESTED = 1 << 15
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
+NLMSG_ERROR = 2
+FAMILIES = {"inet": 1, "ip": 2, "bridge": 7}
+_CREATE_FLAGS = {"add": NLM_F_CREATE, "create": NLM_F_CREATE | NLM_F_EXCL}
+_HEADER = struct.Struct("=IHHII")
+_NFGENMSG = struct.Struct("=BBH")
+_ATTR = struct.Struct("=HH")
+_U8 = struct.Struct("B")
+_VALUE = struct.Struct("=HHHH")
+_BE16 = struct.Struct("!H")
+_WIDTH: dict[FieldType, int] = {
+    "ifname": 16,
+    "ether_addr": 6,
+    "ipv4_addr": 4,
+    "inet_proto": 1,
+    "inet_service": 2,
+    "verdict": 0,
+}
+
+
+def _attr(kind: int, payload: bytes) -> bytes:
+    size = _ATTR.size + len(payload)
+    return _ATTR.pack(size, kind) + payload + b"\0" * (-size & 3)
+
+
+def _nested(kind: int, payload: bytes) -> bytes:
+    return _attr(kind | NLA_F_NESTED, payload)
+
+
+def _string(value: str) -> bytes:
+    return value.encode() + b"\0"
+
+
+_FORMATS: dict[FieldType, str] = {
+    "ifname": "16s",
+    "ether_addr": "6s",
+    "ipv4_addr": "4s",
+    "inet_proto": "B",
+    "inet_service": "H",
+}
+
+
+def _ifname(value: Value) -> bytes:
+    assert isinstance(value, str)
+    return value.encode()  # struct pads it to 16 bytes with NULs
+
+
+def _ipv4(value: Value) -> bytes:
+    if isinstance(value, ipaddress.IPv4Address):
+        return value.packed
+    return ipaddress.IPv4Address(value).packed
+
+
+def _ether(value: Value) -> bytes:
+    assert isinstance(value, bytes)
+    if len(value) != 6:
+        raise ValueError(f"not a MAC address: {value!r}")
+    return value
+
+
+def _integer(value: Value) -> int:
+    assert isinstance(value, int)
+    return value
+
+
+_CONVERT: dict[FieldType, Callable[[Value], bytes | int]] = {
+    "ifname": _ifname,
+    "ipv4_addr": _ipv4,
+    "ether_addr": _ether,
+    "inet_proto": _integer,
+    "inet_service": _integer,
+}
+
+
+class _Layout:
+    """A key or datum layout as one struct, network order (its only integers are a
+    protocol byte and ports), padded to 4 bytes, with its two attribute headers.
+
+    An attach packs a dozen keys: the headers of each nesting are packed once here, and
+    each field has its converter, so a key costs one struct pack and a call per field."""
+
+    def __init__(self, kinds: Sequence[FieldType]) -> None:
+        if len(kinds) == 1:
+            fields = _FORMATS[kinds[0]]
+        else:  # each field of a concatenation takes a multiple of 4 bytes
+            fields = "".join(
+                _FORMATS[kind] + f"{-struct.calcsize('!' + _FORMATS[kind]) & 3}x" for kind in kinds
+            )
+        size = struct.calcsize("!" + fields)
+        self.kinds = tuple(kinds)
+        self._value = struct.Struct("!" + fields + f"{-size & 3}x")
+        self._converters = tuple(_CONVERT[kind] for kind in kinds)
+        self._sizes = (_VALUE.size + self._value.size, _ATTR.size + size)
+        outer, inner = self._sizes
+        self._heads = {
+            nested: _VALUE.pack(outer, nested | NLA_F_NESTED, inner, NFTA_DATA_VALUE)
+            for nested in (NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_KEY_END, NFTA_SET_ELEM_DATA)
+        }
+        self._plain = (
+            _ATTR.pack(_ATTR.size + outer, NFTA_LIST_ELEM | NLA_F_NESTED)
+            + self._heads[NFTA_SET_ELEM_KEY]
+        )
+
+    def pack(self, nested: int, values: Sequence[Value]) -> bytes:
+        """A nested attribute `nested` (key, key end or datum) holding one NFTA_DATA_VALUE
+        of these values."""
+        return self._heads[nested] + self._values(values)
+
+    def element(self, values: Sequence[Value]) -> bytes:
+        """A whole NFTA_LIST_ELEM of a key alone (most of an attach's elements)."""
+        return self._plain + self._values(values)
+
+    def _values(self, values: Sequence[Value]) -> bytes:
+        return self._value.pack(
+            *[convert(value) for convert, value in zip(self._converters, values, strict=True)]
+        )
+
+
+_LAYOUTS: dict[tuple[FieldType, ...], _Layout] = {}
+
+
+def _layout(kinds: tuple[FieldType, ...]) -> _Layout:
+    found = _LAYOUTS.get(kinds)
+    if found is None:
+        found = _LAYOUTS[kinds] = _Layout(kinds)
+    return found
+
+
+def comment_udata(comment: str) -> bytes:
+    """libnftables' user data for an element comment: one TLV, NUL-terminated."""
+    text = comment.encode() + b"\0"
+    if len(text) > 253:
+        raise ValueError(f"element comment too long ({len(text)} bytes)")
+    return struct.pack("BB", NFTNL_UDATA_SET_ELEM_COMMENT, len(text)) + text
+
+
+def parse_comment(udata: bytes) -> str | None:
+    at = 0
+    while at + 2 <= len(udata):
+        kind, length = udata[at], udata[at + 1]
+        value = udata[at + 2 : at + 2 + length]
+        if kind == NFTNL_UDATA_SET_ELEM_COMMENT:
+            return value.split(b"\0", 1)[0].decode(errors="replace")
+        at += 2 + length
+    return None
+
+
+def _element_attr(element: Element, with_data: bool) -> bytes:
+    schema = element.schema
+    key = _layout(schema.key)
+    if not schema.interval and (
+        not with_data or (element.comment is None and (element.data is None or not schema.data))
+    ):
+        return key.element(element.key)
+    body = key.pack(NFTA_SET_ELEM_KEY, element.key)
+    if schema.interval:
+        end = element.key_end if element.key_end is not None else element.key
+        body += key.pack(NFTA_SET_ELEM_KEY_END, end)
+    if with_data and schema.data is not None and element.data is not None:
+        if schema.data == ("verdict",):
+            (chain,) = element.data
+            assert isinstance(chain, str)
+            verdict = _attr(NFTA_VERDICT_CODE, struct.pack("!i", NFT_JUMP)) + _attr(
+                NFTA_VERDICT_CHAIN, _string(chain)
+            )
+            body += _nested(NFTA_SET_ELEM_DATA, _nested(NFTA_DATA_VERDICT, verdict))
+        else:
+            body += _layout(schema.data).pack(NFTA_SET_ELEM_DATA, element.data)
+    if with_data and element.comment is not None:
+        body += _attr(NFTA_SET_ELEM_USERDATA, comment_udata(element.comment))
+    return _ATTR.pack(_ATTR.size + len(body), NFTA_LIST_ELEM | NLA_F_NESTED) + body
+
+
+_HEADS: dict[tuple[str, str, str], bytes] = {}
+
+
+def _list_body(schema: SetSchema, table: str, elements: bytes) -> bytes:
+    key = (schema.family, schema.name, table)
+    head = _HEADS.get(key)
+    if head is None:
+        head = _HEADS[key] = (
+            _NFGENMSG.pack(FAMILIES[schema.family], 0, 0)
+            + _attr(NFTA_SET_ELEM_LIST_TABLE, _string(table))
+            + _attr(NFTA_SET_ELEM_LIST_SET, _string(schema.name))
+        )
+    return head + _nested(NFTA_SET_ELEM_LIST_ELEMENTS, elements)
+
+
+def _runs(changes: Sequence[tuple[str, Element]]) -> Iterator[tuple[str, list[Element]]]:
+    """Consecutive changes of one verb and one set, as one message each: the kernel's cost
+    is per message more than per element (8 elements: 68 us in 8 messages here)."""
+    run: list[Element] = []
+    verb = ""
+    for change, element in changes:
+        if run and (change != verb or element.schema is not run[0].schema):
+            yield verb, run
+            run = []
+        verb = change
+        run.append(element)
+    if run:
+        yield verb, run
+
+
+def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
+    while offset + _ATTR.size <= end:
+        size, kind = _ATTR.unpack_from(data, offset)
+        if size < _ATTR.size:
+            return
+        yield kind & 0x3FFF, offset + _ATTR.size, offset + size
+        offset += (size + 3) & ~3
+
+
+class NetlinkElements:
+    """A NETLINK_NETFILTER socket in the namespace of the thread that creates it.
+
+    Any thread may use it afterwards (a lock keeps one exchange in flight).
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER
+        )
+        self._sock.bind((0, 0))
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _next(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    def _message(self, kind: int, flags: int, body: bytes) -> tuple[int, bytes]:
+        seq = self._next()
+        return seq, _HEADER.pack(_HEADER.size + len(body), kind, flags, seq, 0) + body
+
+    def commit(
+        self,
+        changes: Sequence[tuple[str, Element]],
+        table: str,
+        operation: str,
+        where: str,
+    ) -> None:
+        """Apply ("add" | "create" | "delete", element) pairs as one transaction, in order.
+
+        An add of an element that exists with the same data is no change (its comment is
+        kept); with other data it fails (EEXIST); a create of one that exists fails
+        (EEXIST, NLM_F_EXCL); a delete of one that does not exist fails the whole batch
+        (ENOENT), as in libnftables.
+        """
+        if not changes:
+            return
+        with self._lock:
+            begin = _NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
+            first_seq, first = self._message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, begin)
+            parts = [first]
+            ours = {first_seq}
+            runs = list(_runs(changes))
+            for number, (verb, run) in enumerate(runs, 1):
+                adding = verb != "delete"
+                msg = NFT_MSG_NEWSETELEM if adding else NFT_MSG_DELSETELEM
+                # Only the last message asks for an ack: the kernel reports every message
+                # that fails whether asked or not, and runs the whole batch before it
+                # answers, so the last ack comes after any error (and after the error of
+                # a failed commit, which names the batch's first message).
+                flags = NLM_F_REQUEST | _CREATE_FLAGS.get(verb, 0)
+                if number == len(runs):
+                    flags |= NLM_F_ACK
+                packed_elements = b"".join(_element_attr(e, adding) for e in run)
+                body = _list_body(run[0].schema, table, packed_elements)
+                last_seq, packed = self._message(NFNL_SUBSYS_NFTABLES << 8 | msg, flags, body)
+                parts.append(packed)
+                ours.add(last_seq)
+            _, end = self._message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, begin)
+            parts.append(end)
+            self._sock.send(b"".join(parts))
+            failure = 0
+            done = False
+            while not done and not failure:
+                for seq, code, _, _, _ in self._receive():
+                    if seq in ours:
+                        failure = failure or code
+                        done = done or seq == last_seq
+            if failure:
+                self._drain()
+        if failure:
+            raise host_error(operation, where, failure, "nf_tables set elements")
+
+    def _drain(self) -> None:
+        """Read what the kernel still sends about an aborted batch."""
+        while True:
+            try:
+                self._sock.recv(65536, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+
+    def _receive(self) -> Iterator[tuple[int, int, int, bytes, int]]:
+        """(seq, error code or 0, message type, datagram, offset) of each message received."""
+        data = self._sock.recv(65536)
+        offset = 0
+        while offset + _HEADER.size <= len(data):
+            length, kind, _, seq, _ = _HEADER.unpack_from(data, offset)
+            if length < _HEADER.size:
+                return
+            code = 0
+            if kind == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", data, offset + _HEADER.size)
+                code = -code
+            yield seq, code, kind, data[offset : offset + length], 0
+            offset += (length + 3) & ~3
+
+    def comment(self, element: Element, table: str, operation: str) -> str | None:
+        """The comment of `element` (looked up by its key), or None if there is no such element.
+
+        "" for an element without a comment.
+        """
+        body = _list_body(element.schema, table, _element_attr(element, False))
+        with self._lock:
+            kind = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETSETELEM
+            seq, packed = self._message(kind, NLM_F_REQUEST | NLM_F_ACK, body)
+            self._sock.send(packed)
+            found: str | None = None
+            done = False
+            while not done:
+                for got, code, reply, message, _ in self._receive():
+                    if got != seq:
+                        continue
+                    if reply == NLMSG_ERROR:
+                        done = True
+                        if code in (errno.ENOENT,):
+                            return None
+                        if code:
+                            raise host_error(operation, table, code, "nf_tables set elements")
+                    else:
+                        found = _comment_of(message)
+        return found
+
+
+def _comment_of(message: bytes) -> str:
+    start = _HEADER.size + _NFGENMSG.size
+    for kind, begin, end in _attrs(message, start, len(message)):
+        if kind != NFTA_SET_ELEM_LIST_ELEMENTS:
+            continue
+        for _, elem_begin, elem_end in _attrs(message, begin, end):
+            for attr_kind, attr_begin, attr_end in _attrs(message, elem_begin, elem_end):
+                if attr_kind == NFTA_SET_ELEM_USERDATA:
+                    return parse_comment(message[attr_begin:attr_end]) or ""
+    return ""
+
+
+class KernelElements:
+    """NetlinkElements opened on the namespace's thread on first use, then used from any
+    thread (like the rtnetlink socket)."""
+
+    def __init__(self, call: Callable[[Callable[[], Any]], Any]) -> None:
+        self._call = call
+        self._socket: NetlinkElements | None = None
+        self._diag: SockDiag | Literal[False] | None = None
+        """None: not opened yet; False: the kernel has no NETLINK_SOCK_DIAG."""
+        self._lock = threading.Lock()
+
+    def _open(self) -> NetlinkElements:
+        with self._lock:
+            if self._socket is None:
+                self._socket = self._call(NetlinkElements)
+            return self._socket
+
+    def commit(
+        self, changes: Sequence[tuple[str, Element]], table: str, operation: str, where: str
+    ) -> None:
+        self._open().commit(changes, table, operation, where)
+
+    def comment(self, element: Element, table: str, operation: str) -> str | None:
+        return self._open().comment(element, table, operation)
+
+    def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
+        with self._lock:
+            if self._diag is None:
+                try:
+                    self._diag = self._call(SockDiag)
+                except OSError:  # no NETLINK_SOCK_DIAG: /proc, on the namespace thread
+                    self._diag = False
+        diag = self._diag
+        if not isinstance(diag, SockDiag):
+            found: list[str] = self._call(lambda: listening(wanted))
+            return found
+        try:
+            return diag.listening(wanted)
+        except OSError:  # no inet_diag for a family or protocol (a module missing)
+            fallback: list[str] = self._call(lambda: listening(wanted))
+            return fallback
+
+    def close(self) -> None:
+        with self._lock:
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
+            if isinstance(self._diag, SockDiag):
+                self._diag.close()
+            self._diag = None

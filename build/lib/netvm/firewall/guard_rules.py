@@ -1,0 +1,191 @@
+"""The rules behind the per-VM sets (guard.py), once per bridge, as libnftables JSON.
+
+Written as `nft -j list` prints them, so that a listing compares equal to what netvm wrote.
+
+`bridge netvm-B` (the bridge family sees every frame with the port it came in on):
+
+    prerouting  (hook prerouting)  iifname @guarded jump anti_spoof
+    anti_spoof                     ether type other than ip, arp: drop    (VLAN tags, IPv6, ...)
+                                   udp sport 67 drop                      (DHCP server replies)
+                                   ARP (Ethernet/IPv4 request or reply): sender MAC and
+                                        address in @addrs with the frame's source MAC, accept
+                                   DHCP discovery from 0.0.0.0 with the TAP's MAC, accept
+                                   IPv4: source MAC and address in @addrs, accept
+                                   drop                                   (everything else)
+    forward     (hook forward)     iifname @isolated drop; oifname @isolated drop
+    input       (hook input)       iifname @isolated, to the subnet but not the gateway: drop
+    output      (hook output)      oifname @isolated, from the subnet but not the gateway: drop
+
+The last two stop isolated VMs from reaching, or being reached by, the other VMs through the
+gateway (the host routes between two guests of one subnet when a guest sends to the
+gateway's MAC).
+
+`inet netvm-B` gets, beside the forward and NAT rules of BridgeFirewall:
+
+    prerouting  (hook prerouting, dstnat)  from the egress to a local address: DNAT by
+                                           @forward_addrs and @forward_ports
+    forward     iifname B ct status dnat accept       (replies of forwarded connections)
+                iifname B jump egress_dispatch         (per egress policy, shared by its
+                                                        VMs: ip saddr @egress-D jump egress-D)
+                ... BridgeFirewall.forward, with `iifname E oifname B ct status dnat accept`
+                    before its drop of new connections from the egress
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from netvm.firewall.guard import (
+    ADDRS,
+    EGRESS_DISPATCH,
+    FORWARD_ADDRS,
+    FORWARD_PORTS,
+    GUARDED,
+    ISOLATED,
+    UNSPECIFIED,
+)
+from netvm.firewall.model import BridgeFirewall
+
+Json = dict[str, Any]
+
+
+def _meta(key: str) -> Json:
+    return {"meta": {"key": key}}
+
+
+def _payload(protocol: str, field: str) -> Json:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _match(left: Any, right: Any, op: str = "==") -> Json:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _set(name: str) -> str:
+    return f"@{name}"
+
+
+def _concat(*parts: Json) -> Json:
+    return {"concat": list(parts)}
+
+
+def _prefix(policy: BridgeFirewall) -> Json:
+    net = policy.subnet
+    return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+
+
+BRIDGE_CHAINS: dict[str, Json] = {
+    "prerouting": {"type": "filter", "hook": "prerouting", "prio": -200, "policy": "accept"},
+    "anti_spoof": {},
+    "forward": {"type": "filter", "hook": "forward", "prio": -200, "policy": "accept"},
+    "input": {"type": "filter", "hook": "input", "prio": -200, "policy": "accept"},
+    "output": {"type": "filter", "hook": "output", "prio": -200, "policy": "accept"},
+}
+
+
+def bridge_rules(policy: BridgeFirewall) -> dict[str, list[list[Json]]]:
+    gateway = str(policy.gateway)
+    iif, oif = _meta("iifname"), _meta("oifname")
+    ether_saddr = _payload("ether", "saddr")
+    return {
+        "prerouting": [[_match(iif, _set(GUARDED.name)), {"jump": {"target": "anti_spoof"}}]],
+        "anti_spoof": [
+            # `ether type` reads a VLAN tag (802.1Q, 802.1ad) as the kernel took it off, so
+            # tagged frames, IPv6 and every other ethertype end here. Without this rule a
+            # tagged IPv4 frame would pass the rules below: their `ip` matches test the
+            # skb's protocol, which is the inner one once the tag is off.
+            [_match(_payload("ether", "type"), {"set": ["ip", "arp"]}, "!="), {"drop": None}],
+            [_match(_payload("udp", "sport"), 67), {"drop": None}],
+            [
+                # Only Ethernet/IPv4 requests and replies, whose fields are where nft and
+                # the neighbours' kernels read them.
+                _match(_payload("arp", "htype"), 1),
+                _match(_payload("arp", "ptype"), "ip"),
+                _match(_payload("arp", "hlen"), 6),
+                _match(_payload("arp", "plen"), 4),
+                _match(_payload("arp", "operation"), {"set": ["request", "reply"]}),
+                _match(_concat(iif, ether_saddr, _payload("arp", "saddr ip")), _set(ADDRS.name)),
+                _match(
+                    _concat(iif, _payload("arp", "saddr ether"), _payload("arp", "saddr ip")),
+                    _set(ADDRS.name),
+                ),
+                {"accept": None},
+            ],
+            [
+                _match(_payload("ip", "saddr"), str(UNSPECIFIED)),
+                _match(_payload("ip", "daddr"), "255.255.255.255"),
+                _match(_payload("udp", "sport"), 68),
+                _match(_payload("udp", "dport"), 67),
+                _match(_concat(iif, ether_saddr, _payload("ip", "saddr")), _set(ADDRS.name)),
+                {"accept": None},
+            ],
+            [
+                _match(_payload("ip", "saddr"), str(UNSPECIFIED), "!="),
+                _match(_concat(iif, ether_saddr, _payload("ip", "saddr")), _set(ADDRS.name)),
+                {"accept": None},
+            ],
+            [{"drop": None}],
+        ],
+        "forward": [
+            [_match(iif, _set(ISOLATED.name)), {"drop": None}],
+            [_match(oif, _set(ISOLATED.name)), {"drop": None}],
+        ],
+        "input": [
+            [
+                _match(iif, _set(ISOLATED.name)),
+                _match(_payload("ip", "daddr"), _prefix(policy)),
+                _match(_payload("ip", "daddr"), gateway, "!="),
+                {"drop": None},
+            ]
+        ],
+        "output": [
+            [
+                _match(oif, _set(ISOLATED.name)),
+                _match(_payload("ip", "saddr"), _prefix(policy)),
+                _match(_payload("ip", "saddr"), gateway, "!="),
+                {"drop": None},
+            ]
+        ],
+    }
+
+
+def _dnat_status(*matches: Json) -> list[Json]:
+    return [*matches, _match({"ct": {"key": "status"}}, "dnat", "in"), {"accept": None}]
+
+
+def forward_head(policy: BridgeFirewall) -> list[list[Json]]:
+    """Rules before BridgeFirewall.forward's accepts."""
+    bridge = _match(_meta("iifname"), policy.bridge)
+    return [
+        _dnat_status(bridge),
+        [bridge, {"jump": {"target": EGRESS_DISPATCH}}],
+    ]
+
+
+def forward_before_drop(policy: BridgeFirewall) -> list[Json]:
+    """Inbound connections a port forward DNATed pass netvm's drop of new ones."""
+    return _dnat_status(
+        _match(_meta("iifname"), policy.egress), _match(_meta("oifname"), policy.bridge)
+    )
+
+
+def prerouting(policy: BridgeFirewall) -> list[list[Json]]:
+    key = _concat(_meta("l4proto"), _payload("th", "dport"))
+    return [
+        [
+            _match(_meta("iifname"), policy.egress),
+            _match({"fib": {"result": "type", "flags": ["daddr"]}}, "local"),
+            {
+                "dnat": {
+                    "family": "ip",
+                    "addr": {"map": {"key": key, "data": _set(FORWARD_ADDRS.name)}},
+                    "port": {"map": {"key": key, "data": _set(FORWARD_PORTS.name)}},
+                }
+            },
+        ]
+    ]
+
+
+def egress_dispatch_rule(chain: str) -> list[Json]:
+    """`ip saddr @egress-D jump egress-D`: the VMs of one egress policy to its chain."""
+    return [_match(_payload("ip", "saddr"), _set(chain)), {"jump": {"target": chain}}]

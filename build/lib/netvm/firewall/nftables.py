@@ -1,0 +1,875 @@
+"""The firewall seam on nftables: netvm's own table per bridge, one transaction per change.
+
+netvm keeps, for bridge B, the table `inet netvm-B` with a `forward` chain (filter hook) and
+a `postrouting` chain (NAT hook), every rule commented `netvm:B`. Where the iptables-nft
+`filter` table is present (Docker, or an administrator's `iptables -P FORWARD DROP`), the
+accepts of `BridgeFirewall.passes` go into its DOCKER-USER chain or at the top of FORWARD,
+in the same transaction: written as plain iifname/oifname matches with a comment, which
+iptables-nft lists as `-i B -o E -m comment --comment netvm:B -j ACCEPT`.
+
+The per-VM guarantees (guard.py, guard_rules.py) add the table `bridge netvm-B` and, in
+`inet netvm-B`, a DNAT chain, egress chains and named sets. Converging rewrites chains, never
+the tables: the sets keep the elements of the VMs that run. Elements are written by
+`ElementStore` (packed netlink on the kernel, elements.py), not libnftables.
+
+Commands are libnftables JSON (names are JSON strings, never parsed as syntax). A warm
+ensure reads the tables and, when they already hold what they should, changes nothing.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import logging
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any, Protocol, cast
+
+from netvm.errors import ConflictError, HostError, NotFound, host_error
+from netvm.firewall import guard_rules
+from netvm.firewall.guard import (
+    EGRESS_DISPATCH,
+    EGRESS_PREFIX,
+    SCHEMAS,
+    VMS,
+    Element,
+    VmGuard,
+    egress_chain,
+    egress_chain_rules,
+    egress_members,
+    elements,
+    record_key,
+)
+from netvm.firewall.model import (
+    Action,
+    BridgeFirewall,
+    FirewallKind,
+    FirewallRule,
+    Placed,
+    pass_chain,
+    tag_of,
+)
+from netvm.policy import PortForward
+
+log = logging.getLogger("netvm")
+Json = dict[str, Any]
+FAMILY = "inet"
+BRIDGE_FAMILY = "bridge"
+IPTABLES_FAMILY, IPTABLES_TABLE = "ip", "filter"
+TABLE_PREFIX = "netvm-"
+CHAINS: dict[str, Json] = {
+    "forward": {"type": "filter", "hook": "forward", "prio": 0, "policy": "accept"},
+    "postrouting": {"type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"},
+    "prerouting": {"type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"},
+}
+OWN_CHAINS: dict[str, dict[str, Json]] = {FAMILY: CHAINS, BRIDGE_FAMILY: guard_rules.BRIDGE_CHAINS}
+
+
+class NftRunner(Protocol):
+    """Runs libnftables JSON commands in one namespace, as one transaction."""
+
+    def run(self, commands: list[Json], operation: str, where: str | None) -> list[Json]:
+        """The objects the commands listed (metainfo left out); HostError on failure."""
+
+    def generation(self) -> int | None:
+        """The ruleset's generation (bumped by every commit), or None if unknown."""
+
+
+class ElementStore(Protocol):
+    """Writes and reads elements of netvm's sets, O(1) per element."""
+
+    def commit(
+        self, changes: Sequence[tuple[str, Element]], table: str, operation: str, where: str
+    ) -> None:
+        """("add" | "delete", element) in order, as one transaction; HostError on failure."""
+
+    def comment(self, element: Element, table: str, operation: str) -> str | None:
+        """The comment of the element with this key ("" if none), None if there is none."""
+
+    def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
+        """`ADDRESS:PORT/PROTOCOL` of host sockets that serve these (protocol, port) pairs
+        from outside loopback (listeners.py)."""
+
+
+def table_name(bridge: str) -> str:
+    return TABLE_PREFIX + bridge
+
+
+def _meta(key: str, value: str) -> Json:
+    return {"match": {"op": "==", "left": {"meta": {"key": key}}, "right": value}}
+
+
+def rule_exprs(rule: FirewallRule) -> list[Json]:
+    """The rule as libnftables JSON expressions."""
+    exprs: list[Json] = []
+    if rule.source is not None:
+        prefix = {"addr": str(rule.source.network_address), "len": rule.source.prefixlen}
+        exprs.append(
+            {
+                "match": {
+                    "op": "==",
+                    "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                    "right": {"prefix": prefix},
+                }
+            }
+        )
+    if rule.in_iface is not None:
+        exprs.append(_meta("iifname", rule.in_iface))
+    if rule.out_iface is not None:
+        exprs.append(_meta("oifname", rule.out_iface))
+    if rule.established:
+        exprs.append(
+            {
+                "match": {
+                    "op": "in",
+                    "left": {"ct": {"key": "state"}},
+                    "right": ["established", "related"],
+                }
+            }
+        )
+    exprs.append({rule.action: None})
+    return exprs
+
+
+def _canonical(exprs: object) -> str:
+    return json.dumps(exprs, sort_keys=True)
+
+
+def decode_exprs(exprs: list[Json]) -> FirewallRule | None:
+    """The FirewallRule these expressions are (as rule_exprs writes it), or None."""
+    fields: dict[str, Any] = {}
+    try:
+        *matches, verdict = exprs
+        (action,) = verdict
+        if action not in ("accept", "drop", "masquerade"):
+            return None
+        for item in matches:
+            match = item["match"]
+            left, right = match["left"], match["right"]
+            if "meta" in left and left["meta"]["key"] in ("iifname", "oifname"):
+                key = "in_iface" if left["meta"]["key"] == "iifname" else "out_iface"
+                fields[key] = right
+            elif "ct" in left:
+                fields["established"] = True
+            else:
+                prefix = right["prefix"]
+                fields["source"] = ipaddress.IPv4Network(f"{prefix['addr']}/{prefix['len']}")
+        rule = FirewallRule(cast(Action, action), **fields)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return rule if _canonical(rule_exprs(rule)) == _canonical(exprs) else None
+
+
+def _text(exprs: list[Json]) -> str:
+    rule = decode_exprs(exprs)
+    if rule is not None:
+        return rule.describe()
+    try:
+        return " ".join(_statement(expr) for expr in exprs)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return _canonical(exprs)
+
+
+def _operand(value: Any) -> str:
+    """An expression or value of libnftables JSON in nft's words (for listings)."""
+    if not isinstance(value, dict):
+        return str(value)
+    ((kind, body),) = value.items()
+    if kind == "meta":
+        return str(body["key"])
+    if kind == "payload":
+        return f"{body['protocol']} {body['field']}"
+    if kind == "concat":
+        return " . ".join(_operand(part) for part in body)
+    if kind == "ct":
+        return f"ct {body['key']}"
+    if kind == "fib":
+        return f"fib {' '.join(body['flags'])} {body['result']}"
+    if kind == "prefix":
+        return f"{body['addr']}/{body['len']}"
+    if kind == "range":
+        return f"{body[0]}-{body[1]}"
+    if kind == "set":
+        return "{ " + ", ".join(_operand(item) for item in body) + " }"
+    if kind == "map":
+        return f"{_operand(body['key'])} map {body['data']}"
+    raise ValueError(kind)
+
+
+def _statement(expr: Json) -> str:
+    ((kind, body),) = expr.items()
+    if kind == "match":
+        op = "" if body["op"] in ("==", "in") else f"{body['op']} "
+        return f"{_operand(body['left'])} {op}{_operand(body['right'])}"
+    if kind == "vmap":
+        return f"{_operand(body['key'])} vmap {body['data']}"
+    if kind in ("jump", "goto"):
+        return f"{kind} {body['target']}"
+    if kind == "dnat":
+        return f"dnat ip to {_operand(body['addr'])} : {_operand(body['port'])}"
+    if body is None:
+        return str(kind)
+    raise ValueError(kind)
+
+
+class _Table:
+    """One table as listed: its chains (name -> spec), rules (in order) and sets."""
+
+    def __init__(self, objects: list[Json]) -> None:
+        self.chains: dict[str, Json] = {}
+        self.rules: list[Json] = []
+        self.sets: dict[str, Json] = {}
+        for item in objects:
+            if "chain" in item:
+                self.chains[item["chain"]["name"]] = item["chain"]
+            elif "rule" in item:
+                self.rules.append(item["rule"])
+            else:
+                for kind in ("set", "map"):
+                    if kind in item:
+                        self.sets[item[kind]["name"]] = {"kind": kind, **item[kind]}
+
+
+def _spec(chain: Json) -> Json:
+    return {key: chain.get(key) for key in ("type", "hook", "prio", "policy")}
+
+
+def wanted_rules(policy: BridgeFirewall) -> dict[str, dict[str, list[list[Json]]]]:
+    """family -> chain -> the expressions of its rules, in order, for netvm's two tables."""
+    forward = [rule_exprs(rule) for rule in policy.forward]
+    return {
+        FAMILY: {
+            "forward": [
+                *guard_rules.forward_head(policy),
+                *forward[:-1],
+                guard_rules.forward_before_drop(policy),
+                forward[-1],
+            ],
+            "postrouting": [rule_exprs(rule) for rule in policy.postrouting],
+            "prerouting": guard_rules.prerouting(policy),
+        },
+        BRIDGE_FAMILY: guard_rules.bridge_rules(policy),
+    }
+
+
+def _set_spec(declared: Json) -> Json:
+    return {key: declared.get(key) for key in ("kind", "type", "map", "flags")}
+
+
+WANTED_SETS: dict[str, dict[str, Json]] = {
+    family: {
+        schema.name: _set_spec({"kind": kind, **body})
+        for schema in SCHEMAS
+        if schema.family == family
+        for kind, body in schema.declaration("").items()
+    }
+    for family in OWN_CHAINS
+}
+
+
+def _is_egress(name: str) -> bool:
+    """A chain or set of one egress policy (written by guard, removed by prune)."""
+    return name.startswith(EGRESS_PREFIX)
+
+
+LEGACY_SETS = {FAMILY: {"egress"}}
+"""Sets earlier netvm versions wrote (a verdict map by address), removed by ensure."""
+
+
+def _dynamic_set(family: str, name: str) -> bool:
+    return family == FAMILY and _is_egress(name)
+
+
+class NftablesFirewall:
+    kind: FirewallKind = "nftables"
+
+    def __init__(
+        self,
+        runner: NftRunner,
+        unavailable: Callable[[], str | None],
+        elements: ElementStore | None = None,
+    ) -> None:
+        self._runner = runner
+        self._unavailable = unavailable
+        self._elements = elements
+        self._verified: dict[str, tuple[BridgeFirewall, int]] = {}
+        """bridge -> (policy, generation at which its rules were seen in place)."""
+
+    def unavailable(self) -> str | None:
+        return self._unavailable()
+
+    def close(self) -> None:
+        """Release the runner's context and sockets (not part of the Firewall seam)."""
+        for part in (self._runner, self._elements):
+            close = getattr(part, "close", None)
+            if close is not None:
+                close()
+
+    def _run(self, commands: list[Json], operation: str, where: str | None) -> list[Json]:
+        return self._runner.run(commands, operation, where)
+
+    def _tables(self) -> set[tuple[str, str]]:
+        listed = self._run([{"list": {"tables": None}}], "list nftables tables", None)
+        return {(t["table"]["family"], t["table"]["name"]) for t in listed if "table" in t}
+
+    def _list_table(self, family: str, name: str, tables: set[tuple[str, str]]) -> _Table | None:
+        """The table, or None when `tables` (from `_tables`) does not hold it.
+
+        Existence is asked first because libnftables reports a failed listing only as
+        text: netvm never tells errors apart by their message.
+        """
+        if (family, name) not in tables:
+            return None
+        command = {"list": {"table": {"family": family, "name": name}}}
+        return _Table(self._run([command], "list nftables table", f"{family} {name}"))
+
+    def _read(self, bridge: str) -> tuple[dict[str, _Table | None], _Table | None]:
+        """netvm's tables of `bridge` (by family) and the iptables-nft filter table."""
+        tables = self._tables()
+        own = {
+            family: self._list_table(family, table_name(bridge), tables) for family in OWN_CHAINS
+        }
+        return own, self._list_table(IPTABLES_FAMILY, IPTABLES_TABLE, tables)
+
+    def _try_list(self, family: str, name: str) -> _Table | None:
+        """The table, or None if listing it fails (it does not exist, most likely).
+
+        For ensure's warm path: fewer requests. A failure other than a missing table cannot
+        hide here: ensure then writes, and that transaction reports it by errno.
+        """
+        command = {"list": {"table": {"family": family, "name": name}}}
+        try:
+            return _Table(self._run([command], "list nftables table", f"{family} {name}"))
+        except HostError:
+            return None
+
+    def _commit(self, build: Callable[[], list[Json]], operation: str, where: str) -> bool:
+        """Run what `build` (which reads the tables) asks for, as one transaction.
+
+        Another writer may change the iptables-nft table between the read and the commit
+        (a rule netvm deletes by handle is gone): the batch then fails as a whole. It is
+        built again from a fresh read, and tried again only if that read changed it.
+        """
+        commands = build()
+        for _ in range(3):
+            if not commands:
+                return False
+            try:
+                self._run(commands, operation, where)
+            except HostError:
+                fresh = build()
+                if fresh == commands:
+                    raise
+                commands = fresh
+                continue
+            return True
+        self._run(commands, operation, where)
+        return True
+
+    def ruleset(self) -> list[Json]:
+        """Every table, chain and rule of the namespace (for tests and `doctor`)."""
+        return self._run([{"list": {"ruleset": None}}], "list nftables ruleset", None)
+
+    def in_use(self) -> bool:
+        return any(not name.startswith(TABLE_PREFIX) for _, name in self._tables())
+
+    # Set-up -----------------------------------------------------------------------------
+
+    def _own_commands(
+        self, policy: BridgeFirewall, family: str, table: _Table | None
+    ) -> list[Json]:
+        """Make netvm's table of `family` hold exactly its chains, rules and sets.
+
+        The table is never deleted (its sets hold the running VMs' elements): chains are
+        flushed and written again; a chain or set of another shape is replaced.
+        """
+        name = table_name(policy.bridge)
+        ref = {"family": family, "table": name}
+        chains, sets = OWN_CHAINS[family], WANTED_SETS[family]
+        commands: list[Json] = [{"add": {"table": {"family": family, "name": name}}}]
+        present = table.chains if table is not None else {}
+        for chain in chains:
+            if chain in present:
+                commands.append({"flush": {"chain": {**ref, "name": chain}}})
+        for chain, spec in chains.items():
+            if chain in present and _spec(present[chain]) != _spec(spec):
+                commands.append({"delete": {"chain": {**ref, "name": chain}}})
+        have_sets = table.sets if table is not None else {}
+        for set_name, spec in sets.items():
+            if set_name in have_sets and _set_spec(have_sets[set_name]) != spec:
+                kind = have_sets[set_name]["kind"]
+                commands.append({"delete": {kind: {**ref, "name": set_name}}})
+        for set_name in LEGACY_SETS.get(family, set()) & set(have_sets):
+            kind = have_sets[set_name]["kind"]
+            commands.append({"delete": {kind: {**ref, "name": set_name}}})
+        commands += [
+            {"add": schema.declaration(name)} for schema in SCHEMAS if schema.family == family
+        ]
+        for chain, spec in chains.items():
+            commands.append({"add": {"chain": {**ref, "name": chain, **spec}}})
+        if family == FAMILY:
+            # Not flushed: its rules are the egress policies of the running VMs.
+            commands.append({"add": {"chain": {**ref, "name": EGRESS_DISPATCH}}})
+        for chain, rules in wanted_rules(policy)[family].items():
+            for exprs in rules:
+                commands.append(
+                    {"add": {"rule": {**ref, "chain": chain, "expr": exprs, "comment": policy.tag}}}
+                )
+        return commands
+
+    def _conflicts(self, bridge: str, family: str, table: _Table) -> bool:
+        tag = tag_of(bridge)
+        foreign_rules = [rule for rule in table.rules if rule.get("comment") != tag]
+        dynamic = {EGRESS_DISPATCH} if family == FAMILY else set()
+        unknown = {
+            c
+            for c in table.chains
+            if c not in OWN_CHAINS[family] and c not in dynamic and not _is_egress(c)
+        }
+        known = set(WANTED_SETS[family]) | LEGACY_SETS.get(family, set())
+        sets = {name for name in table.sets if not _dynamic_set(family, name)}
+        return bool(foreign_rules or unknown or sets - known)
+
+    def _own_is_current(self, policy: BridgeFirewall, family: str, table: _Table | None) -> bool:
+        if table is None:
+            return False
+        if self._conflicts(policy.bridge, family, table):
+            raise ConflictError(
+                f"nftables table {family} {table_name(policy.bridge)} holds chains, sets or "
+                f"rules netvm did not write (no comment {policy.tag!r}); remove them, netvm "
+                "will not"
+            )
+        chains = OWN_CHAINS[family]
+        fixed = {name: _spec(chain) for name, chain in table.chains.items() if name in chains}
+        if fixed != {name: _spec(spec) for name, spec in chains.items()}:
+            return False
+        fixed_sets = {
+            name: _set_spec(spec)
+            for name, spec in table.sets.items()
+            if not _dynamic_set(family, name)
+        }
+        if fixed_sets != WANTED_SETS[family]:
+            return False
+        if family == FAMILY and EGRESS_DISPATCH not in table.chains:
+            return False
+        have = [
+            (rule["chain"], _canonical(rule["expr"]))
+            for rule in table.rules
+            if rule["chain"] in chains
+        ]
+        want = [
+            (chain, _canonical(exprs))
+            for chain, rules in wanted_rules(policy)[family].items()
+            for exprs in rules
+        ]
+        return sorted(have) == sorted(want) and self._in_order(have, want)
+
+    @staticmethod
+    def _in_order(have: list[tuple[str, str]], want: list[tuple[str, str]]) -> bool:
+        def by_chain(items: list[tuple[str, str]]) -> dict[str, list[str]]:
+            found: dict[str, list[str]] = {}
+            for chain, exprs in items:
+                found.setdefault(chain, []).append(exprs)
+            return found
+
+        return by_chain(have) == by_chain(want)
+
+    def _pass_commands(self, policy: BridgeFirewall, table: _Table | None) -> list[Json]:
+        """Commands that make the iptables-nft filter table hold exactly netvm's passes."""
+        if table is None:
+            return []
+        target = pass_chain(table.chains) if _is_iptables_nft(table) else None
+        mine = [rule for rule in table.rules if rule.get("comment") == policy.tag]
+        want = [_canonical(rule_exprs(rule)) for rule in policy.passes] if target else []
+        have = sorted(_canonical(rule["expr"]) for rule in mine if rule["chain"] == target)
+        if have == sorted(want) and len(mine) == len(have):
+            return []
+        commands: list[Json] = [{"delete": {"rule": _rule_ref(rule)}} for rule in mine]
+        if target is not None:
+            # "insert" puts a rule first: inserted in reverse, they keep their order.
+            for rule in reversed(policy.passes):
+                commands.append(
+                    {
+                        "insert": {
+                            "rule": {
+                                "family": IPTABLES_FAMILY,
+                                "table": IPTABLES_TABLE,
+                                "chain": target,
+                                "expr": rule_exprs(rule),
+                                "comment": policy.tag,
+                            }
+                        }
+                    }
+                )
+        return commands
+
+    def ensure(self, policy: BridgeFirewall) -> bool:
+        """Converge; while the ruleset's generation is the one at which this policy was last
+        seen in place, nothing is read again (see generation.py)."""
+        before = self._runner.generation()
+        if before is not None and self._verified.get(policy.bridge) == (policy, before):
+            return False
+        self._verified.pop(policy.bridge, None)
+        changed = self._ensure(policy)
+        after = self._runner.generation()
+        # Trust the generation only if no other commit could have slipped in: none at all,
+        # or exactly ours.
+        if before is not None and after == before + (1 if changed else 0):
+            self._verified[policy.bridge] = (policy, after)
+        return changed
+
+    def _ensure(self, policy: BridgeFirewall) -> bool:
+        def build() -> list[Json]:
+            commands: list[Json] = []
+            for family in OWN_CHAINS:
+                own = self._try_list(family, table_name(policy.bridge))
+                if not self._own_is_current(policy, family, own):
+                    commands += self._own_commands(policy, family, own)
+            iptables = self._try_list(IPTABLES_FAMILY, IPTABLES_TABLE)
+            return commands + self._pass_commands(policy, iptables)
+
+        where = f"{FAMILY} {table_name(policy.bridge)}"
+        return self._commit(build, "set up nftables rules", where)
+
+    def check(self, policy: BridgeFirewall) -> list[str]:
+        own, iptables = self._read(policy.bridge)
+        problems: list[str] = []
+        for family, table in own.items():
+            try:
+                current = self._own_is_current(policy, family, table)
+            except ConflictError as exc:
+                return [str(exc)]
+            if not current and not problems:
+                # One phrase for both tables: one ensure writes them together.
+                problems.append(
+                    f"nftables table {family} {table_name(policy.bridge)} is missing or differs"
+                )
+        if self._pass_commands(policy, iptables):
+            problems.append(
+                f"netvm's accepts in the iptables-nft table {IPTABLES_FAMILY} {IPTABLES_TABLE} "
+                "are missing or misplaced"
+            )
+        return problems
+
+    # Listing and removal ----------------------------------------------------------------
+
+    def listing(self, bridge: str, guarantees: bool = False) -> list[Placed]:
+        """netvm's forward and NAT rules (BridgeFirewall); with `guarantees`, the rules of
+        the per-VM guarantees too (guard_rules.py: the bridge table, DNAT, egress)."""
+        tag = tag_of(bridge)
+        own, iptables = self._read(bridge)
+        found: list[Placed] = []
+        for family, table in own.items():
+            if table is not None:
+                found += [
+                    Placed(f"{family} {table_name(bridge)} {rule['chain']}", _text(rule["expr"]))
+                    for rule in table.rules
+                    if rule.get("comment") == tag
+                    and (
+                        guarantees or (family == FAMILY and decode_exprs(rule["expr"]) is not None)
+                    )
+                ]
+        if iptables is not None:
+            found += [
+                Placed(f"{IPTABLES_FAMILY} {IPTABLES_TABLE} {rule['chain']}", _text(rule["expr"]))
+                for rule in iptables.rules
+                if rule.get("comment") == tag
+            ]
+        return found
+
+    def remove(self, bridge: str) -> list[str]:
+        tag = tag_of(bridge)
+        problems: list[str] = []
+        self._verified.pop(bridge, None)
+
+        def build() -> list[Json]:
+            own, iptables = self._read(bridge)
+            problems.clear()
+            commands: list[Json] = []
+            for family, table in own.items():
+                if table is None:
+                    continue
+                if self._conflicts(bridge, family, table):
+                    # Someone else's rules live in netvm's table: keep it, take only netvm's.
+                    problems.append(
+                        f"nftables table {family} {table_name(bridge)} kept: it holds chains, "
+                        "sets or rules netvm did not write"
+                    )
+                    commands += [
+                        {"delete": {"rule": _rule_ref(rule)}}
+                        for rule in table.rules
+                        if rule.get("comment") == tag
+                    ]
+                else:
+                    commands.append(
+                        {"delete": {"table": {"family": family, "name": table_name(bridge)}}}
+                    )
+            if iptables is not None:
+                commands += [
+                    {"delete": {"rule": _rule_ref(rule)}}
+                    for rule in iptables.rules
+                    if rule.get("comment") == tag
+                ]
+            return commands
+
+        self._commit(build, "remove nftables rules", f"{FAMILY} {table_name(bridge)}")
+        return list(problems)
+
+    # Per-VM guarantees --------------------------------------------------------------------
+
+    def _store(self) -> ElementStore:
+        if self._elements is None:
+            raise RuntimeError("this NftablesFirewall was made without an element store")
+        return self._elements
+
+    def guard(self, bridge: str, vm: VmGuard, fresh: bool = False) -> None:
+        """Give the VM of `vm.tap` exactly the elements of `vm` (its previous ones, which
+        its record names, are replaced), in one transaction.
+
+        `fresh`: the TAP was just made, so it has no elements unless a crash left some. They
+        are then written without reading the record first: its elements are created
+        exclusively (NLM_F_EXCL), so a record left behind makes the kernel refuse the whole
+        batch, and the VM's elements are then replaced as for any other TAP.
+        """
+        if fresh:
+            self._check_forwards(bridge, vm, vm.policy.port_forwards)
+            after = elements(vm)
+            if after:
+                changes = [("create" if e.schema is VMS else "add", e) for e in after]
+                if self._write(bridge, vm, changes, exclusive=True):
+                    return
+        old = self.record(bridge, vm.tap)
+        if old == vm:
+            return
+        if not fresh:
+            had = set(old.policy.port_forwards) if old is not None else set()
+            self._check_forwards(bridge, vm, [f for f in vm.policy.port_forwards if f not in had])
+        before = elements(old) if old is not None else []
+        after = elements(vm)
+        keep = {_full(e) for e in before} & {_full(e) for e in after}
+        gone = _by_set(e for e in before if _full(e) not in keep)
+        # An add first: the delete cannot fail on an element someone removed. Grouped by
+        # set, each group is one message (elements.py).
+        changes = [("add", e) for e in gone] + [("delete", e) for e in gone]
+        changes += [("add", e) for e in _by_set(e for e in after if _full(e) not in keep)]
+        self._write(bridge, vm, changes)
+
+    def _write(
+        self, bridge: str, vm: VmGuard, changes: list[tuple[str, Element]], exclusive: bool = False
+    ) -> bool:
+        """Commit; False when `exclusive` and an element exists already (EEXIST)."""
+        table, where = table_name(bridge), f"{vm.tap} in nftables {table_name(bridge)}"
+        operation = f"set the guarantees of {vm.tap}"
+        for attempt in range(2):
+            try:
+                self._store().commit(changes, table, operation, where)
+                return True
+            except HostError as exc:
+                if exc.errno == errno.EEXIST:
+                    if exclusive:
+                        return False
+                    raise self._clash(bridge, vm) from None
+                if exc.errno != errno.ENOENT:
+                    raise
+                if attempt or egress_chain(vm.policy) is None:
+                    raise host_error(
+                        operation, where, exc.errno, "netvm's sets are missing: run ensure_host()"
+                    ) from None
+            # The egress chain of this policy is written once, cold (libnftables).
+            self._add_egress_chain(bridge, vm)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _check_forwards(self, bridge: str, vm: VmGuard, forwards: Sequence[PortForward]) -> None:
+        """A forward must not take a host port a service listens on (listeners.py)."""
+        if not forwards:
+            return
+        busy = self._store().listening([(f.protocol, f.host_port) for f in forwards])
+        if busy:
+            raise ConflictError(
+                f"the port forward of {vm.tap} would take host port(s) in use from the "
+                f"service(s) listening on {', '.join(busy)}: every new connection to them from "
+                f"the egress would go to the VM; forward another host port"
+            )
+
+    def _clash(self, bridge: str, vm: VmGuard) -> ConflictError:
+        forwards = ", ".join(str(f) for f in vm.policy.port_forwards) or "none"
+        return ConflictError(
+            f"the guarantees of {vm.tap} ({vm.policy.describe()}) clash with another VM's in "
+            f"nftables {table_name(bridge)}: a host port of {forwards} is forwarded to another "
+            f"VM, or a VM that had {vm.ip} was not cleaned up (run gc)"
+        )
+
+    def _add_egress_chain(self, bridge: str, vm: VmGuard) -> None:
+        """The first VM of an egress policy: its set, its chain and its dispatch rule.
+
+        Written once per policy (libnftables), cold. A VM then adds only an element of the
+        set: a plain one, where an element with a jump verdict would make the kernel
+        validate the table, walking every VM's element, at each attach.
+        """
+        chain = egress_chain(vm.policy)
+        assert chain is not None
+        table = table_name(bridge)
+        ref = {"family": FAMILY, "table": table, "name": chain}
+        commands: list[Json] = [
+            {"add": egress_members(chain).declaration(table)},
+            {"add": {"chain": dict(ref)}},
+            {"flush": {"chain": dict(ref)}},
+        ]
+        commands += [
+            {"add": {"rule": {**_in(ref, chain), "expr": exprs, "comment": tag_of(bridge)}}}
+            for exprs in egress_chain_rules(vm.policy)
+        ]
+        dispatch = guard_rules.egress_dispatch_rule(chain)
+        listed = self._run(
+            [{"list": {"chain": {"family": FAMILY, "table": table, "name": EGRESS_DISPATCH}}}],
+            "list nftables chain",
+            f"{FAMILY} {table} {EGRESS_DISPATCH}",
+        )
+        present = [item["rule"]["expr"] for item in listed if "rule" in item]
+        if not any(_canonical(expr) == _canonical(dispatch) for expr in present):
+            commands.append(
+                {
+                    "add": {
+                        "rule": {
+                            **_in(ref, EGRESS_DISPATCH),
+                            "expr": dispatch,
+                            "comment": tag_of(bridge),
+                        }
+                    }
+                }
+            )
+        self._run(commands, f"add egress chain {chain}", f"{FAMILY} {table}")
+
+    def record(self, bridge: str, tap: str) -> VmGuard | None:
+        """The guarantees the kernel holds for `tap`, or None (a few O(1) look-ups)."""
+        table = table_name(bridge)
+        operation = f"read the guarantees of {tap}"
+        store = self._store()
+        try:
+            first = store.comment(record_key(tap, 0), table, operation)
+        except NotFound:
+            return None  # no table or set: nothing is guarded
+        if first is None:
+            return None
+        count, _, text = first.partition(" ")
+        chunks = [text]
+        for index in range(1, int(count) if count.isdigit() else 1):
+            chunk = store.comment(record_key(tap, index), table, operation)
+            chunks.append(chunk or "")
+        try:
+            return VmGuard.from_record(tap, "".join(chunks))
+        except ValueError as exc:
+            raise ConflictError(
+                f"nftables {table} holds a record for {tap} netvm cannot read ({exc}); "
+                "remove the element from set vms"
+            ) from None
+
+    def unguard(self, bridge: str, tap: str) -> VmGuard | None:
+        """Remove every element of `tap`; return what it had (None if nothing)."""
+        old = self.record(bridge, tap)
+        if old is None:
+            return None
+        gone = _by_set(elements(old))
+        changes = [("add", e) for e in gone] + [("delete", e) for e in gone]
+        where = f"{tap} in nftables {table_name(bridge)}"
+        self._store().commit(changes, table_name(bridge), f"remove the guarantees of {tap}", where)
+        return old
+
+    def guards(self, bridge: str) -> dict[str, VmGuard]:
+        """Every VM's record on this bridge (one listing of set vms, O(number of VMs))."""
+        table = table_name(bridge)
+        command = {"list": {"set": {"family": BRIDGE_FAMILY, "table": table, "name": "vms"}}}
+        if (BRIDGE_FAMILY, table) not in self._tables():
+            return {}
+        try:
+            listed = self._run([command], "list nftables set", f"{BRIDGE_FAMILY} {table} vms")
+        except NotFound:
+            return {}
+        chunks: dict[str, dict[int, str]] = {}
+        for item in listed:
+            for value in item.get("set", {}).get("elem", []):
+                elem = value.get("elem", {}) if isinstance(value, dict) else {}
+                tap, index = elem.get("val", {}).get("concat", ["", 0])
+                chunks.setdefault(tap, {})[int(index)] = elem.get("comment", "")
+        found: dict[str, VmGuard] = {}
+        for tap, parts in chunks.items():
+            first = parts.get(0, "")
+            count, _, text = first.partition(" ")
+            n = int(count) if count.isdigit() else 1
+            record = text + "".join(parts.get(i, "") for i in range(1, n))
+            try:
+                found[tap] = VmGuard.from_record(tap, record)
+            except ValueError:
+                log.warning("nftables %s: unreadable record for %s: %r", table, tap, record)
+        return found
+
+    def prune(self, bridge: str, live: Collection[str]) -> list[str]:
+        """Remove the elements of every TAP not in `live`, and egress chains no VM uses.
+
+        What a crash can leave is elements of a TAP that no longer exists: this is the
+        reconciliation (gc, teardown). Returns the TAPs whose elements went.
+        """
+        removed = []
+        for tap in sorted(set(self.guards(bridge)) - set(live)):
+            if self.unguard(bridge, tap) is not None:
+                removed.append(tap)
+        self._prune_egress_chains(bridge)
+        return removed
+
+    def _prune_egress_chains(self, bridge: str) -> None:
+        """The set, chain and dispatch rule of every egress policy no VM has any more."""
+        table = table_name(bridge)
+        if (FAMILY, table) not in self._tables():
+            return
+        listed = _Table(
+            self._run(
+                [{"list": {"table": {"family": FAMILY, "name": table}}}],
+                "list nftables table",
+                f"{FAMILY} {table}",
+            )
+        )
+        used = {name for name, body in listed.sets.items() if _is_egress(name) and body.get("elem")}
+        ref = {"family": FAMILY, "table": table}
+        commands: list[Json] = [
+            {"delete": {"rule": _rule_ref(rule)}}
+            for rule in listed.rules
+            if rule["chain"] == EGRESS_DISPATCH
+            and not any(
+                _canonical(rule["expr"]) == _canonical(guard_rules.egress_dispatch_rule(name))
+                for name in used
+            )
+        ]
+        for chain in listed.chains:
+            if _is_egress(chain) and chain not in used:
+                commands += [
+                    {"flush": {"chain": {**ref, "name": chain}}},
+                    {"delete": {"chain": {**ref, "name": chain}}},
+                ]
+        for name in listed.sets:
+            if _is_egress(name) and name not in used:
+                commands.append({"delete": {"set": {**ref, "name": name}}})
+        if commands:
+            self._run(commands, "remove unused egress chains", f"{FAMILY} {table}")
+
+
+def _in(ref: Json, chain: str) -> Json:
+    """A rule's place: the family and table of `ref`, chain `chain`."""
+    return {"family": ref["family"], "table": ref["table"], "chain": chain}
+
+
+def _by_set(found: Iterable[Element]) -> list[Element]:
+    return sorted(found, key=lambda e: (e.schema.family, e.schema.name))
+
+
+def _full(element: Element) -> tuple[object, ...]:
+    return (*element.identity(), element.data, element.comment)
+
+
+def _rule_ref(rule: Json) -> Json:
+    return {key: rule[key] for key in ("family", "table", "chain", "handle")}
+
+
+def _is_iptables_nft(table: _Table) -> bool:
+    """iptables-nft names its base chains in capitals (FORWARD at the forward hook)."""
+    forward = table.chains.get("FORWARD")
+    return forward is not None and forward.get("hook") == "forward"

@@ -1,0 +1,258 @@
+"""Host set-up of one bridge: bridge, gateway, ip_forward, firewall; and their teardown.
+
+Serialised per network namespace by a StateFile (`host.<namespace>.lock`) whose intent
+covers the one kernel change a crash could leave unmarked: a bridge is created and named
+netvm's in two requests (the kernel takes no ifalias at creation), so the intent is written
+first, and the next holder deletes a bridge that the intent names and that still has no
+mark. ip_forward has no mark at all: the file that says netvm switched it on is written
+before it is switched.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from netvm import naming
+from netvm.backends.base import Backend, Link
+from netvm.config import NetworkConfig
+from netvm.errors import ConflictError, NetvmError, StateStoreError, host_error
+from netvm.firewall import KINDS, BridgeFirewall, ChosenFirewall, choose_firewall
+from netvm.statefile import STATE_DIR_HINT, StateFile
+from netvm.undo import Undo
+
+log = logging.getLogger("netvm")
+
+
+class HostSetup:
+    """What ensure_host and teardown_host change, for one bridge in one namespace."""
+
+    def __init__(self, config: NetworkConfig, backend: Backend, namespace: str) -> None:
+        self.config = config
+        self.backend = backend
+        state_dir = config.state_dir
+        self.file = StateFile(state_dir / f"host.{namespace}.lock")
+        self.ip_forward_flag = state_dir / f"ip_forward-enabled-by-netvm.{namespace}"
+
+    @property
+    def alias(self) -> str:
+        return naming.bridge_alias(self.config.vm_subnet)
+
+    # Locking and recovery ---------------------------------------------------------------
+
+    @contextmanager
+    def locked(self, required: bool = True) -> Iterator[None]:
+        """Hold the namespace's host lock; first mend what a holder that died left.
+
+        Not `required` (teardown), an unusable state_dir is no reason to stop: no netvm
+        process can take the lock there either, so the work goes on unlocked.
+        """
+        try:
+            self.file.acquire()
+        except StateStoreError as exc:
+            if required:
+                raise
+            log.warning("going on without the host lock: %s", exc)
+            yield
+            return
+        try:
+            intent = self.file.read_intent()
+            if intent is not None:
+                self._recover(intent)
+                self.file.clear_intent()
+            yield
+            if self.file.read_intent() is not None:
+                self.file.clear_intent()
+        finally:
+            self.file.release()
+
+    def _recover(self, intent: dict[str, object]) -> None:
+        name = intent.get("bridge")
+        if intent.get("op") != "create-bridge" or not isinstance(name, str):
+            return
+        link = self.backend.get_link(name)
+        if link is None or link.kind != "bridge" or link.alias is not None:
+            return
+        if self.backend.list_links(master=link.index):
+            return
+        log.warning("removing bridge %s: its creation by netvm was interrupted", name)
+        try:
+            self.backend.delete_link(name, index=link.index)
+        except NetvmError as exc:
+            if getattr(exc, "errno", None) != errno.ENODEV:
+                raise
+
+    # Ownership --------------------------------------------------------------------------
+
+    def check_bridge(self, link: Link) -> None:
+        """ConflictError unless `link` is a bridge netvm made for this subnet (or made
+        before it recorded subnets)."""
+        name = link.name
+        if link.kind != "bridge":
+            raise ConflictError(
+                f"{name} already exists but is not a bridge (kind {link.kind or 'none'}); "
+                "netvm does not adopt it: remove it or choose another bridge_name"
+            )
+        mark = naming.parse_bridge_alias(link.alias)
+        if mark is None:
+            raise ConflictError(
+                f"bridge {name} already exists but netvm did not create it "
+                f"(its ifalias is {link.alias!r}, not {self.alias!r}); netvm does not adopt it: "
+                "remove it or choose another bridge_name"
+            )
+        if mark.subnet is not None and mark.subnet != self.config.vm_subnet:
+            raise ConflictError(
+                f"bridge {name} serves {mark.subnet} for another netvm configuration, not "
+                f"{self.config.vm_subnet}; use that vm_subnet, or another bridge_name"
+            )
+
+    def check_owner(self) -> Link | None:
+        """The bridge if it exists, after check_bridge; reads only."""
+        link = self.backend.get_link(self.config.bridge_name)
+        if link is not None:
+            self.check_bridge(link)
+        return link
+
+    # Set-up -----------------------------------------------------------------------------
+
+    def ensure(self, undo: Undo) -> Link:
+        bridge = self._ensure_bridge(undo)
+        self._ensure_gateway(bridge, undo)
+        self._ensure_ip_forward(undo)
+        self._ensure_firewall(undo)
+        return bridge
+
+    def _ensure_bridge(self, undo: Undo) -> Link:
+        name, mtu = self.config.bridge_name, self.config.mtu
+        link = self.backend.get_link(name)
+        if link is None:
+            self.file.write_intent({"op": "create-bridge", "bridge": name})
+            self.backend.create_bridge(name, mtu, alias=self.alias)
+            undo.push(f"delete bridge {name}", lambda: self.backend.delete_link(name))
+            self.file.clear_intent()
+            log.info("created bridge %s", name)
+            link = self.backend.get_link(name)
+            if link is None:
+                raise host_error("create bridge", name, errno.ENODEV, "it vanished")
+        self.check_bridge(link)
+        if link.alias != self.alias:
+            # Made before netvm recorded the subnet: it now says which subnet it serves.
+            old = link.alias
+            self.backend.set_link(name, alias=self.alias)
+            undo.push(
+                f"restore the alias of {name}", lambda: self.backend.set_link(name, alias=old)
+            )
+        if link.mtu != mtu or not link.up:
+            before = link
+            self.backend.set_link(name, mtu=mtu, up=True)
+            undo.push(
+                f"restore {name}", lambda: self.backend.set_link(name, mtu=before.mtu, up=before.up)
+            )
+        return link
+
+    def _ensure_gateway(self, bridge: Link, undo: Undo) -> None:
+        gateway = self.config.gateway
+        addresses = self.backend.list_addresses()
+        if any(a.index == bridge.index and a.interface == gateway for a in addresses):
+            return
+        for address in addresses:
+            if address.interface.ip == gateway.ip:
+                raise ConflictError(
+                    f"the gateway address {gateway.ip} is already assigned "
+                    f"({address.interface} on interface index {address.index}); "
+                    "remove it or choose another vm_subnet"
+                )
+        self.backend.add_address(bridge.index, gateway)
+        undo.push(
+            f"remove {gateway} from {bridge.name}",
+            lambda: self.backend.delete_address(bridge.index, gateway),
+        )
+
+    def _ensure_ip_forward(self, undo: Undo) -> None:
+        """Switch ip_forward on, having first recorded (per namespace) that netvm does.
+
+        Recorded first, a crash in between leaves a record of a switch that did not happen:
+        harmless (teardown finds it off). The other order could leave it on for ever.
+        """
+        if self.backend.get_ip_forward():
+            return
+        flag = self.ip_forward_flag
+        existed = flag.exists()
+        try:
+            fd = os.open(flag, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            os.close(fd)
+        except OSError as exc:
+            raise StateStoreError(
+                "create", str(flag), f"{exc.strerror}; {STATE_DIR_HINT}"
+            ) from None
+        if not existed:
+            undo.push("forget ip_forward", lambda: flag.unlink(missing_ok=True))
+        self.backend.set_ip_forward(True)
+        undo.push("switch ip_forward back off", lambda: self.backend.set_ip_forward(False))
+
+    def chosen_firewall(self) -> ChosenFirewall:
+        return choose_firewall(self.config.firewall, self.backend)
+
+    @property
+    def firewall_policy(self) -> BridgeFirewall:
+        config = self.config
+        return BridgeFirewall(config.bridge_name, config.vm_subnet, config.host_egress_iface)
+
+    def _ensure_firewall(self, undo: Undo) -> None:
+        """netvm's rules in the chosen firewall, and in no other (a switch moves them)."""
+        chosen = self.chosen_firewall()
+        policy = self.firewall_policy
+        firewall = self.backend.firewall(chosen.kind)
+        if firewall.ensure(policy):
+            undo.push(
+                f"remove netvm's {chosen.kind} rules",
+                lambda: firewall.remove(policy.bridge),
+            )
+        for kind in KINDS:
+            other = self.backend.firewall(kind)
+            if kind != chosen.kind and other.unavailable() is None:
+                other.remove(policy.bridge)
+
+    # Teardown ---------------------------------------------------------------------------
+
+    def teardown(self) -> list[str]:
+        """Firewall, bridge (if netvm's and empty) and ip_forward; what had to stay."""
+        problems: list[str] = []
+        for kind in KINDS:
+            firewall = self.backend.firewall(kind)
+            if firewall.unavailable() is None:
+                problems += firewall.remove(self.config.bridge_name)
+        bridge = self.backend.get_link(self.config.bridge_name)
+        if bridge is not None and bridge.kind == "bridge":
+            if naming.parse_bridge_alias(bridge.alias) is None:
+                problems.append(f"bridge {bridge.name} kept: netvm did not create it")
+            elif others := self.backend.list_links(master=bridge.index):
+                names = ", ".join(link.name for link in others)
+                problems.append(f"bridge {bridge.name} kept: ports netvm did not create: {names}")
+            else:
+                self.backend.delete_link(bridge.name)
+        self._teardown_ip_forward()
+        return problems
+
+    def _teardown_ip_forward(self) -> None:
+        """Switch ip_forward off only if netvm switched it on and no netvm bridge is left
+        in the namespace (whichever bridge's set-up switched it on)."""
+        flag: Path = self.ip_forward_flag
+        if not flag.exists():
+            return
+        links = self.backend.list_links()
+        if any(naming.parse_bridge_alias(link.alias) is not None for link in links):
+            return
+        if self.backend.get_ip_forward():
+            self.backend.set_ip_forward(False)
+        try:
+            flag.unlink(missing_ok=True)
+        except OSError as exc:
+            log.error("could not remove %s: %s", flag, exc)
+
+    def close(self) -> None:
+        self.file.close()
