@@ -244,9 +244,11 @@ class AsyncNetworkManager:
 
     # VMs --------------------------------------------------------------------------------
 
-    async def attach(self, vm_id: str, tap: TapOptions | None = None) -> VmNetwork:
+    async def attach(
+        self, vm_id: str, tap: TapOptions | None = None, policy: GuestPolicy | None = None
+    ) -> VmNetwork:
         """NetworkManager.attach. Cancelled, it is undone if this call created the lease."""
-        result = await self._attach([vm_id], tap, many=False)
+        result = await self._attach([vm_id], tap, many=False, policy=policy)
         return result.networks[vm_id]
 
     async def attach_many(
@@ -321,7 +323,7 @@ class AsyncNetworkManager:
         policy: GuestPolicy | None,
     ) -> AttachManyResult:
         if not many:
-            return AttachManyResult({vm_ids[0]: manager.attach(vm_ids[0], tap)})
+            return AttachManyResult({vm_ids[0]: manager.attach(vm_ids[0], tap, policy)})
         delegate: Callable[..., AttachManyResult] | None = getattr(manager, "attach_many", None)
         if delegate is not None:
             return delegate(vm_ids, tap, policy)

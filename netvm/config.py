@@ -193,6 +193,12 @@ class NetworkConfig:
         object.__setattr__(self, "firewall", parse_firewall("firewall", firewall))
         if guest_policy is not None and not isinstance(guest_policy, GuestPolicy):
             raise ConfigError("guest_policy", guest_policy, "a GuestPolicy or None")
+        if guest_policy is not None and guest_policy.port_forwards:
+            raise ConfigError(
+                "guest_policy",
+                guest_policy.describe(),
+                "no port forwards: a host port goes to one VM, give it per attach",
+            )
         object.__setattr__(self, "guest_policy", guest_policy)
 
     @classmethod

@@ -41,6 +41,13 @@ def _port(field_name: str, value: object, text: object) -> int:
     return value
 
 
+def _port_text(field_name: str, digits: str, text: str, rule: str) -> int:
+    """A port written in ASCII digits (not '²' or '٨', which str.isdigit takes), 1 to 65535."""
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 5):
+        raise ConfigError(field_name, text, rule)
+    return _port(field_name, int(digits), text)
+
+
 _PARSED_RULES: dict[str, EgressRule] = {}
 _PARSED_RULES_MAX = 4096
 
@@ -57,9 +64,13 @@ class EgressRule:
     def __post_init__(self) -> None:
         if not isinstance(self.network, ipaddress.IPv4Network):
             raise ConfigError("egress rule", self.network, EGRESS_RULE)
-        if self.protocol is not None and self.protocol not in PROTOCOLS:
+        if self.protocol is not None and (
+            not isinstance(self.protocol, str) or self.protocol not in PROTOCOLS
+        ):
             raise ConfigError("egress rule", self.protocol, EGRESS_RULE)
         if self.ports is not None:
+            if not isinstance(self.ports, tuple) or len(self.ports) != 2:
+                raise ConfigError("egress rule ports", self.ports, "None or (first, last)")
             if self.protocol not in ("tcp", "udp"):
                 raise ConfigError("egress rule", str(self), "ports need protocol tcp or udp")
             first, last = (_port("egress rule", p, str(self)) for p in self.ports)
@@ -94,10 +105,9 @@ class EgressRule:
             raise ConfigError("egress rule", text, EGRESS_RULE)
         ports: tuple[int, int] | None = None
         if len(parts) == 3:
-            first, _, last = parts[2].partition("-")
-            if not first.isascii() or not first.isdigit() or (last and not last.isdigit()):
-                raise ConfigError("egress rule", text, EGRESS_RULE)
-            ports = (int(first), int(last or first))
+            first, dash, last = parts[2].partition("-")
+            low = _port_text("egress rule", first, text, EGRESS_RULE)
+            ports = (low, _port_text("egress rule", last, text, EGRESS_RULE) if dash else low)
         return cls(network, protocol, ports)  # type: ignore[arg-type]
 
     def __str__(self) -> str:
@@ -148,11 +158,11 @@ class PortForward:
             raise ConfigError("port forward", text, FORWARD_RULE)
         ports, _, protocol = text.strip().partition("/")
         host, _, guest = ports.partition(":")
-        if not all(p.isascii() and p.isdigit() for p in (host, guest)):
-            raise ConfigError("port forward", text, FORWARD_RULE)
+        host_port = _port_text("port forward", host, text, FORWARD_RULE)
+        guest_port = _port_text("port forward", guest, text, FORWARD_RULE)
         if protocol not in ("", "tcp", "udp"):
             raise ConfigError("port forward", text, FORWARD_RULE)
-        return cls(int(host), int(guest), protocol or "tcp")  # type: ignore[arg-type]
+        return cls(host_port, guest_port, protocol or "tcp")  # type: ignore[arg-type]
 
     def __str__(self) -> str:
         return f"{self.host_port}:{self.guest_port}/{self.protocol}"
@@ -211,9 +221,9 @@ class GuestPolicy:
         return cls(
             anti_spoof=anti_spoof,
             isolated=isolated,
-            egress_allow=tuple(EgressRule.parse(r) for r in egress_allow),
-            egress_deny=tuple(EgressRule.parse(r) for r in egress_deny),
-            port_forwards=tuple(PortForward.parse(f) for f in port_forwards),
+            egress_allow=egress_allow,  # type: ignore[arg-type]  # parsed in __post_init__
+            egress_deny=egress_deny,  # type: ignore[arg-type]
+            port_forwards=port_forwards,  # type: ignore[arg-type]
         )
 
     @property
@@ -246,12 +256,15 @@ class GuestPolicy:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GuestPolicy:
+        """What to_json wrote; ConfigError for anything else (a missing key included)."""
+        if not isinstance(data, dict):
+            raise ConfigError("guest policy", data, "a JSON object as GuestPolicy.to_json writes")
         return cls(
-            anti_spoof=data["anti_spoof"],
-            isolated=data["isolated"],
-            egress_allow=tuple(EgressRule.parse(r) for r in data.get("egress_allow", ())),
-            egress_deny=tuple(EgressRule.parse(r) for r in data.get("egress_deny", ())),
-            port_forwards=tuple(PortForward.parse(f) for f in data.get("port_forwards", ())),
+            anti_spoof=data.get("anti_spoof"),  # type: ignore[arg-type]  # checked
+            isolated=data.get("isolated"),  # type: ignore[arg-type]
+            egress_allow=data.get("egress_allow", ()),
+            egress_deny=data.get("egress_deny", ()),
+            port_forwards=data.get("port_forwards", ()),
         )
 
     @classmethod

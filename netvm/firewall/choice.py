@@ -1,7 +1,8 @@
 """Which firewall holds netvm's rules: the configured one, or for `auto` what the host uses.
 
 `auto` follows Incus: nftables, unless the legacy xtables tables hold rules and nftables
-holds none; a host with neither gets nftables. The same host state gives the same answer.
+holds none (an empty table filters nothing); a host with neither gets nftables. The same
+host state gives the same answer.
 """
 
 from __future__ import annotations

@@ -371,7 +371,17 @@ class NftablesFirewall:
         return self._run([{"list": {"ruleset": None}}], "list nftables ruleset", None)
 
     def in_use(self) -> bool:
-        return any(not name.startswith(TABLE_PREFIX) for _, name in self._tables())
+        """Whether a table that is not netvm's filters anything: holds a rule, or a base
+        chain whose policy drops. An empty table (Debian's default /etc/nftables.conf, or
+        one a tool left) does not, and must not make `auto` leave legacy iptables."""
+        listed = self._run([{"list": {"ruleset": None}}], "list nftables ruleset", None)
+        for item in listed:
+            found = item.get("rule") or item.get("chain")
+            if not isinstance(found, dict) or str(found.get("table")).startswith(TABLE_PREFIX):
+                continue
+            if "rule" in item or (found.get("hook") and found.get("policy") == "drop"):
+                return True
+        return False
 
     # Set-up -----------------------------------------------------------------------------
 

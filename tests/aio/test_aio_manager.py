@@ -15,6 +15,7 @@ import pytest
 from netvm import (
     ConfigError,
     ConflictError,
+    GuestPolicy,
     HostError,
     NetworkManager,
     NotFound,
@@ -264,3 +265,15 @@ async def test_a_str_for_a_sequence_of_vm_ids_is_refused(manager: NetworkManager
         with pytest.raises(ConfigError, match="not a str"):
             await net.detach_many("vm-a")
         assert [a.vm_id for a in await net.list()] == ["vm-a"]
+
+
+async def test_attach_takes_the_policy_as_the_sync_one(
+    net: AsyncNetworkManager, manager: NetworkManager
+) -> None:
+    await net.ensure_host()
+    isolated = GuestPolicy.of(isolated=True)
+    await net.attach("vm-p", policy=isolated)
+    await net.attach("vm-d")
+    policies = {a.vm_id: a.policy for a in manager.list()}
+    assert policies["vm-p"] == isolated
+    assert policies["vm-d"] != isolated  # the control: the default is another policy

@@ -107,6 +107,15 @@ table inet firewalld {
 """
 
 
+EMPTY_TABLE = """
+table inet filter {
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+    }
+}
+"""
+
+
 def firewalld() -> list[list[str]]:
     return [["nft", FIREWALLD]]
 
@@ -125,6 +134,13 @@ class Scenario:
 SCENARIOS = [
     Scenario("docker-iptables-nft", lambda: docker("iptables-nft"), "nftables"),
     Scenario("docker-iptables-legacy", lambda: docker("iptables-legacy"), "iptables"),
+    Scenario(
+        # An nftables table that filters nothing (Debian's default /etc/nftables.conf):
+        # Docker's legacy rules are what decides, so auto still picks iptables.
+        "empty-nft-table-beside-docker-iptables-legacy",
+        lambda: [*docker("iptables-legacy"), ["nft", EMPTY_TABLE]],
+        "iptables",
+    ),
     Scenario("drop-iptables-nft", lambda: [["iptables-nft", "-P", "FORWARD", "DROP"]], "nftables"),
     Scenario(
         "drop-iptables-legacy", lambda: [["iptables-legacy", "-P", "FORWARD", "DROP"]], "iptables"

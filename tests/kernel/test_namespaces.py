@@ -90,6 +90,8 @@ def test_nftables_acts_in_its_namespace_from_any_thread(netns: str, config: Netw
     backend = KernelBackend(netns)
     try:
         nft("add", "table", "inet", "probe")
+        nft("add", "chain", "inet", "probe", "c")
+        nft("add", "rule", "inet", "probe", "c", "counter")  # a table in use holds a rule
         with NetworkManager(config, backend) as manager:
             manager.ensure_host()
             assert "table inet netvm-nvbr0" in nft("list", "tables")
