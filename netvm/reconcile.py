@@ -53,41 +53,55 @@ def rebuild(tx: LeaseTransaction, taps: list[KernelTap]) -> int:
     A TAP's recorded slot wins over the store (the VM behind it uses that address). A TAP
     made before slots were recorded keeps its lease if it has one, else gets one as a new
     VM would (its preferred slot first, the one it most likely had).
+
+    In three passes, so that the order of the TAPs cannot matter (an old copy of the store
+    may have every VM on another's slot): first every lease that stands on a slot a TAP
+    records for another VM, or that puts a TAP's VM elsewhere, is let go; then each
+    recorded slot is leased to its VM; then the VMs let go that have no recording TAP (a
+    lease without a TAP, or a TAP from before slots were recorded) get a free slot.
     """
     changed = 0
-    marked = [t for t in taps if t.mark is not None]
-    in_kernel = {t.mark.vm_id for t in marked if t.mark is not None}
-    # Recorded slots first, so that an unrecorded one cannot take a slot a VM is using.
-    marked.sort(key=lambda t: (t.mark is None or t.mark.slot is None, t.link.index))
+    marked = sorted((t for t in taps if t.mark is not None), key=lambda t: t.link.index)
+    wanted: dict[int, str] = {}
+    unrecorded: list[str] = []
     for tap in marked:
         mark = tap.mark
         assert mark is not None
-        lease = tx.get(mark.vm_id)
         if mark.slot is None:
-            if lease is None:
-                tx.acquire(mark.vm_id)
-                changed += 1
-            continue
-        if lease is not None and lease.slot == mark.slot:
-            continue
-        holder = tx.holder(mark.slot)
-        if holder is not None and holder != mark.vm_id and holder not in in_kernel:
-            # A lease without a TAP stands on a slot a running VM uses: move the lease.
-            tx.release(holder)
-            tx.claim(mark.vm_id, mark.slot)
-            tx.acquire(holder)
-            changed += 1
-            continue
-        if tx.claim(mark.vm_id, mark.slot) is None:
+            unrecorded.append(mark.vm_id)
+        elif wanted.setdefault(mark.slot, mark.vm_id) != mark.vm_id:
             log.error(
-                "TAP %s records slot %d for %r, which the lease store gives to %r: left as is",
-                tap.link.name,
-                mark.slot,
+                "TAPs of %r and %r both record slot %d: %s is left without a lease",
+                wanted[mark.slot],
                 mark.vm_id,
-                holder,
+                mark.slot,
+                tap.link.name,
             )
+    recorded = set(wanted.values())
+    moved: list[str] = []
+    for slot, vm_id in wanted.items():
+        lease = tx.get(vm_id)
+        if lease is not None and lease.slot == slot:
+            continue
+        holder = tx.holder(slot)
+        if holder is not None and holder != vm_id:
+            tx.release(holder)
+            if holder not in recorded:
+                moved.append(holder)
+        if lease is not None:
+            tx.release(vm_id)
+    for slot, vm_id in wanted.items():
+        lease = tx.get(vm_id)
+        if lease is not None and lease.slot == slot:
+            continue
+        if tx.claim(vm_id, slot) is None:
+            log.error("slot %d recorded for %r could not be leased to it", slot, vm_id)
             continue
         changed += 1
+    for vm_id in [*unrecorded, *moved]:
+        if tx.get(vm_id) is None:
+            tx.acquire(vm_id)
+            changed += 1
     if changed:
         log.warning("lease store rebuilt from the kernel: %d lease(s) restored", changed)
     return changed

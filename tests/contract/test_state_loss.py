@@ -8,8 +8,12 @@ nothing, and gc and teardown work from the kernel alone. Runs on the fake and th
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
+import os
+import sqlite3
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -19,6 +23,7 @@ from netvm import (
     NetworkConfig,
     NetworkManager,
     StateStoreError,
+    SubnetExhausted,
 )
 from netvm.backends.base import Backend
 from netvm.naming import bridge_alias
@@ -217,3 +222,33 @@ def test_gc_of_one_bridge_leaves_another_bridges_taps(
         assert backend.get_link(theirs.tap_name) is not None
         assert [a.vm_id for a in second.list()] == ["vm-b"]
         second.teardown_host()
+
+
+def test_an_old_copy_of_the_store_put_back_yields_no_duplicate(
+    backend: Backend, config: NetworkConfig, tmp_path: Path
+) -> None:
+    """A backup restored over the store (a new file): in it, vm-a holds the slot that a VM
+    attached since then uses, and vm-a's TAP records another. Rebuilt from the kernel,
+    whatever the order of the TAPs, no running VM moves and no slot is given twice."""
+    small = dataclasses.replace(config, vm_subnet=ipaddress.IPv4Network("192.0.2.0/29"))
+    with NetworkManager(small, backend) as manager:
+        manager.ensure_host()
+        old = manager.attach("vm-a").guest_ip
+        backup = tmp_path / "backup.sqlite"
+        live, copy = sqlite3.connect(manager.leases.path), sqlite3.connect(backup)
+        with closing(live), closing(copy):
+            live.backup(copy)  # as a backup tool takes it: the WAL's pages included
+        manager.detach("vm-a")
+        for vm_id in ("f1", "f2", "f3", "f4", "vm-a"):  # the /29's five addresses
+            manager.attach(vm_id)
+        running = addresses(manager)
+        assert running["vm-a"] != old
+        assert old in running.values()  # another VM's now
+        os.replace(backup, manager.leases.path)
+        for suffix in ("-wal", "-shm"):
+            manager.leases.path.with_name(manager.leases.path.name + suffix).unlink(missing_ok=True)
+        with pytest.raises(SubnetExhausted):  # every address is a running VM's
+            manager.attach("newcomer")
+        assert addresses(manager) == running
+        assert len({lease.slot for lease in manager.leases.all()}) == 5
+        manager.teardown_host()
