@@ -80,11 +80,31 @@ class LeaseTransaction:
 
     # Leases -----------------------------------------------------------------------------
 
+    def _lease(self, vm_id: object, slot: object, tap_name: object) -> Lease:
+        """A row as a Lease; one no attach could have written (a slot outside the subnet,
+        a value of another type: an edited or foreign database) marks the store damaged,
+        so that the next transaction rebuilds it from the kernel."""
+        if (
+            not isinstance(vm_id, str)
+            or not isinstance(tap_name, str)
+            or isinstance(slot, bool)
+            or not isinstance(slot, int)
+            or not 0 <= slot < self._store.capacity
+        ):
+            self._store.mark_damaged()
+            raise DamagedStore(
+                "read",
+                str(self._store.path),
+                f"lease row {(vm_id, slot, tap_name)!r} is not one netvm writes (slots 0 "
+                f"to {self._store.capacity - 1}): the next call rebuilds it from the kernel",
+            )
+        return Lease(vm_id, slot, tap_name)
+
     def get(self, vm_id: str) -> Lease | None:
         row = self._db.execute(
             "SELECT slot, tap_name FROM leases WHERE vm_id = ?", (vm_id,)
         ).fetchone()
-        return None if row is None else Lease(vm_id, row[0], row[1])
+        return None if row is None else self._lease(vm_id, row[0], row[1])
 
     def holder(self, slot: int) -> str | None:
         """The vm_id leasing `slot`, if any."""
@@ -93,7 +113,7 @@ class LeaseTransaction:
 
     def all(self) -> list[Lease]:
         rows = self._db.execute("SELECT vm_id, slot, tap_name FROM leases ORDER BY slot")
-        return [Lease(*row) for row in rows.fetchall()]
+        return [self._lease(*row) for row in rows.fetchall()]
 
     def acquire(self, vm_id: str) -> tuple[Lease, bool]:
         """Return the vm_id's lease, creating it if needed; the bool says whether it is new."""
@@ -229,6 +249,10 @@ class LeaseStore:
         self._damaged = False
         self._unrepaired = False
         """The database was (re)opened and `repair` has not completed on it yet."""
+
+    def mark_damaged(self) -> None:
+        """The database holds what netvm never writes: the next transaction rebuilds it."""
+        self._damaged = True
 
     def error(self, operation: str, exc: sqlite3.Error) -> StateStoreError:
         code = _code(exc)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import struct
 import threading
@@ -42,6 +43,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from netvm.errors import StateStoreError
+
+log = logging.getLogger("netvm")
 
 STATE_DIR_HINT = (
     "state_dir (MICROVM_NETWORK_STATE_DIR) must be a writable directory with free space"
@@ -57,6 +60,7 @@ _KEYS = 1 << 38  # byte _KEYS + key is locked by the in-flight operation on key
 _INFLIGHT = 1 << 39  # byte _INFLIGHT + k is locked by the operation in slot k
 _GUARD = 1 << 40  # locked while a ticket is taken
 _TICKETS = 1 << 41  # byte _TICKETS + t is locked by the holder of ticket t
+_LAST_TICKET = (1 << 62) - _TICKETS  # the kernel's lock offsets are a signed 64-bit off_t
 _MAX_INTENT = PAGE - _RECORD_AT - _LENGTH.size
 _FLOCK = struct.Struct("=hh4xqqi4x")  # struct flock: type, whence, start, len, pid
 T = TypeVar("T")
@@ -82,6 +86,17 @@ def _holder(fd: int, start: int, length: int) -> int | None:
     probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
     kind, _, found, _, _ = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe))
     return None if kind == fcntl.F_UNLCK else int(found)
+
+
+def _after_live_tickets(fd: int) -> int:
+    """The ticket after the highest one held (0 if none), for a counter that some other
+    writer damaged: a lower one would let two holders in, a higher one overflows the
+    kernel's lock offsets (struct.error before). Called with the ticket guard held."""
+    log.warning("the ticket counter of a netvm lock file was damaged: counting again")
+    start, top = _TICKETS, -1
+    while (held := _holder(fd, start, 0)) is not None:  # length 0: to the end
+        top, start = held - _TICKETS, held + 1
+    return top + 1
 
 
 def _read_record(fd: int, at: int) -> dict[str, Any] | None:
@@ -241,6 +256,8 @@ class StateFile:
             elif size < SIZE:
                 os.pwrite(fd, bytes(SIZE - size), size)  # a file from before in-flight slots
             (ticket,) = _COUNTER.unpack(os.pread(fd, _COUNTER.size, 0))
+            if ticket >= _LAST_TICKET:
+                ticket = _after_live_tickets(fd)
             os.pwrite(fd, _COUNTER.pack(ticket + 1), 0)
             _lock(fd, fcntl.F_WRLCK, _TICKETS + ticket, 1, wait=False)
         finally:

@@ -252,3 +252,21 @@ def test_an_old_copy_of_the_store_put_back_yields_no_duplicate(
         assert addresses(manager) == running
         assert len({lease.slot for lease in manager.leases.all()}) == 5
         manager.teardown_host()
+
+
+@pytest.mark.parametrize("slot", [5000, -7, "x"])
+def test_a_lease_row_netvm_never_writes_is_damage_not_a_crash(
+    backend: Backend, config: NetworkConfig, slot: object
+) -> None:
+    """A row with a slot outside the subnet (an edited database) raised ValueError from
+    list() and attach; it is a StateStoreError, and the next call rebuilds the store."""
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        before = {vm_id: manager.attach(vm_id).guest_ip for vm_id in VMS}
+        with closing(sqlite3.connect(manager.leases.path)) as db, db:
+            db.execute("INSERT INTO leases VALUES ('ghost', ?, 'tap-00000000000')", (slot,))
+        with pytest.raises(StateStoreError, match="ghost"):
+            manager.list()
+        assert {vm_id: manager.attach(vm_id).guest_ip for vm_id in VMS} == before
+        assert addresses(manager) == before  # the ghost is gone with the rebuild
+        manager.teardown_host()

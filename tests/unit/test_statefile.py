@@ -199,3 +199,31 @@ def test_a_waiter_that_dies_does_not_let_the_next_one_past_the_holder(tmp_path: 
     os.kill(waiters[1].pid, signal.SIGKILL)
     waiters[1].join(10)
     holder.close()
+
+
+def test_a_damaged_ticket_counter_counts_again_after_the_live_tickets(tmp_path: Path) -> None:
+    """Garbage over the counter (0xff...) made every lock fail with struct.error, so that
+    not even gc or teardown could run. The next ticket now follows the highest one held,
+    and the queue still excludes: the newcomer waits for the holder."""
+    path = tmp_path / "x.lock"
+    holder = _holding(path)
+    with open(path, "r+b") as raw:
+        raw.write(b"\xff" * 8)
+    got = threading.Event()
+
+    def newcomer() -> None:
+        file = _holding(path)
+        got.set()
+        file.release()
+        file.close()
+
+    waiter = threading.Thread(target=newcomer)
+    waiter.start()
+    assert not got.wait(0.3)  # the holder still holds it
+    holder.release()
+    assert got.wait(10)
+    waiter.join()
+    holder.close()
+    alone = _holding(path)  # and with nobody holding any: from 0 again, at once
+    alone.release()
+    alone.close()
