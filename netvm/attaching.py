@@ -127,6 +127,7 @@ def _attach_group(
             continue
         slots[vm_id] = lease.slot
         if new:
+            tx.set_policy(vm_id, policy.describe())  # a VM leased already: by _attach_one
             fresh[vm_id] = VmNetwork.for_slot(vm_id, manager.config.vm_subnet, lease.slot)
         else:
             again[vm_id] = False
@@ -207,6 +208,7 @@ def _attach_one(
     the group's transaction; its failure is undone as attach undoes one (`new`: its lease
     is this call's)."""
     before = None if new else tx.get(vm_id)
+    kept = None if new else tx.policy(vm_id)
     try:
         result.networks[vm_id] = manager._attach(tx, vm_id, options, policy)
     except NetvmError as exc:
@@ -219,8 +221,11 @@ def _attach_one(
                 log.error("rollback: %s (the next call retries)", mend)
         if before is None:
             tx.release(vm_id)
-        elif (lease := tx.get(vm_id)) is None or lease.slot != before.slot:
-            tx.release(vm_id)
-            tx.claim(vm_id, before.slot)
+        else:
+            if (lease := tx.get(vm_id)) is None or lease.slot != before.slot:
+                tx.release(vm_id)
+                tx.claim(vm_id, before.slot)
+            if kept is not None:  # the VM runs on with the guarantees it had
+                tx.set_policy(vm_id, kept)
     tx.restart()
     tx.clear_intent()

@@ -37,6 +37,8 @@ class HostSetup:
         state_dir = config.state_dir
         self.file = StateFile(state_dir / f"host.{namespace}.lock")
         self.ip_forward_flag = state_dir / f"ip_forward-enabled-by-netvm.{namespace}"
+        self.firewall_changed = False
+        """The last ensure changed netvm's firewall rules (made its tables, after a flush)."""
 
     @property
     def alias(self) -> str:
@@ -207,7 +209,8 @@ class HostSetup:
         chosen = self.chosen_firewall()
         policy = self.firewall_policy
         firewall = self.backend.firewall(chosen.kind)
-        if firewall.ensure(policy):
+        self.firewall_changed = firewall.ensure(policy)
+        if self.firewall_changed:
             undo.push(
                 f"remove netvm's {chosen.kind} rules",
                 lambda: firewall.remove(policy.bridge),

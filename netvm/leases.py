@@ -39,6 +39,9 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS leases ("
     " vm_id TEXT PRIMARY KEY, slot INTEGER NOT NULL UNIQUE, tap_name TEXT NOT NULL UNIQUE)",
     "CREATE TABLE IF NOT EXISTS free (slot INTEGER PRIMARY KEY)",
+    # The policy each VM was last attached with (GuestPolicy.describe()): what ensure_host
+    # gives back to a VM whose guarantees the firewall lost (a foreign `nft flush ruleset`).
+    "CREATE TABLE IF NOT EXISTS policies (vm_id TEXT PRIMARY KEY, policy TEXT NOT NULL)",
 )
 
 LOCK_TIMEOUT = 60.0
@@ -142,7 +145,7 @@ class LeaseTransaction:
         if holder is not None:
             return self.get(vm_id) if holder == vm_id else None
         self._check_tap_name(vm_id)
-        self.release(vm_id)
+        self._free(vm_id)
         return self._insert(vm_id, slot)
 
     def _check_tap_name(self, vm_id: str) -> None:
@@ -161,13 +164,35 @@ class LeaseTransaction:
         return Lease(vm_id, slot, tap)
 
     def release(self, vm_id: str) -> bool:
-        """Free the vm_id's lease; False when it had none."""
+        """Free the vm_id's lease and forget its policy; False when it had no lease."""
+        self._db.execute("DELETE FROM policies WHERE vm_id = ?", (vm_id,))
+        return self._free(vm_id)
+
+    def _free(self, vm_id: str) -> bool:
         lease = self.get(vm_id)
         if lease is None:
             return False
         self._db.execute("DELETE FROM leases WHERE vm_id = ?", (vm_id,))
         self._db.execute("INSERT INTO free VALUES (?)", (lease.slot,))
         return True
+
+    # Policies ---------------------------------------------------------------------------
+
+    def set_policy(self, vm_id: str, policy: str) -> None:
+        """Remember the policy (GuestPolicy.describe()) the VM is attached with."""
+        self._db.execute("INSERT OR REPLACE INTO policies VALUES (?, ?)", (vm_id, policy))
+
+    def policy(self, vm_id: str) -> str | None:
+        row = self._db.execute("SELECT policy FROM policies WHERE vm_id = ?", (vm_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def policies(self) -> dict[str, str]:
+        """The remembered policy of each leased VM (VMs attached before netvm remembered
+        policies have none)."""
+        rows = self._db.execute(
+            "SELECT p.vm_id, p.policy FROM policies p JOIN leases l ON l.vm_id = p.vm_id"
+        )
+        return {str(vm_id): str(policy) for vm_id, policy in rows.fetchall()}
 
     # The intent (see statefile.py) ------------------------------------------------------
 

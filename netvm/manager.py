@@ -24,6 +24,7 @@ from netvm.backends.base import Backend, Link, LinkChange, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
 from netvm.errors import (
+    ConfigError,
     ConflictError,
     DeviceExists,
     HostError,
@@ -165,6 +166,7 @@ class NetworkManager:
             self.host.check_owner()
             check_subnet_free(self.backend, self.config)
             self.leases.open()
+            self._refuse_to_drop_guarantees()
             try:
                 bridge = self.host.ensure(undo)
             except BaseException:
@@ -173,10 +175,72 @@ class NetworkManager:
                 raise
         self._bridge_index = bridge.index
         self._firewall_kind = None
+        if self.host.firewall_changed:
+            self._restore_guarantees()
         if not self._swept:
             # TAPs that processes which died marked and did not delete: off this call's path.
             self._swept = True
             self._reaper.request_sweep()
+
+    def _refuse_to_drop_guarantees(self) -> None:
+        """A firewall other than nftables cannot hold guarantees: ConflictError, before any
+        change, if VMs attached with some would lose them (`auto` switching to iptables
+        when Docker on iptables-legacy started after them, or the configuration changed)."""
+        chosen = self.host.chosen_firewall()
+        if chosen.kind == "nftables":
+            return
+        with self.leases.transaction() as tx:
+            guarded = {
+                vm_id
+                for vm_id, text in tx.policies().items()
+                if text != OPEN.describe() and tx.get(vm_id) is not None
+            }
+        nftables = self.backend.firewall("nftables")
+        if nftables.unavailable() is None:
+            held = nftables.guards(self.config.bridge_name)
+            guarded |= {tap for tap, guard in held.items() if guard.policy.any}
+        if guarded:
+            names = ", ".join(sorted(guarded)[:5]) + (", ..." if len(guarded) > 5 else "")
+            raise ConflictError(
+                f"the firewall would become {chosen.kind} ({chosen.reason}), which cannot hold "
+                f"the guarantees of {len(guarded)} attached VM(s) ({names}): set "
+                "firewall=nftables (netvm doctor says what else the host needs), or detach "
+                "them or attach them again with the open policy first"
+            )
+
+    def _restore_guarantees(self) -> None:
+        """Give back the guarantees the firewall lost: a foreign `nft flush ruleset` takes
+        netvm's tables with every VM's elements, and ensure_host has just made the tables
+        again. Each VM leased with a remembered policy that asks for some, whose TAP is
+        this bridge's and has no record in the firewall, is guarded with it again."""
+        if self._kind() != "nftables":
+            return
+        firewall = self.backend.firewall("nftables")
+        restored: list[str] = []
+        with self._changing() as tx:
+            wanted = tx.policies()
+            held = firewall.guards(self.config.bridge_name)
+            for tap in netvm_taps(self.backend, self.config.bridge_name):
+                mark, name = tap.mark, tap.link.name
+                if mark is None or name in held or mark.vm_id not in wanted:
+                    continue
+                lease = tx.get(mark.vm_id)
+                try:
+                    policy = GuestPolicy.parse(wanted[mark.vm_id])
+                except ConfigError:
+                    continue
+                if lease is None or not policy.any:
+                    continue
+                network = VmNetwork.for_slot(mark.vm_id, self.config.vm_subnet, lease.slot)
+                if network.tap_name == name:
+                    self._guard(network, policy)
+                    restored.append(mark.vm_id)
+        if restored:
+            log.warning(
+                "the firewall had lost the guarantees of %d VM(s), given back: %s",
+                len(restored),
+                ", ".join(sorted(restored)),
+            )
 
     def teardown_host(self) -> None:
         """Remove every netvm TAP of this bridge, netvm's rules and chains, and the bridge
@@ -357,6 +421,7 @@ class NetworkManager:
         """
         with self._changing(drain=False) as tx:
             lease, new = tx.acquire(vm_id)
+            tx.set_policy(vm_id, policy.describe())
             network = VmNetwork.for_slot(vm_id, self.config.vm_subnet, lease.slot)
             intent = {
                 "op": "attach",
@@ -469,6 +534,7 @@ class NetworkManager:
         self, tx: LeaseTransaction, vm_id: str, options: TapOptions, policy: GuestPolicy
     ) -> VmNetwork:
         lease, _ = tx.acquire(vm_id)
+        tx.set_policy(vm_id, policy.describe())
         network = VmNetwork.for_slot(vm_id, self.config.vm_subnet, lease.slot)
         name = network.tap_name
         intent = {"op": "attach", "tap": name, "vm_id": vm_id, "slot": lease.slot}

@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -308,6 +309,33 @@ def test_a_denied_network_is_out_of_reach(
         assert g.udp_request(internet_host.address, internet_host.port, b"ok") == b"ok"
         reached = g.udp_request(denied_host.address, denied_host.port, b"no") == b"no"
     assert reached is not on
+
+
+@pytest.mark.parametrize("restored", [True, False], ids=["given-back", "control-not-given-back"])
+def test_a_flushed_ruleset_gives_a_vm_its_guarantees_back_at_ensure_host(
+    host: NetworkManager,
+    internet_host: UdpEchoServer,
+    denied_host: UdpEchoServer,
+    restored: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`nft flush ruleset` (the nftables service restarted) takes netvm's tables with the
+    VM's elements; the next ensure_host makes the tables and gives the VM its policy back.
+    The control skips the giving back, as netvm did before: the denied network is reached."""
+    policy = GuestPolicy.of(egress_deny=["198.51.100.0/24"])
+    with guest(host, "vm", policy) as g:
+        assert g.udp_request(denied_host.address, denied_host.port, b"no") != b"no"
+        assert isinstance(host.backend, KernelBackend)
+        flush = ["ip", "netns", "exec", str(host.backend.netns), "nft", "flush", "ruleset"]
+        subprocess.run(flush, check=True)
+        if not restored:
+            monkeypatch.setattr(host, "_restore_guarantees", lambda: None)
+        host.ensure_host()
+        assert g.udp_request(internet_host.address, internet_host.port, b"ok") == b"ok"
+        reached = g.udp_request(denied_host.address, denied_host.port, b"no") == b"no"
+        kept = {a.vm_id: a.policy for a in host.list()}
+    assert reached is not restored
+    assert (kept["vm"] == policy) is restored
 
 
 @ON_OFF
