@@ -30,6 +30,7 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 16
 NFNL_MSG_BATCH_END = 17
+NFT_MSG_GETRULE = 7
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_GETSETELEM = 13
 NFT_MSG_DELSETELEM = 14
@@ -53,6 +54,16 @@ NLM_F_ACK = 0x4
 NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 NLMSG_ERROR = 2
+NLMSG_DONE = 3
+NLM_F_DUMP = 0x300
+NFTA_RULE_TABLE = 1
+NFTA_RULE_HANDLE = 3
+NFTA_RULE_EXPRESSIONS = 4
+NFTA_RULE_USERDATA = 7
+NFTA_EXPR_NAME = 1
+NFTA_EXPR_DATA = 2
+NFTA_MATCH_NAME = 1
+NFTA_MATCH_INFO = 3
 FAMILIES = {"inet": 1, "ip": 2, "bridge": 7}
 _CREATE_FLAGS = {"add": NLM_F_CREATE, "create": NLM_F_CREATE | NLM_F_EXCL}
 _HEADER = struct.Struct("=IHHII")
@@ -389,6 +400,66 @@ class NetlinkElements:
                         found = _comment_of(message)
         return found
 
+    def rule_comments(self, family: str, table: str, operation: str) -> dict[int, str]:
+        """handle -> comment of the table's rules that have one (a GETRULE dump); {} for
+        a table that does not exist."""
+        body = _NFGENMSG.pack(FAMILIES[family], 0, 0) + _attr(NFTA_RULE_TABLE, _string(table))
+        found: dict[int, str] = {}
+        with self._lock:
+            kind = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETRULE
+            seq, packed = self._message(kind, NLM_F_REQUEST | NLM_F_DUMP, body)
+            self._sock.send(packed)
+            while True:
+                for got, code, reply, message, _ in self._receive():
+                    if got != seq:
+                        continue
+                    if reply == NLMSG_DONE or (reply == NLMSG_ERROR and code == errno.ENOENT):
+                        return found
+                    if reply == NLMSG_ERROR:
+                        raise host_error(operation, f"{family} {table}", code, "nf_tables rules")
+                    handle, comment = _rule_comment(message)
+                    if handle is not None and comment is not None:
+                        found[handle] = comment
+
+
+def _rule_comment(message: bytes) -> tuple[int | None, str | None]:
+    """(handle, comment) of one NEWRULE message: the comment libnftables writes (user
+    data), or the one of an xtables `comment` match, as iptables-nft-restore writes it
+    (struct xt_comment_info: the text, NUL-padded), which libnftables lists without it."""
+    handle: int | None = None
+    comment: str | None = None
+    for kind, begin, end in _attrs(message, _HEADER.size + _NFGENMSG.size, len(message)):
+        if kind == NFTA_RULE_HANDLE and end - begin == 8:
+            (handle,) = struct.unpack_from(">Q", message, begin)
+        elif kind == NFTA_RULE_USERDATA:
+            comment = parse_comment(message[begin:end])
+        elif kind == NFTA_RULE_EXPRESSIONS and comment is None:
+            for _, expr_begin, expr_end in _attrs(message, begin, end):
+                comment = _xt_comment(message, expr_begin, expr_end)
+                if comment is not None:
+                    break
+    return handle, comment
+
+
+def _xt_comment(message: bytes, begin: int, end: int) -> str | None:
+    name, data = b"", (0, 0)
+    for kind, start, stop in _attrs(message, begin, end):
+        if kind == NFTA_EXPR_NAME:
+            name = message[start:stop].split(b"\0", 1)[0]
+        elif kind == NFTA_EXPR_DATA:
+            data = (start, stop)
+    if name != b"match":
+        return None
+    match, info = b"", b""
+    for kind, start, stop in _attrs(message, *data):
+        if kind == NFTA_MATCH_NAME:
+            match = message[start:stop].split(b"\0", 1)[0]
+        elif kind == NFTA_MATCH_INFO:
+            info = message[start:stop]
+    if match != b"comment":
+        return None
+    return info.split(b"\0", 1)[0].decode(errors="replace")
+
 
 def _comment_of(message: bytes) -> str:
     start = _HEADER.size + _NFGENMSG.size
@@ -426,6 +497,9 @@ class KernelElements:
 
     def comment(self, element: Element, table: str, operation: str) -> str | None:
         return self._open().comment(element, table, operation)
+
+    def rule_comments(self, family: str, table: str, operation: str) -> dict[int, str]:
+        return self._open().rule_comments(family, table, operation)
 
     def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
         with self._lock:

@@ -90,6 +90,11 @@ class ElementStore(Protocol):
         """`ADDRESS:PORT/PROTOCOL` of host sockets that serve these (protocol, port) pairs
         from outside loopback (listeners.py)."""
 
+    def rule_comments(self, family: str, table: str, operation: str) -> dict[int, str]:
+        """handle -> comment of each rule of the table that has one, read from the kernel:
+        also the comment of an xtables `comment` match, which libnftables lists without
+        its text (iptables-nft-restore writes netvm's comments that way)."""
+
 
 def table_name(bridge: str) -> str:
     return TABLE_PREFIX + bridge
@@ -329,7 +334,23 @@ class NftablesFirewall:
         own = {
             family: self._list_table(family, table_name(bridge), tables) for family in OWN_CHAINS
         }
-        return own, self._list_table(IPTABLES_FAMILY, IPTABLES_TABLE, tables)
+        return own, self._with_xt_comments(
+            self._list_table(IPTABLES_FAMILY, IPTABLES_TABLE, tables)
+        )
+
+    def _with_xt_comments(self, table: _Table | None) -> _Table | None:
+        """The iptables-nft table with the comments of its xtables `comment` matches: after
+        an iptables-nft-save/restore (netfilter-persistent), netvm's passes carry their tag
+        that way, and would be neither found, replaced nor removed by it."""
+        if table is None or not any(_xt_commented(rule) for rule in table.rules):
+            return table
+        comments = self._store().rule_comments(
+            IPTABLES_FAMILY, IPTABLES_TABLE, "list nftables rules"
+        )
+        for rule in table.rules:
+            if _xt_commented(rule) and rule.get("handle") in comments:
+                rule["comment"] = comments[rule["handle"]]
+        return table
 
     def _try_list(self, family: str, name: str) -> _Table | None:
         """The table, or None if listing it fails (it does not exist, most likely).
@@ -491,7 +512,9 @@ class NftablesFirewall:
         target = pass_chain(table.chains) if _is_iptables_nft(table) else None
         mine = [rule for rule in table.rules if rule.get("comment") == policy.tag]
         want = [_canonical(rule_exprs(rule)) for rule in policy.passes] if target else []
-        have = sorted(_canonical(rule["expr"]) for rule in mine if rule["chain"] == target)
+        have = sorted(
+            _canonical(_matching(rule["expr"])) for rule in mine if rule["chain"] == target
+        )
         if have == sorted(want) and len(mine) == len(have):
             return []
         commands: list[Json] = [{"delete": {"rule": _rule_ref(rule)}} for rule in mine]
@@ -535,7 +558,7 @@ class NftablesFirewall:
                 own = self._try_list(family, table_name(policy.bridge))
                 if not self._own_is_current(policy, family, own):
                     commands += self._own_commands(policy, family, own)
-            iptables = self._try_list(IPTABLES_FAMILY, IPTABLES_TABLE)
+            iptables = self._with_xt_comments(self._try_list(IPTABLES_FAMILY, IPTABLES_TABLE))
             return commands + self._pass_commands(policy, iptables)
 
         where = f"{FAMILY} {table_name(policy.bridge)}"
@@ -860,6 +883,18 @@ class NftablesFirewall:
                 commands.append({"delete": {"set": {**ref, "name": name}}})
         if commands:
             self._run(commands, "remove unused egress chains", f"{FAMILY} {table}")
+
+
+def _matching(exprs: list[Json]) -> list[Json]:
+    """A rule's expressions less what does not decide its verdict: the comment match and
+    the counter that iptables-nft-restore adds to every rule."""
+    return [e for e in exprs if "counter" not in e and e.get("xt", {}).get("name") != "comment"]
+
+
+def _xt_commented(rule: Json) -> bool:
+    return "comment" not in rule and any(
+        expr.get("xt", {}).get("name") == "comment" for expr in rule.get("expr", ())
+    )
 
 
 def _in(ref: Json, chain: str) -> Json:

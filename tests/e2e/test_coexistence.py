@@ -262,3 +262,49 @@ def undo_admin_fix(host: str, command: list[str]) -> None:
             "handle",
             handle,
         )
+
+
+def test_a_save_and_restore_of_iptables_nft_keeps_netvms_rules_its_own(
+    topology: Topology, config: NetworkConfig, internet_host: UdpEchoServer
+) -> None:
+    """iptables-nft-save | iptables-nft-restore (netfilter-persistent at boot) writes
+    netvm's comment back as an xtables match, which libnftables lists without its text.
+    netvm reads it from the kernel: no copy piles up at each ensure_host, doctor sees its
+    rules in place, the guest gets out, and teardown leaves the ruleset as it was, a
+    foreign rule with a comment of its own included."""
+    host = topology.host_netns
+    for command in docker("iptables-nft"):
+        run(host, *command)
+    foreign = ["DOCKER-USER", "-i", "eth9", "-m", "comment", "--comment", "mine", "-j", "ACCEPT"]
+    run(host, "iptables-nft", "-A", *foreign)
+    auto = dataclasses.replace(config, host_egress_iface="eth0", firewall="auto")
+    backend = KernelBackend(host)
+
+    def round_trip() -> None:
+        saved = run(host, "iptables-nft-save")
+        restore = ["ip", "netns", "exec", host, "iptables-nft-restore"]
+        subprocess.run(restore, input=saved, text=True, check=True)
+
+    round_trip()  # the foreign rules as a restore writes them (counters, xtables comment)
+    before = rulesets(host)
+
+    def tagged() -> list[str]:
+        return [line for line in run(host, "iptables-nft", "-S").splitlines() if "netvm:" in line]
+
+    try:
+        with NetworkManager(auto, backend) as net:
+            for _ in range(3):
+                net.ensure_host()
+                round_trip()
+                assert not [f for f in doctor(net) if f.blocking]
+            assert len(tagged()) == 3, tagged()
+            assert net.backend.firewall("nftables").listing("nvbr0") != []
+            vm = net.attach("vm-a")
+            with GuestEmulator(vm, host, mtu=auto.mtu) as g:
+                assert reaches_internet(g, internet_host, topology)
+            net.teardown_host()
+        assert tagged() == []
+        assert "--comment mine" in run(host, "iptables-nft", "-S", "DOCKER-USER")
+        assert rulesets(host) == before
+    finally:
+        backend.close()
