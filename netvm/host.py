@@ -42,7 +42,11 @@ class HostSetup:
 
     @property
     def alias(self) -> str:
-        return naming.bridge_alias(self.config.vm_subnet)
+        return naming.bridge_alias(self.config.vm_subnet, self.store)
+
+    @property
+    def store(self) -> str:
+        return naming.store_id(self.config.state_dir)
 
     # Locking and recovery ---------------------------------------------------------------
 
@@ -110,6 +114,13 @@ class HostSetup:
             raise ConflictError(
                 f"bridge {name} serves {mark.subnet} for another netvm configuration, not "
                 f"{self.config.vm_subnet}; use that vm_subnet, or another bridge_name"
+            )
+        if mark.store is not None and mark.store != self.store:
+            raise ConflictError(
+                f"bridge {name} has its leases in another state_dir than "
+                f"{self.config.state_dir} (its mark {link.alias!r}): two lease stores would "
+                "hand one address out twice; use the state_dir of the manager that made it "
+                "(the same absolute path), or another bridge_name"
             )
 
     def check_owner(self) -> Link | None:

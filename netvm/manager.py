@@ -248,10 +248,6 @@ class NetworkManager:
         host is success.
         """
         with self.host.locked(required=False):
-            link = self.backend.get_link(self.config.bridge_name)
-            marked = link is not None and naming.parse_bridge_alias(link.alias) is not None
-            if link is not None and link.kind == "bridge" and marked:
-                self.host.check_bridge(link)  # another subnet's bridge: hands off
             self.gc(keep=())
             problems = self.host.teardown()
             self._bridge_index = None
@@ -660,11 +656,11 @@ class NetworkManager:
 
         Deleting a device makes the kernel wait for an RCU grace period (~16 ms) per
         request, so a detach does not delete: under the lease lock, one request takes the
-        TAP down (and off the bridge where it can fill up), marks it
+        TAP down (and off the bridge where it can fill up), renames it away from the VM's
+        name (naming.detached_name: free for a new attach at once), marks it
         `netvm-detaching:<bridge>:<vm_id>` and moves it into the reaper's link group; the
         reaper's thread deletes the group, all the TAPs detached meanwhile in one request
-        (netvm/reaper.py). Until then the TAP keeps the VM's name; an attach of the VM
-        meanwhile renames it away (naming.detached_name) and makes a new one.
+        (netvm/reaper.py).
         """
         naming.validate_vm_id(vm_id)
         detaching.detach(self, [vm_id])
@@ -696,8 +692,8 @@ class NetworkManager:
     def _delete_if_same(self, link: Link) -> None:
         """Delete `link` if that very device (its ifindex) still exists.
 
-        A TAP a detach marked (an attach of its VM found it under the VM's name, which a
-        detached TAP keeps) is not deleted here: renamed away (naming.detached_name), its
+        A TAP a detach marked (an attach of its VM found it under the VM's name: its
+        rename failed) is not deleted here: renamed away (naming.detached_name), its
         name is free at once, and the reaper deletes it with its group. Any other, or one
         that cannot be renamed, is deleted now, paying the kernel's grace period.
         """
@@ -726,6 +722,10 @@ class NetworkManager:
         read-only, say), the TAPs are found and deleted from the kernel alone.
         """
         kept = set(naming.validate_vm_ids("keep", keep))
+        link = self.backend.get_link(self.config.bridge_name)
+        marked = link is not None and naming.parse_bridge_alias(link.alias) is not None
+        if link is not None and link.kind == "bridge" and marked:
+            self.host.check_bridge(link)  # another subnet's or store's: its TAPs are not ours
         removed: set[str] = set()
         try:
             with self._changing() as tx:

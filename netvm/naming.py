@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -71,16 +72,26 @@ BRIDGE_ALIAS = "netvm-bridge"
 """The ifalias of a bridge netvm created before it recorded the subnet (still accepted)."""
 
 
-def bridge_alias(subnet: ipaddress.IPv4Network) -> str:
-    """The ifalias that marks a bridge as netvm's and records the subnet it serves."""
-    return f"{BRIDGE_ALIAS}:{subnet}"
+def store_id(state_dir: os.PathLike[str] | str) -> str:
+    """Eight hex digits that name a lease store: its state_dir, absolute, links resolved."""
+    path = os.path.realpath(state_dir).encode(errors="surrogateescape")
+    return hashlib.sha256(path).hexdigest()[:8]
+
+
+def bridge_alias(subnet: ipaddress.IPv4Network, store: str | None = None) -> str:
+    """The ifalias that marks a bridge as netvm's and records the subnet it serves and the
+    lease store that leases its addresses (store_id): a manager with another state_dir
+    would lease the same addresses again from a store of its own."""
+    return f"{BRIDGE_ALIAS}:{subnet}" + (f":{store}" if store else "")
 
 
 @dataclass(frozen=True)
 class BridgeMark:
-    """What a netvm bridge's ifalias says: the subnet (None for the older, bare mark)."""
+    """What a netvm bridge's ifalias says: the subnet (None for the older, bare mark) and
+    the lease store (None for a mark from before netvm recorded it)."""
 
     subnet: ipaddress.IPv4Network | None
+    store: str | None = None
 
 
 def parse_bridge_alias(alias: str | None) -> BridgeMark | None:
@@ -90,8 +101,11 @@ def parse_bridge_alias(alias: str | None) -> BridgeMark | None:
     prefix = BRIDGE_ALIAS + ":"
     if alias is None or not alias.startswith(prefix):
         return None
+    subnet, _, store = alias.removeprefix(prefix).partition(":")
+    if store and not (len(store) == 8 and all(c in "0123456789abcdef" for c in store)):
+        return None
     try:
-        return BridgeMark(ipaddress.IPv4Network(alias.removeprefix(prefix)))
+        return BridgeMark(ipaddress.IPv4Network(subnet), store or None)
     except ValueError:
         return None
 

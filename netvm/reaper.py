@@ -2,8 +2,9 @@
 
 Deleting a device makes the kernel wait for an RCU grace period (~16 ms here), per
 request, whoever asks. So a detach does not delete: under the lease lock it takes the TAP
-down (and off the bridge where it can fill up), marks it `netvm-detaching:<bridge>:<vm_id>`
-and moves it into the reaper's current link group, all in one request, then returns. The
+down (and off the bridge where it can fill up), renames it away from its VM's name, marks
+it `netvm-detaching:<bridge>:<vm_id>` and moves it into the reaper's current link group,
+all in one request, then returns. The
 reaper's thread deletes that group in one RTM_DELLINK, paying the grace period once for
 every TAP detached meanwhile, on a netlink socket of its own (GroupDeleter), so the
 manager's callers never wait behind it.

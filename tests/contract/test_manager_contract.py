@@ -21,7 +21,7 @@ from netvm import (
     TapOptions,
 )
 from netvm.backends.base import FILTER, NAT, Backend
-from netvm.naming import bridge_alias, guest_slot, tap_name
+from netvm.naming import bridge_alias, guest_slot, store_id, tap_name
 from netvm.testing import snapshot
 
 
@@ -36,7 +36,7 @@ def test_ensure_host_builds_bridge_address_forwarding_and_rules(manager: Network
     assert bridge is not None
     assert (bridge.kind, bridge.alias, bridge.mtu, bridge.up) == (
         "bridge",
-        bridge_alias(config.vm_subnet),
+        bridge_alias(config.vm_subnet, store_id(config.state_dir)),
         1500,
         True,
     )

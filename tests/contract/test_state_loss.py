@@ -26,7 +26,7 @@ from netvm import (
     SubnetExhausted,
 )
 from netvm.backends.base import Backend
-from netvm.naming import bridge_alias
+from netvm.naming import bridge_alias, store_id
 from netvm.testing import snapshot
 
 VMS = ("vm-a", "vm-b", "vm-c")
@@ -168,20 +168,21 @@ def test_a_bridge_of_another_subnet_is_refused_before_anything_changes(
             assert snapshot(backend) == before
         bridge = backend.get_link(config.bridge_name)
         assert bridge is not None
-        assert bridge.alias == bridge_alias(config.vm_subnet)
+        assert bridge.alias == bridge_alias(config.vm_subnet, store_id(config.state_dir))
         owner.teardown_host()
 
 
-def test_a_bridge_with_the_old_bare_mark_is_accepted_and_marked_with_its_subnet(
-    backend: Backend, config: NetworkConfig
+@pytest.mark.parametrize("old", ["netvm-bridge", "netvm-bridge:192.0.2.0/24"])
+def test_a_bridge_with_an_older_mark_is_accepted_and_marked_with_its_subnet_and_store(
+    backend: Backend, config: NetworkConfig, old: str
 ) -> None:
     with NetworkManager(config, backend) as manager:
         manager.ensure_host()
-        backend.set_link(config.bridge_name, alias="netvm-bridge")
+        backend.set_link(config.bridge_name, alias=old)
         manager.ensure_host()
         bridge = backend.get_link(config.bridge_name)
         assert bridge is not None
-        assert bridge.alias == bridge_alias(config.vm_subnet)
+        assert bridge.alias == bridge_alias(config.vm_subnet, store_id(config.state_dir))
         manager.teardown_host()
 
 
@@ -270,3 +271,32 @@ def test_a_lease_row_netvm_never_writes_is_damage_not_a_crash(
         assert {vm_id: manager.attach(vm_id).guest_ip for vm_id in VMS} == before
         assert addresses(manager) == before  # the ghost is gone with the rebuild
         manager.teardown_host()
+
+
+def test_a_manager_with_another_state_dir_is_refused_before_anything_changes(
+    backend: Backend, config: NetworkConfig, tmp_path: Path
+) -> None:
+    """Two lease stores for one bridge would lease one address twice (each rebuilt from
+    the kernel only when it is opened): the bridge records its store, and a manager of
+    another state_dir is a ConflictError for every operation, with nothing changed."""
+    other = dataclasses.replace(config, state_dir=tmp_path / "elsewhere")
+    with NetworkManager(config, backend) as owner:
+        owner.ensure_host()
+        owner.attach("vm-a")
+        before = snapshot(backend)
+        with NetworkManager(other, backend) as intruder:
+            for operation in (
+                intruder.ensure_host,
+                lambda: intruder.attach("vm-b"),
+                lambda: intruder.gc(keep=()),
+                intruder.teardown_host,
+            ):
+                with pytest.raises(ConflictError, match="another state_dir"):
+                    operation()
+        assert snapshot(backend) == before
+        same = dataclasses.replace(config, state_dir=config.state_dir / ".." / "state")
+        with NetworkManager(same, backend) as alias:  # the same directory, another spelling
+            assert [a.vm_id for a in alias.list()] == ["vm-a"]
+            alias.attach("vm-b")
+        assert len({a.network.guest_ip for a in owner.list() if a.network}) == 2
+        owner.teardown_host()

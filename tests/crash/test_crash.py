@@ -34,7 +34,7 @@ from netvm.backends import kernel, rtnl, tun
 from netvm.config import FirewallChoice
 from netvm.errors import HostError
 from netvm.leases import LeaseTransaction
-from netvm.naming import guest_ip
+from netvm.naming import guest_ip, store_id
 from netvm.policy import GuestPolicy
 from netvm.statefile import InFlight, StateFile
 
@@ -222,7 +222,8 @@ def check_recovered(
     expected = {"lo", *FOREIGN, manager.config.bridge_name, *taps}
     assert set(found) == expected, f"{where}: left {sorted(set(found) - expected)}"
     bridge = found[manager.config.bridge_name]
-    assert bridge["ifalias"] == f"netvm-bridge:{manager.config.vm_subnet}", where
+    store = store_id(manager.config.state_dir)
+    assert bridge["ifalias"] == f"netvm-bridge:{manager.config.vm_subnet}:{store}", where
     bridges = [
         n for n, link in found.items() if link.get("linkinfo", {}).get("info_kind") == "bridge"
     ]

@@ -1,6 +1,6 @@
 """The deferred detach (netvm/reaper.py) under kills, exits without close() and fork().
 
-A detach leaves its TAP down, off the bridge and marked, for the reaper's thread
+A detach leaves its TAP down, off the bridge, renamed and marked, for the reaper's thread
 to delete moments later. Whatever ends the process in between, the next ensure_host alone
 (no gc) must finish the job, and a process that exits without close() must not leave its
 detached TAPs behind.

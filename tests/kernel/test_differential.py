@@ -59,7 +59,9 @@ class FakeAgreesWithKernel(RuleBasedStateMachine):
             bridge_name=bridge,
             vm_subnet=subnet,
             host_egress_iface="up0",
-            state_dir=Path(self.tmp.name) / name,
+            # One directory for both: their files are named after their namespaces, and the
+            # bridge records the store's directory (naming.store_id), which must be equal.
+            state_dir=Path(self.tmp.name),
         )
 
     def both(self, bridge: str, action: str, *args: object) -> None:

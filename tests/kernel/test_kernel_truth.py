@@ -13,7 +13,7 @@ import pytest
 
 from netvm import KernelBackend, NetworkConfig, NetworkManager, TapOptions
 from netvm.config import FirewallChoice
-from netvm.naming import guest_slot
+from netvm.naming import guest_slot, store_id
 
 pytestmark = pytest.mark.privileged
 
@@ -43,7 +43,7 @@ def test_iproute2_and_iptables_see_what_netvm_made(
         }
         bridge, tap = links["nvbr0"], links[vm.tap_name]
         assert bridge["linkinfo"]["info_kind"] == "bridge"
-        assert bridge["ifalias"] == "netvm-bridge:192.0.2.0/24"
+        assert bridge["ifalias"] == f"netvm-bridge:192.0.2.0/24:{store_id(config.state_dir)}"
         assert "UP" in bridge["flags"]
         assert bridge["mtu"] == 1500
         assert tap["linkinfo"]["info_kind"] == "tun"

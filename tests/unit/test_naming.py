@@ -126,5 +126,16 @@ def test_bridge_alias_records_the_subnet_and_the_bare_old_mark_is_accepted() -> 
     assert naming.bridge_alias(subnet) == "netvm-bridge:192.0.2.0/24"
     assert naming.parse_bridge_alias("netvm-bridge:192.0.2.0/24") == naming.BridgeMark(subnet)
     assert naming.parse_bridge_alias("netvm-bridge") == naming.BridgeMark(None)
-    for foreign in (None, "", "netvm-bridge:", "netvm-bridge:not-a-net", "docker0"):
+    marked = naming.bridge_alias(subnet, "0123abcd")
+    assert marked == "netvm-bridge:192.0.2.0/24:0123abcd"
+    assert naming.parse_bridge_alias(marked) == naming.BridgeMark(subnet, "0123abcd")
+    for foreign in (
+        None,
+        "",
+        "netvm-bridge:",
+        "netvm-bridge:not-a-net",
+        "docker0",
+        "netvm-bridge:192.0.2.0/24:nothex!!",
+        "netvm-bridge:192.0.2.0/24:0123abcd:x",
+    ):
         assert naming.parse_bridge_alias(foreign) is None
