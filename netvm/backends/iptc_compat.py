@@ -9,6 +9,7 @@ than half-working.
 - inserting and deleting entries without `Rule.final_check`, which prints every option
   through libxtables while fd 1 is swapped for a pipe (output of other threads is lost).
 - the raw bytes of a match or a target, which netvm decodes itself.
+- `Rule.tables` limited to the tables the kernel has (reading a jump opened all five).
 """
 
 from __future__ import annotations
@@ -129,7 +130,24 @@ def load_iptc() -> ModuleType:
         sys.modules.pop("iptc.util", None)
         raise NetvmError(f"{MISSING_IPTABLES} ({exc})") from exc
     module: ModuleType = iptc
+    module.ip4tc.Rule.tables = property(_instantiated_tables)
     return module
+
+
+def _instantiated_tables(rule: Any) -> list[Any]:
+    """Rule.tables, the tables in which python-iptables looks for a chain named like a
+    target (a jump), reading or writing any rule: only those the kernel has instantiated in
+    the caller's namespace. Its own list opens all five, which instantiates raw, mangle and
+    security where nothing used them, and teardown cannot take a table back; a chain cannot
+    be in a table that does not exist anyway. (Its cache of which tables exist is also
+    shared by every namespace, and is not consulted here.)"""
+    iptc: Any = sys.modules["iptc"]
+    try:
+        with open("/proc/thread-self/net/ip_tables_names") as names:
+            present = set(names.read().split())
+    except OSError:
+        present = set()
+    return [iptc.Table(name) for name in iptc.Table.ALL if name in present]
 
 
 def last_errno(iptc: ModuleType) -> int:
