@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from netvm import naming
 from netvm.backends.base import FILTER, Backend
 from netvm.errors import NetvmError
 from netvm.firewall.nftables import IPTABLES_FAMILY, IPTABLES_TABLE, TABLE_PREFIX, NftablesFirewall
+from netvm.firewall.walk import Packet, Walk, guest_packets
 from netvm.manager import NetworkManager
 from netvm.validation import read_routes as _routes
 
@@ -71,7 +73,8 @@ def doctor(manager: NetworkManager) -> list[Finding]:
                 f"run `netvm ensure-host` (or NetworkManager.ensure_host()) for {bridge}",
             )
         )
-    found += _nftables(backend, chosen.kind, bridge, egress)
+    guest = naming.guest_ip(config.vm_subnet, 0)
+    found += _nftables(backend, chosen.kind, guest_packets(bridge, egress, guest), bridge, egress)
     found += _legacy(backend, chosen.kind)
     return found
 
@@ -197,7 +200,9 @@ def _verdicts(rule: Json) -> set[str]:
     }
 
 
-def _nftables(backend: Backend, chosen: str, bridge: str, egress: str) -> list[Finding]:
+def _nftables(
+    backend: Backend, chosen: str, packets: list[Packet], bridge: str, egress: str
+) -> list[Finding]:
     firewall = backend.firewall("nftables")
     if not isinstance(firewall, NftablesFirewall) or firewall.unavailable() is not None:
         return []
@@ -217,13 +222,16 @@ def _nftables(backend: Backend, chosen: str, bridge: str, egress: str) -> list[F
         if table.startswith(TABLE_PREFIX):
             continue
         table_rules = rules.get((family, table), [])
+        walk = Walk(by_name, table_rules)
         if (family, table) == (IPTABLES_FAMILY, IPTABLES_TABLE) and "FORWARD" in by_name:
             found += _iptables_nft(by_name, table_rules, chosen, bridge, egress, bridged)
+            if chosen == "nftables" and not any(n.startswith("ufw-") for n in by_name):
+                # netvm's accepts stand in this table: is anything before them in the way?
+                found += _walked(walk, family, table, "FORWARD", packets, bridge)
             continue
         for name, chain in by_name.items():
-            if chain.get("hook") != "forward":
-                continue
-            found += _foreign_forward(family, table, name, chain, table_rules, bridge)
+            if chain.get("hook") == "forward":
+                found += _walked(walk, family, table, name, packets, bridge)
     return found
 
 
@@ -295,47 +303,52 @@ def _ufw(rules: list[Json], bridge: str, egress: str, bridged: bool) -> list[Fin
     return found
 
 
-def _foreign_forward(
-    family: str, table: str, name: str, chain: Json, rules: list[Json], bridge: str
+def _walked(
+    walk: Walk, family: str, table: str, name: str, packets: list[Packet], bridge: str
 ) -> list[Finding]:
-    own = [rule for rule in rules if rule["chain"] == name]
-    drops = chain.get("policy") == "drop" or any(
-        _verdicts(rule) & {"drop", "reject"} for rule in own
+    """What the base chain `name` does to the guests' packets (netvm/firewall/walk.py)."""
+    verdicts = {packet.what: walk.verdict(name, packet) for packet in packets}
+    dropped = [what for what, verdict in verdicts.items() if verdict == "drop"]
+    unsure = [what for what, verdict in verdicts.items() if verdict == "unknown"]
+    evidence = f"table {family} {table} chain {name}: " + "; ".join(
+        f"{what}: {verdict}" for what, verdict in verdicts.items()
     )
-    if not drops:
-        return []
+    fix = (
+        f'nft insert rule {family} {table} {name} iifname "{bridge}" accept; '
+        f'nft insert rule {family} {table} {name} oifname "{bridge}" '
+        "ct state established,related accept"
+    )
     if table == "firewalld":
-        trusted = any(
-            _matches(rule, "iifname", bridge) and _verdicts(rule) & {"goto", "jump", "accept"}
-            for rule in rules
+        fix = (
+            f"firewall-cmd --zone=trusted --add-interface={bridge} "
+            "(and again with --permanent to keep it)"
         )
-        if trusted:
-            return []
+    if dropped:
+        code = "firewalld-forward-reject" if table == "firewalld" else "foreign-forward-drop"
         return [
             Finding(
-                "firewalld-forward-reject",
+                code,
                 "blocking",
-                f"firewalld rejects forwarded packets of {bridge} (not in a zone that allows it)",
-                f"table {family} {table} chain {name} ends in a reject; firewalld rewrites its "
-                "table on reload, so netvm does not write there",
-                f"firewall-cmd --zone=trusted --add-interface={bridge} "
-                "(and again with --permanent to keep it)",
+                f"table {family} {table} drops or rejects at the forward hook "
+                + " and ".join(dropped),
+                evidence,
+                fix,
             )
         ]
-    if any(_matches(rule, "iifname", bridge) and "accept" in _verdicts(rule) for rule in own):
-        return []
-    return [
-        Finding(
-            "foreign-forward-drop",
-            "blocking",
-            f"table {family} {table} drops or rejects forwarded packets at the forward hook, "
-            f"and nothing there lets {bridge} through",
-            f"chain {name}: policy {chain.get('policy')}, {len(own)} rule(s)",
-            f'nft insert rule {family} {table} {name} iifname "{bridge}" accept; '
-            f'nft insert rule {family} {table} {name} oifname "{bridge}" '
-            "ct state established,related accept",
-        )
-    ]
+    if unsure:
+        return [
+            Finding(
+                "foreign-forward-unsure",
+                "warning",
+                f"table {family} {table} may drop at the forward hook "
+                + " and ".join(unsure)
+                + ": its rules match on what netvm cannot tell (addresses of the internet, "
+                "ports, marks...)",
+                evidence,
+                fix,
+            )
+        ]
+    return []
 
 
 # Legacy xtables ---------------------------------------------------------------------------

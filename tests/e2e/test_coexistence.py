@@ -117,6 +117,19 @@ table inet filter {
 """
 
 
+BRIDGE_IN_ONLY = """
+table inet filter {
+    chain forward {
+        type filter hook forward priority filter; policy drop;
+        iifname "nvbr0" accept
+    }
+}
+"""
+"""A hand-written forward chain that lets the bridge out but not the replies back in."""
+NFT_INSERT = ["nft", "insert", "rule"]
+REPLIES_IN = ["ct", "state", "established,related", "accept"]
+
+
 def firewalld() -> list[list[str]]:
     return [["nft", FIREWALLD]]
 
@@ -154,6 +167,15 @@ SCENARIOS = [
             ["iptables-nft", "-A", "ufw-user-forward", "-i", bridge, "-o", egress, "-j", "ACCEPT"]
         ],
         "ufw route allow in on nvbr0 out on eth0",
+    ),
+    Scenario(
+        "nft-drop-policy-bridge-out-only",
+        lambda: [["nft", BRIDGE_IN_ONLY]],
+        "nftables",
+        lambda bridge, egress: [
+            [*NFT_INSERT, "inet", "filter", "forward", "oifname", bridge, *REPLIES_IN]
+        ],
+        'oifname "nvbr0" ct state established,related accept',
     ),
     Scenario(
         "firewalld",
@@ -260,22 +282,16 @@ def docker_still_works(host: str, tool: str) -> None:
 def undo_admin_fix(host: str, command: list[str]) -> None:
     if command[0] == "iptables-nft":
         run(host, "iptables-nft", "-D", *command[2:])
-    else:
-        listing = run(
-            host, "nft", "-a", "list", "chain", "inet", "firewalld", "filter_FORWARD_ZONES"
-        )
-        handle = next(line.split("# handle ")[1] for line in listing.splitlines() if "goto" in line)
-        run(
-            host,
-            "nft",
-            "delete",
-            "rule",
-            "inet",
-            "firewalld",
-            "filter_FORWARD_ZONES",
-            "handle",
-            handle,
-        )
+        return
+    family, table, chain = command[3:6]  # nft add|insert rule FAMILY TABLE CHAIN ...
+    wanted = " ".join(command[6:])
+    listing = run(host, "nft", "-a", "list", "chain", family, table, chain)
+    handle = next(
+        line.split("# handle ")[1]
+        for line in listing.splitlines()
+        if wanted in line.replace('"', "") and "# handle " in line
+    )
+    run(host, "nft", "delete", "rule", family, table, chain, "handle", handle.strip())
 
 
 def test_a_save_and_restore_of_iptables_nft_keeps_netvms_rules_its_own(

@@ -1,0 +1,196 @@
+"""What a foreign nftables forward chain does to the guests' packets, for `netvm doctor`.
+
+Two packets stand for a guest's traffic: a new connection from the bridge to the egress,
+and a reply from the egress back to the bridge (ct state established). A base chain's
+rules are walked in order, as the kernel walks them, through jumps (back at the end of the
+chain jumped to), gotos (not back) and returns, down to a verdict or the chain's policy.
+
+Only what the two packets are known to carry is decided: interface names (with `*`
+wildcards and sets), ct state, ct status dnat (they are not DNATed), the IPv4 family, and
+the guest's own address. A match on anything else (an address of the internet, a port, a
+mark, an xtables match, a rate) may go either way: the rules after it are walked both ways,
+and where the two ways end differently the verdict is "unknown". A ruleset that is
+unknown beyond a fixed number of branches is "unknown" too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Json = dict[str, Any]
+Verdict = Literal["accept", "drop", "unknown"]
+_Outcome = Literal["accept", "drop", "unknown", "return"]
+MAX_DEPTH = 16
+MAX_BRANCHES = 256
+_IGNORED = {"counter", "log", "comment", "notrack"}
+"""Statements that neither match nor decide."""
+
+
+@dataclass(frozen=True)
+class Packet:
+    what: str
+    """e.g. "a guest's new connection to up0"."""
+    iifname: str
+    oifname: str
+    ct_state: str
+    saddr: ipaddress.IPv4Address | None
+    """None: an address of the internet, not known."""
+    daddr: ipaddress.IPv4Address | None
+
+
+def guest_packets(bridge: str, egress: str, guest: ipaddress.IPv4Address) -> list[Packet]:
+    return [
+        Packet(f"a guest's new connection to {egress}", bridge, egress, "new", guest, None),
+        Packet(f"the replies to it from {egress}", egress, bridge, "established", None, guest),
+    ]
+
+
+class Walk:
+    """The chains and rules of one table, ready to be walked."""
+
+    def __init__(self, chains: dict[str, Json], rules: Sequence[Json]) -> None:
+        self._chains = chains
+        self._rules: dict[str, list[Json]] = {name: [] for name in chains}
+        for rule in rules:
+            self._rules.setdefault(rule.get("chain", ""), []).append(rule)
+        self._budget = 0
+
+    def verdict(self, chain: str, packet: Packet) -> Verdict:
+        """What the base chain `chain` does to `packet`."""
+        self._budget = MAX_BRANCHES
+        outcome = self._from(chain, 0, packet, 0)
+        if outcome == "return":
+            return "drop" if self._chains[chain].get("policy") == "drop" else "accept"
+        return outcome
+
+    def _from(self, chain: str, start: int, packet: Packet, depth: int) -> _Outcome:
+        rules = self._rules.get(chain, [])
+        for at in range(start, len(rules)):
+            matched = matches(rules[at], packet)
+            if matched is False:
+                continue
+            verdict = _verdict_of(rules[at])
+            if verdict is None:
+                continue
+            taken = self._apply(verdict, chain, at, packet, depth)
+            if matched:
+                return taken
+            self._budget -= 1
+            if self._budget <= 0:
+                return "unknown"
+            skipped = self._from(chain, at + 1, packet, depth)
+            return taken if taken == skipped else "unknown"
+        return "return"
+
+    def _apply(
+        self, verdict: tuple[str, str | None], chain: str, at: int, packet: Packet, depth: int
+    ) -> _Outcome:
+        kind, target = verdict
+        if kind in ("accept", "drop", "return"):
+            return kind  # type: ignore[return-value]
+        if kind == "continue":
+            return self._from(chain, at + 1, packet, depth)
+        if target is None or target not in self._rules or depth >= MAX_DEPTH:
+            return "unknown"
+        inner = self._from(target, 0, packet, depth + 1)
+        if kind == "goto" or inner != "return":
+            return inner
+        return self._from(chain, at + 1, packet, depth)
+
+
+def _verdict_of(rule: Json) -> tuple[str, str | None] | None:
+    for expr in rule.get("expr", []):
+        if not isinstance(expr, dict):
+            continue
+        for kind in ("accept", "drop", "return", "continue"):
+            if kind in expr:
+                return kind, None
+        if "reject" in expr:
+            return "drop", None
+        for kind in ("jump", "goto"):
+            if kind in expr and isinstance(expr[kind], dict):
+                return kind, str(expr[kind].get("target"))
+    return None
+
+
+def matches(rule: Json, packet: Packet) -> bool | None:
+    """Whether the rule's matches take the packet: True, False, or None (may or may not)."""
+    known = True
+    for expr in rule.get("expr", []):
+        if not isinstance(expr, dict) or _verdict_of({"expr": [expr]}) is not None:
+            continue
+        if "match" in expr:
+            found = _match(expr["match"], packet)
+        elif any(key in _IGNORED for key in expr) or _xt_comment(expr):
+            continue
+        else:
+            found = None
+        if found is False:
+            return False
+        if found is None:
+            known = False
+    return True if known else None
+
+
+def _xt_comment(expr: Json) -> bool:
+    """iptables-nft's `-m comment` (as iptables-nft-restore writes it): matches anything."""
+    xt = expr.get("xt")
+    return isinstance(xt, dict) and xt.get("type") == "match" and xt.get("name") == "comment"
+
+
+def _match(match: Json, packet: Packet) -> bool | None:
+    left, right, op = match.get("left"), match.get("right"), match.get("op", "==")
+    if not isinstance(left, dict):
+        return None
+    meta, ct, payload = left.get("meta"), left.get("ct"), left.get("payload")
+    found: bool | None = None
+    if isinstance(meta, dict) and meta.get("key") in ("iifname", "oifname"):
+        name = packet.iifname if meta["key"] == "iifname" else packet.oifname
+        found = any(_name_matches(name, value) for value in _values(right))
+    elif isinstance(meta, dict) and meta.get("key") == "nfproto":
+        found = "ipv4" in _values(right)
+    elif isinstance(ct, dict) and ct.get("key") == "state":
+        found = packet.ct_state in _values(right)
+    elif isinstance(ct, dict) and ct.get("key") == "status" and _values(right) == ["dnat"]:
+        found = False
+    elif isinstance(payload, dict) and payload.get("protocol") == "ip":
+        address = {"saddr": packet.saddr, "daddr": packet.daddr}.get(str(payload.get("field")))
+        if address is not None:
+            found = any(_address_in(address, value) for value in _values(right))
+    if found is None or op not in ("==", "!=", "in"):
+        return None
+    return found if op != "!=" else not found
+
+
+def _values(right: object) -> list[Any]:
+    if isinstance(right, dict) and "set" in right:
+        return list(right["set"])
+    if isinstance(right, list):
+        return right
+    return [right]
+
+
+def _name_matches(name: str, pattern: object) -> bool:
+    if not isinstance(pattern, str):
+        return False
+    if pattern.endswith("*") and not pattern.endswith("\\*"):
+        return name.startswith(pattern[:-1])
+    return name == pattern.replace("\\*", "*")
+
+
+def _address_in(address: ipaddress.IPv4Address, value: object) -> bool:
+    try:
+        if isinstance(value, dict) and "prefix" in value:
+            prefix = value["prefix"]
+            network = ipaddress.IPv4Network(f"{prefix['addr']}/{prefix['len']}", strict=False)
+        elif isinstance(value, dict) and "range" in value:
+            low, high = (ipaddress.IPv4Address(v) for v in value["range"])
+            return low <= address <= high
+        else:
+            network = ipaddress.IPv4Network(str(value), strict=False)
+    except (ValueError, KeyError, TypeError):
+        return False
+    return address in network

@@ -1,0 +1,131 @@
+"""The walk of a foreign forward chain (netvm/firewall/walk.py): the rulesets an attacker's
+and a new user's review found doctor wrong about, each with the control that passes."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+
+from netvm.firewall.walk import Walk, guest_packets
+
+GUEST = ipaddress.IPv4Address("192.0.2.2")
+OUT, REPLY = guest_packets("nvbr0", "up0", GUEST)
+Json = dict[str, Any]
+
+
+def name(key: str, value: str, op: str = "==") -> Json:
+    return {"match": {"op": op, "left": {"meta": {"key": key}}, "right": value}}
+
+
+def state(*states: str) -> Json:
+    return {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": list(states)}}
+
+
+def saddr(prefix: str, op: str = "==") -> Json:
+    addr, length = prefix.split("/")
+    right = {"prefix": {"addr": addr, "len": int(length)}}
+    return {
+        "match": {
+            "op": op,
+            "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+            "right": right,
+        }
+    }
+
+
+def walk(policy: str, chains: dict[str, list[list[Json]]]) -> Walk:
+    base = {"forward": {"name": "forward", "hook": "forward", "policy": policy}}
+    others = {n: {"name": n} for n in chains if n != "forward"}
+    rules = [{"chain": n, "expr": exprs} for n, body in chains.items() for exprs in body]
+    return Walk({**base, **others}, rules)
+
+
+ACCEPT, DROP = {"accept": None}, {"drop": None}
+
+
+def test_a_goto_into_a_zone_that_rejects_drops_the_new_connection() -> None:
+    # firewalld with the bridge in zone public: the zone's chain ends in a reject.
+    zone = {"goto": {"target": "filter_FWD_public"}}
+    ruleset = walk(
+        "accept",
+        {
+            "forward": [
+                [state("established", "related"), ACCEPT],
+                [name("iifname", "nvbr0"), zone],
+            ],
+            "filter_FWD_public": [[{"reject": None}]],
+        },
+    )
+    assert ruleset.verdict("forward", OUT) == "drop"
+    assert ruleset.verdict("forward", REPLY) == "accept"
+    trusted = walk(
+        "accept", {"forward": [[name("iifname", "nvbr0"), zone]], "filter_FWD_public": [[ACCEPT]]}
+    )
+    assert trusted.verdict("forward", OUT) == "accept"  # the control: a zone that accepts
+
+
+def test_a_jump_to_a_chain_that_drops_drops_and_one_that_returns_goes_on() -> None:
+    jump = {"jump": {"target": "block"}}
+    dropping = walk("accept", {"forward": [[jump]], "block": [[DROP]]})
+    assert dropping.verdict("forward", OUT) == "drop"
+    returning = walk("drop", {"forward": [[jump], [ACCEPT]], "block": [[{"return": None}]]})
+    assert returning.verdict("forward", OUT) == "accept"
+
+
+def test_a_drop_policy_that_lets_only_the_bridge_in_drops_the_replies() -> None:
+    half = walk("drop", {"forward": [[name("iifname", "nvbr0"), ACCEPT]]})
+    assert half.verdict("forward", OUT) == "accept"
+    assert half.verdict("forward", REPLY) == "drop"
+    both = walk(
+        "drop",
+        {
+            "forward": [
+                [name("iifname", "nvbr0"), ACCEPT],
+                [name("oifname", "nvbr0"), state("established", "related"), ACCEPT],
+            ]
+        },
+    )
+    assert both.verdict("forward", REPLY) == "accept"
+
+
+def test_a_drop_on_an_address_of_the_internet_before_the_accepts_is_unknown() -> None:
+    # Docker's documented restriction, inserted above netvm's accepts in DOCKER-USER.
+    restricted = walk(
+        "drop",
+        {
+            "forward": [
+                [name("iifname", "up0"), saddr("198.51.100.0/24", "!="), DROP],
+                [name("iifname", "up0"), name("oifname", "nvbr0"), ACCEPT],
+                [name("iifname", "nvbr0"), ACCEPT],
+            ]
+        },
+    )
+    assert restricted.verdict("forward", OUT) == "accept"  # the guest's address is known
+    assert restricted.verdict("forward", REPLY) == "unknown"
+    own = walk("drop", {"forward": [[saddr("192.0.2.0/24", "!="), DROP], [ACCEPT]]})
+    assert own.verdict("forward", OUT) == "accept"  # from the guest: its address is known
+
+
+@pytest.mark.parametrize("pattern", ["nvbr*", "nvbr0"])
+def test_wildcards_and_sets_of_names_match_as_nftables_does(pattern: str) -> None:
+    ruleset = walk("drop", {"forward": [[name("iifname", pattern), ACCEPT]]})
+    assert ruleset.verdict("forward", OUT) == "accept"
+    listed = {
+        "match": {
+            "op": "==",
+            "left": {"meta": {"key": "oifname"}},
+            "right": {"set": ["x", "nvbr0"]},
+        }
+    }
+    assert walk("drop", {"forward": [[listed, ACCEPT]]}).verdict("forward", REPLY) == "accept"
+    other = walk("drop", {"forward": [[name("iifname", "docker*"), ACCEPT]]})
+    assert other.verdict("forward", OUT) == "drop"
+
+
+def test_a_loop_of_jumps_ends_unknown() -> None:
+    loop = walk(
+        "accept", {"forward": [[{"jump": {"target": "a"}}]], "a": [[{"jump": {"target": "a"}}]]}
+    )
+    assert loop.verdict("forward", OUT) == "unknown"
