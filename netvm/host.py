@@ -132,11 +132,12 @@ class HostSetup:
 
     # Set-up -----------------------------------------------------------------------------
 
-    def ensure(self, undo: Undo) -> Link:
+    def ensure(self, undo: Undo, chosen: ChosenFirewall | None = None) -> Link:
+        """`chosen`: the firewall, if the caller has picked it already (~0.15 ms to pick)."""
         bridge = self._ensure_bridge(undo)
         self._ensure_gateway(bridge, undo)
         self._ensure_ip_forward(undo)
-        self._ensure_firewall(undo)
+        self._ensure_firewall(undo, chosen or self.chosen_firewall())
         return bridge
 
     def _ensure_bridge(self, undo: Undo) -> Link:
@@ -215,9 +216,8 @@ class HostSetup:
         config = self.config
         return BridgeFirewall(config.bridge_name, config.vm_subnet, config.host_egress_iface)
 
-    def _ensure_firewall(self, undo: Undo) -> None:
+    def _ensure_firewall(self, undo: Undo, chosen: ChosenFirewall) -> None:
         """netvm's rules in the chosen firewall, and in no other (a switch moves them)."""
-        chosen = self.chosen_firewall()
         policy = self.firewall_policy
         firewall = self.backend.firewall(chosen.kind)
         self.firewall_changed = firewall.ensure(policy)

@@ -166,9 +166,10 @@ class NetworkManager:
             self.host.check_owner()
             check_subnet_free(self.backend, self.config)
             self.leases.open()
-            self._refuse_to_drop_guarantees()
+            chosen = self.host.chosen_firewall()
+            self._refuse_to_drop_guarantees(chosen)
             try:
-                bridge = self.host.ensure(undo)
+                bridge = self.host.ensure(undo, chosen)
             except BaseException:
                 undo.run()
                 self._bridge_index = None
@@ -182,11 +183,10 @@ class NetworkManager:
             self._swept = True
             self._reaper.request_sweep()
 
-    def _refuse_to_drop_guarantees(self) -> None:
+    def _refuse_to_drop_guarantees(self, chosen: ChosenFirewall) -> None:
         """A firewall other than nftables cannot hold guarantees: ConflictError, before any
         change, if VMs attached with some would lose them (`auto` switching to iptables
         when Docker on iptables-legacy started after them, or the configuration changed)."""
-        chosen = self.host.chosen_firewall()
         if chosen.kind == "nftables":
             return
         with self.leases.transaction() as tx:
