@@ -47,6 +47,7 @@ _SCHEMA = (
 LOCK_TIMEOUT = 60.0
 """Seconds SQLite waits for a connection that is not netvm's (netvm's own wait in the queue)."""
 _DAMAGED = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+_SQLITE_ERROR = 1
 _NO_ROOM = {8, 13, 14}  # SQLITE_READONLY, SQLITE_FULL, SQLITE_CANTOPEN
 _SMALLEST_DATABASE = 512
 """A database in WAL mode has at least its first page: a shorter file was truncated."""
@@ -279,8 +280,28 @@ class LeaseStore:
         """The database holds what netvm never writes: the next transaction rebuilds it."""
         self._damaged = True
 
+    def _tables_missing(self) -> bool:
+        """Whether a table of netvm's schema is gone from the open database (dropped by
+        hand or by another program: SQLite then says only SQLITE_ERROR, no such table)."""
+        if self._db is None:
+            return False
+        try:
+            rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            present = {str(row[0]) for row in rows.fetchall()}
+        except sqlite3.Error:
+            return False
+        return not {"meta", "leases", "free", "policies"} <= present
+
     def error(self, operation: str, exc: sqlite3.Error) -> StateStoreError:
         code = _code(exc)
+        if code == _SQLITE_ERROR and self._tables_missing():
+            self._damaged = True
+            return DamagedStore(
+                operation,
+                str(self.path),
+                f"{exc}: a table of the database is gone; the next call rebuilds it from "
+                "the kernel",
+            )
         if code in _DAMAGED:
             self._damaged = True
             return DamagedStore(
