@@ -1,5 +1,0 @@
-"""`python -m netvm`: the same as the `netvm` command."""
-
-from netvm.cli import main
-
-raise SystemExit(main())

@@ -1,1 +1,0 @@
-"""Backends: where NetworkManager's primitives are carried out (the kernel, or a model of it)."""
