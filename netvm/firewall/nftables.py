@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Protocol, cast
 
-from netvm.errors import ConflictError, HostError, NetvmError, NotFound, host_error
+from netvm.errors import ConflictError, HostError, NotFound, host_error
 from netvm.firewall import guard_rules
 from netvm.firewall.guard import (
     EGRESS_DISPATCH,
@@ -686,8 +686,6 @@ class NftablesFirewall:
         changes = [("add", e) for e in gone] + [("delete", e) for e in gone]
         changes += [("add", e) for e in _by_set(e for e in after if _full(e) not in keep)]
         self._write(bridge, vm, changes)
-        if old is not None:
-            self._left_egress(bridge, old, vm)
 
     def _write(
         self, bridge: str, vm: VmGuard, changes: list[tuple[str, Element]], exclusive: bool = False
@@ -808,21 +806,7 @@ class NftablesFirewall:
         changes = [("add", e) for e in gone] + [("delete", e) for e in gone]
         where = f"{tap} in nftables {table_name(bridge)}"
         self._store().commit(changes, table_name(bridge), f"remove the guarantees of {tap}", where)
-        self._left_egress(bridge, old, None)
         return old
-
-    def _left_egress(self, bridge: str, old: VmGuard, new: VmGuard | None) -> None:
-        """A VM left its egress policy (changed or removed): that policy's chain, set and
-        dispatch rule go if no VM has it any more, or every packet from the bridge would
-        still walk one more dispatch rule per policy ever used, until gc. Cleanup only: a
-        failure (another process adding a VM to it meanwhile) is logged, gc retries."""
-        chain = egress_chain(old.policy)
-        if chain is None or (new is not None and egress_chain(new.policy) == chain):
-            return
-        try:
-            self._prune_egress_chains(bridge)
-        except NetvmError as exc:
-            log.info("egress chain %s kept for now (gc removes it): %s", chain, exc)
 
     def guards(self, bridge: str) -> dict[str, VmGuard]:
         """Every VM's record on this bridge (one listing of set vms, O(number of VMs))."""

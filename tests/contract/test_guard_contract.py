@@ -396,24 +396,3 @@ def test_vms_of_one_egress_policy_share_one_dispatch_rule(nft: NftablesFirewall)
         item for item in nft.ruleset() if item.get("rule", {}).get("chain") == "egress_dispatch"
     ]
     assert rules == []
-
-
-def dispatch_rules(nft: NftablesFirewall) -> int:
-    return sum(1 for i in nft.ruleset() if i.get("rule", {}).get("chain") == "egress_dispatch")
-
-
-def test_an_egress_policy_no_vm_has_any_more_goes_at_once(nft: NftablesFirewall) -> None:
-    """30 policy changes of one VM left 30 dispatch rules, walked by every packet from the
-    bridge, until gc; the policy a VM leaves goes with it if no other VM has it."""
-    for n in range(5):
-        nft.guard("nvbr0", vm("tap-a", 5, GuestPolicy.of(egress_deny=(f"198.51.100.{n}/32",))))
-        assert dispatch_rules(nft) == 1
-        assert len(egress_chains(nft)) == 1
-    shared = GuestPolicy.of(egress_deny=("203.0.113.0/24",))
-    nft.guard("nvbr0", vm("tap-b", 6, shared))
-    nft.guard("nvbr0", vm("tap-a", 5, shared))  # both on one policy: the other one goes
-    assert egress_chains(nft) == {egress_chain(shared)}
-    nft.unguard("nvbr0", "tap-a")
-    assert egress_chains(nft) == {egress_chain(shared)}, "tap-b still uses it"
-    nft.unguard("nvbr0", "tap-b")
-    assert (egress_chains(nft), dispatch_rules(nft)) == (set(), 0)
