@@ -227,5 +227,7 @@ def _attach_one(
                 tx.claim(vm_id, before.slot)
             if kept is not None:  # the VM runs on with the guarantees it had
                 tx.set_policy(vm_id, kept)
+            else:  # attached before policies were remembered: what it has is not known
+                tx.forget_policy(vm_id)
     tx.restart()
     tx.clear_intent()

@@ -32,6 +32,7 @@ DETACH_CHUNK = 128
 
 
 def detach(manager: NetworkManager, vm_ids: list[str]) -> None:
+    manager._check_owner()  # another subnet's or lease store's bridge: hands off
     group = manager._reaper.begin()
     moved = [0]
     unguarded: list[VmGuard] = []

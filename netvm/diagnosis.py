@@ -229,6 +229,8 @@ def _nftables(
                 # netvm's accepts stand in this table: is anything before them in the way?
                 found += _walked(walk, family, table, "FORWARD", packets, bridge)
             continue
+        if family not in ("ip", "inet"):
+            continue  # the guests' routed IPv4 packets pass only these families' hooks
         for name, chain in by_name.items():
             if chain.get("hook") == "forward":
                 found += _walked(walk, family, table, name, packets, bridge)

@@ -164,10 +164,15 @@ class LeaseTransaction:
         self._db.execute("INSERT INTO leases VALUES (?, ?, ?)", (vm_id, slot, tap))
         return Lease(vm_id, slot, tap)
 
-    def release(self, vm_id: str) -> bool:
-        """Free the vm_id's lease and forget its policy; False when it had no lease."""
-        self._db.execute("DELETE FROM policies WHERE vm_id = ?", (vm_id,))
+    def release(self, vm_id: str, forget_policy: bool = True) -> bool:
+        """Free the vm_id's lease and (unless told not to: a lease being moved) forget its
+        policy; False when it had no lease."""
+        if forget_policy:
+            self.forget_policy(vm_id)
         return self._free(vm_id)
+
+    def forget_policy(self, vm_id: str) -> None:
+        self._db.execute("DELETE FROM policies WHERE vm_id = ?", (vm_id,))
 
     def _free(self, vm_id: str) -> bool:
         lease = self.get(vm_id)

@@ -13,8 +13,9 @@ import dataclasses
 import errno
 import logging
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -40,7 +41,7 @@ from netvm.naming import VmNetwork
 from netvm.policy import OPEN, GuestPolicy
 from netvm.reaper import CLOSE_WAIT, Reaper
 from netvm.reconcile import KernelTap, netvm_taps, rebuild
-from netvm.statefile import InFlight
+from netvm.statefile import STATE_DIR_HINT, InFlight
 from netvm.undo import Undo as _Undo
 from netvm.validation import check_subnet_free
 
@@ -168,16 +169,23 @@ class NetworkManager:
             self.leases.open()
             chosen = self.host.chosen_firewall()
             self._refuse_to_drop_guarantees(chosen)
+            # Until the guarantees are given back (if the tables had to be made again), a
+            # file says so: a crash in between leaves it for the next ensure_host.
+            pending = self._restore_flag.exists()
+            if not pending:
+                self._mark_restore(True)
             try:
                 bridge = self.host.ensure(undo, chosen)
             except BaseException:
                 undo.run()
                 self._bridge_index = None
+                if not pending:
+                    self._mark_restore(False)
                 raise
-        self._bridge_index = bridge.index
-        self._firewall_kind = None
-        if self.host.firewall_changed:
-            self._restore_guarantees()
+            self._bridge_index = bridge.index
+            self._firewall_kind = None
+            if not (self.host.firewall_changed or pending) or self._restore_guarantees():
+                self._mark_restore(False)
         if not self._swept:
             # TAPs that processes which died marked and did not delete: off this call's path.
             self._swept = True
@@ -204,19 +212,37 @@ class NetworkManager:
             raise ConflictError(
                 f"the firewall would become {chosen.kind} ({chosen.reason}), which cannot hold "
                 f"the guarantees of {len(guarded)} attached VM(s) ({names}): set "
-                "firewall=nftables (netvm doctor says what else the host needs), or detach "
-                "them or attach them again with the open policy first"
+                "firewall=nftables (netvm doctor says what else the host needs), or first "
+                "detach them, or attach them again with the open policy under "
+                "firewall=nftables"
             )
 
-    def _restore_guarantees(self) -> None:
+    @property
+    def _restore_flag(self) -> Path:
+        return self.config.state_dir / f"guarantees-to-restore.{self.leases.path.stem}"
+
+    def _mark_restore(self, pending: bool) -> None:
+        try:
+            if pending:
+                self._restore_flag.touch()
+            else:
+                self._restore_flag.unlink(missing_ok=True)
+        except OSError as exc:
+            raise StateStoreError(
+                "mark", str(self._restore_flag), f"{exc.strerror}; {STATE_DIR_HINT}"
+            ) from None
+
+    def _restore_guarantees(self) -> bool:
         """Give back the guarantees the firewall lost: a foreign `nft flush ruleset` takes
         netvm's tables with every VM's elements, and ensure_host has just made the tables
         again. Each VM leased with a remembered policy that asks for some, whose TAP is
-        this bridge's and has no record in the firewall, is guarded with it again."""
+        this bridge's and has no record in the firewall, is guarded with it again. False
+        if a VM's could not be (logged): the next ensure_host tries again."""
         if self._kind() != "nftables":
-            return
+            return True
         firewall = self.backend.firewall("nftables")
         restored: list[str] = []
+        failed = False
         with self._changing() as tx:
             wanted = tx.policies()
             held = firewall.guards(self.config.bridge_name)
@@ -232,15 +258,22 @@ class NetworkManager:
                 if lease is None or not policy.any:
                     continue
                 network = VmNetwork.for_slot(mark.vm_id, self.config.vm_subnet, lease.slot)
-                if network.tap_name == name:
+                if network.tap_name != name:
+                    continue
+                try:
                     self._guard(network, policy)
-                    restored.append(mark.vm_id)
+                except NetvmError as exc:
+                    log.error("the guarantees of %r not given back (retried): %s", mark.vm_id, exc)
+                    failed = True
+                    continue
+                restored.append(mark.vm_id)
         if restored:
             log.warning(
                 "the firewall had lost the guarantees of %d VM(s), given back: %s",
                 len(restored),
                 ", ".join(sorted(restored)),
             )
+        return not failed
 
     def teardown_host(self) -> None:
         """Remove every netvm TAP of this bridge, netvm's rules and chains, and the bridge
@@ -249,6 +282,8 @@ class NetworkManager:
         """
         with self.host.locked(required=False):
             self.gc(keep=())
+            with suppress(StateStoreError):
+                self._mark_restore(False)
             problems = self.host.teardown()
             self._bridge_index = None
         if problems:
@@ -364,6 +399,16 @@ class NetworkManager:
         elif isinstance(alias, str):
             log.log(level, "restoring TAP %s of %r: its detach did not complete", link.name, vm_id)
             self.backend.set_link(link.name, up=bool(intent.get("up")), alias=alias)
+
+    def _check_owner(self) -> None:
+        """ConflictError if the bridge is netvm's for another subnet or lease store: its
+        TAPs are not this manager's to detach or delete (checked once, as _bridge does)."""
+        if self._bridge_index is not None:
+            return
+        link = self.backend.get_link(self.config.bridge_name)
+        marked = link is not None and naming.parse_bridge_alias(link.alias) is not None
+        if link is not None and link.kind == "bridge" and marked:
+            self.host.check_bridge(link)
 
     def _bridge_or_none(self) -> int | None:
         link = self.backend.get_link(self.config.bridge_name)
@@ -722,10 +767,7 @@ class NetworkManager:
         read-only, say), the TAPs are found and deleted from the kernel alone.
         """
         kept = set(naming.validate_vm_ids("keep", keep))
-        link = self.backend.get_link(self.config.bridge_name)
-        marked = link is not None and naming.parse_bridge_alias(link.alias) is not None
-        if link is not None and link.kind == "bridge" and marked:
-            self.host.check_bridge(link)  # another subnet's or store's: its TAPs are not ours
+        self._check_owner()
         removed: set[str] = set()
         try:
             with self._changing() as tx:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from netvm import naming
 from netvm.backends.base import Backend, Link
+from netvm.errors import SubnetExhausted
 from netvm.leases import LeaseTransaction
 
 log = logging.getLogger("netvm")
@@ -85,11 +86,11 @@ def rebuild(tx: LeaseTransaction, taps: list[KernelTap]) -> int:
             continue
         holder = tx.holder(slot)
         if holder is not None and holder != vm_id:
-            tx.release(holder)
+            tx.release(holder, forget_policy=False)  # moved, not gone: its policy stays
             if holder not in recorded:
                 moved.append(holder)
         if lease is not None:
-            tx.release(vm_id)
+            tx.release(vm_id, forget_policy=False)
     for slot, vm_id in wanted.items():
         lease = tx.get(vm_id)
         if lease is not None and lease.slot == slot:
@@ -99,9 +100,17 @@ def rebuild(tx: LeaseTransaction, taps: list[KernelTap]) -> int:
             continue
         changed += 1
     for vm_id in [*unrecorded, *moved]:
-        if tx.get(vm_id) is None:
+        if tx.get(vm_id) is not None:
+            continue
+        try:
             tx.acquire(vm_id)
-            changed += 1
+        except SubnetExhausted:
+            # Every address is a recording TAP's: a lease without a TAP cannot stay (a
+            # rebuild that fails would stop every call, gc and teardown included).
+            log.error("no address left for %r, which has no TAP: its lease is dropped", vm_id)
+            tx.forget_policy(vm_id)
+            continue
+        changed += 1
     if changed:
         log.warning("lease store rebuilt from the kernel: %d lease(s) restored", changed)
     return changed

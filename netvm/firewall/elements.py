@@ -432,7 +432,7 @@ def _rule_comment(message: bytes) -> tuple[int | None, str | None]:
         if kind == NFTA_RULE_HANDLE and end - begin == 8:
             (handle,) = struct.unpack_from(">Q", message, begin)
         elif kind == NFTA_RULE_USERDATA:
-            comment = parse_comment(message[begin:end])
+            comment = parse_comment(message[begin:end]) or comment
         elif kind == NFTA_RULE_EXPRESSIONS and comment is None:
             for _, expr_begin, expr_end in _attrs(message, begin, end):
                 comment = _xt_comment(message, expr_begin, expr_end)

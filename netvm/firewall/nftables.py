@@ -395,12 +395,14 @@ class NftablesFirewall:
         """Whether a table that is not netvm's filters anything: holds a rule, or a base
         chain whose policy drops. An empty table (Debian's default /etc/nftables.conf, or
         one a tool left) does not, and must not make `auto` leave legacy iptables."""
-        listed = self._run([{"list": {"ruleset": None}}], "list nftables ruleset", None)
-        for item in listed:
-            found = item.get("rule") or item.get("chain")
-            if not isinstance(found, dict) or str(found.get("table")).startswith(TABLE_PREFIX):
-                continue
-            if "rule" in item or (found.get("hook") and found.get("policy") == "drop"):
+        for family, name in sorted(self._tables()):
+            if name.startswith(TABLE_PREFIX):
+                continue  # netvm's own (and its per-VM sets): not listed
+            table = self._list_table(family, name, {(family, name)})
+            if table is not None and (
+                table.rules
+                or any(c.get("hook") and c.get("policy") == "drop" for c in table.chains.values())
+            ):
                 return True
         return False
 

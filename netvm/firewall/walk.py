@@ -24,8 +24,14 @@ Json = dict[str, Any]
 Verdict = Literal["accept", "drop", "unknown"]
 _Outcome = Literal["accept", "drop", "unknown", "return"]
 MAX_DEPTH = 16
-MAX_BRANCHES = 256
+"""Jumps deep (the kernel allows 16 too)."""
+MAX_FORKS = 32
+"""Rules walked both ways on one path, beyond which the verdict is unknown."""
+MAX_STEPS = 20_000
+"""Rules looked at in all, beyond which the verdict is unknown (a ruleset built to be slow
+to walk, or one too large for doctor to tell)."""
 _IGNORED = {"counter", "log", "comment", "notrack"}
+_NOT_IPV4 = {"ip6", "icmpv6", "arp", "vlan"}
 """Statements that neither match nor decide."""
 
 
@@ -56,49 +62,73 @@ class Walk:
         self._rules: dict[str, list[Json]] = {name: [] for name in chains}
         for rule in rules:
             self._rules.setdefault(rule.get("chain", ""), []).append(rule)
-        self._budget = 0
+        self._steps = 0
 
     def verdict(self, chain: str, packet: Packet) -> Verdict:
         """What the base chain `chain` does to `packet`."""
-        self._budget = MAX_BRANCHES
-        outcome = self._from(chain, 0, packet, 0)
+        self._steps = MAX_STEPS
+        outcome = self._from(chain, 0, packet, 0, 0)
         if outcome == "return":
             return "drop" if self._chains[chain].get("policy") == "drop" else "accept"
         return outcome
 
-    def _from(self, chain: str, start: int, packet: Packet, depth: int) -> _Outcome:
+    def _from(self, chain: str, start: int, packet: Packet, depth: int, forks: int) -> _Outcome:
+        """From rule `start` of `chain` on: its verdict, or "return" at the chain's end.
+        `depth`: jumps taken; `forks`: rules walked both ways on the way here."""
         rules = self._rules.get(chain, [])
-        for at in range(start, len(rules)):
+        at = start
+        while at < len(rules):
+            self._steps -= 1
+            if self._steps <= 0:
+                return "unknown"
             matched = matches(rules[at], packet)
-            if matched is False:
-                continue
-            verdict = _verdict_of(rules[at])
+            verdict = None if matched is False else _verdict_of(rules[at])
             if verdict is None:
+                at += 1
                 continue
-            taken = self._apply(verdict, chain, at, packet, depth)
+            kind, target = verdict
+            if matched and kind == "continue":
+                at += 1
+                continue
+            if matched and kind == "jump":
+                inner = self._enter(target, packet, depth, forks)
+                if inner != "return":
+                    return inner
+                at += 1
+                continue
+            taken = self._taken(kind, target, chain, at, packet, depth, forks)
             if matched:
                 return taken
-            self._budget -= 1
-            if self._budget <= 0:
+            if forks >= MAX_FORKS:
                 return "unknown"
-            skipped = self._from(chain, at + 1, packet, depth)
+            skipped = self._from(chain, at + 1, packet, depth, forks + 1)
             return taken if taken == skipped else "unknown"
         return "return"
 
-    def _apply(
-        self, verdict: tuple[str, str | None], chain: str, at: int, packet: Packet, depth: int
+    def _taken(
+        self,
+        kind: str,
+        target: str | None,
+        chain: str,
+        at: int,
+        packet: Packet,
+        depth: int,
+        forks: int,
     ) -> _Outcome:
-        kind, target = verdict
-        if kind in ("accept", "drop", "return"):
+        """The outcome if rule `at` of `chain` takes the packet."""
+        if kind in ("accept", "drop", "return", "unknown"):
             return kind  # type: ignore[return-value]
         if kind == "continue":
-            return self._from(chain, at + 1, packet, depth)
-        if target is None or target not in self._rules or depth >= MAX_DEPTH:
-            return "unknown"
-        inner = self._from(target, 0, packet, depth + 1)
+            return self._from(chain, at + 1, packet, depth, forks + 1)
+        inner = self._enter(target, packet, depth, forks + 1)
         if kind == "goto" or inner != "return":
             return inner
-        return self._from(chain, at + 1, packet, depth)
+        return self._from(chain, at + 1, packet, depth, forks + 1)
+
+    def _enter(self, target: str | None, packet: Packet, depth: int, forks: int) -> _Outcome:
+        if target is None or target not in self._rules or depth >= MAX_DEPTH:
+            return "unknown"
+        return self._from(target, 0, packet, depth + 1, forks)
 
 
 def _verdict_of(rule: Json) -> tuple[str, str | None] | None:
@@ -110,6 +140,8 @@ def _verdict_of(rule: Json) -> tuple[str, str | None] | None:
                 return kind, None
         if "reject" in expr:
             return "drop", None
+        if "vmap" in expr:
+            return "unknown", None  # a verdict looked up by a key: not walked
         for kind in ("jump", "goto"):
             if kind in expr and isinstance(expr[kind], dict):
                 return kind, str(expr[kind].get("target"))
@@ -147,19 +179,24 @@ def _match(match: Json, packet: Packet) -> bool | None:
         return None
     meta, ct, payload = left.get("meta"), left.get("ct"), left.get("payload")
     found: bool | None = None
+    values = _values(right)
+    if any(isinstance(value, str) and value.startswith("@") for value in values):
+        return None  # a named set: its elements are not looked up
     if isinstance(meta, dict) and meta.get("key") in ("iifname", "oifname"):
         name = packet.iifname if meta["key"] == "iifname" else packet.oifname
-        found = any(_name_matches(name, value) for value in _values(right))
+        found = any(_name_matches(name, value) for value in values)
     elif isinstance(meta, dict) and meta.get("key") == "nfproto":
-        found = "ipv4" in _values(right)
+        found = "ipv4" in values
     elif isinstance(ct, dict) and ct.get("key") == "state":
-        found = packet.ct_state in _values(right)
-    elif isinstance(ct, dict) and ct.get("key") == "status" and _values(right) == ["dnat"]:
+        found = packet.ct_state in values
+    elif isinstance(ct, dict) and ct.get("key") == "status" and values == ["dnat"]:
         found = False
+    elif isinstance(payload, dict) and payload.get("protocol") in _NOT_IPV4:
+        return False  # a header an IPv4 packet does not have: no match, whatever the op
     elif isinstance(payload, dict) and payload.get("protocol") == "ip":
         address = {"saddr": packet.saddr, "daddr": packet.daddr}.get(str(payload.get("field")))
         if address is not None:
-            found = any(_address_in(address, value) for value in _values(right))
+            found = any(_address_in(address, value) for value in values)
     if found is None or op not in ("==", "!=", "in"):
         return None
     return found if op != "!=" else not found

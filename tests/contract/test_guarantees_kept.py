@@ -66,3 +66,31 @@ def test_a_firewall_that_cannot_hold_the_guarantees_is_refused_before_any_change
         assert switched.choose_firewall().kind == "iptables"
         assert [a.vm_id for a in switched.list()] == ["vm-open"]
         switched.teardown_host()
+
+
+def test_giving_back_cut_short_is_finished_by_the_next_ensure_host(
+    config: NetworkConfig, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ensure_host that made the tables again dies before it gave the guarantees back
+    (or one VM's failed): the tables are current then, but the next ensure_host still
+    gives them back, as a file in state_dir says it must."""
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        manager.attach("vm-shop", policy=SHOP)
+        before = policies(manager)
+        backend.firewall("nftables").remove("nvbr0")
+
+        def killed() -> bool:
+            raise KeyboardInterrupt  # as a kill would stop it
+
+        monkeypatch.setattr(manager, "_restore_guarantees", killed)
+        with pytest.raises(KeyboardInterrupt):
+            manager.ensure_host()
+        monkeypatch.undo()
+        assert policies(manager)["vm-shop"] is None
+    with NetworkManager(config, backend) as again:  # the tables are in place already
+        again.ensure_host()
+        assert policies(again) == before
+        again.ensure_host()
+        assert not list(config.state_dir.glob("guarantees-to-restore.*"))
+        again.teardown_host()

@@ -289,6 +289,8 @@ def test_a_manager_with_another_state_dir_is_refused_before_anything_changes(
             for operation in (
                 intruder.ensure_host,
                 lambda: intruder.attach("vm-b"),
+                lambda: intruder.detach("vm-a"),
+                lambda: intruder.detach_many(["vm-a"]),
                 lambda: intruder.gc(keep=()),
                 intruder.teardown_host,
             ):

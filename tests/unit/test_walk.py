@@ -129,3 +129,33 @@ def test_a_loop_of_jumps_ends_unknown() -> None:
         "accept", {"forward": [[{"jump": {"target": "a"}}]], "a": [[{"jump": {"target": "a"}}]]}
     )
     assert loop.verdict("forward", OUT) == "unknown"
+
+
+def test_what_an_ipv4_packet_cannot_carry_does_not_match_and_named_sets_are_unknown() -> None:
+    v6 = {
+        "match": {
+            "op": "==",
+            "left": {"payload": {"protocol": "ip6", "field": "daddr"}},
+            "right": "::/96",
+        }
+    }
+    # firewalld's default filter_FORWARD rejects some IPv6 before its zones: not IPv4's.
+    firewalld = walk("accept", {"forward": [[v6, {"reject": None}], [ACCEPT]]})
+    assert firewalld.verdict("forward", OUT) == "accept"
+    named = walk("drop", {"forward": [[name("iifname", "@lan", "!="), DROP], [ACCEPT]]})
+    assert named.verdict("forward", OUT) == "unknown"
+    mapped = walk("accept", {"forward": [[{"vmap": {"key": {}, "data": {}}}]]})
+    assert mapped.verdict("forward", OUT) == "unknown"
+
+
+def test_a_ruleset_made_to_be_slow_to_walk_ends_unknown_at_once() -> None:
+    chains: dict[str, list[list[Json]]] = {
+        f"c{n}": [[{"jump": {"target": f"c{n + 1}"}}] for _ in range(10)] for n in range(15)
+    }
+    chains["forward"] = [[{"jump": {"target": "c0"}}]]
+    chains["c15"] = [[{"return": None}]]
+    assert walk("accept", chains).verdict("forward", OUT) == "unknown"
+    long = walk(
+        "drop", {"forward": [[saddr("10.0.0.0/8", "!="), {"counter": None}]] * 800 + [[ACCEPT]]}
+    )
+    assert long.verdict("forward", REPLY) == "accept"  # no rule decides: walked, no recursion error
