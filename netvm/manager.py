@@ -180,7 +180,8 @@ class NetworkManager:
                 undo.run()
                 self._bridge_index = None
                 if not pending:
-                    self._mark_restore(False)
+                    with suppress(StateStoreError):  # the error to raise is the one above
+                        self._mark_restore(False)
                 raise
             self._bridge_index = bridge.index
             self._firewall_kind = None
