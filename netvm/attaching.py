@@ -127,7 +127,7 @@ def _attach_group(
             continue
         slots[vm_id] = lease.slot
         if new:
-            tx.set_policy(vm_id, policy.describe())  # a VM leased already: by _attach_one
+            tx.set_policy(vm_id, policy.describe())  # one leased already: in _attach_one
             fresh[vm_id] = VmNetwork.for_slot(vm_id, manager.config.vm_subnet, lease.slot)
         else:
             again[vm_id] = False
