@@ -69,6 +69,12 @@ class _Occupied(Exception):
     """An in-flight attach found its TAP's name taken by a device it cannot judge alone."""
 
 
+def _retired_tap_of(link: Link, vm_id: str) -> bool:
+    """Whether `link` is a TAP of `vm_id` that a detach (of any bridge) retired: netvm's,
+    about to be deleted, so an attach of the VM may rename it away."""
+    return link.kind == "tun" and naming.retired_vm_id(link.alias) == vm_id
+
+
 def _fixed_flags(options: TapOptions) -> tuple[int | None, int | None, bool]:
     """The flags a TAP keeps for life. vnet_hdr is left out: every opener of the TAP sets
     it anew (TUNSETIFF), so a VMM that opened the TAP may have changed it."""
@@ -512,7 +518,7 @@ class NetworkManager:
             index = self.backend.create_tap(name, options)
         except DeviceExists:
             link = self.backend.get_link(name)
-            if link is None or naming.retired_vm_id(link.alias) != network.vm_id:
+            if link is None or not _retired_tap_of(link, network.vm_id):
                 flight.update({"op": "attach", "vm_id": network.vm_id, "slot": slot, "new": True})
                 raise _Occupied from None
             # A detach of this VM has not deleted its old TAP yet: finish that first.
@@ -586,7 +592,7 @@ class NetworkManager:
         except DeviceExists:
             tx.clear_intent()  # the TAP is not this call's: a failure must leave it
             link = self.backend.get_link(name)
-            if link is None or naming.retired_vm_id(link.alias) != vm_id:
+            if link is None or not _retired_tap_of(link, vm_id):
                 network = self._reuse_tap(tx, network, options, link)
                 self._guard(network, policy)
                 if link is not None and link.isolated != policy.isolated:
