@@ -37,16 +37,14 @@ class HostSetup:
         state_dir = config.state_dir
         self.file = StateFile(state_dir / f"host.{namespace}.lock")
         self.ip_forward_flag = state_dir / f"ip_forward-enabled-by-netvm.{namespace}"
+        self.store = naming.store_id(state_dir)
+        """The lease store the bridge's mark names (naming.store_id of state_dir)."""
         self.firewall_changed = False
         """The last ensure changed netvm's firewall rules (made its tables, after a flush)."""
 
     @property
     def alias(self) -> str:
         return naming.bridge_alias(self.config.vm_subnet, self.store)
-
-    @property
-    def store(self) -> str:
-        return naming.store_id(self.config.state_dir)
 
     # Locking and recovery ---------------------------------------------------------------
 

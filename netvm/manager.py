@@ -205,11 +205,7 @@ class NetworkManager:
         if chosen.kind == "nftables":
             return
         with self.leases.transaction() as tx:
-            guarded = {
-                vm_id
-                for vm_id, text in tx.policies().items()
-                if text != OPEN.describe() and tx.get(vm_id) is not None
-            }
+            guarded = {vm_id for vm_id, text in tx.policies().items() if text != OPEN.describe()}
         nftables = self.backend.firewall("nftables")
         if nftables.unavailable() is None:
             held = nftables.guards(self.config.bridge_name)
@@ -416,6 +412,7 @@ class NetworkManager:
         marked = link is not None and naming.parse_bridge_alias(link.alias) is not None
         if link is not None and link.kind == "bridge" and marked:
             self.host.check_bridge(link)
+            self._bridge_index = link.index  # checked: later detaches need no look-up
 
     def _bridge_or_none(self) -> int | None:
         link = self.backend.get_link(self.config.bridge_name)
@@ -749,7 +746,8 @@ class NetworkManager:
         name is free at once, and the reaper deletes it with its group. Any other, or one
         that cannot be renamed, is deleted now, paying the kernel's grace period.
         """
-        if naming.detaching_vm_id(link.alias, self.config.bridge_name) is not None:
+        if link.kind == "tun" and naming.retired_vm_id(link.alias) is not None:
+            # Retired by a detach of this bridge or another's: netvm's, being deleted.
             group = self._reaper.begin()
             retire = LinkChange(
                 link.index, name=naming.detached_name(link.index), up=False, group=group

@@ -127,18 +127,6 @@ def detaching_alias(bridge: str, vm_id: str) -> str:
     return f"{DETACHING_MARK}{bridge}:{vm_id}"
 
 
-def detaching_vm_id(alias: str | None, bridge: str) -> str | None:
-    """The vm_id in a detaching mark of `bridge` (detaching_alias), or None."""
-    prefix = detaching_alias(bridge, "")
-    if alias is None or not alias.startswith(prefix):
-        return None
-    vm_id = alias.removeprefix(prefix)
-    try:
-        return validate_vm_id(vm_id)
-    except ConfigError:
-        return None
-
-
 def retired_vm_id(alias: str | None) -> str | None:
     """The vm_id in a detaching mark of any bridge (a TAP that netvm retired and is about
     to delete), or None; a bridge name has no ':', so the first ':' after the mark ends it."""
@@ -151,6 +139,12 @@ def retired_vm_id(alias: str | None) -> str | None:
         return validate_vm_id(vm_id)
     except ConfigError:
         return None
+
+
+def detaching_vm_id(alias: str | None, bridge: str) -> str | None:
+    """The vm_id in a detaching mark of `bridge` (detaching_alias), or None."""
+    vm_id = retired_vm_id(alias)
+    return vm_id if vm_id is not None and alias == detaching_alias(bridge, vm_id) else None
 
 
 DETACHED_PREFIX = "nvdel"

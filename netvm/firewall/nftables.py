@@ -887,16 +887,21 @@ class NftablesFirewall:
             self._run(commands, "remove unused egress chains", f"{FAMILY} {table}")
 
 
+def is_xt_comment(expr: Json) -> bool:
+    """iptables-nft's `-m comment` as libnftables lists it (without its text): a match
+    that takes every packet."""
+    xt = expr.get("xt")
+    return isinstance(xt, dict) and xt.get("type") == "match" and xt.get("name") == "comment"
+
+
 def _matching(exprs: list[Json]) -> list[Json]:
     """A rule's expressions less what does not decide its verdict: the comment match and
     the counter that iptables-nft-restore adds to every rule."""
-    return [e for e in exprs if "counter" not in e and e.get("xt", {}).get("name") != "comment"]
+    return [e for e in exprs if "counter" not in e and not is_xt_comment(e)]
 
 
 def _xt_commented(rule: Json) -> bool:
-    return "comment" not in rule and any(
-        expr.get("xt", {}).get("name") == "comment" for expr in rule.get("expr", ())
-    )
+    return "comment" not in rule and any(is_xt_comment(e) for e in rule.get("expr", ()))
 
 
 def _in(ref: Json, chain: str) -> Json:

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from netvm.firewall.nftables import is_xt_comment
+
 Json = dict[str, Any]
 Verdict = Literal["accept", "drop", "unknown"]
 _Outcome = Literal["accept", "drop", "unknown", "return"]
@@ -156,7 +158,7 @@ def matches(rule: Json, packet: Packet) -> bool | None:
             continue
         if "match" in expr:
             found = _match(expr["match"], packet)
-        elif any(key in _IGNORED for key in expr) or _xt_comment(expr):
+        elif any(key in _IGNORED for key in expr) or is_xt_comment(expr):
             continue
         else:
             found = None
@@ -165,12 +167,6 @@ def matches(rule: Json, packet: Packet) -> bool | None:
         if found is None:
             known = False
     return True if known else None
-
-
-def _xt_comment(expr: Json) -> bool:
-    """iptables-nft's `-m comment` (as iptables-nft-restore writes it): matches anything."""
-    xt = expr.get("xt")
-    return isinstance(xt, dict) and xt.get("type") == "match" and xt.get("name") == "comment"
 
 
 def _match(match: Json, packet: Packet) -> bool | None:
