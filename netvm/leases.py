@@ -22,13 +22,14 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from netvm import naming
+from netvm import forkgate, naming
 from netvm.errors import ConfigError, ConflictError, StateStoreError, SubnetExhausted
 from netvm.statefile import STATE_DIR_HINT, InFlight, StateFile
 
@@ -274,6 +275,8 @@ class LeaseStore:
         self.path = Path(state_dir) / f"{name}.sqlite"
         self.file = StateFile(Path(state_dir) / f"{name}.lock")
         self._repair = repair
+        self._pid = os.getpid()
+        _stores.add(self)
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
         self._identity: tuple[int, int] | None = None
@@ -456,23 +459,31 @@ class LeaseStore:
         leases and the kernel at rest; without, it sees the leases of in-flight attaches
         whose kernel work is under way (an attach waits only for one on its own VM).
         """
+        if self._pid != os.getpid():
+            raise StateStoreError(
+                "use",
+                str(self.path),
+                f"this lease store was opened by process {self._pid}, before a fork(); "
+                "make a new NetworkManager in the child process",
+            )
         with self._lock:
             if self.file.held:
                 raise RuntimeError("lease transactions do not nest")
             self.file.acquire()
             try:
-                tx = self._start(drain)
-                try:
-                    yield tx
-                    tx.commit()
-                    if self.file.read_intent() is not None:
-                        self.file.clear_intent()
-                except sqlite3.Error as exc:
-                    tx.rollback()
-                    raise self.error("use", exc) from None
-                except BaseException:
-                    tx.rollback()
-                    raise
+                with forkgate.GATE.inside():  # no fork copies this transaction
+                    tx = self._start(drain)
+                    try:
+                        yield tx
+                        tx.commit()
+                        if self.file.read_intent() is not None:
+                            self.file.clear_intent()
+                    except sqlite3.Error as exc:
+                        tx.rollback()
+                        raise self.error("use", exc) from None
+                    except BaseException:
+                        tx.rollback()
+                        raise
             finally:
                 self.file.release()
 
@@ -508,8 +519,25 @@ class LeaseStore:
             return tx.all()
 
     def close(self) -> None:
+        if self._pid != os.getpid():
+            return  # the parent's: its connection and lock file stay as they are
         with self._lock:
             if self._db is not None:
                 self._db.close()
                 self._db = None
             self.file.close()
+
+
+_stores: weakref.WeakSet[LeaseStore] = weakref.WeakSet()
+_parents_connections: list[sqlite3.Connection] = []
+"""In a forked child: the parent's connections, never closed (closing the last connection
+of a WAL database may checkpoint it and delete its WAL under the parent's feet)."""
+
+
+def _keep_in_child() -> None:
+    for store in list(_stores):
+        if store._db is not None:
+            _parents_connections.append(store._db)
+
+
+os.register_at_fork(after_in_child=_keep_in_child)
