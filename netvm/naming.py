@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import ipaddress
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from netvm.errors import ConfigError
+
+
+def _sha256_constructor() -> Callable[[bytes], Any]:
+    """hashlib loads OpenSSL (~4 ms of every `netvm` command): the interpreter's own SHA-256
+    module first, as the standard library's random.py does for SHA-512 (named _sha256
+    before Python 3.12, _sha2 since); hashlib where the build has neither."""
+    for name in ("_sha256", "_sha2"):
+        try:
+            return importlib.import_module(name).sha256  # type: ignore[no-any-return]
+        except (ImportError, AttributeError):
+            continue
+    import hashlib
+
+    return hashlib.sha256
+
+
+_SHA256 = _sha256_constructor()
+
+
+def sha256_hex(data: bytes) -> str:
+    return str(_SHA256(data).hexdigest())
+
 
 TAP_PREFIX = "tap-"
 MAX_VM_ID_LENGTH = 64
@@ -60,7 +82,7 @@ def validate_vm_ids(field: str, value: object) -> list[str]:
 
 def _digest(vm_id: str) -> bytes:
     """Stable across processes and Python runs (unlike the built-in hash())."""
-    return hashlib.sha256(vm_id.encode()).digest()
+    return bytes(_SHA256(vm_id.encode()).digest())
 
 
 def tap_name(vm_id: str) -> str:
@@ -75,7 +97,7 @@ BRIDGE_ALIAS = "netvm-bridge"
 def store_id(state_dir: os.PathLike[str] | str) -> str:
     """Eight hex digits that name a lease store: its state_dir, absolute, links resolved."""
     path = os.path.realpath(state_dir).encode(errors="surrogateescape")
-    return hashlib.sha256(path).hexdigest()[:8]
+    return sha256_hex(path)[:8]
 
 
 def bridge_alias(subnet: ipaddress.IPv4Network, store: str | None = None) -> str:

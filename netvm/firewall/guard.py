@@ -25,12 +25,11 @@ never leaves elements without the record that names them.
 from __future__ import annotations
 
 import functools
-import hashlib
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-from netvm.naming import format_mac
+from netvm.naming import format_mac, sha256_hex
 from netvm.policy import PROTOCOLS, EgressRule, GuestPolicy
 
 FieldType = Literal["ifname", "ether_addr", "ipv4_addr", "inet_proto", "inet_service", "verdict"]
@@ -154,7 +153,7 @@ def egress_chain(policy: GuestPolicy) -> str | None:
 
 @functools.lru_cache(maxsize=1024)
 def _egress_chain(text: str) -> str:
-    return EGRESS_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return EGRESS_PREFIX + sha256_hex(text.encode())[:16]
 
 
 def elements(vm: VmGuard) -> list[Element]:

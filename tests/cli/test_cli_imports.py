@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.privileged
 
 NEVER = {"pyroute2", "hypothesis", "pytest", "asyncio", "netvm.testing", "netvm.aio"}
-NOT_FOR_ATTACH = {"netvm.diagnosis", "netvm.status", "netvm.backends.fake", "shutil"}
+NOT_FOR_ATTACH = {"netvm.diagnosis", "netvm.status", "netvm.backends.fake", "shutil", "hashlib"}
 
 
 def modules_after(netns: str, state: Path, *commands: list[str]) -> set[str]:

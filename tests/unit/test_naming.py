@@ -139,3 +139,14 @@ def test_bridge_alias_records_the_subnet_and_the_bare_old_mark_is_accepted() -> 
         "netvm-bridge:192.0.2.0/24:0123abcd:x",
     ):
         assert naming.parse_bridge_alias(foreign) is None
+
+
+def test_names_are_sha256_whichever_module_computes_it() -> None:
+    """TAP names, store ids and egress set names must not change between Python builds
+    (the interpreter's own _sha256/_sha2 or OpenSSL's through hashlib): a TAP made by
+    one must be found by another."""
+    import hashlib
+
+    assert naming.tap_name("vm-a") == "tap-" + hashlib.sha256(b"vm-a").hexdigest()[:11]
+    assert naming.sha256_hex(b"\xff\x00") == hashlib.sha256(b"\xff\x00").hexdigest()
+    assert naming.tap_name("vm-a") == "tap-9f5f9ca7bee"  # as every netvm release made it
