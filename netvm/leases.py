@@ -194,12 +194,20 @@ class LeaseTransaction:
         return None if row is None else str(row[0])
 
     def policies(self) -> dict[str, str]:
-        """The remembered policy of each leased VM (VMs attached before netvm remembered
-        policies have none)."""
+        """The remembered policy of each leased VM (a rebuilt store learns them from the
+        firewall's records: manager._relearn_policies)."""
         rows = self._db.execute(
             "SELECT p.vm_id, p.policy FROM policies p JOIN leases l ON l.vm_id = p.vm_id"
         )
         return {str(vm_id): str(policy) for vm_id, policy in rows.fetchall()}
+
+    def unremembered(self) -> list[Lease]:
+        """The leases whose VM has no remembered policy."""
+        rows = self._db.execute(
+            "SELECT l.vm_id, l.slot, l.tap_name FROM leases l"
+            " LEFT JOIN policies p ON p.vm_id = l.vm_id WHERE p.vm_id IS NULL ORDER BY l.slot"
+        )
+        return [self._lease(*row) for row in rows.fetchall()]
 
     # The intent (see statefile.py) ------------------------------------------------------
 

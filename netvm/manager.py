@@ -236,32 +236,44 @@ class NetworkManager:
             ) from None
 
     def _restore_guarantees(self) -> bool:
-        """Give back the guarantees the firewall lost: a foreign `nft flush ruleset` takes
-        netvm's tables with every VM's elements, and ensure_host has just made the tables
-        again. Each VM leased with a remembered policy that asks for some, whose TAP is
-        this bridge's and has no record in the firewall, is guarded with it again. False
-        if a VM's could not be (logged): the next ensure_host tries again."""
+        """Give back the guarantees the firewall lost, now that ensure_host has made
+        netvm's tables (or some of their parts) again. A foreign `nft flush ruleset` takes
+        every VM's elements with the tables: each VM leased with a remembered policy that
+        asks for some, whose TAP is this bridge's and has no record, is guarded with it
+        again. A foreign `nft delete table` of one of the tables can leave the records (in
+        the bridge table) and take the rest: each VM with a record gets every element of
+        it written again (firewall.restore). False if a VM's could not be (logged): the
+        next ensure_host tries again."""
         if self._kind() != "nftables":
             return True
         firewall = self.backend.firewall("nftables")
+        bridge = self.config.bridge_name
         restored: list[str] = []
         failed = False
         with self._changing() as tx:
             wanted = tx.policies()
-            held = firewall.guards(self.config.bridge_name)
-            for tap in netvm_taps(self.backend, self.config.bridge_name):
+            held = firewall.guards(bridge)
+            for tap in netvm_taps(self.backend, bridge):
                 mark, name = tap.mark, tap.link.name
-                if mark is None or name in held or mark.vm_id not in wanted:
-                    continue
-                lease = tx.get(mark.vm_id)
-                try:
-                    policy = GuestPolicy.parse(wanted[mark.vm_id])
-                except ConfigError:
-                    continue
-                if lease is None or not policy.any:
+                lease = tx.get(mark.vm_id) if mark is not None else None
+                if mark is None or lease is None:
                     continue
                 network = VmNetwork.for_slot(mark.vm_id, self.config.vm_subnet, lease.slot)
                 if network.tap_name != name:
+                    continue
+                record = held.get(name)
+                if record is not None:
+                    try:
+                        firewall.restore(bridge, record)
+                    except NetvmError as exc:
+                        log.error("the guarantees of %r not written again: %s", mark.vm_id, exc)
+                        failed = True
+                    continue
+                try:
+                    policy = GuestPolicy.parse(wanted[mark.vm_id])
+                except (KeyError, ConfigError):
+                    continue  # no policy remembered, or not one netvm can read
+                if not policy.any:
                     continue
                 try:
                     self._guard(network, policy)
@@ -308,6 +320,27 @@ class NetworkManager:
                 self._settle(tx)
                 raise
 
+    def _relearn_policies(self, tx: LeaseTransaction) -> None:
+        """Leased VMs with no remembered policy (a store lost and rebuilt from the kernel,
+        or VMs that a netvm from before remembering attached) get the policy the firewall's
+        record of their TAP holds, or the open policy where it holds none (no record is
+        what the open policy leaves): what ensure_host gives back after a flush. Done
+        again by the next opening of the store if the firewall cannot be read now."""
+        missing = tx.unremembered()
+        if not missing:
+            return
+        try:
+            firewall = self._elements()
+            held = firewall.guards(self.config.bridge_name) if firewall is not None else {}
+        except NetvmError as exc:
+            log.warning("the VMs' policies were not read from the firewall: %s", exc)
+            return
+        if firewall is None:
+            return  # no guarantee can be held: none was lost
+        for lease in missing:
+            guard = held.get(lease.tap_name)
+            tx.set_policy(lease.vm_id, (guard.policy if guard is not None else OPEN).describe())
+
     def _settle(self, tx: LeaseTransaction) -> None:
         """Bring the kernel in line with the store, as the intent describes; keep the intent
         if that fails, for the next call."""
@@ -333,6 +366,7 @@ class NetworkManager:
         tx.orphans = []
         if tx.fresh:
             rebuild(tx, netvm_taps(self.backend, self.config.bridge_name))
+            self._relearn_policies(tx)
 
     def _recover(self, intent: dict[str, Any], tx: LeaseTransaction, crashed: bool) -> None:
         """Undo or finish the change `intent` describes. `crashed`: its maker died."""

@@ -179,6 +179,11 @@ class Firewall(Protocol):
         one transaction. ConfigError where this firewall cannot give them. `fresh`: the TAP
         was just created (it most likely has nothing yet: a cheaper path, as correct)."""
 
+    def restore(self, bridge: str, vm: VmGuard) -> None:
+        """Write every element of `vm` again, whatever is there already (none is removed):
+        a record can outlive elements in another of netvm's tables, when a foreign change
+        took that table and ensure_host made it again."""
+
     def record(self, bridge: str, tap: str) -> VmGuard | None:
         """What the firewall holds for `tap`, or None."""
 

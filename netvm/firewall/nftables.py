@@ -689,6 +689,13 @@ class NftablesFirewall:
         changes += [("add", e) for e in _by_set(e for e in after if _full(e) not in keep)]
         self._write(bridge, vm, changes)
 
+    def restore(self, bridge: str, vm: VmGuard) -> None:
+        """Add every element of `vm` (an element there already is left as it is; an egress
+        set and chain that are gone are made again by _write)."""
+        after = elements(vm)
+        if after:
+            self._write(bridge, vm, [("add", e) for e in _by_set(after)])
+
     def _write(
         self, bridge: str, vm: VmGuard, changes: list[tuple[str, Element]], exclusive: bool = False
     ) -> bool:
@@ -805,10 +812,35 @@ class NftablesFirewall:
         if old is None:
             return None
         gone = _by_set(elements(old))
+        table, where = table_name(bridge), f"{tap} in nftables {table_name(bridge)}"
+        operation = f"remove the guarantees of {tap}"
         changes = [("add", e) for e in gone] + [("delete", e) for e in gone]
-        where = f"{tap} in nftables {table_name(bridge)}"
-        self._store().commit(changes, table_name(bridge), f"remove the guarantees of {tap}", where)
+        try:
+            self._store().commit(changes, table, operation, where)
+        except HostError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            self._unguard_set_by_set(gone, table, operation, where)
         return old
+
+    def _unguard_set_by_set(
+        self, gone: list[Element], table: str, operation: str, where: str
+    ) -> None:
+        """A set of the elements is gone (a foreign change took one of netvm's tables, and
+        ensure_host made it again without the egress sets): the elements of each set in a
+        batch of their own, skipping the sets that are gone; the record last, so that a
+        failure on the way leaves it to say what is left."""
+        groups: dict[tuple[str, str], list[Element]] = {}
+        for element in gone:
+            groups.setdefault((element.schema.family, element.schema.name), []).append(element)
+        for key in sorted(groups, key=lambda key: key == (VMS.family, VMS.name)):
+            part = groups[key]
+            changes = [("add", e) for e in part] + [("delete", e) for e in part]
+            try:
+                self._store().commit(changes, table, operation, where)
+            except HostError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
 
     def guards(self, bridge: str) -> dict[str, VmGuard]:
         """Every VM's record on this bridge (one listing of set vms, O(number of VMs))."""

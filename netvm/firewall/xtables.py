@@ -252,6 +252,9 @@ class XtablesFirewall:
                 "the iptables firewall has no sets to keep it O(1) per VM",
             )
 
+    def restore(self, bridge: str, vm: VmGuard) -> None:
+        self.guard(bridge, vm)
+
     def record(self, bridge: str, tap: str) -> VmGuard | None:
         return None
 

@@ -6,11 +6,13 @@ to iptables, or the configuration) is refused before anything changes."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 
 import pytest
 
-from netvm import ConflictError, NetworkConfig, NetworkManager
+from netvm import ConflictError, FakeBackend, KernelBackend, NetworkConfig, NetworkManager
 from netvm.backends.base import Backend
+from netvm.firewall.fake_nft import FakeNftRunner
 from netvm.policy import OPEN, GuestPolicy
 from netvm.testing import snapshot
 
@@ -94,3 +96,105 @@ def test_giving_back_cut_short_is_finished_by_the_next_ensure_host(
         again.ensure_host()
         assert not list(config.state_dir.glob("guarantees-to-restore.*"))
         again.teardown_host()
+
+
+def _lose_the_store(manager: NetworkManager) -> None:
+    path = manager.leases.path
+    for suffix in ("", "-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("flush_first", [False, True], ids=["store-then-flush", "control"])
+def test_a_store_rebuilt_from_the_kernel_learns_the_policies_the_firewall_holds(
+    config: NetworkConfig, backend: Backend, flush_first: bool
+) -> None:
+    """The lease store is lost (deleted, or from a netvm that did not remember policies):
+    the rebuild takes each VM's policy from its TAP's record, so that a later flush of the
+    firewall is still mended. The control loses both at once: nothing can say what the
+    guarantees were, and the test sees that they are gone."""
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        manager.attach("vm-shop", policy=SHOP)
+        manager.attach("vm-default")
+        manager.attach("vm-open", policy=OPEN)
+        before = policies(manager)
+        if flush_first:
+            backend.firewall("nftables").remove("nvbr0")
+        _lose_the_store(manager)
+    with NetworkManager(config, backend) as rebuilt:
+        rebuilt.ensure_host()
+        with rebuilt.leases.transaction() as tx:
+            remembered = tx.policies()
+        backend.firewall("nftables").remove("nvbr0")
+        rebuilt.ensure_host()
+        if flush_first:
+            assert policies(rebuilt) == dict.fromkeys(before)
+            assert set(remembered.values()) == {OPEN.describe()}
+        else:
+            assert remembered == {vm: p.describe() for vm, p in before.items() if p} | {
+                "vm-open": OPEN.describe()
+            }
+            assert policies(rebuilt) == before
+        rebuilt.teardown_host()
+
+
+def _delete_netvms_inet_table(backend: Backend) -> None:
+    """A foreign `nft delete table inet netvm-nvbr0`: the records (in the bridge table)
+    stay, the VMs' forward-side elements, egress sets and chains go."""
+    if isinstance(backend, KernelBackend):
+        assert backend.netns is not None
+        command = ["nft", "delete", "table", "inet", "netvm-nvbr0"]
+        subprocess.run(["ip", "netns", "exec", backend.netns, *command], check=True)
+    else:
+        assert isinstance(backend, FakeBackend)
+        table = {"family": "inet", "name": "netvm-nvbr0"}
+        FakeNftRunner(backend.state.nftables).run([{"delete": {"table": table}}], "test", None)
+
+
+def _by_table(state: dict[str, object]) -> dict[tuple[str, str], list[object]]:
+    """The nftables part of a snapshot, table by table (each in its order): a table made
+    again is listed after the others."""
+    tables: dict[tuple[str, str], list[object]] = {}
+    nftables = state["nftables"]
+    assert isinstance(nftables, list)
+    for entry in nftables:
+        ((kind, body),) = entry.items()
+        key = (body["family"], body["name"] if kind == "table" else body["table"])
+        tables.setdefault(key, []).append(entry)
+    return tables
+
+
+def test_a_table_taken_behind_netvms_back_comes_back_with_every_vms_elements(
+    config: NetworkConfig, backend: Backend
+) -> None:
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        manager.attach("vm-shop", policy=SHOP)
+        manager.attach("vm-default")
+        before = snapshot(backend)
+        _delete_netvms_inet_table(backend)
+        assert snapshot(backend) != before  # the control: the loss is seen
+        manager.ensure_host()
+        after = snapshot(backend)
+        assert _by_table(after) == _by_table(before)
+        assert {**after, "nftables": None} == {**before, "nftables": None}
+        manager.teardown_host()
+
+
+def test_detach_gc_and_teardown_work_while_a_table_of_netvms_is_gone(
+    config: NetworkConfig, backend: Backend
+) -> None:
+    """Removing a VM's guarantees must not need the sets a foreign change took: what is
+    left of them goes, and nothing stops detach, gc or teardown."""
+    empty = snapshot(backend)
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        for vm_id in ("vm-a", "vm-b", "vm-c"):
+            manager.attach(vm_id, policy=GuestPolicy.of(egress_deny=["198.51.100.0/24"]))
+        _delete_netvms_inet_table(backend)
+        manager.detach("vm-a")
+        assert manager.wait_detached()
+        assert manager.gc(keep=["vm-c"]) == ["vm-b"]
+        assert set(policies(manager)) == {"vm-c"}
+        manager.teardown_host()
+    assert snapshot(backend) == empty
