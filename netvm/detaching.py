@@ -68,6 +68,8 @@ def retire_vms(
         links = {} if link is None else {name: link}
     else:
         links = manager.backend.get_links(list(names))
+    if {link.master for link in links.values() if link.master} - {manager._bridge_index}:
+        manager._check_owner(again=True)  # the bridge was made again since it was checked
     doomed: list[tuple[Link, str]] = []
     for name, link in list(links.items()):
         vm_id = names[name]

@@ -92,9 +92,11 @@ class HostSetup:
 
     # Ownership --------------------------------------------------------------------------
 
-    def check_bridge(self, link: Link) -> None:
-        """ConflictError unless `link` is a bridge netvm made for this subnet (or made
-        before it recorded subnets)."""
+    def check_bridge(self, link: Link, claim: bool = False) -> None:
+        """ConflictError unless `link` is a bridge netvm made for this subnet and lease
+        store. A mark from before bridges recorded their store is accepted only to
+        `claim` it (ensure_host rewrites it, teardown removes the bridge): attach, detach
+        and gc cannot tell whose leases its VMs are."""
         name = link.name
         if link.kind != "bridge":
             raise ConflictError(
@@ -113,6 +115,12 @@ class HostSetup:
                 f"bridge {name} serves {mark.subnet} for another netvm configuration, not "
                 f"{self.config.vm_subnet}; use that vm_subnet, or another bridge_name"
             )
+        if mark.store is None and not claim:
+            raise ConflictError(
+                f"bridge {name} carries the mark of an older netvm ({link.alias!r}), which "
+                "does not say which state_dir holds its leases: run ensure_host() once with "
+                f"this state_dir ({self.config.state_dir}), which records it"
+            )
         if mark.store is not None and mark.store != self.store:
             raise ConflictError(
                 f"bridge {name} has its leases in another state_dir than "
@@ -125,7 +133,7 @@ class HostSetup:
         """The bridge if it exists, after check_bridge; reads only."""
         link = self.backend.get_link(self.config.bridge_name)
         if link is not None:
-            self.check_bridge(link)
+            self.check_bridge(link, claim=True)
         return link
 
     # Set-up -----------------------------------------------------------------------------
@@ -150,7 +158,7 @@ class HostSetup:
             link = self.backend.get_link(name)
             if link is None:
                 raise host_error("create bridge", name, errno.ENODEV, "it vanished")
-        self.check_bridge(link)
+        self.check_bridge(link, claim=True)
         if link.alias != self.alias:
             # Made before netvm recorded the subnet: it now says which subnet it serves.
             old = link.alias

@@ -296,7 +296,8 @@ class NetworkManager:
         host is success.
         """
         with self.host.locked(required=False):
-            self.gc(keep=())
+            self._check_owner(again=True, claim=True)  # an older mark too: all of it goes
+            self._collect(set())
             with suppress(StateStoreError):
                 self._mark_restore(False)
             problems = self.host.teardown()
@@ -437,15 +438,19 @@ class NetworkManager:
             log.log(level, "restoring TAP %s of %r: its detach did not complete", link.name, vm_id)
             self.backend.set_link(link.name, up=bool(intent.get("up")), alias=alias)
 
-    def _check_owner(self) -> None:
+    def _check_owner(self, again: bool = False, claim: bool = False) -> None:
         """ConflictError if the bridge is netvm's for another subnet or lease store: its
-        TAPs are not this manager's to detach or delete (checked once, as _bridge does)."""
-        if self._bridge_index is not None:
+        TAPs are not this manager's to detach or delete. Checked once, as _bridge does,
+        unless `again`: gc and teardown always look (the bridge may have been deleted and
+        made again by another store's manager since), and a detach does when a TAP it
+        meets is on a bridge of another index. `claim`: as host.check_bridge."""
+        if self._bridge_index is not None and not again:
             return
+        self._bridge_index = None
         link = self.backend.get_link(self.config.bridge_name)
         marked = link is not None and naming.parse_bridge_alias(link.alias) is not None
         if link is not None and link.kind == "bridge" and marked:
-            self.host.check_bridge(link)
+            self.host.check_bridge(link, claim)
             self._bridge_index = link.index  # checked: later detaches need no look-up
 
     def _bridge_or_none(self) -> int | None:
@@ -806,7 +811,11 @@ class NetworkManager:
         read-only, say), the TAPs are found and deleted from the kernel alone.
         """
         kept = set(naming.validate_vm_ids("keep", keep))
-        self._check_owner()
+        self._check_owner(again=True)
+        return self._collect(kept)
+
+    def _collect(self, kept: set[str]) -> list[str]:
+        """gc, the bridge's owner checked."""
         removed: set[str] = set()
         try:
             with self._changing() as tx:

@@ -187,6 +187,37 @@ def test_a_bridge_with_an_older_mark_is_accepted_and_marked_with_its_subnet_and_
         manager.teardown_host()
 
 
+@pytest.mark.parametrize("old", ["netvm-bridge", "netvm-bridge:192.0.2.0/24"])
+def test_until_ensure_host_claims_an_older_mark_only_teardown_uses_the_bridge(
+    backend: Backend, config: NetworkConfig, tmp_path: Path, old: str
+) -> None:
+    """An older mark does not say whose leases the bridge's VMs are: managers of two
+    state_dirs that only attached would hand out one address twice. attach, detach and gc
+    are refused, with nothing changed, until an ensure_host records its store."""
+    other = dataclasses.replace(config, state_dir=tmp_path / "elsewhere")
+    with NetworkManager(config, backend) as older:  # as the older netvm left the bridge
+        older.ensure_host()
+        older.attach("vm-a")
+    backend.set_link(config.bridge_name, alias=old)
+    before = snapshot(backend)
+    with NetworkManager(config, backend) as first:
+        with NetworkManager(other, backend) as second:
+            for manager in (first, second):
+                with pytest.raises(ConflictError, match="run ensure_host"):
+                    manager.attach("vm-b")
+                with pytest.raises(ConflictError, match="run ensure_host"):
+                    manager.detach("vm-a")
+                with pytest.raises(ConflictError, match="run ensure_host"):
+                    manager.gc(keep=())
+            assert snapshot(backend) == before
+        first.ensure_host()  # records its store: the control, the same calls now work
+        first.attach("vm-b")
+        assert first.gc(keep=["vm-b"]) == ["vm-a"]
+        backend.set_link(config.bridge_name, alias=old)
+        first.teardown_host()
+        assert backend.get_link(config.bridge_name) is None
+
+
 def test_an_old_tap_without_a_slot_is_adopted_and_marked(
     backend: Backend, config: NetworkConfig
 ) -> None:
@@ -303,6 +334,36 @@ def test_a_manager_with_another_state_dir_is_refused_before_anything_changes(
             alias.attach("vm-b")
         assert len({a.network.guest_ip for a in owner.list() if a.network}) == 2
         owner.teardown_host()
+
+
+def test_a_bridge_made_again_by_another_store_is_not_the_old_managers(
+    backend: Backend, config: NetworkConfig, tmp_path: Path
+) -> None:
+    """A long-lived manager checked the bridge once; it is deleted by hand and made again
+    by a manager of another state_dir, whose VM is on it. The old manager's gc, detach
+    and teardown are ConflictErrors, with nothing changed (its check is not trusted
+    across the bridge's new index)."""
+    other = dataclasses.replace(config, state_dir=tmp_path / "elsewhere")
+    with NetworkManager(config, backend) as old:
+        old.ensure_host()
+        old.attach("vm-a")
+        old.detach("vm-a")
+        assert old.wait_detached()
+        backend.delete_link(config.bridge_name)
+        with NetworkManager(other, backend) as new:
+            new.ensure_host()
+            new.attach("vm-b")
+            before = snapshot(backend)
+            for operation in (
+                lambda: old.gc(keep=()),
+                lambda: old.detach("vm-b"),
+                old.teardown_host,
+            ):
+                with pytest.raises(ConflictError, match="another state_dir"):
+                    operation()
+            assert snapshot(backend) == before
+            assert [a.vm_id for a in new.list()] == ["vm-b"]
+            new.teardown_host()
 
 
 @pytest.mark.parametrize("table", ["leases", "free", "policies"])
