@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         PermissionDenied,
         StateStoreError,
         SubnetExhausted,
+        UsedAfterFork,
     )
     from netvm.firewall import BridgeFirewall, Firewall, FirewallRule
     from netvm.glue import (
@@ -77,6 +78,7 @@ _LAZY: dict[str, str] = {
     "Rule": "netvm.backends.base",
     "StateStoreError": "netvm.errors",
     "SubnetExhausted": "netvm.errors",
+    "UsedAfterFork": "netvm.errors",
     "TapOptions": "netvm.backends.base",
     "VmNetwork": "netvm.naming",
     "cloud_hypervisor_net": "netvm.glue",
@@ -120,6 +122,7 @@ __all__ = [
     "StateStoreError",
     "SubnetExhausted",
     "TapOptions",
+    "UsedAfterFork",
     "VmNetwork",
     "cloud_hypervisor_net",
     "doctor",

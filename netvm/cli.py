@@ -642,13 +642,22 @@ def _run(args: argparse.Namespace, manager: NetworkManager) -> int:
     return 0
 
 
-def _hint(exc: NetvmError) -> str:
-    """What to do, for the few errors whose message does not say it already."""
+STATE_DIR_OPTION_HINT = "--state-dir (MICROVM_NETWORK_STATE_DIR) must be a writable directory"
+
+
+def _message(exc: NetvmError) -> str:
+    """The error's text with what to do, in the command's words (its options), for the
+    few errors whose message does not say it already."""
+    text = str(exc)
     if isinstance(exc, NotFound) and exc.operation == "open network namespace":
-        return "; create it first (ip netns add NAME) or fix --netns"
+        return text + "; create it first (ip netns add NAME) or fix --netns"
     if isinstance(exc, StateStoreError):
-        return "; --state-dir (MICROVM_NETWORK_STATE_DIR) must be a writable directory"
-    return ""
+        from netvm.statefile import STATE_DIR_HINT
+
+        if STATE_DIR_HINT in text:  # the library's hint, named as the command's option
+            return text.replace(STATE_DIR_HINT, f"{STATE_DIR_OPTION_HINT} with free space")
+        return f"{text}; {STATE_DIR_OPTION_HINT}"
+    return text
 
 
 def _fail(args: argparse.Namespace, kind: str, message: str) -> int:
@@ -755,7 +764,7 @@ def main(
         env = os.environ if environ is None else environ
         return _execute(args, backend_factory or _kernel_backend, env)
     except NetvmError as exc:
-        return _fail(args, type(exc).__name__, f"{exc}{_hint(exc)}")
+        return _fail(args, type(exc).__name__, _message(exc))
     except _sqlite_errors() as exc:
         # Last resort: the lease store should have turned this into a netvm error.
         return _fail(

@@ -5,6 +5,7 @@
     ├── SubnetExhausted    every guest address of the subnet (or bridge port) is leased
     ├── ConflictError      something that is not netvm's is in the way; it is left untouched
     ├── StateStoreError    state_dir cannot hold netvm's records (full, read-only, unusable)
+    ├── UsedAfterFork      a backend or lease store made before fork() used in the child
     └── HostError          the kernel refused an operation (operation, device, errno)
         ├── PermissionDenied   EPERM/EACCES: CAP_NET_ADMIN is missing
         ├── DeviceExists       EEXIST/EBUSY: the name or entry is taken
@@ -61,6 +62,21 @@ class StateStoreError(NetvmError):
         self.path = path
         self.detail = detail
         super().__init__(f"{operation} {path} failed: {detail}")
+
+
+class UsedAfterFork(NetvmError):
+    """A backend or lease store made before fork() is used in the child: its netlink
+    sockets and lock file descriptors are the parent's (a reply could reach either
+    process, and a lock held by one would be held by both). Make a new KernelBackend and
+    NetworkManager in the child."""
+
+    def __init__(self, what: str, parent: int) -> None:
+        self.what = what
+        self.parent = parent
+        super().__init__(
+            f"{what} was made by process {parent}, before a fork(): it cannot be used in "
+            f"process {os.getpid()}; make a new KernelBackend and NetworkManager in the child"
+        )
 
 
 class HostError(NetvmError):

@@ -30,8 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from netvm import forkgate, naming
-from netvm.errors import ConfigError, ConflictError, StateStoreError, SubnetExhausted
-from netvm.statefile import STATE_DIR_HINT, InFlight, StateFile
+from netvm.errors import (
+    ConfigError,
+    ConflictError,
+    StateStoreError,
+    SubnetExhausted,
+    UsedAfterFork,
+)
+from netvm.statefile import STATE_DIR_HINT, InFlight, StateFile, make_directory
 
 log = logging.getLogger("netvm")
 
@@ -332,7 +338,7 @@ class LeaseStore:
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            make_directory(self.path.parent)
         except OSError as exc:
             raise StateStoreError(
                 "create", str(self.path.parent), f"{exc.strerror}; {STATE_DIR_HINT}"
@@ -468,12 +474,7 @@ class LeaseStore:
         whose kernel work is under way (an attach waits only for one on its own VM).
         """
         if self._pid != os.getpid():
-            raise StateStoreError(
-                "use",
-                str(self.path),
-                f"this lease store was opened by process {self._pid}, before a fork(); "
-                "make a new NetworkManager in the child process",
-            )
+            raise UsedAfterFork(f"the lease store {self.path}", self._pid)
         with self._lock:
             if self.file.held:
                 raise RuntimeError("lease transactions do not nest")

@@ -66,6 +66,14 @@ _FLOCK = struct.Struct("=hh4xqqi4x")  # struct flock: type, whence, start, len, 
 T = TypeVar("T")
 
 
+def make_directory(path: Path) -> None:
+    """mkdir -p, and ENOTDIR (not mkdir's EEXIST) when `path` or a parent is a file."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o755)
+    except FileExistsError:
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
+
+
 def _lock(fd: int, kind: int, start: int, length: int, wait: bool) -> None:
     command = fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK
     fcntl.fcntl(fd, command, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
@@ -193,7 +201,7 @@ class StateFile:
     def _open(self) -> int:
         if self._fd is None:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+                make_directory(self.path.parent)
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as exc:
                 raise self._error("open", exc) from None

@@ -26,7 +26,7 @@ from netvm.backends.base import Address, Link, LinkChange, LinkSetting, Rule, Ta
 from netvm.backends.netns import NamespaceThread
 from netvm.backends.rtnl import LinkInfo, Rtnl, RtnlError
 from netvm.backends.tun import create_persistent_tap, open_tun
-from netvm.errors import HostError, NetvmError, host_error
+from netvm.errors import HostError, NetvmError, UsedAfterFork, host_error
 
 if TYPE_CHECKING:
     # Imported where used: python-iptables, libnftables and the firewall modules cost a
@@ -108,6 +108,7 @@ class KernelBackend:
 
     def __init__(self, netns: str | None = None) -> None:
         self.netns = netns
+        self._pid = os.getpid()
         self._iptc: IptablesFirewall | None = None
         self._firewalls: dict[FirewallKind, Firewall] = {}
         self._rtnl: Rtnl | None = None
@@ -126,13 +127,20 @@ class KernelBackend:
         or path reached it."""
         return f"net{self._namespace_inode}"
 
+    def _check_process(self) -> None:
+        """The sockets and pooled descriptors are the process's that made them."""
+        if self._pid != os.getpid():
+            raise UsedAfterFork(f"the KernelBackend of {self.netns or 'this namespace'}", self._pid)
+
     @property
     def rtnl(self) -> Rtnl:
+        self._check_process()
         if self._rtnl is None:
             raise RuntimeError("the backend is closed")
         return self._rtnl
 
     def _call(self, fn: Callable[[], T]) -> T:
+        self._check_process()
         return self._thread.call(fn)
 
     @property
@@ -202,6 +210,7 @@ class KernelBackend:
 
     def _tun_fd(self) -> int:
         """A /dev/net/tun descriptor opened in the namespace (a hop only every TUN_POOL)."""
+        self._check_process()
         with self._tun_lock:
             if not self._tun_fds:
                 self._tun_fds = self._call(lambda: [open_tun() for _ in range(TUN_POOL)])
@@ -226,6 +235,7 @@ class KernelBackend:
 
     def create_taps(self, names: Sequence[str], options: TapOptions) -> dict[str, HostError]:
         """The ioctls of every TAP back to back, on descriptors opened in one hop."""
+        self._check_process()
         with self._tun_lock:
             short = len(names) - len(self._tun_fds)
             if short > 0:
@@ -455,6 +465,8 @@ class KernelBackend:
         self._call(lambda: self.iptc.delete_rule(table, chain, rule))
 
     def close(self) -> None:
+        if self._pid != os.getpid():
+            return  # a forked child's copy: the sockets and descriptors are the parent's
         if self._iptc is not None:
             self._call(self._iptc.close)
         nft = self._firewalls.get("nftables")

@@ -245,3 +245,15 @@ def test_an_unusable_state_dir_says_which_option_to_fix(run: Run, state: FakeSta
     assert "/proc/no-such-dir" in line
     assert "--state-dir (MICROVM_NETWORK_STATE_DIR) must be a writable directory" in line
     assert list(state.links) == ["lo"]
+
+
+def test_a_state_dir_that_is_a_file_is_named_so_with_one_hint(
+    run: Run, state: FakeState, tmp_path: Path
+) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    line = run("ensure-host", "--state-dir", str(plain)).error_line("ensure-host")
+    assert "Not a directory (ENOTDIR)" in line
+    assert line.count("must be a writable directory") == 1
+    assert "--state-dir (MICROVM_NETWORK_STATE_DIR) must be a writable directory" in line
+    assert list(state.links) == ["lo"]

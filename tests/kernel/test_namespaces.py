@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from netvm import KernelBackend, NetworkConfig, NetworkManager
+from netvm import KernelBackend, NetworkConfig, NetworkManager, UsedAfterFork
+from netvm.backends.base import TapOptions
 from netvm.naming import tap_name
 from netvm.testing import snapshot, throwaway_netns
 
@@ -100,5 +102,53 @@ def test_nftables_acts_in_its_namespace_from_any_thread(netns: str, config: Netw
             assert backend.firewall("nftables").listing("nvbr0") != []
             manager.teardown_host()
         assert nft("list", "tables").split() == ["table", "inet", "probe"]
+    finally:
+        backend.close()
+
+
+def test_a_backend_used_in_a_forked_child_is_refused_and_the_parents_still_works(
+    netns: str, config: NetworkConfig
+) -> None:
+    """The child's copy shares the parent's netlink socket (a reply could reach either
+    process) and pooled TUN descriptors: refused with a netvm error, and closing it there
+    changes nothing; a backend made in the child works."""
+    backend = KernelBackend(netns)
+    try:
+        with NetworkManager(config, backend) as manager:
+            manager.ensure_host()
+            manager.attach("vm-parent")
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                answer = "error"
+                try:
+                    outcome = []
+                    for call in (
+                        lambda: backend.get_link(config.bridge_name),
+                        lambda: backend.create_tap("nvfork0", TapOptions()),
+                        lambda: NetworkManager(config, backend).attach("vm-child"),
+                    ):
+                        try:
+                            call()
+                            outcome.append("used")
+                        except UsedAfterFork:
+                            outcome.append("refused")
+                    backend.close()
+                    own = KernelBackend(netns)
+                    outcome.append("own" if own.get_link(config.bridge_name) else "none")
+                    own.close()
+                    answer = " ".join(outcome)
+                finally:
+                    os.write(write_end, answer.encode())
+                    os._exit(0)
+            os.close(write_end)
+            _, status = os.waitpid(pid, 0)
+            with os.fdopen(read_end) as pipe:
+                answer = pipe.read()
+            assert os.waitstatus_to_exitcode(status) == 0
+            assert answer == "refused refused refused own"
+            assert [a.vm_id for a in manager.list()] == ["vm-parent"]
+            assert backend.get_link("nvfork0") is None
+            manager.teardown_host()
     finally:
         backend.close()

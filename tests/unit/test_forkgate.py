@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from netvm import StateStoreError, forkgate
+from netvm import UsedAfterFork, forkgate
 from netvm.leases import LeaseStore
 
 SLASH24 = ipaddress.IPv4Network("192.0.2.0/24")
@@ -105,7 +105,7 @@ def test_a_child_cannot_use_its_parents_store_and_closing_it_changes_nothing(
             try:
                 store.all()
                 answer = b"used the parent's store"
-            except StateStoreError as exc:
+            except UsedAfterFork as exc:
                 answer = str(exc).encode()
             store.close()
         finally:
@@ -117,7 +117,7 @@ def test_a_child_cannot_use_its_parents_store_and_closing_it_changes_nothing(
     finally:
         os.close(read_end)
     assert b"before a fork()" in answer
-    assert b"new NetworkManager in the child" in answer
+    assert b"make a new KernelBackend and NetworkManager in the child" in answer
     with store.transaction() as tx:
         assert tx.acquire("vm-b")[1]
         assert {lease.vm_id for lease in tx.all()} == {"vm-a", "vm-b"}

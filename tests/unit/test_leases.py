@@ -140,3 +140,13 @@ def test_an_unwritable_state_dir_says_what_to_set(tmp_path: Path) -> None:
     assert "Not a directory" in str(error.value)
     assert "MICROVM_NETWORK_STATE_DIR" in str(error.value)
     assert not isinstance(error.value, HostError)
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["the-file", "under-the-file"])
+def test_a_state_dir_that_is_a_file_is_named_not_a_directory(tmp_path: Path, inside: bool) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    state_dir = plain / "sub" if inside else plain
+    with pytest.raises(StateStoreError, match=r"Not a directory \(ENOTDIR\)") as raised:
+        LeaseStore(state_dir, "br0", SLASH24).open()
+    assert str(raised.value).count("must be a writable directory") == 1
