@@ -10,6 +10,7 @@ xtables table the kernel has not instantiated (reading one would create it).
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ from netvm import naming
 from netvm.backends.base import FILTER, Backend
 from netvm.errors import NetvmError
 from netvm.firewall.nftables import IPTABLES_FAMILY, IPTABLES_TABLE, TABLE_PREFIX, NftablesFirewall
-from netvm.firewall.walk import Packet, Walk, guest_packets
+from netvm.firewall.walk import ANY_TAP, Packet, Walk, guest_packets, hook_packets
 from netvm.manager import NetworkManager
 from netvm.validation import read_routes as _routes
 
@@ -74,7 +75,7 @@ def doctor(manager: NetworkManager) -> list[Finding]:
             )
         )
     guest = naming.guest_ip(config.vm_subnet, 0)
-    found += _nftables(backend, chosen.kind, guest_packets(bridge, egress, guest), bridge, egress)
+    found += _nftables(backend, chosen.kind, guest, bridge, egress)
     found += _legacy(backend, chosen.kind)
     return found
 
@@ -201,7 +202,7 @@ def _verdicts(rule: Json) -> set[str]:
 
 
 def _nftables(
-    backend: Backend, chosen: str, packets: list[Packet], bridge: str, egress: str
+    backend: Backend, chosen: str, guest: ipaddress.IPv4Address, bridge: str, egress: str
 ) -> list[Finding]:
     firewall = backend.firewall("nftables")
     if not isinstance(firewall, NftablesFirewall) or firewall.unavailable() is not None:
@@ -217,24 +218,81 @@ def _nftables(
         elif "rule" in item:
             rule = item["rule"]
             rules.setdefault((rule["family"], rule["table"]), []).append(rule)
+    packets = guest_packets(bridge, egress, guest)
     found: list[Finding] = []
     for (family, table), by_name in chains.items():
         if table.startswith(TABLE_PREFIX):
             continue
         table_rules = rules.get((family, table), [])
         walk = Walk(by_name, table_rules)
-        if (family, table) == (IPTABLES_FAMILY, IPTABLES_TABLE) and "FORWARD" in by_name:
+        iptables_forward = (family, table) == (IPTABLES_FAMILY, IPTABLES_TABLE)
+        if iptables_forward and "FORWARD" in by_name:
             found += _iptables_nft(by_name, table_rules, chosen, bridge, egress, bridged)
             if chosen == "nftables" and not any(n.startswith("ufw-") for n in by_name):
                 # netvm's accepts stand in this table: is anything before them in the way?
                 found += _walked(walk, family, table, "FORWARD", packets, bridge)
-            continue
-        if family not in ("ip", "inet"):
-            continue  # the guests' routed IPv4 packets pass only these families' hooks
         for name, chain in by_name.items():
-            if chain.get("hook") == "forward":
+            hook = chain.get("hook")
+            if hook is None or (iptables_forward and name == "FORWARD"):
+                continue
+            if family in ("ip", "inet") and hook == "forward":
                 found += _walked(walk, family, table, name, packets, bridge)
+                continue
+            devices = chain.get("dev")
+            named = devices if isinstance(devices, list) else [devices] if devices else []
+            unnamed = family == "netdev" and not named  # libnftables < 1.0.7 omits it
+            seen = [
+                packet
+                for device in (named or ([egress, bridge] if unnamed else [None]))
+                for packet in hook_packets(family, hook, device, bridge, egress, guest)
+                if chain.get("type") != "nat" or packet.ct_state == "new"  # a first packet
+            ]
+            found += _dropped_at(walk, (family, table, name), chain, seen, unnamed, bridge, egress)
     return found
+
+
+def _dropped_at(
+    walk: Walk,
+    at: tuple[str, str, str],
+    chain: Json,
+    packets: list[Packet],
+    unnamed: bool,
+    bridge: str,
+    egress: str,
+) -> list[Finding]:
+    """A base chain at another hook than forward (`at`: family, table, chain) that
+    certainly drops a guest's packet. What may or may not is not reported there (rules on
+    addresses, as Docker's per-container drops in raw PREROUTING, would make every such
+    host a warning). `unnamed`: a netdev chain whose device libnftables does not name,
+    walked as if on the egress and on the bridge: a warning, not blocking."""
+    family, table, name = at
+    dropped = [packet.what for packet in packets if walk.verdict(name, packet) == "drop"]
+    if not dropped:
+        return []
+    hook = str(chain.get("hook"))
+    where = f"table {family} {table} chain {name} (hook {hook}"
+    if unnamed:
+        where += f" of a device libnftables does not name: if it is {egress} or {bridge})"
+    else:
+        where += f" of {chain['dev']})" if chain.get("dev") else ")"
+    if family == "bridge":  # the guests' TAPs (meta ibrname needs nft_meta_bridge)
+        key = "iifname" if hook in ("prerouting", "input") else "oifname"
+        rule = f'{key} "{ANY_TAP}" accept'
+    elif family == "netdev":
+        rule = "accept for the guests' traffic"
+    elif hook == "prerouting":
+        rule = f'iifname "{bridge}" accept; ... iifname "{egress}" ct state established accept'
+    else:
+        rule = f'oifname "{egress}" accept; ... oifname "{bridge}" ct state established accept'
+    return [
+        Finding(
+            "foreign-hook-unsure" if unnamed else "foreign-hook-drop",
+            "warning" if unnamed else "blocking",
+            f"{where} drops " + " and ".join(dict.fromkeys(dropped)),
+            f"{where}: policy {chain.get('policy', 'accept')}; walked to a drop",
+            f"let them through before the drop: nft insert rule {family} {table} {name} {rule}",
+        )
+    ]
 
 
 def _iptables_nft(

@@ -30,6 +30,7 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 16
 NFNL_MSG_BATCH_END = 17
+NFT_MSG_GETCHAIN = 4
 NFT_MSG_GETRULE = 7
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_GETSETELEM = 13
@@ -64,7 +65,12 @@ NFTA_EXPR_NAME = 1
 NFTA_EXPR_DATA = 2
 NFTA_MATCH_NAME = 1
 NFTA_MATCH_INFO = 3
-FAMILIES = {"inet": 1, "ip": 2, "bridge": 7}
+NFTA_CHAIN_TABLE = 1
+NFTA_CHAIN_NAME = 3
+NFTA_CHAIN_HOOK = 4
+NFTA_HOOK_DEV = 3
+NFTA_HOOK_DEVS = 4
+FAMILIES = {"inet": 1, "ip": 2, "netdev": 5, "bridge": 7}
 _CREATE_FLAGS = {"add": NLM_F_CREATE, "create": NLM_F_CREATE | NLM_F_EXCL}
 _HEADER = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
@@ -400,6 +406,27 @@ class NetlinkElements:
                         found = _comment_of(message)
         return found
 
+    def chain_devices(self, operation: str) -> dict[tuple[str, str], list[str]]:
+        """(table, chain) -> the devices of each netdev base chain (a GETCHAIN dump):
+        libnftables before 1.0.7 lists such chains without them."""
+        body = _NFGENMSG.pack(FAMILIES["netdev"], 0, 0)
+        found: dict[tuple[str, str], list[str]] = {}
+        with self._lock:
+            kind = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETCHAIN
+            seq, packed = self._message(kind, NLM_F_REQUEST | NLM_F_DUMP, body)
+            self._sock.send(packed)
+            while True:
+                for got, code, reply, message, _ in self._receive():
+                    if got != seq:
+                        continue
+                    if reply == NLMSG_DONE or (reply == NLMSG_ERROR and code == errno.ENOENT):
+                        return found
+                    if reply == NLMSG_ERROR:
+                        raise host_error(operation, "netdev", code, "nf_tables chains")
+                    table, chain, devices = _chain_devices(message)
+                    if devices:
+                        found[(table, chain)] = devices
+
     def rule_comments(self, family: str, table: str, operation: str) -> dict[int, str]:
         """handle -> comment of the table's rules that have one (a GETRULE dump); {} for
         a table that does not exist."""
@@ -420,6 +447,28 @@ class NetlinkElements:
                     handle, comment = _rule_comment(message)
                     if handle is not None and comment is not None:
                         found[handle] = comment
+
+
+def _chain_devices(message: bytes) -> tuple[str, str, list[str]]:
+    """(table, chain, devices of its hook) of one NEWCHAIN message."""
+    table = chain = ""
+    devices: list[str] = []
+
+    def text(begin: int, end: int) -> str:
+        return message[begin:end].split(b"\0", 1)[0].decode(errors="replace")
+
+    for kind, begin, end in _attrs(message, _HEADER.size + _NFGENMSG.size, len(message)):
+        if kind == NFTA_CHAIN_TABLE:
+            table = text(begin, end)
+        elif kind == NFTA_CHAIN_NAME:
+            chain = text(begin, end)
+        elif kind == NFTA_CHAIN_HOOK:
+            for hook_kind, hook_begin, hook_end in _attrs(message, begin, end):
+                if hook_kind == NFTA_HOOK_DEV:
+                    devices.append(text(hook_begin, hook_end))
+                elif hook_kind == NFTA_HOOK_DEVS:
+                    devices += [text(b, e) for _, b, e in _attrs(message, hook_begin, hook_end)]
+    return table, chain, devices
 
 
 def _rule_comment(message: bytes) -> tuple[int | None, str | None]:
@@ -500,6 +549,9 @@ class KernelElements:
 
     def rule_comments(self, family: str, table: str, operation: str) -> dict[int, str]:
         return self._open().rule_comments(family, table, operation)
+
+    def chain_devices(self, operation: str) -> dict[tuple[str, str], list[str]]:
+        return self._open().chain_devices(operation)
 
     def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
         with self._lock:

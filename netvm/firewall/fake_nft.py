@@ -365,6 +365,11 @@ class FakeElements:
         no xtables matches, which only iptables-nft writes)."""
         return {}
 
+    def chain_devices(self, operation: str) -> dict[tuple[str, str], list[str]]:
+        """The model's netdev chains list their devices (as libnftables 1.0.7 and later
+        do): nothing to add."""
+        return {}
+
     def comment(self, element: Element, table: str, operation: str) -> str | None:
         schema = element.schema
         key = element_json(Element(schema, element.key, element.key_end))

@@ -95,6 +95,10 @@ class ElementStore(Protocol):
         also the comment of an xtables `comment` match, which libnftables lists without
         its text (iptables-nft-restore writes netvm's comments that way)."""
 
+    def chain_devices(self, operation: str) -> dict[tuple[str, str], list[str]]:
+        """(table, chain) -> the devices of each netdev base chain, read from the kernel
+        (libnftables before 1.0.7 lists netdev chains without their devices)."""
+
 
 def table_name(bridge: str) -> str:
     return TABLE_PREFIX + bridge
@@ -388,8 +392,24 @@ class NftablesFirewall:
         return True
 
     def ruleset(self) -> list[Json]:
-        """Every table, chain and rule of the namespace (for tests and `doctor`)."""
-        return self._run([{"list": {"ruleset": None}}], "list nftables ruleset", None)
+        """Every table, chain and rule of the namespace (for tests and `doctor`), each
+        netdev base chain with its devices ("dev")."""
+        listed = self._run([{"list": {"ruleset": None}}], "list nftables ruleset", None)
+        unnamed = [
+            item["chain"]
+            for item in listed
+            if "chain" in item
+            and item["chain"].get("family") == "netdev"
+            and item["chain"].get("hook")
+            and not item["chain"].get("dev")
+        ]
+        if unnamed:
+            devices = self._store().chain_devices("list nftables chains")
+            for chain in unnamed:
+                named = devices.get((chain.get("table", ""), chain.get("name", "")))
+                if named:
+                    chain["dev"] = named[0] if len(named) == 1 else named
+        return listed
 
     def in_use(self) -> bool:
         """Whether a table that is not netvm's filters anything: holds a rule, or a base

@@ -15,6 +15,7 @@ unknown beyond a fixed number of branches is "unknown" too.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ MAX_STEPS = 20_000
 """Rules looked at in all, beyond which the verdict is unknown (a ruleset built to be slow
 to walk, or one too large for doctor to tell)."""
 _IGNORED = {"counter", "log", "comment", "notrack"}
+_NAMES = {"iifname": "iifname", "oifname": "oifname", "ibrname": "ibrname", "obrname": "obrname"}
+"""meta keys of device names, and the Packet field each reads."""
 _NOT_IPV4 = {"ip6", "icmpv6", "arp", "vlan"}
 """Statements that neither match nor decide."""
 
@@ -41,19 +44,75 @@ _NOT_IPV4 = {"ip6", "icmpv6", "arp", "vlan"}
 class Packet:
     what: str
     """e.g. "a guest's new connection to up0"."""
-    iifname: str
-    oifname: str
+    iifname: str | None
+    """None: the hook has no input device (postrouting, output): a match on it fails
+    whatever its operator, as the kernel's meta expression breaks the rule. A name ending
+    in `*` stands for some device whose name starts so (a guest's TAP: `tap-*`)."""
+    oifname: str | None
     ct_state: str
     saddr: ipaddress.IPv4Address | None
     """None: an address of the internet, not known."""
     daddr: ipaddress.IPv4Address | None
+    ibrname: str | None = None
+    """The bridge of the input port (bridge family hooks)."""
+    obrname: str | None = None
 
 
 def guest_packets(bridge: str, egress: str, guest: ipaddress.IPv4Address) -> list[Packet]:
+    """The two packets at the forward hook of the ip and inet families."""
     return [
         Packet(f"a guest's new connection to {egress}", bridge, egress, "new", guest, None),
         Packet(f"the replies to it from {egress}", egress, bridge, "established", None, guest),
     ]
+
+
+ANY_TAP = "tap-*"
+
+
+def hook_packets(
+    family: str,
+    hook: str,
+    device: str | None,
+    bridge: str,
+    egress: str,
+    guest: ipaddress.IPv4Address,
+) -> list[Packet]:
+    """The guests' packets (out, and the replies) that a base chain at `hook` of `family`
+    sees, with what the kernel knows of them there; [] where they do not pass.
+
+    The way out: the bridge family's prerouting and input (from a TAP, to the gateway's
+    MAC), then ip prerouting, forward and postrouting, netdev egress of the egress; the
+    replies: netdev ingress of the egress, ip prerouting, forward and postrouting, the
+    bridge family's output and postrouting (to a TAP). The bridge family's forward hook
+    sees traffic between guests only. `device`: a netdev chain's device.
+    """
+    out, reply = guest_packets(bridge, egress, guest)
+    replace = dataclasses.replace
+    if family in ("ip", "inet"):
+        if hook == "forward":
+            return [out, reply]
+        if hook == "prerouting":
+            return [replace(out, oifname=None), replace(reply, oifname=None)]
+        if hook == "postrouting":
+            return [replace(out, iifname=None), replace(reply, iifname=None)]
+        return []
+    if family == "bridge":
+        if hook in ("prerouting", "input"):
+            return [replace(out, iifname=ANY_TAP, oifname=None, ibrname=bridge)]
+        if hook in ("output", "postrouting"):
+            return [replace(reply, iifname=None, oifname=ANY_TAP, obrname=bridge)]
+        return []
+    if family == "netdev" and device == egress:
+        if hook == "ingress":
+            return [replace(reply, oifname=None)]
+        if hook == "egress":
+            return [replace(out, iifname=None, saddr=None)]  # masqueraded by then
+    if family == "netdev" and device == bridge:
+        if hook == "ingress":  # frames the bridge passes up to the host's IP layer
+            return [replace(out, oifname=None)]
+        if hook == "egress":
+            return [replace(reply, iifname=None)]
+    return []
 
 
 class Walk:
@@ -144,6 +203,8 @@ def _verdict_of(rule: Json) -> tuple[str, str | None] | None:
             return "drop", None
         if "vmap" in expr:
             return "unknown", None  # a verdict looked up by a key: not walked
+        if "queue" in expr:
+            return "unknown", None  # a program decides (without one, the packet is dropped)
         for kind in ("jump", "goto"):
             if kind in expr and isinstance(expr[kind], dict):
                 return kind, str(expr[kind].get("target"))
@@ -178,9 +239,12 @@ def _match(match: Json, packet: Packet) -> bool | None:
     values = _values(right)
     if any(isinstance(value, str) and value.startswith("@") for value in values):
         return None  # a named set: its elements are not looked up
-    if isinstance(meta, dict) and meta.get("key") in ("iifname", "oifname"):
-        name = packet.iifname if meta["key"] == "iifname" else packet.oifname
-        found = any(_name_matches(name, value) for value in values)
+    if isinstance(meta, dict) and meta.get("key") in _NAMES:
+        name = getattr(packet, _NAMES[meta["key"]])
+        if name is None:
+            return False  # no such device at this hook: the kernel breaks the rule
+        answers = {_name_matches(name, value) for value in values}
+        found = True if True in answers else (None if None in answers else False)
     elif isinstance(meta, dict) and meta.get("key") == "nfproto":
         found = "ipv4" in values
     elif isinstance(ct, dict) and ct.get("key") == "state":
@@ -206,12 +270,18 @@ def _values(right: object) -> list[Any]:
     return [right]
 
 
-def _name_matches(name: str, pattern: object) -> bool:
+def _name_matches(name: str, pattern: object) -> bool | None:
+    """Whether device `name` matches `pattern` (None: it may; `name` is a prefix then)."""
     if not isinstance(pattern, str):
         return False
-    if pattern.endswith("*") and not pattern.endswith("\\*"):
-        return name.startswith(pattern[:-1])
-    return name == pattern.replace("\\*", "*")
+    wildcard = pattern.endswith("*") and not pattern.endswith("\\*")
+    literal = pattern[:-1] if wildcard else pattern.replace("\\*", "*")
+    if name.endswith("*"):  # some device whose name starts with `prefix`
+        prefix = name[:-1]
+        if wildcard and prefix.startswith(literal):
+            return True
+        return None if literal.startswith(prefix) else False
+    return name.startswith(literal) if wildcard else name == literal
 
 
 def _address_in(address: ipaddress.IPv4Address, value: object) -> bool:

@@ -102,3 +102,77 @@ def test_the_cli_exits_1_when_guests_cannot_get_out(
     argv += ["--state-dir", str(config.state_dir)]
     assert main(argv, backend_factory=lambda netns: backend, environ={}) == code
     assert '"guests_get_out": ' + ("true" if code == 0 else "false") in capsys.readouterr().out
+
+
+def _foreign(backend: FakeBackend, family: str, chain: dict[str, object], *body: object) -> None:
+    table = {"family": family, "name": "t"}
+    commands: list[dict[str, object]] = [
+        {"add": {"table": table}},
+        {"add": {"chain": {"family": family, "table": "t", "name": "c", **chain}}},
+    ]
+    commands += [
+        {"add": {"rule": {"family": family, "table": "t", "chain": "c", "expr": exprs}}}
+        for exprs in body
+    ]
+    FakeNftRunner(backend.state.nftables).run(commands, "test", None)
+
+
+def _meta(key: str, value: str) -> dict[str, object]:
+    return {"match": {"op": "==", "left": {"meta": {"key": key}}, "right": value}}
+
+
+DROP, ACCEPT = {"drop": None}, {"accept": None}
+HOOKS = {
+    "ip prerouting drop from the bridge": (
+        "ip",
+        {"type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"},
+        [[_meta("iifname", "nvbr0"), DROP]],
+        [[_meta("oifname", "up0"), DROP]],  # no output device at prerouting: never matches
+    ),
+    "inet postrouting drop to the egress": (
+        "inet",
+        {"type": "filter", "hook": "postrouting", "prio": 0, "policy": "accept"},
+        [[_meta("oifname", "up0"), DROP]],
+        [[_meta("oifname", "eth9"), DROP]],
+    ),
+    "nat postrouting drop": (
+        "ip",
+        {"type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"},
+        [[_meta("oifname", "up0"), DROP]],
+        [[_meta("oifname", "nvbr0"), DROP]],  # a reply: nat chains see first packets only
+    ),
+    "bridge input policy drop": (
+        "bridge",
+        {"type": "filter", "hook": "input", "prio": 0, "policy": "drop"},
+        [],
+        [[_meta("ibrname", "nvbr0"), ACCEPT]],
+    ),
+    "netdev ingress drop on the egress": (
+        "netdev",
+        {"type": "filter", "hook": "ingress", "dev": "up0", "prio": 0, "policy": "drop"},
+        [],
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HOOKS, ids=str)
+@pytest.mark.parametrize("control", [False, True], ids=["drops", "control"])
+def test_a_drop_at_another_hook_than_forward_blocks(
+    config: NetworkConfig, case: str, control: bool
+) -> None:
+    family, chain, dropping, passing = HOOKS[case]
+    if control and passing is None:  # the control: the same chain on another device
+        chain = {**chain, "dev": "eth9"}
+    backend = ready_host()
+    backend.add_link("eth9", "veth")
+    _foreign(backend, family, chain, *(passing if control and passing else dropping))
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        found = [f for f in doctor(manager) if f.code == "foreign-hook-drop"]
+    if control:
+        assert found == []
+    else:
+        (finding,) = found
+        assert finding.blocking
+        assert "table " + family + " t chain c" in finding.message

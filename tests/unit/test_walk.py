@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from netvm.firewall.walk import Walk, guest_packets
+from netvm.firewall.walk import Packet, Walk, guest_packets, hook_packets
 
 GUEST = ipaddress.IPv4Address("192.0.2.2")
 OUT, REPLY = guest_packets("nvbr0", "up0", GUEST)
@@ -159,3 +159,55 @@ def test_a_ruleset_made_to_be_slow_to_walk_ends_unknown_at_once() -> None:
         "drop", {"forward": [[saddr("10.0.0.0/8", "!="), {"counter": None}]] * 800 + [[ACCEPT]]}
     )
     assert long.verdict("forward", REPLY) == "accept"  # no rule decides: walked, no recursion error
+
+
+def base(hook: str, policy: str) -> dict[str, Json]:
+    return {"c": {"name": "c", "hook": hook, "policy": policy}}
+
+
+def rules(*body: list[Json]) -> list[Json]:
+    return [{"chain": "c", "expr": exprs} for exprs in body]
+
+
+def at(family: str, hook: str, device: str | None = None) -> list[Packet]:
+    return hook_packets(family, hook, device, "nvbr0", "up0", GUEST)
+
+
+def test_a_match_on_a_device_the_hook_does_not_have_takes_nothing_whatever_its_operator() -> None:
+    # At prerouting no output device is known: the kernel breaks `oifname != "x"` too.
+    chain = Walk(base("prerouting", "accept"), rules([name("oifname", "eth9", "!="), DROP]))
+    assert {chain.verdict("c", p) for p in at("ip", "prerouting")} == {"accept"}
+    dropping = Walk(base("prerouting", "accept"), rules([name("iifname", "nvbr0"), DROP]))
+    out, reply = at("ip", "prerouting")
+    assert dropping.verdict("c", out) == "drop"  # the control: a device it has
+    assert dropping.verdict("c", reply) == "accept"
+
+
+def test_at_the_bridge_hooks_the_packets_come_from_some_tap_of_the_bridge() -> None:
+    (out,) = at("bridge", "input")
+    assert Walk(base("input", "drop"), []).verdict("c", out) == "drop"
+    for accepted in (name("iifname", "tap-*"), name("iifname", "t*"), name("ibrname", "nvbr0")):
+        assert Walk(base("input", "drop"), rules([accepted, ACCEPT])).verdict("c", out) == "accept"
+    one_tap = Walk(base("input", "drop"), rules([name("iifname", "tap-0123456789a"), ACCEPT]))
+    assert one_tap.verdict("c", out) == "unknown"  # some guests' TAP, not every one
+    other = Walk(base("input", "drop"), rules([name("iifname", "eth*"), ACCEPT]))
+    assert other.verdict("c", out) == "drop"
+    (reply,) = at("bridge", "output")
+    assert reply.oifname == "tap-*"
+    assert reply.obrname == "nvbr0"
+    assert at("bridge", "forward") == []  # between guests only
+
+
+def test_netdev_hooks_see_the_guests_packets_only_on_the_egress_and_the_bridge() -> None:
+    (reply,) = at("netdev", "ingress", "up0")
+    assert reply.iifname == "up0"
+    assert reply.ct_state == "established"
+    (out,) = at("netdev", "egress", "up0")
+    assert out.saddr is None  # masqueraded before the egress hook
+    assert at("netdev", "ingress", "eth9") == []
+
+
+def test_a_queue_verdict_is_a_program_s_decision_not_a_match() -> None:
+    queued = walk("accept", {"forward": [[name("iifname", "nvbr0"), {"queue": {"num": 7}}]]})
+    assert queued.verdict("forward", OUT) == "unknown"
+    assert queued.verdict("forward", REPLY) == "accept"  # the control: not the bridge's
