@@ -296,12 +296,14 @@ class NetworkManager:
         host is success.
         """
         with self.host.locked(required=False):
-            self._check_owner(again=True, claim=True)  # an older mark too: all of it goes
-            self._collect(set())
-            with suppress(StateStoreError):
-                self._mark_restore(False)
-            problems = self.host.teardown()
-            self._bridge_index = None
+            try:
+                self._check_owner(again=True, claim=True)  # an older mark too: all of it goes
+                self._collect(set())
+                with suppress(StateStoreError):
+                    self._mark_restore(False)
+                problems = self.host.teardown()
+            finally:
+                self._bridge_index = None  # claimed for teardown only, checked again after
         if problems:
             raise ConflictError("teardown incomplete: " + "; ".join(problems))
 

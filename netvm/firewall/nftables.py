@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Protocol, cast
 
-from netvm.errors import ConflictError, HostError, NotFound, host_error
+from netvm.errors import ConflictError, HostError, NetvmError, NotFound, host_error
 from netvm.firewall import guard_rules
 from netvm.firewall.guard import (
     EGRESS_DISPATCH,
@@ -404,7 +404,10 @@ class NftablesFirewall:
             and not item["chain"].get("dev")
         ]
         if unnamed:
-            devices = self._store().chain_devices("list nftables chains")
+            try:
+                devices = self._store().chain_devices("list nftables chains")
+            except NetvmError:
+                devices = {}  # left without: doctor then says it cannot tell which device
             for chain in unnamed:
                 named = devices.get((chain.get("table", ""), chain.get("name", "")))
                 if named:
