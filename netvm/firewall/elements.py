@@ -468,7 +468,7 @@ def _chain_devices(message: bytes) -> tuple[str, str, list[str]]:
                     devices.append(text(hook_begin, hook_end))
                 elif hook_kind == NFTA_HOOK_DEVS:
                     devices += [text(b, e) for _, b, e in _attrs(message, hook_begin, hook_end)]
-    return table, chain, devices
+    return table, chain, list(dict.fromkeys(devices))  # a device can come in both forms
 
 
 def _rule_comment(message: bytes) -> tuple[int | None, str | None]:
