@@ -241,10 +241,12 @@ def _nftables(
             devices = chain.get("dev")
             named = devices if isinstance(devices, list) else [devices] if devices else []
             unnamed = family == "netdev" and not named  # libnftables < 1.0.7 omits it
+            prio = chain.get("prio")
+            priority = prio if isinstance(prio, int) else 0
             seen = [
                 packet
                 for device in (named or ([egress, bridge] if unnamed else [None]))
-                for packet in hook_packets(family, hook, device, bridge, egress, guest)
+                for packet in hook_packets(family, hook, device, priority, bridge, egress, guest)
                 if chain.get("type") != "nat" or packet.ct_state == "new"  # a first packet
             ]
             found += _dropped_at(walk, (family, table, name), chain, seen, unnamed, bridge, egress)

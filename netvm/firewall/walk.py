@@ -44,18 +44,22 @@ _NOT_IPV4 = {"ip6", "icmpv6", "arp", "vlan"}
 class Packet:
     what: str
     """e.g. "a guest's new connection to up0"."""
-    iifname: str | None
-    """None: the hook has no input device (postrouting, output): a match on it fails
-    whatever its operator, as the kernel's meta expression breaks the rule. A name ending
-    in `*` stands for some device whose name starts so (a guest's TAP: `tap-*`)."""
-    oifname: str | None
+    iifname: str
+    """"" where the hook has no input device (the kernel compares an empty name then). A
+    name ending in `*` stands for some device whose name starts so (a guest's TAP)."""
+    oifname: str
     ct_state: str
+    """"invalid" for ARP, which conntrack does not track."""
     saddr: ipaddress.IPv4Address | None
-    """None: an address of the internet, not known."""
+    """None: not known here (an address of the internet, or the egress's own address
+    where NAT has rewritten the guest's)."""
     daddr: ipaddress.IPv4Address | None
     ibrname: str | None = None
-    """The bridge of the input port (bridge family hooks)."""
+    """The bridge of the input port (bridge family hooks); None: no bridge port, where the
+    kernel breaks a rule that asks."""
     obrname: str | None = None
+    ethertype: str = "ip"
+    """"ip" or "arp"."""
 
 
 def guest_packets(bridge: str, egress: str, guest: ipaddress.IPv4Address) -> list[Packet]:
@@ -67,51 +71,66 @@ def guest_packets(bridge: str, egress: str, guest: ipaddress.IPv4Address) -> lis
 
 
 ANY_TAP = "tap-*"
+NAT_DST_PRIORITY = -100
+"""Replies are un-NATed (to the guest's address) by conntrack at prerouting, -100."""
+NAT_SRC_PRIORITY = 100
+"""A guest's packets are masqueraded (to the egress's address) at postrouting, 100."""
 
 
 def hook_packets(
     family: str,
     hook: str,
     device: str | None,
+    priority: int,
     bridge: str,
     egress: str,
     guest: ipaddress.IPv4Address,
 ) -> list[Packet]:
     """The guests' packets (out, and the replies) that a base chain at `hook` of `family`
-    sees, with what the kernel knows of them there; [] where they do not pass.
+    and `priority` sees, with what the kernel knows of them there; [] where they do not
+    pass. `device`: a netdev chain's device.
 
     The way out: the bridge family's prerouting and input (from a TAP, to the gateway's
-    MAC), then ip prerouting, forward and postrouting, netdev egress of the egress; the
-    replies: netdev ingress of the egress, ip prerouting, forward and postrouting, the
-    bridge family's output and postrouting (to a TAP). The bridge family's forward hook
-    sees traffic between guests only. `device`: a netdev chain's device.
+    MAC), then ip prerouting, forward and postrouting (masqueraded at priority 100), netdev
+    egress of the egress; the replies: netdev ingress of the egress (still to the egress's
+    address), ip prerouting (un-NATed at priority -100), forward and postrouting, the
+    bridge family's output and postrouting (to a TAP). The guests' ARP with the gateway
+    passes the bridge family's hooks and the bridge device's netdev hooks. The bridge
+    family's forward hook sees traffic between guests only. A device a hook does not have
+    is "" (a forwarded packet has both at postrouting).
     """
     out, reply = guest_packets(bridge, egress, guest)
     replace = dataclasses.replace
+    unnated = replace(reply, daddr=guest if priority > NAT_DST_PRIORITY else None)
+    unmasqueraded = replace(out, saddr=guest if priority < NAT_SRC_PRIORITY else None)
+    arp_in = Packet("a guest's ARP with the gateway", ANY_TAP, "", "invalid", None, None)
+    arp_in = replace(arp_in, ibrname=bridge, ethertype="arp")
+    arp_out = Packet("the gateway's ARP with the guests", "", ANY_TAP, "invalid", None, None)
+    arp_out = replace(arp_out, obrname=bridge, ethertype="arp")
     if family in ("ip", "inet"):
         if hook == "forward":
             return [out, reply]
         if hook == "prerouting":
-            return [replace(out, oifname=None), replace(reply, oifname=None)]
+            return [replace(out, oifname=""), replace(unnated, oifname="")]
         if hook == "postrouting":
-            return [replace(out, iifname=None), replace(reply, iifname=None)]
+            return [unmasqueraded, reply]
         return []
     if family == "bridge":
         if hook in ("prerouting", "input"):
-            return [replace(out, iifname=ANY_TAP, oifname=None, ibrname=bridge)]
+            return [replace(out, iifname=ANY_TAP, oifname="", ibrname=bridge), arp_in]
         if hook in ("output", "postrouting"):
-            return [replace(reply, iifname=None, oifname=ANY_TAP, obrname=bridge)]
+            return [replace(reply, iifname="", oifname=ANY_TAP, obrname=bridge), arp_out]
         return []
     if family == "netdev" and device == egress:
         if hook == "ingress":
-            return [replace(reply, oifname=None)]
+            return [replace(reply, oifname="", daddr=None)]  # not un-NATed yet
         if hook == "egress":
-            return [replace(out, iifname=None, saddr=None)]  # masqueraded by then
+            return [replace(out, iifname="", saddr=None)]  # masqueraded by then
     if family == "netdev" and device == bridge:
-        if hook == "ingress":  # frames the bridge passes up to the host's IP layer
-            return [replace(out, oifname=None)]
+        if hook == "ingress":  # what the bridge passes up to the host
+            return [replace(out, oifname=""), replace(arp_in, iifname=bridge, ibrname=None)]
         if hook == "egress":
-            return [replace(reply, iifname=None)]
+            return [replace(reply, iifname=""), replace(arp_out, oifname=bridge, obrname=None)]
     return []
 
 
@@ -239,22 +258,34 @@ def _match(match: Json, packet: Packet) -> bool | None:
     values = _values(right)
     if any(isinstance(value, str) and value.startswith("@") for value in values):
         return None  # a named set: its elements are not looked up
+    fields: Json = payload if isinstance(payload, dict) else {}
+    protocol, field = fields.get("protocol"), fields.get("field")
     if isinstance(meta, dict) and meta.get("key") in _NAMES:
         name = getattr(packet, _NAMES[meta["key"]])
         if name is None:
-            return False  # no such device at this hook: the kernel breaks the rule
+            return False  # not a bridge port: the kernel breaks the rule
         answers = {_name_matches(name, value) for value in values}
         found = True if True in answers else (None if None in answers else False)
     elif isinstance(meta, dict) and meta.get("key") == "nfproto":
-        found = "ipv4" in values
+        found = packet.ethertype == "ip" and "ipv4" in values
+    elif (isinstance(meta, dict) and meta.get("key") == "protocol") or (
+        protocol == "ether" and field == "type"
+    ):
+        found = packet.ethertype in values
     elif isinstance(ct, dict) and ct.get("key") == "state":
         found = packet.ct_state in values
     elif isinstance(ct, dict) and ct.get("key") == "status" and values == ["dnat"]:
         found = False
-    elif isinstance(payload, dict) and payload.get("protocol") in _NOT_IPV4:
+    elif protocol == "arp":
+        if packet.ethertype != "arp":
+            return False  # a header the packet does not have: no match, whatever the op
+        return None  # what the ARP packet says is not modelled
+    elif packet.ethertype == "arp" and protocol not in (None, "ether", "vlan"):
+        return False  # an IP (or transport) header: ARP has none
+    elif protocol in _NOT_IPV4:
         return False  # a header an IPv4 packet does not have: no match, whatever the op
-    elif isinstance(payload, dict) and payload.get("protocol") == "ip":
-        address = {"saddr": packet.saddr, "daddr": packet.daddr}.get(str(payload.get("field")))
+    elif protocol == "ip":
+        address = {"saddr": packet.saddr, "daddr": packet.daddr}.get(str(field))
         if address is not None:
             found = any(_address_in(address, value) for value in values)
     if found is None or op not in ("==", "!=", "in"):

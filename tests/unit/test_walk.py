@@ -169,33 +169,75 @@ def rules(*body: list[Json]) -> list[Json]:
     return [{"chain": "c", "expr": exprs} for exprs in body]
 
 
-def at(family: str, hook: str, device: str | None = None) -> list[Packet]:
-    return hook_packets(family, hook, device, "nvbr0", "up0", GUEST)
+def at(family: str, hook: str, device: str | None = None, priority: int = 0) -> list[Packet]:
+    return hook_packets(family, hook, device, priority, "nvbr0", "up0", GUEST)
 
 
-def test_a_match_on_a_device_the_hook_does_not_have_takes_nothing_whatever_its_operator() -> None:
-    # At prerouting no output device is known: the kernel breaks `oifname != "x"` too.
-    chain = Walk(base("prerouting", "accept"), rules([name("oifname", "eth9", "!="), DROP]))
-    assert {chain.verdict("c", p) for p in at("ip", "prerouting")} == {"accept"}
-    dropping = Walk(base("prerouting", "accept"), rules([name("iifname", "nvbr0"), DROP]))
-    out, reply = at("ip", "prerouting")
-    assert dropping.verdict("c", out) == "drop"  # the control: a device it has
-    assert dropping.verdict("c", reply) == "accept"
+def daddr(prefix: str, op: str = "==") -> Json:
+    rule = saddr(prefix, op)
+    rule["match"]["left"]["payload"]["field"] = "daddr"
+    return rule
+
+
+def ether_type(*types: str) -> Json:
+    left = {"payload": {"protocol": "ether", "field": "type"}}
+    return {"match": {"op": "==", "left": left, "right": {"set": list(types)}}}
+
+
+def test_a_device_the_hook_does_not_have_has_an_empty_name_as_in_the_kernel() -> None:
+    # At prerouting no output device is known: `oifname != "eth9"` matches the empty name.
+    unequal = Walk(base("prerouting", "accept"), rules([name("oifname", "eth9", "!="), DROP]))
+    assert {unequal.verdict("c", p) for p in at("ip", "prerouting")} == {"drop"}
+    equal = Walk(base("prerouting", "accept"), rules([name("oifname", "up0"), DROP]))
+    assert {equal.verdict("c", p) for p in at("ip", "prerouting")} == {"accept"}
+    # A forwarded packet has both devices at postrouting.
+    by_input = Walk(base("postrouting", "accept"), rules([name("iifname", "nvbr0"), DROP]))
+    out, reply = at("ip", "postrouting")
+    assert by_input.verdict("c", out) == "drop"
+    assert by_input.verdict("c", reply) == "accept"  # the control: from the egress
+
+
+def test_the_guests_addresses_are_known_only_where_nat_has_not_rewritten_them() -> None:
+    guests = Walk(base("prerouting", "accept"), rules([daddr("192.0.2.0/24"), DROP]))
+    _, before = at("ip", "prerouting", priority=-300)  # raw: still to the egress's address
+    _, after = at("ip", "prerouting", priority=0)  # after conntrack's un-NAT
+    assert guests.verdict("c", before) == "unknown"  # the egress's address: not known
+    assert guests.verdict("c", after) == "drop"
+    leak = Walk(base("postrouting", "accept"), rules([saddr("192.0.2.0/24"), DROP]))
+    masqueraded, _ = at("ip", "postrouting", priority=300)
+    unmasqueraded, _ = at("ip", "postrouting", priority=0)
+    assert leak.verdict("c", masqueraded) == "unknown"  # the egress's address: not known
+    assert leak.verdict("c", unmasqueraded) == "drop"
+    (ingress,) = at("netdev", "ingress", "up0")
+    assert ingress.daddr is None  # netdev ingress is before any un-NAT
 
 
 def test_at_the_bridge_hooks_the_packets_come_from_some_tap_of_the_bridge() -> None:
-    (out,) = at("bridge", "input")
+    out, arp = at("bridge", "input")
     assert Walk(base("input", "drop"), []).verdict("c", out) == "drop"
     for accepted in (name("iifname", "tap-*"), name("iifname", "t*"), name("ibrname", "nvbr0")):
-        assert Walk(base("input", "drop"), rules([accepted, ACCEPT])).verdict("c", out) == "accept"
+        chain = Walk(base("input", "drop"), rules([accepted, ACCEPT]))
+        assert {chain.verdict("c", p) for p in (out, arp)} == {"accept"}
     one_tap = Walk(base("input", "drop"), rules([name("iifname", "tap-0123456789a"), ACCEPT]))
     assert one_tap.verdict("c", out) == "unknown"  # some guests' TAP, not every one
     other = Walk(base("input", "drop"), rules([name("iifname", "eth*"), ACCEPT]))
     assert other.verdict("c", out) == "drop"
-    (reply,) = at("bridge", "output")
+    reply, _ = at("bridge", "output")
     assert reply.oifname == "tap-*"
     assert reply.obrname == "nvbr0"
     assert at("bridge", "forward") == []  # between guests only
+
+
+def test_arp_with_the_gateway_is_walked_at_the_bridge_hooks() -> None:
+    out, arp = at("bridge", "input")
+    ip_only = Walk(base("input", "drop"), rules([ether_type("ip"), ACCEPT]))
+    assert ip_only.verdict("c", out) == "accept"
+    assert ip_only.verdict("c", arp) == "drop"  # the guests never learn the gateway's MAC
+    both = Walk(base("input", "drop"), rules([ether_type("ip", "arp"), ACCEPT]))
+    assert both.verdict("c", arp) == "accept"  # the control
+    tracked = Walk(base("input", "drop"), rules([state("established", "related", "new"), ACCEPT]))
+    assert tracked.verdict("c", arp) == "drop"  # conntrack does not track ARP: invalid
+    assert all(p.ethertype == "ip" for p in at("ip", "forward"))
 
 
 def test_netdev_hooks_see_the_guests_packets_only_on_the_egress_and_the_bridge() -> None:
@@ -205,6 +247,7 @@ def test_netdev_hooks_see_the_guests_packets_only_on_the_egress_and_the_bridge()
     (out,) = at("netdev", "egress", "up0")
     assert out.saddr is None  # masqueraded before the egress hook
     assert at("netdev", "ingress", "eth9") == []
+    assert {p.ethertype for p in at("netdev", "ingress", "nvbr0")} == {"ip", "arp"}
 
 
 def test_a_queue_verdict_is_a_program_s_decision_not_a_match() -> None:
