@@ -264,7 +264,9 @@ class StateFile:
             elif size < SIZE:
                 os.pwrite(fd, bytes(SIZE - size), size)  # a file from before in-flight slots
             (ticket,) = _COUNTER.unpack(os.pread(fd, _COUNTER.size, 0))
-            if ticket >= _LAST_TICKET:
+            # A counter at or below a live ticket (written over by someone else) would let
+            # two holders in: one look at the tickets from the counter on (~1 us) sees it.
+            if ticket >= _LAST_TICKET or _holder(fd, _TICKETS + ticket, 0) is not None:
                 ticket = _after_live_tickets(fd)
             os.pwrite(fd, _COUNTER.pack(ticket + 1), 0)
             _lock(fd, fcntl.F_WRLCK, _TICKETS + ticket, 1, wait=False)

@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from netvm.statefile import INFLIGHT_SLOTS, PAGE, SIZE, InFlight, StateFile
 
 
@@ -201,14 +203,21 @@ def test_a_waiter_that_dies_does_not_let_the_next_one_past_the_holder(tmp_path: 
     holder.close()
 
 
-def test_a_damaged_ticket_counter_counts_again_after_the_live_tickets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", [b"\xff" * 8, bytes(8)], ids=["garbage", "zeroed"])
+def test_a_damaged_ticket_counter_counts_again_after_the_live_tickets(
+    tmp_path: Path, damage: bytes
+) -> None:
     """Garbage over the counter (0xff...) made every lock fail with struct.error, so that
-    not even gc or teardown could run. The next ticket now follows the highest one held,
-    and the queue still excludes: the newcomer waits for the holder."""
+    not even gc or teardown could run; a counter written back to a live ticket or below
+    (zeroed) let a newcomer take a ticket nobody waits behind, beside the holder. The next
+    ticket now follows the highest one held, and the queue still excludes: the newcomer
+    waits for the holder."""
     path = tmp_path / "x.lock"
+    for _ in range(3):  # the holder's ticket is not 0
+        _holding(path).close()
     holder = _holding(path)
     with open(path, "r+b") as raw:
-        raw.write(b"\xff" * 8)
+        raw.write(damage)
     got = threading.Event()
 
     def newcomer() -> None:
