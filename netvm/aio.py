@@ -24,8 +24,9 @@ Cancellation leaves no half state (no TAP without its lease, no lease without it
   cancellations), then the cancellation propagates;
 - a cancelled attach or attach_many is undone: what it attached is detached before the
   CancelledError is raised. Only what the call created is undone: a vm_id that had a lease
-  before the call is left attached, and so is one that another attach of this manager
-  returned meanwhile. A cancelled detach, gc, ensure_host or teardown_host completes.
+  before the call is left attached, with the policy it had before put back, and one that
+  another attach of this manager returned meanwhile is left as that attach made it. A
+  cancelled detach, gc, ensure_host or teardown_host completes.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class _Ticket:
         self._abandoned = False
         self._finished = False
         self.created: list[str] = []
+        self.previous: dict[str, str] = {}
+        """vm_id -> the policy it had before the call (leased already), to put back."""
+        self.tap: TapOptions | None = None
         self.generation = 0
 
     def finish(self) -> bool:
@@ -279,7 +283,7 @@ class AsyncNetworkManager:
             try:
                 for vm_id in vm_ids:
                     naming.validate_vm_id(vm_id)
-                created = _unleased(manager, vm_ids)
+                created, previous = _before(manager, vm_ids)
                 result = self._attach_now(manager, vm_ids, created, tap, many, policy)
                 with self._lock:
                     self._generation += 1
@@ -287,6 +291,8 @@ class AsyncNetworkManager:
                     for vm_id in result.networks:
                         self._attached_by[vm_id] = ticket.generation
                 ticket.created = [vm_id for vm_id in result.networks if vm_id in created]
+                ticket.previous = {v: previous[v] for v in result.networks if v in previous}
+                ticket.tap = tap
             except BaseException:
                 ticket.finish()
                 raise
@@ -340,7 +346,9 @@ class AsyncNetworkManager:
         return AttachManyResult(networks)
 
     def _undo(self, ticket: _Ticket) -> None:
-        """Detach what a cancelled attach created, unless another attach ran since."""
+        """Detach what a cancelled attach created, and give the VMs it attached again
+        their policy from before (a cancelled change of policy must not stay: it may
+        have loosened a tenant's guarantees), unless another attach ran since."""
         manager = self._main.manager
         for vm_id in reversed(ticket.created):
             with self._lock:
@@ -350,6 +358,14 @@ class AsyncNetworkManager:
             with self._lock:
                 if self._attached_by.get(vm_id) == ticket.generation:
                     del self._attached_by[vm_id]
+        for vm_id, text in ticket.previous.items():
+            with self._lock:
+                if self._attached_by.get(vm_id) != ticket.generation:
+                    continue
+            try:
+                manager.attach(vm_id, ticket.tap, GuestPolicy.parse(text))
+            except NetvmError as exc:
+                log.error("cancelled attach: the policy of %s not put back: %s", vm_id, exc)
 
     async def detach(self, vm_id: str) -> None:
         """NetworkManager.detach; it runs on a detach manager when there is one."""
@@ -438,10 +454,13 @@ class AsyncNetworkManager:
         return await _outcome(self._submit(self._main, self._main.manager.list))
 
 
-def _unleased(manager: NetworkManager, vm_ids: Sequence[str]) -> set[str]:
-    """The vm_ids without a lease now: those an attach that follows will create."""
+def _before(manager: NetworkManager, vm_ids: Sequence[str]) -> tuple[set[str], dict[str, str]]:
+    """The vm_ids without a lease now (those an attach that follows will create), and the
+    remembered policy of those with one."""
     with manager.leases.transaction() as tx:
-        return {vm_id for vm_id in vm_ids if tx.get(vm_id) is None}
+        created = {vm_id for vm_id in vm_ids if tx.get(vm_id) is None}
+        policies = {vm_id: tx.policy(vm_id) for vm_id in vm_ids if vm_id not in created}
+    return created, {vm_id: text for vm_id, text in policies.items() if text is not None}
 
 
 def _detach_quietly(manager: NetworkManager, vm_id: str, why: str) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from netvm import NetworkManager, naming
 from netvm.aio import AsyncNetworkManager
+from netvm.policy import OPEN, GuestPolicy
 
 pytestmark = pytest.mark.asyncio
 
@@ -234,3 +235,22 @@ async def test_random_cancellations_of_mixed_calls_leave_no_half_state(
     assert half_states(manager) == []
     listed = await net.list()
     assert all(a.on_bridge and a.network is not None for a in listed)
+
+
+async def test_a_cancelled_reattach_puts_the_policy_from_before_back(
+    net: AsyncNetworkManager, manager: NetworkManager, gates: Gates, half_states: HalfStates
+) -> None:
+    """A cancelled change of policy must not stay: here it would loosen a tenant's."""
+    strict = GuestPolicy.of(isolated=True, egress_deny=["198.51.100.0/24"])
+    await net.attach("tenant", policy=strict)
+    gate = gates(manager.backend, "create_tap", naming.tap_name("tenant"))
+    task = asyncio.create_task(net.attach("tenant", policy=OPEN))
+    await gate.wait_entered()
+    task.cancel()
+    gate.release()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert {a.vm_id: a.policy for a in manager.list()} == {"tenant": strict}
+    assert half_states(manager) == []
+    await net.attach("tenant", policy=OPEN)  # the control: not cancelled, the change stays
+    assert {a.vm_id: a.policy for a in manager.list()} == {"tenant": None}
