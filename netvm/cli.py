@@ -406,7 +406,7 @@ def _status_text(status: HostStatus) -> str:
 
 
 def _vmm_config(
-    args: argparse.Namespace, network: VmNetwork, tap: TapOptions, ip_arg: str
+    args: argparse.Namespace, network: VmNetwork, tap: TapOptions, ip_arg: str, mtu: int
 ) -> tuple[dict[str, Any], str]:
     import json
 
@@ -420,12 +420,12 @@ def _vmm_config(
             f"firecracker: append to boot_args\n  {ip_arg}",
         )
     if vmm == "cloud-hypervisor":
-        net = glue.cloud_hypervisor_net(network, tap, args.queues)
+        net = glue.cloud_hypervisor_net(network, tap, args.queues, mtu)
         return (
             {"name": vmm, "net": net, "cmdline": ip_arg},
             f"cloud-hypervisor: --net {net}\ncloud-hypervisor: append to --cmdline\n  {ip_arg}",
         )
-    qemu = glue.qemu_args(network, tap, args.queues, vhost=args.vhost)
+    qemu = glue.qemu_args(network, tap, args.queues, vhost=args.vhost, mtu=mtu)
     return (
         {"name": vmm, "args": qemu, "append": ip_arg},
         f"qemu: {' '.join(qemu)}\nqemu: append to -append\n  {ip_arg}",
@@ -496,7 +496,7 @@ def _attach(args: argparse.Namespace, manager: NetworkManager) -> int:
         probe = VmNetwork.for_slot(vm_id, manager.config.vm_subnet, 0)
         probe.kernel_ip_arg(args.hostname, args.guest_device, tuple(args.dns))
         if args.vmm is not None:  # the VMM fields too (--iface-id, --queues)
-            _vmm_config(args, probe, tap, "")
+            _vmm_config(args, probe, tap, "", manager.config.mtu)
     if len(args.vm_id) == 1:
         network = manager.attach(args.vm_id[0], tap, policy)
         document, text = _attached(args, manager, network, tap)
@@ -545,7 +545,7 @@ def _attached(
         f"  tap_flags  {_tap_text(tap)}",
     ]
     if args.vmm is not None:
-        document["vmm"], text = _vmm_config(args, network, tap, ip_arg)
+        document["vmm"], text = _vmm_config(args, network, tap, ip_arg, manager.config.mtu)
         lines.append(text)
     return document, "\n".join(lines)
 

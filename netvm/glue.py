@@ -127,16 +127,33 @@ def firecracker_boot_args(
 # Cloud Hypervisor -------------------------------------------------------------------------
 
 
+def _guest_mtu(mtu: int | None) -> int | None:
+    """The MTU to give the guest's NIC: None for the default (1500, the guest's own)."""
+    if mtu is None:
+        return None
+    from netvm.config import parse_mtu
+
+    number = parse_mtu("mtu", mtu)
+    return None if number == DEFAULT_GUEST_MTU else number
+
+
+DEFAULT_GUEST_MTU = 1500
+"""What a virtio-net guest uses unless the VMM offers it another (VIRTIO_NET_F_MTU)."""
+
+
 def cloud_hypervisor_net(
-    network: VmNetwork, tap: TapOptions, queue_pairs: int | None = None
+    network: VmNetwork, tap: TapOptions, queue_pairs: int | None = None, mtu: int | None = None
 ) -> str:
     """The value of Cloud Hypervisor's `--net` for the existing TAP.
 
     `num_queues` is RX plus TX queues: twice the queue pairs. Cloud Hypervisor refuses more
-    queue pairs than boot vCPUs (`--cpus boot=N`).
+    queue pairs than boot vCPUs (`--cpus boot=N`). `mtu` (the bridge's, `config.mtu`):
+    offered to the guest when it is not 1500.
     """
     pairs = queue_pairs_for(tap, queue_pairs)
-    return f"tap={network.tap_name},mac={network.mac_string()},num_queues={2 * pairs}"
+    value = f"tap={network.tap_name},mac={network.mac_string()},num_queues={2 * pairs}"
+    guest_mtu = _guest_mtu(mtu)
+    return value if guest_mtu is None else f"{value},mtu={guest_mtu}"
 
 
 # QEMU -------------------------------------------------------------------------------------
@@ -204,18 +221,26 @@ def qemu_netdev(
 
 
 def qemu_device(
-    network: VmNetwork, tap: TapOptions, queue_pairs: int | None = None, netdev_id: str = "net0"
+    network: VmNetwork,
+    tap: TapOptions,
+    queue_pairs: int | None = None,
+    netdev_id: str = "net0",
+    mtu: int | None = None,
 ) -> str:
     """The value of QEMU's `-device` for the guest NIC.
 
     A multi-queue TAP gets `mq=on,vectors=2N+2` (one MSI-X vector per queue, one for the
-    control queue and one for configuration changes).
+    control queue and one for configuration changes). `mtu` (the bridge's, `config.mtu`):
+    offered to the guest as `host_mtu` when it is not 1500.
     """
     _check_netdev_id(netdev_id)
     pairs = queue_pairs_for(tap, queue_pairs)
+    guest_mtu = _guest_mtu(mtu)
     value = f"virtio-net-pci,netdev={netdev_id},mac={network.mac_string()}"
     if tap.multi_queue:
         value += f",mq=on,vectors={2 * pairs + 2}"
+    if guest_mtu is not None:
+        value += f",host_mtu={guest_mtu}"
     return value
 
 
@@ -225,12 +250,13 @@ def qemu_args(
     queue_pairs: int | None = None,
     netdev_id: str = "net0",
     vhost: bool | None = None,
+    mtu: int | None = None,
 ) -> list[str]:
     """QEMU's command-line arguments for the NIC: `-netdev ... -device ...` (`vhost` as for
-    `qemu_netdev`)."""
+    `qemu_netdev`, `mtu` as for `qemu_device`)."""
     return [
         "-netdev",
         qemu_netdev(network, tap, queue_pairs, netdev_id, vhost),
         "-device",
-        qemu_device(network, tap, queue_pairs, netdev_id),
+        qemu_device(network, tap, queue_pairs, netdev_id, mtu),
     ]

@@ -279,6 +279,7 @@ while [ ! -e "/sys/class/net/$dev" ]; do
 done
 say "mac=$(cat "/sys/class/net/$dev/address")"
 say "queues=$(ls -d "/sys/class/net/$dev/queues/"rx-* | wc -l)"
+say "mtu=$(cat "/sys/class/net/$dev/mtu")"
 [ -z "$host" ] || hostname "$host"
 ip link set lo up
 ifconfig "$dev" "$addr" netmask "$mask" up || finish ifconfig-failed

@@ -109,6 +109,8 @@ DOCKER_ON_IPTABLES_NFT = [
         pytest.param(("--multi-queue",), 2, [], id="multi-queue"),
         # Docker's FORWARD policy DROP and its DOCKER-USER chain, where netvm's accepts go.
         pytest.param((), 1, DOCKER_ON_IPTABLES_NFT, id="docker-host"),
+        # The bridge's MTU reaches the guest's NIC (host_mtu): jumbo frames end to end.
+        pytest.param(("--mtu", "9000"), 1, [], id="jumbo-mtu"),
     ],
 )
 def test_guest_configured_from_netvm_attach_reaches_gateway_and_natted_internet(
@@ -123,7 +125,8 @@ def test_guest_configured_from_netvm_attach_reaches_gateway_and_natted_internet(
 ) -> None:
     for command in host_rules:
         subprocess.run(["ip", "netns", "exec", topology.host_netns, *command], check=True)
-    netvm_json(topology, guest_config, "ensure-host")
+    mtu = flags[flags.index("--mtu") + 1] if "--mtu" in flags else "1500"
+    netvm_json(topology, guest_config, "ensure-host", "--mtu", mtu)
     doc = netvm_json(topology, guest_config, "attach", "vm-guest", "--for", "qemu", *flags)
     vm, vmm = doc["vm"], doc["vmm"]
     assert doc["tap"]["multi_queue"] is (queues > 1)
@@ -141,6 +144,7 @@ def test_guest_configured_from_netvm_attach_reaches_gateway_and_natted_internet(
     assert seen["address"] == f"{vm['guest_ip']}/{vm['prefixlen']}"
     assert seen["default_via"] == gateway
     assert seen["queues"] == str(queues), "the guest's NIC has one RX queue per queue pair"
+    assert seen["mtu"] == mtu, "the guest's NIC has the bridge's MTU (1500: the control)"
     assert seen[f"ping:{gateway}"] == "ok"
     assert seen[f"ping:{internet}"] == "ok"
     assert seen[f"udp:{internet}:{internet_host.port}"] == "ok", "the reply came back"

@@ -336,3 +336,18 @@ def test_qemu_vhost_must_be_a_bool_or_none(net: VmNetwork) -> None:
     with pytest.raises(ConfigError) as caught:
         glue.qemu_netdev(net, TapOptions(), vhost="off")  # type: ignore[arg-type]
     assert caught.value.field == "vhost"
+
+
+def test_the_bridges_mtu_is_offered_to_the_guest_where_the_vmm_can_carry_it(
+    net: VmNetwork,
+) -> None:
+    tap = glue.tap_options_for("qemu")
+    assert glue.qemu_device(net, tap, mtu=9000).endswith(",host_mtu=9000")
+    assert glue.qemu_args(net, tap, mtu=9000)[3].endswith(",host_mtu=9000")
+    assert glue.qemu_device(net, tap, mtu=1500) == glue.qemu_device(net, tap)  # the default
+    ch = glue.tap_options_for("cloud-hypervisor")
+    assert glue.cloud_hypervisor_net(net, ch, mtu=1400).endswith(",num_queues=2,mtu=1400")
+    assert glue.cloud_hypervisor_net(net, ch, mtu=1500) == glue.cloud_hypervisor_net(net, ch)
+    for bad in (0, 67, 70000, "9000x", True, 9000.0):
+        with pytest.raises(ConfigError, match="mtu"):
+            glue.qemu_device(net, tap, mtu=bad)  # type: ignore[arg-type]
