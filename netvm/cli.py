@@ -22,7 +22,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from netvm import cli_policy, glue
 from netvm.backends.base import MAX_ID, TapOptions
@@ -202,8 +202,18 @@ class _HelpFormatter(argparse.HelpFormatter):
         super().__init__(prog, width=_columns() - 2)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, keeping its usage error's message for the `--json` document."""
+
+    usage_error: str | None = None
+
+    def error(self, message: str) -> NoReturn:
+        _Parser.usage_error = message
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="netvm",
         formatter_class=_HelpFormatter,
         description="Host networking for microVMs: bridge, NAT, per-VM TAPs.",
@@ -665,11 +675,15 @@ def _fail(args: argparse.Namespace, kind: str, message: str) -> int:
     message = " ".join(message.split())
     print(f"netvm {args.command}: error: {message}", file=sys.stderr)
     if args.json:
-        error = {"type": kind, "message": message}
-        import json
-
-        print(json.dumps({"version": JSON_SCHEMA_VERSION, "error": error}, indent=2))
+        _json_error(kind, message)
     return 1
+
+
+def _json_error(kind: str, message: str) -> None:
+    import json
+
+    error = {"type": kind, "message": message}
+    print(json.dumps({"version": JSON_SCHEMA_VERSION, "error": error}, indent=2))
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -749,10 +763,15 @@ def main(
     else is a bug, reported as one "internal error" line (exit 1); -v adds the traceback.
     """
     parser = build_parser()
+    _Parser.usage_error = None
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage error (2), or --help / --version (0)
-        return exc.code if isinstance(exc.code, int) else 2
+        code = exc.code if isinstance(exc.code, int) else 2
+        words = sys.argv[1:] if argv is None else list(argv)
+        if code == 2 and "--json" in words and _Parser.usage_error is not None:
+            _json_error("UsageError", _Parser.usage_error)
+        return code
     import logging
 
     log = logging.getLogger("netvm")
@@ -776,7 +795,15 @@ def main(
     except OSError as exc:
         return _fail(args, type(exc).__name__, str(exc))
     except KeyboardInterrupt:
-        print(f"netvm {args.command}: interrupted", file=sys.stderr)
+        message = "interrupted"
+        if args.command == "attach" and len(args.vm_id) > 1:
+            message += (
+                ": the VMs attached before it stay attached (netvm list); the same command "
+                "again attaches the rest"
+            )
+        print(f"netvm {args.command}: {message}", file=sys.stderr)
+        if args.json:
+            _json_error("Interrupted", message)
         return 130
     except Exception as exc:
         if args.verbose:

@@ -4,16 +4,18 @@ traceback, and nothing changed (in-process on the FakeBackend, as test_cli_fake.
 from __future__ import annotations
 
 import io
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from netvm import FakeBackend, FakeState
-from netvm.backends.base import Backend
+from netvm.backends.base import Backend, LinkSetting
 from netvm.cli import main
+from netvm.errors import HostError
 from netvm.testing import snapshot
 
 ARABIC_1500 = "\u0661\u0665\u0660\u0660"
@@ -257,3 +259,34 @@ def test_a_state_dir_that_is_a_file_is_named_so_with_one_hint(
     assert line.count("must be a writable directory") == 1
     assert "--state-dir (MICROVM_NETWORK_STATE_DIR) must be a writable directory" in line
     assert list(state.links) == ["lo"]
+
+
+def test_with_json_a_usage_error_is_a_json_document_too(run: Run) -> None:
+    result = run("attach", "--json")
+    assert "required: VM_ID" in result.usage_error()
+    document = json.loads(result.out)
+    assert document["version"] == 1
+    assert document["error"]["type"] == "UsageError"
+    assert "VM_ID" in document["error"]["message"]
+    assert run("attach").out == ""  # the control: without --json, nothing on stdout
+
+
+def test_an_interrupted_attach_of_many_says_what_stays_and_what_to_run(
+    run: Run, state: FakeState
+) -> None:
+    assert run("ensure-host").code == 0
+    calls = {"n": 0}
+
+    class Interrupting(FakeBackend):
+        def set_links(self, changes: Sequence[LinkSetting]) -> dict[str, HostError]:
+            calls["n"] += 1
+            raise KeyboardInterrupt
+
+    result = run("attach", "vm-a", "vm-b", "--json", factory=lambda netns: Interrupting(state))
+    assert calls["n"] == 1
+    assert result.code == 130
+    assert "Traceback" not in result.err
+    assert "the same command again attaches the rest" in result.err
+    assert json.loads(result.out)["error"]["type"] == "Interrupted"
+    again = run("attach", "vm-a", "vm-b")  # and it does
+    assert again.code == 0, again
