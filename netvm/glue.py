@@ -178,11 +178,25 @@ def _check_netdev_id(netdev_id: str) -> str:
 VHOST_NET = Path("/dev/vhost-net")
 
 
-def vhost_net_usable(device: Path = VHOST_NET) -> bool:
-    """Whether this process can open `device` read-write, as QEMU's `vhost=on` does.
-
-    A VMM that runs as another user may see otherwise: pass `vhost` explicitly for it.
-    """
+def vhost_net_usable(
+    device: Path | None = None, owner: int | None = None, group: int | None = None
+) -> bool:
+    """Whether QEMU's `vhost=on` can open `device` (default /dev/vhost-net) read-write:
+    this process (`owner` None), or a VMM that runs as `owner` (and `group`), the TAP's,
+    judged by the device's mode (supplementary groups are not known here: pass `vhost`
+    explicitly then)."""
+    device = VHOST_NET if device is None else device
+    if owner is not None and owner != os.geteuid() and owner != 0:
+        try:
+            found = os.stat(device)
+        except OSError:
+            return False
+        mode = found.st_mode
+        if found.st_uid == owner:
+            return mode & 0o600 == 0o600
+        if group is not None and found.st_gid == group:
+            return mode & 0o060 == 0o060
+        return mode & 0o006 == 0o006
     try:
         fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
@@ -201,8 +215,9 @@ def qemu_netdev(
     """The value of QEMU's `-netdev` for the existing TAP (no ifup/ifdown scripts).
 
     A multi-queue TAP gets `queues=N`. `vhost` chooses `vhost=on`: True always, False never,
-    None (the default) for a multi-queue TAP when /dev/vhost-net is usable here. QEMU aborts
-    at start with `vhost=on` when it cannot open /dev/vhost-net.
+    None (the default) for a multi-queue TAP when /dev/vhost-net is usable by the TAP's
+    owner (this process's user without one). QEMU aborts at start with `vhost=on` when it
+    cannot open /dev/vhost-net.
     """
     _check_netdev_id(netdev_id)
     if vhost is not None and not isinstance(vhost, bool):
@@ -211,7 +226,7 @@ def qemu_netdev(
         )
     pairs = queue_pairs_for(tap, queue_pairs)
     if vhost is None:
-        vhost = tap.multi_queue and vhost_net_usable()
+        vhost = tap.multi_queue and vhost_net_usable(owner=tap.owner, group=tap.group)
     value = f"tap,id={netdev_id},ifname={network.tap_name},script=no,downscript=no"
     if vhost:
         value += ",vhost=on"

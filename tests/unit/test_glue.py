@@ -142,7 +142,7 @@ def test_qemu_vhost_by_default_only_on_a_multi_queue_tap_where_vhost_net_opens(
     net: VmNetwork, monkeypatch: pytest.MonkeyPatch, usable: bool
 ) -> None:
     """QEMU aborts at start with vhost=on where it cannot open /dev/vhost-net."""
-    monkeypatch.setattr(glue, "vhost_net_usable", lambda: usable)
+    monkeypatch.setattr(glue, "vhost_net_usable", lambda **owner: usable)
     multi = glue.tap_options_for("qemu", multi_queue=True)
     single = glue.tap_options_for("qemu")
     assert ("vhost=on" in glue.qemu_netdev(net, multi)) is usable
@@ -351,3 +351,24 @@ def test_the_bridges_mtu_is_offered_to_the_guest_where_the_vmm_can_carry_it(
     for bad in (0, 67, 70000, "9000x", True, 9000.0):
         with pytest.raises(ConfigError, match="mtu"):
             glue.qemu_device(net, tap, mtu=bad)  # type: ignore[arg-type]
+
+
+def test_vhost_by_default_asks_whether_the_taps_owner_can_open_vhost_net(
+    net: VmNetwork, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """netvm may run as root for a QEMU that runs as the TAP's owner: that user's access
+    decides, from the device's mode, not netvm's (QEMU would abort with vhost=on)."""
+    device = tmp_path / "vhost-net"
+    device.write_bytes(b"")
+    device.chmod(0o660)  # rw-rw----: not for a uid that neither owns it nor is in its group
+    stranger = os.stat(device).st_uid + 1000
+    assert glue.vhost_net_usable(device, owner=stranger) is False
+    group = os.stat(device).st_gid
+    assert glue.vhost_net_usable(device, owner=stranger, group=group) is True
+    device.chmod(0o666)
+    assert glue.vhost_net_usable(device, owner=stranger) is True  # the control: anyone may
+    monkeypatch.setattr(glue, "VHOST_NET", device)
+    owned = glue.tap_options_for("qemu", owner=stranger, multi_queue=True)
+    assert "vhost=on" in glue.qemu_netdev(net, owned)
+    device.chmod(0o660)
+    assert "vhost=on" not in glue.qemu_netdev(net, owned)
