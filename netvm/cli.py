@@ -534,8 +534,11 @@ def _attach(args: argparse.Namespace, manager: NetworkManager) -> int:
 def _attached(
     args: argparse.Namespace, manager: NetworkManager, network: VmNetwork, tap: TapOptions
 ) -> tuple[dict[str, Any], str]:
-    """One attached VM's document and text, with the guarantees the kernel holds for it."""
+    """One attached VM's document and text, with the guarantees and the TAP flags the
+    kernel holds for it (a TAP attached again keeps the flags it was made with)."""
     held = cli_policy.held(manager, network.tap_name)
+    link = manager.backend.get_link(network.tap_name)
+    tap = link.tap if link is not None and link.tap is not None else tap
     ip_arg = network.kernel_ip_arg(args.hostname, args.guest_device, tuple(args.dns))
     vm = {**network.to_dict(), "kernel_ip_arg": ip_arg}
     document: dict[str, Any] = {

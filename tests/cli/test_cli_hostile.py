@@ -290,3 +290,15 @@ def test_an_interrupted_attach_of_many_says_what_stays_and_what_to_run(
     assert json.loads(result.out)["error"]["type"] == "Interrupted"
     again = run("attach", "vm-a", "vm-b")  # and it does
     assert again.code == 0, again
+
+
+def test_attach_again_shows_the_flags_the_tap_was_made_with(run: Run) -> None:
+    """IFF_VNET_HDR is not compared on a re-attach (a VMM sets the header size itself):
+    what is printed is the TAP's, not the request's."""
+    assert run("ensure-host").code == 0
+    first = run("attach", "vm-a", "--vnet-hdr", "--json")
+    assert json.loads(first.out)["tap"]["vnet_hdr"] is True
+    again = run("attach", "vm-a", "--json")
+    assert again.code == 0, again
+    assert json.loads(again.out)["tap"]["vnet_hdr"] is True
+    assert "vnet_hdr=on" in run("attach", "vm-a").out
