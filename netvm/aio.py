@@ -34,10 +34,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from netvm import naming
 from netvm.attaching import AttachManyResult
@@ -48,7 +49,11 @@ from netvm.errors import NetvmError
 from netvm.manager import Attachment, NetworkManager
 from netvm.naming import VmNetwork
 from netvm.policy import GuestPolicy
+from netvm.reaper import CLOSE_WAIT
 from netvm.status import HostStatus, host_status
+
+if TYPE_CHECKING:
+    from netvm.diagnosis import Finding
 
 log = logging.getLogger("netvm")
 T = TypeVar("T")
@@ -245,6 +250,32 @@ class AsyncNetworkManager:
     async def status(self) -> HostStatus:
         """netvm.status.host_status of the main manager: read-only."""
         return await _outcome(self._submit(self._main, lambda: host_status(self._main.manager)))
+
+    async def doctor(self) -> list[Finding]:
+        """netvm.doctor of the main manager: read-only."""
+
+        def job() -> list[Finding]:
+            from netvm.diagnosis import doctor
+
+            return doctor(self._main.manager)
+
+        return await _outcome(self._submit(self._main, job))
+
+    async def wait_detached(self, timeout: float | None = CLOSE_WAIT) -> bool:
+        """NetworkManager.wait_detached for every manager this object detaches on: True
+        once the TAPs detached so far are deleted, False after `timeout` seconds. It waits
+        on a thread of its own, not behind the calls queued on the managers'."""
+        managers = [self._main.manager, *(lane.manager for lane in self._detachers)]
+
+        def wait() -> bool:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for manager in managers:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not manager.wait_detached(left):
+                    return False
+            return True
+
+        return await asyncio.to_thread(wait)
 
     # VMs --------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from netvm import (
 )
 from netvm.aio import AsyncNetworkManager
 from netvm.attaching import AttachManyResult
+from netvm.diagnosis import doctor
 from netvm.errors import host_error
 
 pytestmark = pytest.mark.asyncio
@@ -277,3 +278,15 @@ async def test_attach_takes_the_policy_as_the_sync_one(
     policies = {a.vm_id: a.policy for a in manager.list()}
     assert policies["vm-p"] == isolated
     assert policies["vm-d"] != isolated  # the control: the default is another policy
+
+
+async def test_wait_detached_and_doctor_are_there_as_on_the_sync_manager(
+    net: AsyncNetworkManager, manager: NetworkManager
+) -> None:
+    await net.attach("vm-a")
+    await net.detach("vm-a")
+    assert await net.wait_detached(10)
+    names = [link.name for link in manager.backend.list_links()]
+    assert not [name for name in names if name.startswith(("nvdel", "tap-"))]
+    findings = await net.doctor()
+    assert {f.code for f in findings} == {f.code for f in doctor(manager)}
