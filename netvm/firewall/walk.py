@@ -1,16 +1,18 @@
-"""What a foreign nftables forward chain does to the guests' packets, for `netvm doctor`.
+"""What a foreign nftables base chain does to the guests' packets, for `netvm doctor`.
 
 Two packets stand for a guest's traffic: a new connection from the bridge to the egress,
-and a reply from the egress back to the bridge (ct state established). A base chain's
+and a reply from the egress back to the bridge (ct state established), as each hook they
+pass sees them (hook_packets), and at the bridge's hooks the guests' ARP with the gateway
+too. A base chain's
 rules are walked in order, as the kernel walks them, through jumps (back at the end of the
 chain jumped to), gotos (not back) and returns, down to a verdict or the chain's policy.
 
-Only what the two packets are known to carry is decided: interface names (with `*`
-wildcards and sets), ct state, ct status dnat (they are not DNATed), the IPv4 family, and
-the guest's own address. A match on anything else (an address of the internet, a port, a
-mark, an xtables match, a rate) may go either way: the rules after it are walked both ways,
-and where the two ways end differently the verdict is "unknown". A ruleset that is
-unknown beyond a fixed number of branches is "unknown" too.
+Only what the packets are known to carry is decided: interface names (with `*` wildcards
+and sets), ct state, ct status dnat (they are not DNATed), the IPv4 family or ARP, and the
+guest's own address where NAT has not rewritten it. A match on anything else (an address
+of the internet, a port, a mark, an xtables match, a rate) may go either way: the rules
+after it are walked both ways, and where the two ways end differently the verdict is
+"unknown". A ruleset that is unknown beyond a fixed number of branches is "unknown" too.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ MAX_STEPS = 20_000
 """Rules looked at in all, beyond which the verdict is unknown (a ruleset built to be slow
 to walk, or one too large for doctor to tell)."""
 _IGNORED = {"counter", "log", "comment", "notrack"}
+"""Statements that neither match nor decide."""
 _NAMES = {"iifname": "iifname", "oifname": "oifname", "ibrname": "ibrname", "obrname": "obrname"}
 """meta keys of device names, and the Packet field each reads."""
 _NOT_IPV4 = {"ip6", "icmpv6", "arp", "vlan"}
-"""Statements that neither match nor decide."""
+"""Headers an IPv4 packet does not have."""
 
 
 @dataclass(frozen=True)
