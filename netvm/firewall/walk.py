@@ -3,9 +3,9 @@
 Two packets stand for a guest's traffic: a new connection from the bridge to the egress,
 and a reply from the egress back to the bridge (ct state established), as each hook they
 pass sees them (hook_packets), and at the bridge's hooks the guests' ARP with the gateway
-too. A base chain's
-rules are walked in order, as the kernel walks them, through jumps (back at the end of the
-chain jumped to), gotos (not back) and returns, down to a verdict or the chain's policy.
+too. A base chain's rules are walked in order, as the kernel walks them, through jumps
+(back at the end of the chain jumped to), gotos (not back) and returns, down to a verdict
+or the chain's policy.
 
 Only what the packets are known to carry is decided: interface names (with `*` wildcards
 and sets), ct state, ct status dnat (they are not DNATed), the IPv4 family or ARP, and the
