@@ -279,9 +279,11 @@ def test_negative_control_a_tap_off_the_bridge_cannot_reach_the_gateway(
         g.run(_flush_neighbours)
         assert not g.ping(vm.gateway_ip)
         assert not g.ping(topology.internet.ip)
-        # attach() of the same vm_id mends the TAP: back on the bridge, reachable again.
+        # attach() of the same vm_id mends the TAP: back on the bridge, reachable again
+        # (within a few tries: the guest's neighbour entry of the gateway failed meanwhile,
+        # and a resolution whose first ARP goes unanswered is retried after a second).
         assert net.attach("vm-loose") == vm
-        assert g.ping(vm.gateway_ip)
+        assert any(g.ping(vm.gateway_ip) for _ in range(3))
 
 
 def test_emulating_a_missing_tap_fails_and_leaves_no_namespace(
