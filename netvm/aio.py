@@ -265,6 +265,8 @@ class AsyncNetworkManager:
         """NetworkManager.wait_detached for every manager this object detaches on: True
         once the TAPs detached so far are deleted, False after `timeout` seconds. It waits
         on a thread of its own, not behind the calls queued on the managers'."""
+        if self._closed:
+            raise RuntimeError("the AsyncNetworkManager is closed")
         managers = [self._main.manager, *(lane.manager for lane in self._detachers)]
 
         def wait() -> bool:
@@ -394,7 +396,9 @@ class AsyncNetworkManager:
                 if self._attached_by.get(vm_id) != ticket.generation:
                     continue
             try:
-                manager.attach(vm_id, ticket.tap, GuestPolicy.parse(text))
+                # Only while it is leased: a detach since (of this object, or of another
+                # process) must not be undone by the undo.
+                manager._reattach_if_leased(vm_id, ticket.tap, GuestPolicy.parse(text))
             except NetvmError as exc:
                 log.error("cancelled attach: the policy of %s not put back: %s", vm_id, exc)
 

@@ -349,10 +349,15 @@ def load_config(args: argparse.Namespace, environ: Mapping[str, str]) -> Network
 # Output ---------------------------------------------------------------------------------
 
 
+_emitted = [False]
+"""Whether this run printed its JSON document already (`--json` prints one, no more)."""
+
+
 def _emit(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
     if args.json:
         import json
 
+        _emitted[0] = True
         print(json.dumps({"version": JSON_SCHEMA_VERSION, **document}, indent=2))
     elif text:
         _print(text)
@@ -683,8 +688,14 @@ def _fail(args: argparse.Namespace, kind: str, message: str) -> int:
 
 
 def _json_error(kind: str, message: str) -> None:
+    """The error's JSON document, unless this run printed its document already (an error
+    or an interruption after it, while the manager closes: stderr and the exit status
+    say so)."""
+    if _emitted[0]:
+        return
     import json
 
+    _emitted[0] = True
     error = {"type": kind, "message": message}
     print(json.dumps({"version": JSON_SCHEMA_VERSION, "error": error}, indent=2))
 
@@ -767,14 +778,19 @@ def main(
     """
     parser = build_parser()
     _Parser.usage_error = None
+    _emitted[0] = False
+    words = sys.argv[1:] if argv is None else list(argv)
+    json_asked = any(len(w) > 2 and "--json".startswith(w) for w in words)  # --js too
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage error (2), or --help / --version (0)
         code = exc.code if isinstance(exc.code, int) else 2
-        words = sys.argv[1:] if argv is None else list(argv)
-        if code == 2 and "--json" in words and _Parser.usage_error is not None:
+        if code == 2 and json_asked and _Parser.usage_error is not None:
             _json_error("UsageError", _Parser.usage_error)
         return code
+    except KeyboardInterrupt:
+        print("netvm: interrupted", file=sys.stderr)
+        return 130
     import logging
 
     log = logging.getLogger("netvm")
@@ -799,7 +815,7 @@ def main(
         return _fail(args, type(exc).__name__, str(exc))
     except KeyboardInterrupt:
         message = "interrupted"
-        if args.command == "attach" and len(args.vm_id) > 1:
+        if args.command == "attach" and len(set(args.vm_id)) > 1:
             message += (
                 ": the VMs attached before it stay attached (netvm list); the same command "
                 "again attaches the rest"

@@ -147,7 +147,7 @@ def cloud_hypervisor_net(
     """The value of Cloud Hypervisor's `--net` for the existing TAP.
 
     `num_queues` is RX plus TX queues: twice the queue pairs. Cloud Hypervisor refuses more
-    queue pairs than boot vCPUs (`--cpus boot=N`). `mtu` (the bridge's, `config.mtu`):
+    queue pairs than boot vCPUs (`--cpus boot=N`). `mtu` (the TAP's, `config.mtu`):
     offered to the guest when it is not 1500.
     """
     pairs = queue_pairs_for(tap, queue_pairs)
@@ -181,18 +181,20 @@ VHOST_NET = Path("/dev/vhost-net")
 def vhost_net_usable(
     device: Path | None = None, owner: int | None = None, group: int | None = None
 ) -> bool:
-    """Whether QEMU's `vhost=on` can open `device` (default /dev/vhost-net) read-write:
-    this process (`owner` None), or a VMM that runs as `owner` (and `group`), the TAP's,
-    judged by the device's mode (supplementary groups are not known here: pass `vhost`
-    explicitly then)."""
+    """Whether QEMU's `vhost=on` can open `device` (default /dev/vhost-net) read-write.
+    With neither `owner` nor `group` (or `owner` this process's user, or root): this
+    process, by opening it. Else a VMM of the TAP's owner, or of its group when only a
+    group is given, judged by the device's mode (supplementary groups are not known
+    here: pass `vhost` explicitly then)."""
     device = VHOST_NET if device is None else device
-    if owner is not None and owner != os.geteuid() and owner != 0:
+    another_user = owner is not None and owner not in (os.geteuid(), 0)
+    if another_user or (owner is None and group is not None):  # a VMM of that group, then
         try:
             found = os.stat(device)
         except OSError:
             return False
         mode = found.st_mode
-        if found.st_uid == owner:
+        if owner is not None and found.st_uid == owner:
             return mode & 0o600 == 0o600
         if group is not None and found.st_gid == group:
             return mode & 0o060 == 0o060
@@ -245,7 +247,7 @@ def qemu_device(
     """The value of QEMU's `-device` for the guest NIC.
 
     A multi-queue TAP gets `mq=on,vectors=2N+2` (one MSI-X vector per queue, one for the
-    control queue and one for configuration changes). `mtu` (the bridge's, `config.mtu`):
+    control queue and one for configuration changes). `mtu` (the TAP's, `config.mtu`):
     offered to the guest as `host_mtu` when it is not 1500.
     """
     _check_netdev_id(netdev_id)

@@ -498,6 +498,17 @@ class NetworkManager:
         """
         return attaching.attach_many(self, vm_ids, tap, policy)
 
+    def _reattach_if_leased(self, vm_id: str, tap: TapOptions | None, policy: GuestPolicy) -> bool:
+        """Attach a VM again with `policy` only if it is still leased, under the lease lock:
+        an undo must not bring back a VM that another call or process detached meanwhile.
+        False if it is not leased."""
+        options = tap if tap is not None else TapOptions()
+        with self._changing() as tx:
+            if tx.get(vm_id) is None:
+                return False
+            self._attach(tx, vm_id, options, policy)
+            return True
+
     def _attach_two_phase(self, vm_id: str, options: TapOptions, policy: GuestPolicy) -> VmNetwork:
         """A new VM: the lease and an in-flight intent under the lock, the kernel work after
         it, so that other attaches do not queue behind this one's (docs/performance.md).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -254,3 +255,30 @@ async def test_a_cancelled_reattach_puts_the_policy_from_before_back(
     assert half_states(manager) == []
     await net.attach("tenant", policy=OPEN)  # the control: not cancelled, the change stays
     assert {a.vm_id: a.policy for a in manager.list()} == {"tenant": None}
+
+
+async def test_the_undo_of_a_cancelled_reattach_does_not_bring_back_a_detached_vm(
+    net: AsyncNetworkManager, manager: NetworkManager, leased: Leased
+) -> None:
+    """The cancellation reaches the coroutine after its job ended, so the undo runs as a
+    job of its own; before it, another process (here the sync manager) detaches the VM.
+    The undo puts a policy back only on a VM still leased: it must not make it again."""
+    await net.attach("tenant", policy=GuestPolicy.of(isolated=True))
+    started, go = threading.Event(), threading.Event()
+
+    def someone_else_detaches() -> None:
+        started.set()
+        go.wait(10)
+        manager.detach("tenant")
+
+    task = asyncio.create_task(net.attach("tenant", policy=OPEN))
+    await asyncio.sleep(0)  # the attach job is submitted
+    queued = net._submit(net._main, someone_else_detaches)  # and this behind it
+    assert started.wait(10)  # the loop is held here: the attach job has ended
+    task.cancel()  # before the coroutine saw its result
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    queued.result(10)
+    assert leased(manager) == set()
+    assert [a.vm_id for a in manager.list()] == []

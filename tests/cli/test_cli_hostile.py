@@ -302,3 +302,28 @@ def test_attach_again_shows_the_flags_the_tap_was_made_with(run: Run) -> None:
     assert again.code == 0, again
     assert json.loads(again.out)["tap"]["vnet_hdr"] is True
     assert "vnet_hdr=on" in run("attach", "vm-a").out
+
+
+def test_json_prints_one_document_even_when_interrupted_after_it(
+    run: Run, state: FakeState
+) -> None:
+    """A Ctrl-C while the manager closes, after the command printed its document."""
+    assert run("ensure-host").code == 0
+    assert run("attach", "vm-1").code == 0
+
+    class InterruptedAtClose(FakeBackend):
+        def close(self) -> None:
+            super().close()
+            raise KeyboardInterrupt
+
+    result = run("detach", "vm-1", "--json", factory=lambda netns: InterruptedAtClose(state))
+    assert result.code == 130
+    assert "interrupted" in result.err
+    document = json.loads(result.out)  # one document: json.loads refuses two
+    assert "error" not in document
+
+
+def test_an_abbreviated_json_option_gets_the_usage_error_as_json(run: Run) -> None:
+    result = run("list", "--js", "--bogus")
+    assert result.code == 2
+    assert json.loads(result.out)["error"]["type"] == "UsageError"

@@ -372,3 +372,15 @@ def test_vhost_by_default_asks_whether_the_taps_owner_can_open_vhost_net(
     assert "vhost=on" in glue.qemu_netdev(net, owned)
     device.chmod(0o660)
     assert "vhost=on" not in glue.qemu_netdev(net, owned)
+
+
+def test_vhost_for_a_tap_with_a_group_and_no_owner_is_judged_for_that_group(
+    tmp_path: Path,
+) -> None:
+    device = tmp_path / "vhost-net"
+    device.write_bytes(b"")
+    device.chmod(0o600)  # its owner only: not a VMM of the TAP's group
+    group = os.stat(device).st_gid
+    assert glue.vhost_net_usable(device, group=group) is False
+    device.chmod(0o660)
+    assert glue.vhost_net_usable(device, group=group) is True  # the control
