@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from netvm import cli_policy, glue
-from netvm.backends.base import MAX_ID, TapOptions
+from netvm.backends.base import MAX_ID, Link, TapOptions
 from netvm.config import (
     DEFAULT_BRIDGE,
     DEFAULT_EGRESS,
@@ -514,15 +514,19 @@ def _attach(args: argparse.Namespace, manager: NetworkManager) -> int:
             _vmm_config(args, probe, tap, "", manager.config.mtu)
     if len(args.vm_id) == 1:
         network = manager.attach(args.vm_id[0], tap, policy)
-        document, text = _attached(args, manager, network, tap)
+        link = manager.backend.get_link(network.tap_name)
+        document, text = _attached(args, manager, network, _made_with(link, tap))
         _emit(args, document, text)
         return 0
     result = manager.attach_many(args.vm_id, tap, policy)
+    links = manager.backend.get_links([n.tap_name for n in result.networks.values()])
     documents: list[dict[str, Any]] = []
     texts: list[str] = []
     for vm_id in dict.fromkeys(args.vm_id):
         if vm_id in result.networks:
-            document, text = _attached(args, manager, result.networks[vm_id], tap)
+            network = result.networks[vm_id]
+            made = _made_with(links.get(network.tap_name), tap)
+            document, text = _attached(args, manager, network, made)
             documents.append(document)
             texts.append(text)
         else:
@@ -536,14 +540,18 @@ def _attach(args: argparse.Namespace, manager: NetworkManager) -> int:
     return 1 if result.errors else 0
 
 
+def _made_with(link: Link | None, requested: TapOptions) -> TapOptions:
+    """The flags the kernel says the TAP was made with: a TAP attached again keeps its own
+    (IFF_VNET_HDR is not compared on a re-attach), whatever was requested."""
+    return link.tap if link is not None and link.tap is not None else requested
+
+
 def _attached(
     args: argparse.Namespace, manager: NetworkManager, network: VmNetwork, tap: TapOptions
 ) -> tuple[dict[str, Any], str]:
-    """One attached VM's document and text, with the guarantees and the TAP flags the
-    kernel holds for it (a TAP attached again keeps the flags it was made with)."""
+    """One attached VM's document and text, with the guarantees the kernel holds for it
+    and `tap`, the flags its TAP was made with (_made_with)."""
     held = cli_policy.held(manager, network.tap_name)
-    link = manager.backend.get_link(network.tap_name)
-    tap = link.tap if link is not None and link.tap is not None else tap
     ip_arg = network.kernel_ip_arg(args.hostname, args.guest_device, tuple(args.dns))
     vm = {**network.to_dict(), "kernel_ip_arg": ip_arg}
     document: dict[str, Any] = {

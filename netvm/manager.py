@@ -262,26 +262,22 @@ class NetworkManager:
                 if network.tap_name != name:
                     continue
                 record = held.get(name)
-                if record is not None:
+                if record is None:
                     try:
-                        firewall.restore(bridge, record)
-                    except NetvmError as exc:
-                        log.error("the guarantees of %r not written again: %s", mark.vm_id, exc)
-                        failed = True
-                    continue
+                        policy = GuestPolicy.parse(wanted[mark.vm_id])
+                    except (KeyError, ConfigError):
+                        continue  # no policy remembered, or not one netvm can read
+                    if not policy.any:
+                        continue
                 try:
-                    policy = GuestPolicy.parse(wanted[mark.vm_id])
-                except (KeyError, ConfigError):
-                    continue  # no policy remembered, or not one netvm can read
-                if not policy.any:
-                    continue
-                try:
-                    self._guard(network, policy)
+                    if record is not None:
+                        firewall.restore(bridge, record)  # its elements, written again
+                    else:
+                        self._guard(network, policy)
+                        restored.append(mark.vm_id)
                 except NetvmError as exc:
                     log.error("the guarantees of %r not given back (retried): %s", mark.vm_id, exc)
                     failed = True
-                    continue
-                restored.append(mark.vm_id)
         if restored:
             log.warning(
                 "the firewall had lost the guarantees of %d VM(s), given back: %s",

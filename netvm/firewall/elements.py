@@ -406,47 +406,45 @@ class NetlinkElements:
                         found = _comment_of(message)
         return found
 
-    def chain_devices(self, operation: str) -> dict[tuple[str, str], list[str]]:
-        """(table, chain) -> the devices of each netdev base chain (a GETCHAIN dump):
-        libnftables before 1.0.7 lists such chains without them."""
-        body = _NFGENMSG.pack(FAMILIES["netdev"], 0, 0)
-        found: dict[tuple[str, str], list[str]] = {}
+    def _dump(self, kind: int, body: bytes, operation: str, where: str) -> Iterator[bytes]:
+        """The messages of one nf_tables dump (none where the table or family has nothing:
+        ENOENT); HostError on another refusal."""
         with self._lock:
-            kind = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETCHAIN
-            seq, packed = self._message(kind, NLM_F_REQUEST | NLM_F_DUMP, body)
+            seq, packed = self._message(
+                NFNL_SUBSYS_NFTABLES << 8 | kind, NLM_F_REQUEST | NLM_F_DUMP, body
+            )
             self._sock.send(packed)
             while True:
                 for got, code, reply, message, _ in self._receive():
                     if got != seq:
                         continue
                     if reply == NLMSG_DONE or (reply == NLMSG_ERROR and code == errno.ENOENT):
-                        return found
+                        return
                     if reply == NLMSG_ERROR:
-                        raise host_error(operation, "netdev", code, "nf_tables chains")
-                    table, chain, devices = _chain_devices(message)
-                    if devices:
-                        found[(table, chain)] = devices
+                        raise host_error(operation, where, code, "nf_tables dump")
+                    yield message
+
+    def chain_devices(self, operation: str) -> dict[tuple[str, str], list[str]]:
+        """(table, chain) -> the devices of each netdev base chain (a GETCHAIN dump):
+        libnftables before 1.0.7 lists such chains without them."""
+        found: dict[tuple[str, str], list[str]] = {}
+        body = _NFGENMSG.pack(FAMILIES["netdev"], 0, 0)
+        for message in self._dump(NFT_MSG_GETCHAIN, body, operation, "netdev"):
+            table, chain, devices = _chain_devices(message)
+            if devices:
+                found[(table, chain)] = devices
+        return found
 
     def rule_comments(self, family: str, table: str, operation: str) -> dict[int, str]:
         """handle -> comment of the table's rules that have one (a GETRULE dump); {} for
         a table that does not exist."""
         body = _NFGENMSG.pack(FAMILIES[family], 0, 0) + _attr(NFTA_RULE_TABLE, _string(table))
         found: dict[int, str] = {}
-        with self._lock:
-            kind = NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETRULE
-            seq, packed = self._message(kind, NLM_F_REQUEST | NLM_F_DUMP, body)
-            self._sock.send(packed)
-            while True:
-                for got, code, reply, message, _ in self._receive():
-                    if got != seq:
-                        continue
-                    if reply == NLMSG_DONE or (reply == NLMSG_ERROR and code == errno.ENOENT):
-                        return found
-                    if reply == NLMSG_ERROR:
-                        raise host_error(operation, f"{family} {table}", code, "nf_tables rules")
-                    handle, comment = _rule_comment(message)
-                    if handle is not None and comment is not None:
-                        found[handle] = comment
+        for message in self._dump(NFT_MSG_GETRULE, body, operation, f"{family} {table}"):
+            handle, comment = _rule_comment(message)
+            if handle is not None and comment is not None:
+                found[handle] = comment
+        return found
 
 
 def _chain_devices(message: bytes) -> tuple[str, str, list[str]]:

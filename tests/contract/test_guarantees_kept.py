@@ -25,15 +25,20 @@ def policies(manager: NetworkManager) -> dict[str, GuestPolicy | None]:
     return {a.vm_id: a.policy for a in manager.list()}
 
 
+def three_tenants(manager: NetworkManager) -> dict[str, GuestPolicy | None]:
+    """A host set up with a VM of every guarantee, one of the default, one open."""
+    manager.ensure_host()
+    manager.attach("vm-shop", policy=SHOP)
+    manager.attach("vm-default")
+    manager.attach("vm-open", policy=OPEN)
+    return policies(manager)
+
+
 def test_ensure_host_gives_back_the_guarantees_the_tables_lost(
     config: NetworkConfig, backend: Backend
 ) -> None:
     with NetworkManager(config, backend) as manager:
-        manager.ensure_host()
-        manager.attach("vm-shop", policy=SHOP)
-        manager.attach("vm-default")
-        manager.attach("vm-open", policy=OPEN)
-        before = policies(manager)
+        before = three_tenants(manager)
         assert before["vm-shop"] == SHOP
         backend.firewall("nftables").remove("nvbr0")  # what a flush does to netvm's tables
         lost = policies(manager)
@@ -113,11 +118,7 @@ def test_a_store_rebuilt_from_the_kernel_learns_the_policies_the_firewall_holds(
     firewall is still mended. The control loses both at once: nothing can say what the
     guarantees were, and the test sees that they are gone."""
     with NetworkManager(config, backend) as manager:
-        manager.ensure_host()
-        manager.attach("vm-shop", policy=SHOP)
-        manager.attach("vm-default")
-        manager.attach("vm-open", policy=OPEN)
-        before = policies(manager)
+        before = three_tenants(manager)
         if flush_first:
             backend.firewall("nftables").remove("nvbr0")
         _lose_the_store(manager)

@@ -8,6 +8,7 @@ import os
 import select
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,27 @@ def _child_result(pid: int, read_end: int, wait: float) -> bytes:
     return out
 
 
+def _in_a_child(work: Callable[[], bytes], wait: float = 8) -> bytes:
+    """What `work` returns in a forked child (or its exception's repr, or b"hung")."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        answer = b"error"
+        try:
+            answer = work()
+        except BaseException as exc:
+            answer = repr(exc).encode()
+        finally:
+            os.write(write_end, answer)
+            os._exit(0)
+    os.close(write_end)
+    try:
+        return _child_result(pid, read_end, wait)
+    finally:
+        os.close(read_end)
+
+
 def _fork_while_a_thread_is_inside(tmp_path: Path, store: LeaseStore, hold: float) -> bytes:
     """Fork while another thread's transaction lasts `hold` seconds; the child opens a
     store of its own on the same database and leases."""
@@ -44,26 +66,16 @@ def _fork_while_a_thread_is_inside(tmp_path: Path, store: LeaseStore, hold: floa
     thread = threading.Thread(target=transaction_on_a_thread)
     thread.start()
     assert inside.wait(10)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        answer = b"error"
-        try:
-            child = LeaseStore(tmp_path, "br0", SLASH24)
-            with child.transaction() as tx:
-                lease, _ = tx.acquire("vm-child")
-            answer = f"slot {lease.slot}".encode()
-        except BaseException as exc:
-            answer = repr(exc).encode()
-        finally:
-            os.write(write_end, answer)
-            os._exit(0)
-    os.close(write_end)
+
+    def lease_in_the_child() -> bytes:
+        child = LeaseStore(tmp_path, "br0", SLASH24)
+        with child.transaction() as tx:
+            lease, _ = tx.acquire("vm-child")
+        return f"slot {lease.slot}".encode()
+
     try:
-        return _child_result(pid, read_end, 8)
+        return _in_a_child(lease_in_the_child)
     finally:
-        os.close(read_end)
         thread.join()
 
 
@@ -96,26 +108,17 @@ def test_a_child_cannot_use_its_parents_store_and_closing_it_changes_nothing(
     store = LeaseStore(tmp_path, "br0", SLASH24)
     with store.transaction() as tx:
         tx.acquire("vm-a")
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        answer = b"error"
+
+    def use_the_parents() -> bytes:
         try:
-            try:
-                store.all()
-                answer = b"used the parent's store"
-            except UsedAfterFork as exc:
-                answer = str(exc).encode()
-            store.close()
-        finally:
-            os.write(write_end, answer)
-            os._exit(0)
-    os.close(write_end)
-    try:
-        answer = _child_result(pid, read_end, 8)
-    finally:
-        os.close(read_end)
+            store.all()
+            answer = b"used the parent's store"
+        except UsedAfterFork as exc:
+            answer = str(exc).encode()
+        store.close()
+        return answer
+
+    answer = _in_a_child(use_the_parents)
     assert b"before a fork()" in answer
     assert b"make a new KernelBackend and NetworkManager in the child" in answer
     with store.transaction() as tx:
