@@ -35,6 +35,9 @@ NFT_MSG_GETRULE = 7
 NFT_MSG_NEWSETELEM = 12
 NFT_MSG_GETSETELEM = 13
 NFT_MSG_DELSETELEM = 14
+NFT_MSG_DESTROYSETELEM = 30
+"""A delete that is no error where the element is gone (Linux 6.3); older kernels refuse
+the message type (EINVAL) and get an add and a delete of each element instead."""
 NFTA_SET_ELEM_LIST_TABLE = 1
 NFTA_SET_ELEM_LIST_SET = 2
 NFTA_SET_ELEM_LIST_ELEMENTS = 3
@@ -72,6 +75,12 @@ NFTA_HOOK_DEV = 3
 NFTA_HOOK_DEVS = 4
 FAMILIES = {"inet": 1, "ip": 2, "netdev": 5, "bridge": 7}
 _CREATE_FLAGS = {"add": NLM_F_CREATE, "create": NLM_F_CREATE | NLM_F_EXCL}
+_MESSAGES = {
+    "add": NFT_MSG_NEWSETELEM,
+    "create": NFT_MSG_NEWSETELEM,
+    "delete": NFT_MSG_DELSETELEM,
+    "destroy": NFT_MSG_DESTROYSETELEM,
+}
 _HEADER = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
 _ATTR = struct.Struct("=HH")
@@ -271,6 +280,18 @@ def _runs(changes: Sequence[tuple[str, Element]]) -> Iterator[tuple[str, list[El
         yield verb, run
 
 
+def _without_destroy(changes: Sequence[tuple[str, Element]]) -> list[tuple[str, Element]]:
+    """The destroys as an add and then a delete of each element, where the first destroy
+    stood: what a destroy means, for kernels without it (the add cannot fail on an element
+    that is there with the same data, and the delete then cannot fail on a missing one)."""
+    gone = [element for verb, element in changes if verb == "destroy"]
+    kept = [(verb, element) for verb, element in changes if verb != "destroy"]
+    if not gone:
+        return kept
+    at = next(i for i, (verb, _) in enumerate(changes) if verb == "destroy")
+    return kept[:at] + [("add", e) for e in gone] + [("delete", e) for e in gone] + kept[at:]
+
+
 def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, int, int]]:
     while offset + _ATTR.size <= end:
         size, kind = _ATTR.unpack_from(data, offset)
@@ -293,6 +314,8 @@ class NetlinkElements:
         self._sock.bind((0, 0))
         self._seq = 0
         self._lock = threading.Lock()
+        self._destroy = True
+        """False once the kernel refused NFT_MSG_DESTROYSETELEM (before Linux 6.3)."""
 
     def close(self) -> None:
         self._sock.close()
@@ -312,15 +335,30 @@ class NetlinkElements:
         operation: str,
         where: str,
     ) -> None:
-        """Apply ("add" | "create" | "delete", element) pairs as one transaction, in order.
+        """Apply ("add" | "create" | "delete" | "destroy", element) pairs as one transaction,
+        in order.
 
         An add of an element that exists with the same data is no change (its comment is
         kept); with other data it fails (EEXIST); a create of one that exists fails
         (EEXIST, NLM_F_EXCL); a delete of one that does not exist fails the whole batch
-        (ENOENT), as in libnftables.
+        (ENOENT), as in libnftables; a destroy of one that does not exist is no change.
         """
         if not changes:
             return
+        if not self._destroy:
+            changes = _without_destroy(changes)
+        failure = self._commit(changes, table)
+        if failure == errno.EINVAL and self._destroy and any(v == "destroy" for v, _ in changes):
+            # A kernel before 6.3: no NFT_MSG_DESTROYSETELEM. If the same changes without
+            # it pass, the message type was what it refused.
+            failure = self._commit(_without_destroy(changes), table)
+            if not failure:
+                self._destroy = False
+        if failure:
+            raise host_error(operation, where, failure, "nf_tables set elements")
+
+    def _commit(self, changes: Sequence[tuple[str, Element]], table: str) -> int:
+        """One batch; the error code of its first failure, or 0."""
         with self._lock:
             begin = _NFGENMSG.pack(socket.AF_UNSPEC, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
             first_seq, first = self._message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, begin)
@@ -328,8 +366,7 @@ class NetlinkElements:
             ours = {first_seq}
             runs = list(_runs(changes))
             for number, (verb, run) in enumerate(runs, 1):
-                adding = verb != "delete"
-                msg = NFT_MSG_NEWSETELEM if adding else NFT_MSG_DELSETELEM
+                adding = verb in _CREATE_FLAGS
                 # Only the last message asks for an ack: the kernel reports every message
                 # that fails whether asked or not, and runs the whole batch before it
                 # answers, so the last ack comes after any error (and after the error of
@@ -339,7 +376,8 @@ class NetlinkElements:
                     flags |= NLM_F_ACK
                 packed_elements = b"".join(_element_attr(e, adding) for e in run)
                 body = _list_body(run[0].schema, table, packed_elements)
-                last_seq, packed = self._message(NFNL_SUBSYS_NFTABLES << 8 | msg, flags, body)
+                kind = NFNL_SUBSYS_NFTABLES << 8 | _MESSAGES[verb]
+                last_seq, packed = self._message(kind, flags, body)
                 parts.append(packed)
                 ours.add(last_seq)
             _, end = self._message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, begin)
@@ -354,8 +392,7 @@ class NetlinkElements:
                         done = done or seq == last_seq
             if failure:
                 self._drain()
-        if failure:
-            raise host_error(operation, where, failure, "nf_tables set elements")
+        return failure
 
     def _drain(self) -> None:
         """Read what the kernel still sends about an aborted batch."""

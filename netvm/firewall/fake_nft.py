@@ -319,10 +319,11 @@ def _change_elements(work: FakeRuleset, verb: str, what: Json) -> None:
             found.elements.append(
                 {"key": canonical, "val": copy.deepcopy(key), "data": data, "comment": comment}
             )
-        elif verb == "delete":
-            if index is None:
+        elif verb in ("delete", "destroy"):
+            if index is not None:
+                del found.elements[index]
+            elif verb == "delete":
                 raise _Refused(errno.ENOENT)
-            del found.elements[index]
         else:
             raise _Refused(errno.EOPNOTSUPP)
 

@@ -81,7 +81,9 @@ class ElementStore(Protocol):
     def commit(
         self, changes: Sequence[tuple[str, Element]], table: str, operation: str, where: str
     ) -> None:
-        """("add" | "delete", element) in order, as one transaction; HostError on failure."""
+        """("add" | "create" | "delete" | "destroy", element) in order, as one transaction;
+        HostError on failure. A destroy is a delete that is no error where the element is
+        gone (the set must exist); a create fails where it exists (EEXIST)."""
 
     def comment(self, element: Element, table: str, operation: str) -> str | None:
         """The comment of the element with this key ("" if none), None if there is none."""
@@ -706,9 +708,9 @@ class NftablesFirewall:
         after = elements(vm)
         keep = {_full(e) for e in before} & {_full(e) for e in after}
         gone = _by_set(e for e in before if _full(e) not in keep)
-        # An add first: the delete cannot fail on an element someone removed. Grouped by
+        # Destroyed, not deleted: no failure on an element someone removed. Grouped by
         # set, each group is one message (elements.py).
-        changes = [("add", e) for e in gone] + [("delete", e) for e in gone]
+        changes = [("destroy", e) for e in gone]
         changes += [("add", e) for e in _by_set(e for e in after if _full(e) not in keep)]
         self._write(bridge, vm, changes)
 
@@ -837,7 +839,7 @@ class NftablesFirewall:
         gone = _by_set(elements(old))
         table, where = table_name(bridge), f"{tap} in nftables {table_name(bridge)}"
         operation = f"remove the guarantees of {tap}"
-        changes = [("add", e) for e in gone] + [("delete", e) for e in gone]
+        changes = [("destroy", e) for e in gone]
         try:
             self._store().commit(changes, table, operation, where)
         except HostError as exc:
@@ -858,7 +860,7 @@ class NftablesFirewall:
             groups.setdefault((element.schema.family, element.schema.name), []).append(element)
         for key in sorted(groups, key=lambda key: key == (VMS.family, VMS.name)):
             part = groups[key]
-            changes = [("add", e) for e in part] + [("delete", e) for e in part]
+            changes = [("destroy", e) for e in part]
             try:
                 self._store().commit(changes, table, operation, where)
             except HostError as exc:

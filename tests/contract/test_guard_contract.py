@@ -12,13 +12,15 @@ import errno
 import ipaddress
 import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from netvm import ConfigError, ConflictError, FakeBackend, HostError, KernelBackend
 from netvm.backends.base import Backend, TapOptions
 from netvm.firewall import BridgeFirewall
-from netvm.firewall.guard import VmGuard, egress_chain
+from netvm.firewall import elements as netlink_elements
+from netvm.firewall.guard import VmGuard, egress_chain, elements
 from netvm.firewall.nftables import NftablesFirewall
 from netvm.policy import OPEN, GuestPolicy
 from netvm.testing import run_in_netns, snapshot
@@ -106,6 +108,72 @@ def test_vms_with_the_same_egress_lists_share_one_chain(nft: NftablesFirewall) -
     nft.unguard("nvbr0", "tap-b")
     nft.prune("nvbr0", live=())
     assert egress_chains(nft) == set()
+
+
+def test_unguard_removes_what_is_left_when_someone_took_an_element(
+    backend: Backend, nft: NftablesFirewall
+) -> None:
+    """A VM's elements are destroyed, not deleted: one that a foreign `nft delete element`
+    took already fails nothing, and the others still go."""
+    before = snapshot(backend)
+    a = vm("tap-a", 5, ALL)
+    nft.guard("nvbr0", a)
+    taken = [e for e in elements(a) if e.schema.name == "isolated"]
+    assert taken
+    nft._store().commit([("delete", e) for e in taken], "netvm-nvbr0", "take", "tap-a")
+    assert nft.unguard("nvbr0", "tap-a") == a
+    nft.prune("nvbr0", live=())
+    assert snapshot(backend) == before
+
+
+def test_a_destroy_is_no_change_where_the_element_is_gone_but_the_set_must_exist(
+    backend: Backend, nft: NftablesFirewall
+) -> None:
+    store = nft._store()
+    a = vm("tap-a", 5, ALL)
+    gone = [e for e in elements(a) if e.schema.family == "bridge"]
+    before = snapshot(backend)
+    store.commit([("destroy", e) for e in gone], "netvm-nvbr0", "destroy", "tap-a")
+    assert snapshot(backend) == before
+    with pytest.raises(HostError) as deleted:
+        store.commit([("delete", e) for e in gone], "netvm-nvbr0", "delete", "tap-a")
+    assert deleted.value.errno == errno.ENOENT
+    with pytest.raises(HostError) as no_set:
+        store.commit([("destroy", e) for e in gone], "netvm-nosuch", "destroy", "tap-a")
+    assert no_set.value.errno == errno.ENOENT
+    assert snapshot(backend) == before
+
+
+def test_a_kernel_without_destroy_gets_an_add_and_a_delete(
+    backend: Backend, nft: NftablesFirewall, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before Linux 6.3 the kernel refuses NFT_MSG_DESTROYSETELEM as an unknown message
+    (EINVAL): played here with a message type no kernel knows."""
+    if not isinstance(backend, KernelBackend):
+        pytest.skip("the fake models the kernel of this machine, which has the message")
+    monkeypatch.setitem(netlink_elements._MESSAGES, "destroy", 0xFF)
+    batches: list[int] = []
+    real = netlink_elements.NetlinkElements._commit
+
+    def counted(self: netlink_elements.NetlinkElements, *args: Any) -> int:
+        batches.append(real(self, *args))
+        return batches[-1]
+
+    monkeypatch.setattr(netlink_elements.NetlinkElements, "_commit", counted)
+    before = snapshot(backend)
+    a = vm("tap-a", 5, ALL)
+    nft.guard("nvbr0", a, fresh=True)
+    batches.clear()
+    assert nft.unguard("nvbr0", "tap-a") == a
+    assert batches == [errno.EINVAL, 0], "refused, then the same as an add and a delete"
+    nft.prune("nvbr0", live=())
+    assert snapshot(backend) == before
+    nft.guard("nvbr0", a, fresh=True)
+    batches.clear()
+    assert nft.unguard("nvbr0", "tap-a") == a
+    assert batches == [0], "a kernel that refused once is not asked again"
+    nft.prune("nvbr0", live=())
+    assert snapshot(backend) == before
 
 
 def test_prune_removes_only_taps_that_are_gone(nft: NftablesFirewall) -> None:
