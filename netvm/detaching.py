@@ -95,13 +95,13 @@ def retire_vms(
         )
         moved[0] += len(part)  # from here on the group may hold them
         retire(manager, part, group)
-        for link, vm_id in part:
-            manager._unguard_into(link.name, unguarded)
+        manager._unguard_into([link.name for link, _ in part], unguarded)
+        for _, vm_id in part:
             tx.release(vm_id)
-    for name, vm_id in names.items():
-        if name not in links:
-            manager._unguard_into(name, unguarded)
-            tx.release(vm_id)
+    gone = {name: vm_id for name, vm_id in names.items() if name not in links}
+    manager._unguard_into(list(gone), unguarded)
+    for vm_id in gone.values():
+        tx.release(vm_id)
 
 
 def retire(manager: NetworkManager, doomed: list[tuple[Link, str]], group: int) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -615,7 +615,7 @@ class NetworkManager:
     def _unguard(self, tap: str) -> None:
         firewall = self._elements()
         if firewall is not None:
-            firewall.unguard(self.config.bridge_name, tap)
+            firewall.unguard(self.config.bridge_name, [tap])
 
     def _unguard_quietly(self, tap: str) -> None:
         try:
@@ -774,13 +774,11 @@ class NetworkManager:
         """Wait until the TAPs this manager detached so far are deleted; False on timeout."""
         return self._reaper.wait(timeout)
 
-    def _unguard_into(self, tap: str, unguarded: list[VmGuard]) -> None:
-        """Remove the TAP's guarantees, keeping what they were for a rollback."""
+    def _unguard_into(self, taps: Collection[str], unguarded: list[VmGuard]) -> None:
+        """Remove the TAPs' guarantees, keeping what they were for a rollback."""
         firewall = self._elements()
         if firewall is not None:
-            old = firewall.unguard(self.config.bridge_name, tap)
-            if old is not None:
-                unguarded.append(old)
+            unguarded += firewall.unguard(self.config.bridge_name, taps).values()
 
     def _sweep(self) -> None:
         """(On the reaper's thread.) See netvm/detaching.py: sweep."""

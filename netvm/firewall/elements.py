@@ -3,7 +3,7 @@
 An attach adds a handful of elements to netvm's sets. Through libnftables that costs
 0.17 ms with 10 VMs and 0.8 ms with 1000 (it lists the ruleset into its cache first, so
 the cost grows with the number of VMs, measured on this machine). The messages themselves
-are small and fixed: one batch of NEWSETELEM/DELSETELEM, committed by the kernel as one
+are small and fixed: one batch of NEWSETELEM/DESTROYSETELEM, committed by the kernel as one
 transaction, and a GETSETELEM by key to read a VM's record. Packed here they cost the
 kernel's time plus a few microseconds, whatever the number of VMs.
 

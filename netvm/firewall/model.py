@@ -187,8 +187,9 @@ class Firewall(Protocol):
     def record(self, bridge: str, tap: str) -> VmGuard | None:
         """What the firewall holds for `tap`, or None."""
 
-    def unguard(self, bridge: str, tap: str) -> VmGuard | None:
-        """Remove everything the firewall holds for `tap`; it is fine if there is nothing."""
+    def unguard(self, bridge: str, taps: Collection[str]) -> dict[str, VmGuard]:
+        """Remove everything the firewall holds for these TAPs (in one transaction where it
+        can); it is fine if there is nothing. Returns what each TAP that had some had."""
 
     def guards(self, bridge: str) -> dict[str, VmGuard]:
         """Every TAP's guarantees on this bridge."""

@@ -57,6 +57,9 @@ FAMILY = "inet"
 BRIDGE_FAMILY = "bridge"
 IPTABLES_FAMILY, IPTABLES_TABLE = "ip", "filter"
 TABLE_PREFIX = "netvm-"
+UNGUARD_CHUNK = 128
+"""TAPs whose elements one transaction removes: their keys stay well within a netlink
+attribute (64 KiB) and the socket's send buffer."""
 CHAINS: dict[str, Json] = {
     "forward": {"type": "filter", "hook": "forward", "prio": 0, "policy": "accept"},
     "postrouting": {"type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"},
@@ -831,22 +834,29 @@ class NftablesFirewall:
                 "remove the element from set vms"
             ) from None
 
-    def unguard(self, bridge: str, tap: str) -> VmGuard | None:
-        """Remove every element of `tap`; return what it had (None if nothing)."""
-        old = self.record(bridge, tap)
-        if old is None:
-            return None
-        gone = _by_set(elements(old))
-        table, where = table_name(bridge), f"{tap} in nftables {table_name(bridge)}"
-        operation = f"remove the guarantees of {tap}"
-        changes = [("destroy", e) for e in gone]
-        try:
-            self._store().commit(changes, table, operation, where)
-        except HostError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-            self._unguard_set_by_set(gone, table, operation, where)
-        return old
+    def unguard(self, bridge: str, taps: Collection[str]) -> dict[str, VmGuard]:
+        """Remove every element of these TAPs, UNGUARD_CHUNK TAPs per transaction (a
+        detach_many, gc or teardown of many VMs pays the kernel's commit once per chunk);
+        return what each had."""
+        found: dict[str, VmGuard] = {}
+        table = table_name(bridge)
+        pending = list(dict.fromkeys(taps))
+        for first in range(0, len(pending), UNGUARD_CHUNK):
+            chunk = pending[first : first + UNGUARD_CHUNK]
+            olds = {tap: old for tap in chunk if (old := self.record(bridge, tap)) is not None}
+            if not olds:
+                continue
+            gone = _by_set(e for old in olds.values() for e in elements(old))
+            where = f"{', '.join(olds)} in nftables {table}"
+            operation = f"remove the guarantees of {', '.join(olds)}"
+            try:
+                self._store().commit([("destroy", e) for e in gone], table, operation, where)
+            except HostError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                self._unguard_set_by_set(gone, table, operation, where)
+            found.update(olds)
+        return found
 
     def _unguard_set_by_set(
         self, gone: list[Element], table: str, operation: str, where: str
@@ -901,10 +911,7 @@ class NftablesFirewall:
         What a crash can leave is elements of a TAP that no longer exists: this is the
         reconciliation (gc, teardown). Returns the TAPs whose elements went.
         """
-        removed = []
-        for tap in sorted(set(self.guards(bridge)) - set(live)):
-            if self.unguard(bridge, tap) is not None:
-                removed.append(tap)
+        removed = sorted(self.unguard(bridge, sorted(set(self.guards(bridge)) - set(live))))
         self._prune_egress_chains(bridge)
         return removed
 

@@ -258,8 +258,8 @@ class XtablesFirewall:
     def record(self, bridge: str, tap: str) -> VmGuard | None:
         return None
 
-    def unguard(self, bridge: str, tap: str) -> VmGuard | None:
-        return None
+    def unguard(self, bridge: str, taps: Collection[str]) -> dict[str, VmGuard]:
+        return {}
 
     def guards(self, bridge: str) -> dict[str, VmGuard]:
         return {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import ipaddress
+from collections.abc import Collection
 from typing import Any
 
 import pytest
@@ -221,8 +222,8 @@ def test_isolation_is_restored_when_a_detach_is_undone(config: NetworkConfig) ->
         assert _link(backend, vm.tap_name).isolated
         real = manager._unguard_into
 
-        def failing(tap: str, unguarded: list[Any]) -> None:
-            raise HostError("remove the guarantees", tap, errno.EIO)
+        def failing(taps: Collection[str], unguarded: list[Any]) -> None:
+            raise HostError("remove the guarantees", ",".join(taps), errno.EIO)
 
         manager._unguard_into = failing  # type: ignore[method-assign]
         with pytest.raises(HostError):

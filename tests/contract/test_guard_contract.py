@@ -71,10 +71,10 @@ def test_unguard_removes_every_element(backend: Backend, nft: NftablesFirewall) 
     before = snapshot(backend)
     nft.guard("nvbr0", vm("tap-a", 5, ALL))
     assert snapshot(backend) != before
-    assert nft.unguard("nvbr0", "tap-a") == vm("tap-a", 5, ALL)
+    assert nft.unguard("nvbr0", ["tap-a"]) == {"tap-a": vm("tap-a", 5, ALL)}
     nft.prune("nvbr0", live=())  # the shared egress chain goes once no VM uses it
     assert snapshot(backend) == before
-    assert nft.unguard("nvbr0", "tap-a") is None
+    assert nft.unguard("nvbr0", ["tap-a"]) == {}
 
 
 def test_a_changed_policy_replaces_the_old_elements(
@@ -83,7 +83,7 @@ def test_a_changed_policy_replaces_the_old_elements(
     later = GuestPolicy.of(egress_deny=("198.51.100.0/24",), port_forwards=("9090:90",))
     nft.guard("nvbr0", vm("tap-a", 5, later))
     fresh = snapshot(backend)
-    nft.unguard("nvbr0", "tap-a")
+    nft.unguard("nvbr0", ["tap-a"])
     nft.prune("nvbr0", live=())
     nft.guard("nvbr0", vm("tap-a", 5, ALL))
     nft.guard("nvbr0", vm("tap-a", 5, later))
@@ -102,12 +102,32 @@ def test_vms_with_the_same_egress_lists_share_one_chain(nft: NftablesFirewall) -
     nft.guard("nvbr0", vm("tap-a", 5, ALL))
     nft.guard("nvbr0", vm("tap-b", 6, dataclasses.replace(ALL, port_forwards=())))
     assert egress_chains(nft) == {egress_chain(ALL)}
-    nft.unguard("nvbr0", "tap-a")
+    nft.unguard("nvbr0", ["tap-a"])
     nft.prune("nvbr0", live=("tap-b",))
     assert egress_chains(nft) == {egress_chain(ALL)}, "tap-b still uses it"
-    nft.unguard("nvbr0", "tap-b")
+    nft.unguard("nvbr0", ["tap-b"])
     nft.prune("nvbr0", live=())
     assert egress_chains(nft) == set()
+
+
+def test_unguard_of_many_taps_removes_each_ones_elements_chunk_by_chunk(
+    backend: Backend, nft: NftablesFirewall, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("netvm.firewall.nftables.UNGUARD_CHUNK", 2)
+    before = snapshot(backend)
+    lists = GuestPolicy.of(isolated=True, egress_deny=("198.51.100.0/24",))
+    guards = {
+        f"tap-{n}": vm(f"tap-{n}", n, lists if n % 2 else GuestPolicy()) for n in range(5, 10)
+    }
+    for guard in guards.values():
+        nft.guard("nvbr0", guard)
+    nft.guard("nvbr0", vm("tap-k", 20, lists))
+    asked = [*guards, "tap-none", "tap-5"]  # one without guarantees, one named twice
+    assert nft.unguard("nvbr0", asked) == guards
+    assert set(nft.guards("nvbr0")) == {"tap-k"}
+    nft.unguard("nvbr0", ["tap-k"])
+    nft.prune("nvbr0", live=())
+    assert snapshot(backend) == before
 
 
 def test_unguard_removes_what_is_left_when_someone_took_an_element(
@@ -121,7 +141,7 @@ def test_unguard_removes_what_is_left_when_someone_took_an_element(
     taken = [e for e in elements(a) if e.schema.name == "isolated"]
     assert taken
     nft._store().commit([("delete", e) for e in taken], "netvm-nvbr0", "take", "tap-a")
-    assert nft.unguard("nvbr0", "tap-a") == a
+    assert nft.unguard("nvbr0", ["tap-a"]) == {"tap-a": a}
     nft.prune("nvbr0", live=())
     assert snapshot(backend) == before
 
@@ -164,13 +184,13 @@ def test_a_kernel_without_destroy_gets_an_add_and_a_delete(
     a = vm("tap-a", 5, ALL)
     nft.guard("nvbr0", a, fresh=True)
     batches.clear()
-    assert nft.unguard("nvbr0", "tap-a") == a
+    assert nft.unguard("nvbr0", ["tap-a"]) == {"tap-a": a}
     assert batches == [errno.EINVAL, 0], "refused, then the same as an add and a delete"
     nft.prune("nvbr0", live=())
     assert snapshot(backend) == before
     nft.guard("nvbr0", a, fresh=True)
     batches.clear()
-    assert nft.unguard("nvbr0", "tap-a") == a
+    assert nft.unguard("nvbr0", ["tap-a"]) == {"tap-a": a}
     assert batches == [0], "a kernel that refused once is not asked again"
     nft.prune("nvbr0", live=())
     assert snapshot(backend) == before
@@ -331,7 +351,7 @@ def test_a_fresh_guard_replaces_what_a_crash_left(
     again = vm("tap-a", 6, later)
     nft.guard("nvbr0", again, fresh=True)
     assert nft.record("nvbr0", "tap-a") == (again if later.any else None)
-    nft.unguard("nvbr0", "tap-a")
+    nft.unguard("nvbr0", ["tap-a"])
     nft.prune("nvbr0", live=())
     assert snapshot(backend) == before, "only the new elements were there to remove"
 
@@ -339,7 +359,7 @@ def test_a_fresh_guard_replaces_what_a_crash_left(
 def test_a_fresh_guard_writes_what_a_full_one_does(backend: Backend, nft: NftablesFirewall) -> None:
     nft.guard("nvbr0", vm("tap-a", 5, ALL))
     full = snapshot(backend)
-    nft.unguard("nvbr0", "tap-a")
+    nft.unguard("nvbr0", ["tap-a"])
     nft.guard("nvbr0", vm("tap-a", 5, ALL), fresh=True)
     assert snapshot(backend) == full
 
@@ -458,7 +478,7 @@ def test_vms_of_one_egress_policy_share_one_dispatch_rule(nft: NftablesFirewall)
     ]
     assert len(rules) == 1
     for n in range(3):
-        nft.unguard("nvbr0", f"tap-{n}")
+        nft.unguard("nvbr0", [f"tap-{n}"])
     nft.prune("nvbr0", live=())
     rules = [
         item for item in nft.ruleset() if item.get("rule", {}).get("chain") == "egress_dispatch"

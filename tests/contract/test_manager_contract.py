@@ -360,6 +360,7 @@ def test_detach_deletes_the_tap_outside_the_lease_lock_and_the_callers_thread(
     import threading
 
     manager.ensure_host()
+    assert manager.wait_detached()  # the sweep after ensure_host: it could take the TAP
     manager.attach("vm-1")
     seen: list[tuple[bool, bool]] = []
     real = manager.backend.deleter
@@ -403,6 +404,7 @@ def test_an_interrupted_detach_is_finished_by_attach_and_by_gc(manager: NetworkM
     from netvm.naming import detaching_alias
 
     manager.ensure_host()
+    assert manager.wait_detached()  # the sweep after ensure_host would delete what is marked
     for vm_id in ("vm-1", "vm-2"):
         old = manager.attach(vm_id)
         manager.backend.set_link(old.tap_name, up=False, alias=detaching_alias("nvbr0", vm_id))
