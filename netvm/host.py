@@ -4,8 +4,9 @@ Serialised per network namespace by a StateFile (`host.<namespace>.lock`) whose 
 covers the one kernel change a crash could leave unmarked: a bridge is created and named
 netvm's in two requests (the kernel takes no ifalias at creation), so the intent is written
 first, and the next holder deletes a bridge that the intent names and that still has no
-mark. ip_forward has no mark at all: the file that says netvm switched it on is written
-before it is switched.
+mark and is still in the link group the intent names (a bridge of that name made by hand
+meanwhile is in another). ip_forward has no mark at all: the file that says netvm switched
+it on is written before it is switched.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from netvm import naming
-from netvm.backends.base import Backend, Link
+from netvm.backends.base import Backend, BridgeOptions, Link
 from netvm.config import NetworkConfig
 from netvm.errors import ConflictError, NetvmError, StateStoreError, host_error
 from netvm.firewall import KINDS, BridgeFirewall, ChosenFirewall, choose_firewall
@@ -26,6 +28,14 @@ from netvm.statefile import STATE_DIR_HINT, StateFile
 from netvm.undo import Undo
 
 log = logging.getLogger("netvm")
+
+CREATING_GROUPS = (2**31, 2**32 - 1)
+"""Link groups of a bridge being created: apart from the reaper's (netvm/reaper.py), whose
+groups are deleted with all they hold."""
+LINK_LOCAL_TO_HOOKS = 1 << 0x0E
+"""group_fwd_mask bit of LLDP (01:80:c2:00:00:0e), the one link-local address the kernel
+would hand to the port's own stack without any bridge hook; the others pass the bridge's
+input hook, where netvm's rules drop them from guarded TAPs (guard_rules.py)."""
 
 
 class HostSetup:
@@ -81,6 +91,9 @@ class HostSetup:
         link = self.backend.get_link(name)
         if link is None or link.kind != "bridge" or link.alias is not None:
             return
+        group = intent.get("group")
+        if group is not None and link.group != group:
+            return  # not the one netvm made: a bridge of that name someone made since
         if self.backend.list_links(master=link.index):
             return
         log.warning("removing bridge %s: its creation by netvm was interrupted", name)
@@ -150,8 +163,12 @@ class HostSetup:
         name, mtu = self.config.bridge_name, self.config.mtu
         link = self.backend.get_link(name)
         if link is None:
-            self.file.write_intent({"op": "create-bridge", "bridge": name})
-            self.backend.create_bridge(name, mtu, alias=self.alias)
+            # Made in a link group of its own, named in the intent, until it has its alias:
+            # a crash in between leaves a bridge that is told apart from one made by hand.
+            group = random.randrange(*CREATING_GROUPS)
+            self.file.write_intent({"op": "create-bridge", "bridge": name, "group": group})
+            options = BridgeOptions(LINK_LOCAL_TO_HOOKS, no_linklocal_learn=True)
+            self.backend.create_bridge(name, mtu, self.alias, group, options)
             undo.push(f"delete bridge {name}", lambda: self.backend.delete_link(name))
             self.file.clear_intent()
             log.info("created bridge %s", name)
@@ -166,6 +183,7 @@ class HostSetup:
             undo.push(
                 f"restore the alias of {name}", lambda: self.backend.set_link(name, alias=old)
             )
+        self._ensure_link_local(link, undo)
         if link.mtu != mtu or not link.up:
             before = link
             self.backend.set_link(name, mtu=mtu, up=True)
@@ -173,6 +191,19 @@ class HostSetup:
                 f"restore {name}", lambda: self.backend.set_link(name, mtu=before.mtu, up=before.up)
             )
         return link
+
+    def _ensure_link_local(self, link: Link, undo: Undo) -> None:
+        """Frames to 802.1D link-local addresses take the bridge's hooks, where netvm's
+        rules see them, and teach the bridge no MAC (BridgeOptions)."""
+        have = link.bridge or BridgeOptions()
+        want = BridgeOptions(have.group_fwd_mask | LINK_LOCAL_TO_HOOKS, no_linklocal_learn=True)
+        if want == have:
+            return
+        self.backend.set_bridge_options(link.name, want)
+        undo.push(
+            f"restore the link-local options of {link.name}",
+            lambda: self.backend.set_bridge_options(link.name, have),
+        )
 
     def _ensure_gateway(self, bridge: Link, undo: Undo) -> None:
         gateway = self.config.gateway

@@ -50,6 +50,21 @@ class TapOptions:
 
 
 @dataclass(frozen=True)
+class BridgeOptions:
+    """What a bridge does with frames to the 802.1D link-local addresses 01:80:c2:00:00:0X.
+
+    By default the kernel hands them to the host's stack *on the port* (the TAP), past the
+    bridge family's prerouting hook, and learns their source MAC: a guest could reach the
+    host's services from any address and take a neighbour's MAC. `group_fwd_mask` bit X
+    sends those to X through the bridge's hooks like any frame (bits 0-2 are refused by the
+    kernel: EINVAL); `no_linklocal_learn` stops the learning.
+    """
+
+    group_fwd_mask: int = 0
+    no_linklocal_learn: bool = False
+
+
+@dataclass(frozen=True)
 class Link:
     index: int
     name: str
@@ -65,6 +80,8 @@ class Link:
     """For a bridge port: the kernel's port isolation (IFLA_BRPORT_ISOLATED)."""
     group: int = 0
     """The link group (IFLA_GROUP); 0 is the kernel's default group."""
+    bridge: BridgeOptions | None = None
+    """For a bridge: its link-local options."""
 
 
 NO_MASTER = 0
@@ -193,7 +210,19 @@ class Backend(XtablesTables, Protocol):
     def list_links(self, master: int | None = None) -> list[Link]:
         """Every link, or only the ports of the bridge with index `master`."""
 
-    def create_bridge(self, name: str, mtu: int, alias: str | None = None) -> None: ...
+    def create_bridge(
+        self,
+        name: str,
+        mtu: int,
+        alias: str | None = None,
+        group: int = 0,
+        options: BridgeOptions | None = None,
+    ) -> None:
+        """A bridge made in link group `group` with `options` (both in the creating
+        request), then given `mtu`, `alias` and the default group 0 in a second one."""
+
+    def set_bridge_options(self, name: str, options: BridgeOptions) -> None:
+        """The bridge's link-local options (one request)."""
 
     def create_tap(self, name: str, options: TapOptions) -> int:
         """A persistent TAP, and its ifindex; DeviceExists if any device has that name

@@ -23,6 +23,7 @@ from netvm.backends.base import (
     NO_MASTER,
     STANDARD_TARGETS,
     Address,
+    BridgeOptions,
     Link,
     LinkChange,
     LinkSetting,
@@ -38,6 +39,8 @@ from netvm.firewall.xtables import XtablesFirewall
 from netvm.naming import MAX_BRIDGE_PORTS
 
 IFALIASZ = 256
+RESTRICTED_GROUP_FWD = 0x0007
+"""BR_GROUPFWD_RESTRICTED: the bits of group_fwd_mask the kernel refuses (EINVAL)."""
 F = TypeVar("F", bound=Callable[..., Any])
 _states: weakref.WeakValueDictionary[int, FakeState] = weakref.WeakValueDictionary()
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
@@ -138,10 +141,35 @@ class FakeBackend:
         links = sorted(self.state.links.values(), key=lambda link: link.index)
         return [link for link in links if master is None or link.master == master]
 
-    def create_bridge(self, name: str, mtu: int, alias: str | None = None) -> None:
+    def create_bridge(
+        self,
+        name: str,
+        mtu: int,
+        alias: str | None = None,
+        group: int = 0,
+        options: BridgeOptions | None = None,
+    ) -> None:
+        if options is not None:
+            self._check_bridge_options("create bridge", name, options)
         self._new_link("create bridge", name, "bridge", mtu)
-        if alias is not None:
-            self.state.links[name] = replace(self.state.links[name], alias=alias)
+        made = replace(self.state.links[name], alias=alias, bridge=options or BridgeOptions())
+        self.state.links[name] = made
+
+    def set_bridge_options(self, name: str, options: BridgeOptions) -> None:
+        operation = "set bridge options"
+        link = self._require(operation, name)
+        if link.kind != "bridge":
+            raise host_error(operation, name, errno.EOPNOTSUPP)
+        self._check_bridge_options(operation, name, options)
+        self._mutate(operation, name)
+        self.state.links[name] = replace(link, bridge=options)
+
+    @staticmethod
+    def _check_bridge_options(operation: str, name: str, options: BridgeOptions) -> None:
+        """The kernel's rule: the group addresses of STP, pause frames and LACP are
+        never forwarded (BR_GROUPFWD_RESTRICTED)."""
+        if options.group_fwd_mask & RESTRICTED_GROUP_FWD or options.group_fwd_mask < 0:
+            raise host_error(operation, name, errno.EINVAL)
 
     def create_tap(self, name: str, options: TapOptions) -> int:
         self._new_link("create tap", name, "tun", 1500, tap=options)

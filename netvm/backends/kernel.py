@@ -22,7 +22,16 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar, cast
 
-from netvm.backends.base import Address, Link, LinkChange, LinkSetting, Rule, TapOptions
+from netvm.backends import rtnl
+from netvm.backends.base import (
+    Address,
+    BridgeOptions,
+    Link,
+    LinkChange,
+    LinkSetting,
+    Rule,
+    TapOptions,
+)
 from netvm.backends.netns import NamespaceThread
 from netvm.backends.rtnl import LinkInfo, Rtnl, RtnlError
 from netvm.backends.tun import create_persistent_tap, open_tun
@@ -70,6 +79,7 @@ def _to_link(info: LinkInfo) -> Link:
         tap=tap,
         isolated=info.isolated,
         group=info.group,
+        bridge=None if info.bridge is None else BridgeOptions(*info.bridge),
     )
 
 
@@ -189,24 +199,39 @@ class KernelBackend:
         with _kernel_errors("list links", None):
             return [_to_link(info) for info in self.rtnl.dump_links(master)]
 
-    def create_bridge(self, name: str, mtu: int, alias: str | None = None) -> None:
-        """Create, then set MTU and alias in a second request.
+    def create_bridge(
+        self,
+        name: str,
+        mtu: int,
+        alias: str | None = None,
+        group: int = 0,
+        options: BridgeOptions | None = None,
+    ) -> None:
+        """Create (in `group`, with `options`), then set MTU, alias and group 0 in a second
+        request.
 
         The kernel takes no ifalias at creation, and an MTU given at creation is not
         recorded as chosen by the user, so the bridge would follow its ports' MTUs (and
         fall back to 1500 with no port); set afterwards, it stays.
         """
+        info = None
+        if options is not None:
+            info = rtnl.bridge_data(options.group_fwd_mask, options.no_linklocal_learn)
         with _kernel_errors("create bridge", name):
-            self.rtnl.create_link(name, "bridge")
+            self.rtnl.create_link(name, "bridge", info, group or None)
         try:
             with _kernel_errors("set bridge mtu and alias", name):
-                self.rtnl.set_link(name, mtu=mtu, alias=alias)
+                self.rtnl.set_link(name, mtu=mtu, alias=alias, group=0 if group else None)
         except BaseException:
             # Without its alias the bridge would look like someone else's: it must not
             # outlive this call.
             with contextlib.suppress(RtnlError, OSError):
                 self.rtnl.delete_link(name)
             raise
+
+    def set_bridge_options(self, name: str, options: BridgeOptions) -> None:
+        with _kernel_errors("set bridge options", name):
+            self.rtnl.set_bridge(name, options.group_fwd_mask, options.no_linklocal_learn)
 
     def _tun_fd(self) -> int:
         """A /dev/net/tun descriptor opened in the namespace (a hop only every TUN_POOL)."""

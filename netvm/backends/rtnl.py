@@ -59,6 +59,9 @@ IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
 IFLA_INFO_SLAVE_DATA = 5
 IFLA_BRPORT_ISOLATED = 33
+IFLA_BR_GROUP_FWD_MASK = 9
+IFLA_BR_MULTI_BOOLOPT = 46
+BR_BOOLOPT_NO_LL_LEARN = 0
 AF_BRIDGE = 7
 IFLA_TUN_OWNER = 1
 IFLA_TUN_GROUP = 2
@@ -77,6 +80,7 @@ _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
 _RTATTR = struct.Struct("=HH")  # length, type
 _U32 = struct.Struct("=I")
+_U16 = struct.Struct("=H")
 _ERRNO = struct.Struct("=i")
 _HEADER = _NLMSGHDR.size
 
@@ -131,6 +135,28 @@ class LinkInfo:
     """For a TAP/TUN device: (owner, group, multi_queue, vnet_hdr)."""
     isolated: bool = False
     """For a bridge port: IFLA_BRPORT_ISOLATED."""
+    bridge: tuple[int, bool] | None = None
+    """For a bridge: (IFLA_BR_GROUP_FWD_MASK, the no_linklocal_learn option)."""
+
+
+def bridge_data(group_fwd_mask: int, no_linklocal_learn: bool) -> bytes:
+    """IFLA_LINKINFO of a bridge with these link-local options."""
+    learn = 1 << BR_BOOLOPT_NO_LL_LEARN
+    data = attr(IFLA_BR_GROUP_FWD_MASK, _U16.pack(group_fwd_mask)) + attr(
+        IFLA_BR_MULTI_BOOLOPT, _U32.pack(learn if no_linklocal_learn else 0) + _U32.pack(learn)
+    )
+    return attr(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"bridge") + attr(IFLA_INFO_DATA, data))
+
+
+def _bridge_options(data: bytes | memoryview, start: int, stop: int) -> tuple[int, bool]:
+    mask, no_learn = 0, False
+    for kind, begin, _ in attrs(data, start, stop):
+        if kind == IFLA_BR_GROUP_FWD_MASK:
+            (mask,) = _U16.unpack_from(data, begin)
+        elif kind == IFLA_BR_MULTI_BOOLOPT:
+            (value,) = _U32.unpack_from(data, begin)
+            no_learn = bool(value & 1 << BR_BOOLOPT_NO_LL_LEARN)
+    return mask, no_learn
 
 
 _LINK_ATTRS = frozenset(
@@ -144,6 +170,7 @@ def parse_link(data: bytes | memoryview, offset: int, end: int) -> LinkInfo:
     master, mtu, group = 0, 0, 0
     tun: tuple[int | None, int | None, bool, bool] | None = None
     isolated = False
+    bridge: tuple[int, bool] | None = None
     u32 = _U32.unpack_from
     unpack = _RTATTR.unpack_from
     at = offset + _HEADER + _IFINFOMSG.size
@@ -176,6 +203,8 @@ def parse_link(data: bytes | memoryview, offset: int, end: int) -> LinkInfo:
                     for port_attr, port_start, _ in attrs(data, info_start, info_stop):
                         if port_attr == IFLA_BRPORT_ISOLATED:
                             isolated = bool(data[port_start])
+            if kind == "bridge" and info_data is not None:
+                bridge = _bridge_options(data, *info_data)
             if kind == "tun" and info_data is not None:
                 owner: int | None = None
                 tun_group: int | None = None
@@ -190,9 +219,8 @@ def parse_link(data: bytes | memoryview, offset: int, end: int) -> LinkInfo:
                     elif tun_attr == IFLA_TUN_VNET_HDR:
                         vnet_hdr = bool(data[tun_start])
                 tun = (owner, tun_group, multi_queue, vnet_hdr)
-    return LinkInfo(
-        index, name, kind, master or None, mtu, bool(flags & IFF_UP), alias, group, tun, isolated
-    )
+    up = bool(flags & IFF_UP)
+    return LinkInfo(index, name, kind, master or None, mtu, up, alias, group, tun, isolated, bridge)
 
 
 def parse_address(data: bytes | memoryview, offset: int, end: int) -> tuple[int, str, int]:
@@ -410,10 +438,20 @@ class Rtnl:
         """
         self.request(RTM_SETLINK, 0, _isolation_body(index, isolated))
 
-    def create_link(self, name: str, kind: str) -> None:
-        info = attr(IFLA_LINKINFO, attr(IFLA_INFO_KIND, kind.encode()))
-        body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + name_attr(name) + info
-        self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body)
+    def create_link(
+        self, name: str, kind: str, info: bytes | None = None, group: int | None = None
+    ) -> None:
+        """`info`: the whole IFLA_LINKINFO (else one of `kind` alone); `group`: IFLA_GROUP."""
+        if info is None:
+            info = attr(IFLA_LINKINFO, attr(IFLA_INFO_KIND, kind.encode()))
+        body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + name_attr(name)
+        if group is not None:
+            body += u32_attr(IFLA_GROUP, group)
+        self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body + info)
+
+    def set_bridge(self, name: str, group_fwd_mask: int, no_linklocal_learn: bool) -> None:
+        body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + name_attr(name)
+        self.request(RTM_NEWLINK, 0, body + bridge_data(group_fwd_mask, no_linklocal_learn))
 
     def delete_link(self, name: str, index: int | None = None) -> None:
         """By name, or by index when given (the kernel then ignores any name)."""

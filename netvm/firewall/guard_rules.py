@@ -13,18 +13,22 @@ Written as `nft -j list` prints them, so that a listing compares equal to what n
                                    IPv4: source MAC and address in @addrs, accept
                                    drop                                   (everything else)
     forward     (hook forward)     iifname @isolated drop; oifname @isolated drop
-    input       (hook input)       iifname @isolated, to the subnet but not the gateway: drop
+    input       (hook input)       iifname @guarded, to 01:80:c2:00:00:00-0f: drop
+                                   iifname @isolated, to the subnet but not the gateway: drop
     output      (hook output)      oifname @isolated, from the subnet but not the gateway: drop
 
-The last two stop isolated VMs from reaching, or being reached by, the other VMs through the
-gateway (the host routes between two guests of one subnet when a guest sends to the
-gateway's MAC).
+The @isolated rules of input and output stop isolated VMs from reaching, or being reached
+by, the other VMs through the gateway (the host routes between two guests of one subnet when
+a guest sends to the gateway's MAC). The link-local drop closes the way past prerouting:
+netvm's bridge sends LLDP's address through the hooks (group_fwd_mask, host.py), and the
+kernel passes the other 802.1D addresses through the input hook only.
 
 `inet netvm-B` gets, beside the forward and NAT rules of BridgeFirewall:
 
     prerouting  (hook prerouting, dstnat)  from the egress to a local address: DNAT by
                                            @forward_addrs and @forward_ports
-    forward     iifname B ct status dnat accept       (replies of forwarded connections)
+    forward     iifname B oifname B ip saddr != SUBNET drop    (routed back to the bridge)
+                iifname B ct status dnat accept       (replies of forwarded connections)
                 iifname B jump egress_dispatch         (per egress policy, shared by its
                                                         VMs: ip saddr @egress-D jump egress-D)
                 ... BridgeFirewall.forward, with `iifname E oifname B ct status dnat accept`
@@ -74,6 +78,8 @@ def _prefix(policy: BridgeFirewall) -> Json:
     return {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
 
 
+LINK_LOCAL = ("01:80:c2:00:00:00", "01:80:c2:00:00:0f")
+"""The 802.1D reserved group addresses (is_link_local_ether_addr)."""
 BRIDGE_CHAINS: dict[str, Json] = {
     "prerouting": {"type": "filter", "hook": "prerouting", "prio": -200, "policy": "accept"},
     "anti_spoof": {},
@@ -132,11 +138,18 @@ def bridge_rules(policy: BridgeFirewall) -> dict[str, list[list[Json]]]:
         ],
         "input": [
             [
+                # 802.1D link-local frames, which the kernel would hand to the host's stack
+                # on the TAP itself (past prerouting, where anti_spoof is): dropped.
+                _match(iif, _set(GUARDED.name)),
+                _match(_payload("ether", "daddr"), {"range": list(LINK_LOCAL)}),
+                {"drop": None},
+            ],
+            [
                 _match(iif, _set(ISOLATED.name)),
                 _match(_payload("ip", "daddr"), _prefix(policy)),
                 _match(_payload("ip", "daddr"), gateway, "!="),
                 {"drop": None},
-            ]
+            ],
         ],
         "output": [
             [
@@ -154,9 +167,21 @@ def _dnat_status(*matches: Json) -> list[Json]:
 
 
 def forward_head(policy: BridgeFirewall) -> list[list[Json]]:
-    """Rules before BridgeFirewall.forward's accepts."""
+    """Rules before BridgeFirewall.forward's accepts.
+
+    The first drops what the host would route from the bridge back to it with a source
+    outside the subnet: a guest without anti-spoofing could otherwise reach an isolated VM
+    through the gateway, as the bridge's output rule lets such sources pass (replies and
+    forwards from the egress have them). A source of the host's own, the gateway's, the
+    kernel drops as a martian."""
     bridge = _match(_meta("iifname"), policy.bridge)
     return [
+        [
+            bridge,
+            _match(_meta("oifname"), policy.bridge),
+            _match(_payload("ip", "saddr"), _prefix(policy), "!="),
+            {"drop": None},
+        ],
         _dnat_status(bridge),
         [bridge, {"jump": {"target": EGRESS_DISPATCH}}],
     ]

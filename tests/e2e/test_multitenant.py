@@ -595,3 +595,129 @@ def test_a_changed_policy_takes_effect_on_attach_again(host: NetworkManager) -> 
         assert not a.ping(b.network.guest_ip), "isolated again"
         (listed,) = [x for x in host.list() if x.vm_id == "vm"]
         assert listed.policy == GuestPolicy.of(isolated=True)
+
+
+# Frames to the 802.1D link-local addresses ---------------------------------------------------
+
+LLDP_ADDRESS = bytes.fromhex("0180c200000e")
+"""The kernel would hand a frame to it to the TAP's own stack without any bridge hook."""
+EAPOL_ADDRESS = bytes.fromhex("0180c2000003")
+"""The kernel would hand a frame to it to the TAP's own stack after the bridge input hook."""
+LINK_LOCAL = pytest.mark.parametrize(
+    "address", [LLDP_ADDRESS, EAPOL_ADDRESS], ids=["lldp-address", "eapol-address"]
+)
+
+
+@LINK_LOCAL
+@ON_OFF
+def test_a_link_local_frame_with_a_forged_source_reaches_no_host_service(
+    host: NetworkManager, topology: Topology, address: bytes, on: bool
+) -> None:
+    """A frame to a link-local address takes another way into the host than prerouting's
+    anti_spoof: it must not carry a forged source to a service of the host (the gateway's
+    address or the egress's)."""
+    with (
+        guest(host, "attacker", GuestPolicy() if on else OPEN) as a,
+        guest(host, "neighbour") as b,
+        UdpEchoServer(topology.host_netns, "0.0.0.0", 9003) as service,
+    ):
+        vm, forged = a.network, str(b.network.guest_ip)
+        gateway = str(host.config.gateway.ip)
+        send(a, udp_frame(vm.guest_mac, address, forged, gateway, 5002, 9003, b"x"))
+        assert arrives(service, 0) is not on, "a neighbour's address, to the gateway"
+        seen = len(service.peers)
+        send(a, udp_frame(FORGED_MAC, address, "198.51.100.9", "203.0.113.2", 5003, 9003, b"y"))
+        assert arrives(service, seen) is not on, "another MAC and address, to the egress"
+
+
+def _port_of(netns: str, mac: bytes) -> str | None:
+    """The bridge port the kernel's forwarding database has learnt `mac` on."""
+    shown = ":".join(f"{octet:02x}" for octet in mac)
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "bridge", "fdb", "show", "br", "nvbr0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for line in out.splitlines():
+        words = line.split()
+        if words and words[0] == shown and "dev" in words:
+            return words[words.index("dev") + 1]
+    return None
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["netvm-bridge", "control-kernel-defaults"])
+def test_a_link_local_frame_takes_no_neighbours_mac(
+    host: NetworkManager, topology: Topology, on: bool
+) -> None:
+    """One frame to LLDP's address with a neighbour's MAC as source would move that MAC to
+    the attacker's port (the host's traffic to the neighbour then goes to the attacker).
+    The control gives the bridge the kernel's defaults back (no group_fwd_mask, learning
+    from link-local frames)."""
+    netns = topology.host_netns
+    with guest(host, "attacker") as a, guest(host, "victim") as b:
+        assert b.ping(b.network.gateway_ip)
+        assert _port_of(netns, b.network.guest_mac) == b.network.tap_name
+        if not on:
+            subprocess.run(
+                [
+                    *("ip", "netns", "exec", netns, "ip", "link", "set", "nvbr0"),
+                    *("type", "bridge", "group_fwd_mask", "0", "no_linklocal_learn", "0"),
+                ],
+                check=True,
+            )
+        victim = b.network
+        frame = udp_frame(
+            victim.guest_mac, LLDP_ADDRESS, str(victim.guest_ip), "192.0.2.1", 9, 9, b"t"
+        )
+        send(a, frame)
+        time.sleep(0.2)
+        taken = _port_of(netns, victim.guest_mac) == a.network.tap_name
+        assert taken is not on
+
+
+def _hairpin_rules(host: NetworkManager) -> list[int]:
+    """Handles of netvm's drop of routed bridge-to-bridge packets from outside the subnet."""
+    firewall = host.backend.firewall("nftables")
+    assert hasattr(firewall, "_run")
+    listed = firewall._run(
+        [{"list": {"chain": {"family": "inet", "table": "netvm-nvbr0", "name": "forward"}}}],
+        "test",
+        None,
+    )
+    found = []
+    for item in listed:
+        rule = item.get("rule")
+        if rule is None:
+            continue
+        text = str(rule["expr"])
+        if "'oifname'" in text and "'saddr'" in text and "'drop'" in text:
+            found.append(int(rule["handle"]))
+    return found
+
+
+@pytest.mark.parametrize("source", ["203.0.113.77", "198.51.100.5"])
+@pytest.mark.parametrize("on", [True, False], ids=["rules-on", "control-rules-removed"])
+def test_a_neighbour_without_anti_spoofing_reaches_no_isolated_vm_through_the_gateway(
+    host: NetworkManager, source: str, on: bool
+) -> None:
+    """An open VM sends to an isolated one through the gateway with a source outside the
+    subnet: the host must not route it there. The control deletes netvm's rule that stops
+    it. (With the gateway's address as source the kernel drops it as a martian.)"""
+    with (
+        guest(host, "attacker", OPEN) as a,
+        guest(host, "isolated", GuestPolicy.of(isolated=True)) as b,
+        UdpEchoServer(b.netns, "0.0.0.0", 9004) as listener,
+    ):
+        if not on:
+            rules = _hairpin_rules(host)
+            assert len(rules) == 1
+            for handle in rules:
+                firewall = host.backend.firewall("nftables")
+                assert hasattr(firewall, "_run")
+                ref = {"family": "inet", "table": "netvm-nvbr0", "chain": "forward"}
+                firewall._run([{"delete": {"rule": {**ref, "handle": handle}}}], "test", None)
+        forged = str(host.config.gateway.ip) if source == "gateway" else source
+        target = str(b.network.guest_ip)
+        send(a, udp_frame(a.network.guest_mac, bridge_mac(host), forged, target, 7, 9004, b"i"))
+        assert arrives(listener, 0) is not on

@@ -46,6 +46,10 @@ def test_iproute2_and_iptables_see_what_netvm_made(
         assert bridge["ifalias"] == f"netvm-bridge:192.0.2.0/24:{store_id(config.state_dir)}"
         assert "UP" in bridge["flags"]
         assert bridge["mtu"] == 1500
+        # Link-local frames through the hooks, and no MAC learnt from them (host.py).
+        assert bridge["linkinfo"]["info_data"]["group_fwd_mask"] == "0x4000"
+        assert bridge["linkinfo"]["info_data"]["no_linklocal_learn"] == 1
+        assert bridge["group"] == "default"
         assert tap["linkinfo"]["info_kind"] == "tun"
         assert tap["linkinfo"]["info_data"]["type"] == "tap"
         assert tap["linkinfo"]["info_data"]["pi"] is False

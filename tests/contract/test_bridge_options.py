@@ -1,0 +1,99 @@
+"""netvm's bridge: link-local frames through its hooks, and a creation told apart from a
+bridge made by hand (netvm/host.py), on the fake and on the kernel."""
+
+from __future__ import annotations
+
+import pytest
+
+from netvm import ConflictError, NetworkManager
+from netvm.backends.base import BridgeOptions, LinkChange
+from netvm.host import CREATING_GROUPS, LINK_LOCAL_TO_HOOKS
+from netvm.naming import parse_bridge_alias
+
+NETVM_OPTIONS = BridgeOptions(LINK_LOCAL_TO_HOOKS, no_linklocal_learn=True)
+CREATING = CREATING_GROUPS[0] + 7
+
+
+def bridge_options(manager: NetworkManager) -> BridgeOptions | None:
+    link = manager.backend.get_link("nvbr0")
+    assert link is not None
+    return link.bridge
+
+
+def test_ensure_host_sends_lldps_address_through_the_hooks_and_learns_nothing_from_it(
+    manager: NetworkManager,
+) -> None:
+    manager.ensure_host()
+    assert bridge_options(manager) == NETVM_OPTIONS
+
+
+def test_ensure_host_mends_the_options_and_keeps_what_an_admin_added(
+    manager: NetworkManager,
+) -> None:
+    manager.ensure_host()
+    eapol = 1 << 3  # the admin forwards 802.1X too
+    manager.backend.set_bridge_options("nvbr0", BridgeOptions(eapol, no_linklocal_learn=False))
+    manager.ensure_host()
+    assert bridge_options(manager) == BridgeOptions(eapol | LINK_LOCAL_TO_HOOKS, True)
+    manager.ensure_host()  # nothing left to change
+    assert bridge_options(manager) == BridgeOptions(eapol | LINK_LOCAL_TO_HOOKS, True)
+
+
+def test_the_kernel_refuses_to_forward_stp_pause_and_lacp_addresses(
+    manager: NetworkManager,
+) -> None:
+    from netvm import HostError
+
+    manager.ensure_host()
+    for bit in (0, 1, 2):
+        with pytest.raises(HostError) as refused:
+            manager.backend.set_bridge_options("nvbr0", BridgeOptions(1 << bit))
+        assert refused.value.errno == 22
+    assert bridge_options(manager) == NETVM_OPTIONS
+
+
+def _cut_short(manager: NetworkManager, bridge_group: int) -> None:
+    """What a crash between the bridge's two requests leaves: the intent (naming group
+    CREATING) and an unmarked bridge, in that group; or in the default group, as one made
+    by hand after the crash would be."""
+    manager.host.file.acquire()
+    try:
+        manager.host.file.write_intent(
+            {"op": "create-bridge", "bridge": "nvbr0", "group": CREATING}
+        )
+    finally:
+        manager.host.file.release()
+    manager.backend.create_bridge("nvbr0", 1500)
+    link = manager.backend.get_link("nvbr0")
+    assert link is not None
+    if bridge_group:
+        assert not manager.backend.change_links([LinkChange(link.index, group=bridge_group)])
+
+
+def test_a_bridge_left_by_a_cut_short_creation_is_removed_and_made_again(
+    manager: NetworkManager,
+) -> None:
+    _cut_short(manager, CREATING)
+    before = manager.backend.get_link("nvbr0")
+    manager.ensure_host()
+    after = manager.backend.get_link("nvbr0")
+    assert before is not None
+    assert after is not None
+    assert after.index != before.index
+    assert parse_bridge_alias(after.alias) is not None
+    assert after.group == 0
+
+
+def test_a_bridge_made_by_hand_after_a_cut_short_creation_is_not_deleted(
+    manager: NetworkManager,
+) -> None:
+    """The intent names the bridge's name, but the bridge of that name now is someone
+    else's (made after the crash, in the default group): netvm must leave it."""
+    _cut_short(manager, 0)
+    before = manager.backend.get_link("nvbr0")
+    with pytest.raises(ConflictError, match="netvm did not create it"):
+        manager.ensure_host()
+    after = manager.backend.get_link("nvbr0")
+    assert before is not None
+    assert after is not None
+    assert after.index == before.index
