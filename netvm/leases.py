@@ -38,6 +38,7 @@ from netvm.errors import (
     UsedAfterFork,
 )
 from netvm.statefile import STATE_DIR_HINT, InFlight, StateFile, make_directory
+from netvm.undo import Undo
 
 log = logging.getLogger("netvm")
 
@@ -53,7 +54,9 @@ _SCHEMA = (
 
 LOCK_TIMEOUT = 60.0
 """Seconds SQLite waits for a connection that is not netvm's (netvm's own wait in the queue)."""
-_DAMAGED = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+_DAMAGED = {10, 11, 26}
+"""SQLITE_IOERR (e.g. a -shm whose WAL was deleted: its frames cannot be read), SQLITE_CORRUPT,
+SQLITE_NOTADB."""
 _SQLITE_ERROR = 1
 _NO_ROOM = {8, 13, 14}  # SQLITE_READONLY, SQLITE_FULL, SQLITE_CANTOPEN
 _SMALLEST_DATABASE = 512
@@ -88,6 +91,9 @@ class LeaseTransaction:
         self._open = True
         self.orphans: list[tuple[int, dict[str, Any] | None]] = []
         """In-flight operations that died or gave up: (slot, intent) for `repair` to mend."""
+        self.undo = Undo()
+        """Kernel changes made inside the transaction that no intent covers, to be undone
+        if it does not commit (NetworkManager._changing runs it)."""
 
     # Leases -----------------------------------------------------------------------------
 
@@ -293,7 +299,7 @@ class LeaseStore:
         _stores.add(self)
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
-        self._identity: tuple[int, int] | None = None
+        self._identity: tuple[int, ...] | None = None
         self._damaged = False
         self._unrepaired = False
         """The database was (re)opened and `repair` has not completed on it yet."""
@@ -401,8 +407,14 @@ class LeaseStore:
         db.execute("DELETE FROM free")
         db.executemany("INSERT INTO free VALUES (?)", ((s,) for s in range(self.capacity)))
 
-    def _current(self) -> tuple[int, int] | None:
-        """(device, inode) of the database file, None if it is gone or cut short."""
+    def _current(self) -> tuple[int, ...] | None:
+        """(device, inode) of the database file and the inodes of its -wal and -shm (0 when
+        missing); None if the database is gone or cut short.
+
+        All three: a -shm or -wal deleted under an open connection makes the next process
+        make new ones, and the two would each see the other's writes through another WAL
+        index (one slot leased twice, measured). A connection that finds one replaced
+        opens the store again, and the leases are reconciled with the kernel."""
         try:
             found = os.stat(self.path)
         except FileNotFoundError:
@@ -411,7 +423,15 @@ class LeaseStore:
             raise StateStoreError("stat", str(self.path), exc.strerror or "") from None
         if found.st_size < _SMALLEST_DATABASE:
             return None
-        return found.st_dev, found.st_ino
+        companions = []
+        for suffix in ("-wal", "-shm"):
+            try:
+                companions.append(os.stat(f"{self.path}{suffix}").st_ino)
+            except FileNotFoundError:
+                companions.append(0)
+            except OSError as exc:
+                raise StateStoreError("stat", f"{self.path}{suffix}", exc.strerror or "") from None
+        return found.st_dev, found.st_ino, *companions
 
     def _quarantine(self) -> None:
         """Move a damaged database aside (the newest one is kept for a post-mortem)."""

@@ -316,6 +316,7 @@ class NetworkManager:
                 tx.commit()
             except BaseException:
                 tx.rollback()
+                tx.undo.run()
                 self._settle(tx)
                 raise
 
@@ -467,7 +468,7 @@ class NetworkManager:
         Attaching a vm_id again returns the same network (and gives it `policy`). If a step
         fails, the TAP and the lease this call created are removed.
         """
-        naming.validate_vm_id(vm_id)
+        vm_id = naming.validate_vm_id(vm_id)
         check_attach_args(tap, policy)
         options = tap if tap is not None else TapOptions()
         chosen = self._policy(policy)
@@ -639,9 +640,7 @@ class NetworkManager:
             link = self.backend.get_link(name)
             if link is None or not _retired_tap_of(link, vm_id):
                 network = self._reuse_tap(tx, network, options, link)
-                self._guard(network, policy)
-                if link is not None and link.isolated != policy.isolated:
-                    self.backend.set_port_isolated(name, policy.isolated)
+                self._regard(tx, network, policy, link)
                 return network
             # A detach of this VM has not deleted its old TAP yet: finish that first.
             self._delete_if_same(link)
@@ -655,6 +654,30 @@ class NetworkManager:
         self._enslave(name, alias, index, policy.isolated)
         log.debug("attached %s as %s", vm_id, name)
         return network
+
+    def _regard(
+        self, tx: LeaseTransaction, network: VmNetwork, policy: GuestPolicy, link: Link | None
+    ) -> None:
+        """Give a VM attached again `policy`; if the transaction then fails (a full
+        state_dir), it is given back what it had: its store still says that."""
+        name, bridge = network.tap_name, self.config.bridge_name
+        firewall = self.backend.firewall(self._kind())
+        old = firewall.record(bridge, name)
+        self._guard(network, policy)
+        if old != VmGuard(name, network.guest_mac, network.guest_ip, policy):
+            if old is None:
+                tx.undo.push(f"remove the guarantees of {name}", lambda: self._unguard(name))
+            else:
+                tx.undo.push(
+                    f"restore the guarantees of {name}", lambda: firewall.guard(bridge, old)
+                )
+        if link is not None and link.isolated != policy.isolated:
+            self.backend.set_port_isolated(name, policy.isolated)
+            was = link.isolated
+            tx.undo.push(
+                f"restore the port isolation of {name}",
+                lambda: self.backend.set_port_isolated(name, was),
+            )
 
     def _reuse_tap(
         self, tx: LeaseTransaction, network: VmNetwork, options: TapOptions, link: Link | None
@@ -759,7 +782,7 @@ class NetworkManager:
         reaper's thread deletes the group, all the TAPs detached meanwhile in one request
         (netvm/reaper.py).
         """
-        naming.validate_vm_id(vm_id)
+        vm_id = naming.validate_vm_id(vm_id)
         detaching.detach(self, [vm_id])
 
     def detach_many(self, vm_ids: Iterable[str]) -> None:

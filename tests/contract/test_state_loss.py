@@ -383,3 +383,90 @@ def test_a_table_dropped_under_a_live_manager_is_rebuilt(
         newcomer = manager.attach("vm-new").guest_ip
         assert newcomer not in before.values()
         manager.teardown_host()
+
+
+def _attach_in_another_process(netns: str, config: NetworkConfig, vm_ids: list[str]) -> None:
+    """(In a spawned process: SQLite shares a file's -shm within one process.)"""
+    from netvm import KernelBackend
+
+    backend = KernelBackend(netns)
+    with NetworkManager(config, backend) as manager:
+        for vm_id in vm_ids:
+            manager.attach(vm_id)
+    backend.close()
+
+
+@pytest.mark.privileged
+@pytest.mark.parametrize("companion", ["-shm", "-wal"])
+def test_a_wal_or_shm_deleted_under_a_live_manager_yields_no_duplicate(
+    netns: str, config: NetworkConfig, companion: str
+) -> None:
+    """A long-lived manager keeps the store open; its -shm (or -wal) is deleted, and
+    another process then attaches beside it. Without a check of those files the two worked
+    through two WAL indexes and leased slots twice (-shm), or the other process found the
+    store unreadable ("disk I/O error") until the first one exited (-wal)."""
+    import multiprocessing
+
+    from netvm import KernelBackend
+
+    backend = KernelBackend(netns)
+    try:
+        with NetworkManager(config, backend) as manager:
+            manager.ensure_host()
+            manager.attach("vm-0")
+            Path(f"{manager.leases.path}{companion}").unlink()
+            context = multiprocessing.get_context("spawn")
+            for round_ in range(3):
+                child = context.Process(
+                    target=_attach_in_another_process,
+                    args=(netns, config, [f"other-{round_}-{n}" for n in range(2)]),
+                )
+                child.start()
+                child.join(60)
+                assert child.exitcode == 0
+                manager.attach(f"mine-{round_}")
+            taps = [link for link in backend.list_links() if link.kind == "tun"]
+            slots = [alias.split(":")[2] for link in taps if (alias := link.alias)]
+            assert len(taps) == 10
+            assert len(set(slots)) == len(slots), "a slot leased twice"
+            assert sorted(lease.vm_id for lease in manager.leases.all()) == sorted(
+                ["vm-0"]
+                + [f"mine-{r}" for r in range(3)]
+                + [f"other-{r}-{n}" for r in range(3) for n in range(2)]
+            )
+            manager.teardown_host()
+    finally:
+        backend.close()
+
+
+def test_a_reattach_whose_commit_fails_gives_the_vm_back_its_guarantees(
+    backend: Backend, config: NetworkConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attach again with another policy on a state_dir that fills up: the commit fails
+    with StateStoreError, and the kernel must keep the policy the store still remembers
+    (here: an isolated VM must not be left open)."""
+    from netvm import FakeBackend, GuestPolicy
+    from netvm.leases import LeaseTransaction
+    from netvm.policy import OPEN
+
+    if isinstance(backend, FakeBackend):
+        config = dataclasses.replace(config, firewall="nftables")
+    strict = GuestPolicy.of(isolated=True, egress_deny=("198.51.100.0/24",))
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        manager.attach("tenant", policy=strict)
+        before = snapshot(backend)
+
+        def full(self: LeaseTransaction) -> None:
+            raise StateStoreError("commit to", str(config.state_dir), "database or disk is full")
+
+        monkeypatch.setattr(LeaseTransaction, "commit", full)
+        with pytest.raises(StateStoreError):
+            manager.attach("tenant", policy=OPEN)
+        monkeypatch.undo()
+        assert snapshot(backend) == before
+        (vm,) = manager.list()
+        assert vm.policy == strict
+        link = backend.get_link(vm.tap_name)
+        assert link is not None
+        assert link.isolated
