@@ -285,6 +285,7 @@ class AsyncNetworkManager:
         self, vm_id: str, tap: TapOptions | None = None, policy: GuestPolicy | None = None
     ) -> VmNetwork:
         """NetworkManager.attach. Cancelled, it is undone if this call created the lease."""
+        vm_id = naming.validate_vm_id(vm_id)
         result = await self._attach([vm_id], tap, many=False, policy=policy)
         return result.networks[vm_id]
 

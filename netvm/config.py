@@ -69,9 +69,12 @@ STATE_DIR_RULE = "a non-empty directory path, as text that UTF-8 can encode, wit
 
 def validate_ifname(field_name: str, value: object) -> str:
     """Check an interface name: one the kernel takes and no firewall reads as a pattern."""
-    if not isinstance(value, str) or _IFNAME.fullmatch(value) is None or value in _RESERVED_IFNAMES:
+    if not isinstance(value, str):
         raise ConfigError(field_name, value, IFNAME_RULE)
-    return value
+    name = str.__str__(value)  # a str subclass as the plain str it holds (naming.py)
+    if _IFNAME.fullmatch(name) is None or name in _RESERVED_IFNAMES:
+        raise ConfigError(field_name, value, IFNAME_RULE)
+    return name
 
 
 def parse_firewall(field_name: str, value: object) -> FirewallChoice:
@@ -177,8 +180,8 @@ class NetworkConfig:
         firewall: FirewallChoice = DEFAULT_FIREWALL,
         guest_policy: GuestPolicy | None = None,
     ) -> None:
-        validate_ifname("bridge_name", bridge_name)
-        validate_ifname("host_egress_iface", host_egress_iface)
+        bridge_name = validate_ifname("bridge_name", bridge_name)
+        host_egress_iface = validate_ifname("host_egress_iface", host_egress_iface)
         if bridge_name == host_egress_iface:
             raise ConfigError(
                 "host_egress_iface", host_egress_iface, "must differ from bridge_name"

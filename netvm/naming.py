@@ -53,6 +53,9 @@ def validate_vm_id(vm_id: object) -> str:
     """
     if not isinstance(vm_id, str):
         raise ConfigError("vm_id", vm_id, VM_ID_RULE)
+    # A str subclass is taken as the plain str it holds: its own methods (encode, hash,
+    # comparison) could say something else than what the kernel and SQLite get.
+    vm_id = str.__str__(vm_id)
     try:
         encoded = vm_id.encode()
     except UnicodeEncodeError:

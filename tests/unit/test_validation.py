@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -333,3 +334,35 @@ def test_a_bridge_firewall_needs_an_ipv4_network() -> None:
     with pytest.raises(ConfigError) as caught:
         BridgeFirewall("nvbr0", "192.0.2.0/24", "up0")  # type: ignore[arg-type]
     assert caught.value.field == "subnet"
+
+
+class _LyingVmId(str):
+    """A str subclass whose own methods say something else than the text it holds."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"short"
+
+    def isprintable(self) -> bool:
+        return True
+
+
+def test_a_str_subclass_is_judged_by_the_text_it_holds(tmp_path: Path) -> None:
+    from netvm import ConfigError, FakeBackend, NetworkConfig, NetworkManager
+    from netvm.naming import validate_vm_id
+
+    with pytest.raises(ConfigError, match="vm_id"):
+        validate_vm_id(_LyingVmId("v" * 100))
+    with pytest.raises(ConfigError, match="vm_id"):
+        validate_vm_id(_LyingVmId("a\nb"))
+    plain = validate_vm_id(_LyingVmId("vm-a"))
+    assert type(plain) is str
+    assert plain == "vm-a"
+    with pytest.raises(ConfigError, match="bridge_name"):
+        NetworkConfig(bridge_name=_LyingVmId("b" * 40))
+    config = NetworkConfig(bridge_name=_LyingVmId("nvbr0"), state_dir=tmp_path)
+    assert type(config.bridge_name) is str
+    with NetworkManager(config, FakeBackend()) as manager:
+        with pytest.raises(ConfigError, match="vm_id"):
+            manager.attach(_LyingVmId("v" * 100))
+        with pytest.raises(ConfigError, match="vm_id"):
+            manager.detach(_LyingVmId("v" * 100))
