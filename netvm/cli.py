@@ -772,6 +772,15 @@ def _sqlite_errors() -> tuple[type[Exception], ...]:
     return (sqlite3.Error,) if sqlite3 is not None else ()
 
 
+def _quiet_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no stdout at all
+        pass
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -808,9 +817,17 @@ def main(
     log.setLevel({0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG))
     try:
         env = os.environ if environ is None else environ
-        return _execute(args, backend_factory or _kernel_backend, env)
+        code = _execute(args, backend_factory or _kernel_backend, env)
+        sys.stdout.flush()  # a closed pipe shows here, not at the interpreter's exit
+        return code
     except NetvmError as exc:
         return _fail(args, type(exc).__name__, _message(exc))
+    except BrokenPipeError:
+        # `netvm list | head -1`: the reader has what it wanted. What the command changed
+        # stands; stdout is pointed at /dev/null so that the exit's flush fails no more.
+        # Exit 1, as Python does on EPIPE (the signal module's note on SIGPIPE).
+        _quiet_stdout()
+        return 1
     except _sqlite_errors() as exc:
         # Last resort: the lease store should have turned this into a netvm error.
         return _fail(

@@ -517,3 +517,34 @@ def test_detach_of_several_vms_refuses_a_foreign_device_and_changes_nothing(
     assert line.startswith("netvm detach: error: ")
     assert "not netvm's TAP" in line
     assert [vm["vm_id"] for vm in run("list", "--json").json()["vms"]] == ["vm-a"]
+
+
+class _ClosedPipe:
+    """A stdout whose reader went away (`netvm list | head -0`): every write fails."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def fileno(self) -> int:
+        raise ValueError("no descriptor")
+
+
+@pytest.mark.parametrize("command", [["list"], ["--json", "list"], ["attach", "vm-1"]])
+def test_a_closed_pipe_is_no_error_message_and_the_change_stands(
+    run: Run,
+    state: FakeState,
+    command: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run("ensure-host").code == 0
+    monkeypatch.setattr("sys.stdout", _ClosedPipe())
+    result = run(*command)
+    monkeypatch.undo()
+    assert result.code == 1
+    assert result.err == ""
+    if command == ["attach", "vm-1"]:
+        assert tap_name("vm-1") in state.links
