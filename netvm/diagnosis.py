@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from netvm import naming
-from netvm.backends.base import FILTER, Backend
+from netvm.backends.base import FILTER, STANDARD_TARGETS, Backend
 from netvm.errors import NetvmError
 from netvm.firewall.nftables import IPTABLES_FAMILY, IPTABLES_TABLE, TABLE_PREFIX, NftablesFirewall
 from netvm.firewall.walk import ANY_TAP, Packet, Walk, guest_packets, hook_packets
@@ -65,19 +65,38 @@ def doctor(manager: NetworkManager) -> list[Finding]:
         ]
     missing = backend.firewall(chosen.kind).check(manager.firewall_policy)
     if missing:
+        fix = f"run `netvm ensure-host` (or NetworkManager.ensure_host()) for {bridge}"
+        guarded = _guarded(manager) if chosen.kind != "nftables" else []
+        if guarded:
+            # ensure_host would refuse: the legacy tables cannot hold guarantees.
+            fix = (
+                f"{chosen.kind} ({chosen.reason}) cannot hold the guarantees of "
+                f"{len(guarded)} VM(s) ({', '.join(guarded[:5])}): keep nftables "
+                "(--firewall nftables, then `netvm ensure-host`) and let the bridge through "
+                f"the legacy table: iptables-legacy -I FORWARD -i {bridge} -j ACCEPT; "
+                f"iptables-legacy -I FORWARD -o {bridge} -m conntrack --ctstate "
+                "ESTABLISHED,RELATED -j ACCEPT; or detach those VMs first"
+            )
         found.append(
             Finding(
                 "netvm-rules-missing",
                 "blocking",
                 f"netvm's {chosen.kind} rules for {bridge} are not (all) in place",
                 "; ".join(missing),
-                f"run `netvm ensure-host` (or NetworkManager.ensure_host()) for {bridge}",
+                fix,
             )
         )
     guest = naming.guest_ip(config.vm_subnet, 0)
     found += _nftables(backend, chosen.kind, guest, bridge, egress)
-    found += _legacy(backend, chosen.kind)
+    found += _legacy(backend, chosen.kind, bridge, egress)
     return found
+
+
+def _guarded(manager: NetworkManager) -> list[str]:
+    try:
+        return manager._guarded_vms()
+    except NetvmError:
+        return []  # the lease store is unusable: doctor says so elsewhere
 
 
 # Interfaces, routes, addresses ------------------------------------------------------------
@@ -283,9 +302,11 @@ def _dropped_at(
     elif family == "netdev":
         rule = "accept for the guests' traffic"
     elif hook == "prerouting":
-        rule = f'iifname "{bridge}" accept; ... iifname "{egress}" ct state established accept'
+        again = f"nft insert rule {family} {table} {name}"
+        rule = f'iifname "{bridge}" accept; {again} iifname "{egress}" {_REPLIES}'
     else:
-        rule = f'oifname "{egress}" accept; ... oifname "{bridge}" ct state established accept'
+        again = f"nft insert rule {family} {table} {name}"
+        rule = f'oifname "{egress}" accept; {again} oifname "{bridge}" {_REPLIES}'
     return [
         Finding(
             "foreign-hook-unsure" if unnamed else "foreign-hook-drop",
@@ -380,6 +401,14 @@ def _walked(
         f'nft insert rule {family} {table} {name} oifname "{bridge}" '
         "ct state established,related accept"
     )
+    if family in ("ip", "ip6") and table == "filter" and name.isupper():
+        # iptables-nft's table: a native `ct state` rule there makes iptables-nft refuse to
+        # list the chain (docs/firewall.md), so the fix is written with iptables-nft.
+        tool = "iptables-nft" if family == "ip" else "ip6tables-nft"
+        fix = (
+            f"{tool} -I {name} -i {bridge} -j ACCEPT; {tool} -I {name} -o {bridge} "
+            "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+        )
     if table == "firewalld":
         fix = (
             f"firewall-cmd --zone=trusted --add-interface={bridge} "
@@ -416,22 +445,125 @@ def _walked(
 # Legacy xtables ---------------------------------------------------------------------------
 
 
-def _legacy(backend: Backend, chosen: str) -> list[Finding]:
+_REPLIES = "ct state established,related accept"
+
+
+def _legacy(backend: Backend, chosen: str, bridge: str, egress: str) -> list[Finding]:
+    """What the legacy filter FORWARD does to the guests' packets, while netvm's rules are
+    in nftables (an accept there cannot override a drop here)."""
     if FILTER not in backend.legacy_tables() or backend.xtables_unavailable() is not None:
         return []
-    policy = backend.legacy_policy(FILTER, "FORWARD")
-    drops = policy != "ACCEPT" or any(
-        rule.target in ("DROP", "REJECT") for rule in backend.list_rules(FILTER, "FORWARD")
-    )
-    if not drops or chosen == "iptables":
+    if chosen == "iptables":
         return []
+    policy = backend.legacy_policy(FILTER, "FORWARD")
+    packets = {
+        "new connections from the guests": _LegacyPacket(bridge, egress, ("NEW",)),
+        "replies to the guests": _LegacyPacket(egress, bridge, ("ESTABLISHED", "RELATED")),
+    }
+    verdicts = {
+        what: _legacy_verdict(backend, "FORWARD", packet, policy, 0)
+        for what, packet in packets.items()
+    }
+    dropped = [what for what, verdict in verdicts.items() if verdict == "drop"]
+    unsure = [what for what, verdict in verdicts.items() if verdict == "unknown"]
+    if not dropped and not unsure:
+        return []
+    evidence = f"iptables-legacy filter FORWARD (policy {policy}): " + "; ".join(
+        f"{what}: {verdict}" for what, verdict in verdicts.items()
+    )
+    fix = (
+        f"let the bridge through the legacy table: iptables-legacy -I FORWARD -i {bridge} "
+        f"-j ACCEPT; iptables-legacy -I FORWARD -o {bridge} -m conntrack --ctstate "
+        "ESTABLISHED,RELATED -j ACCEPT (or, with no VM that has guarantees, which only "
+        "nftables holds: --firewall iptables)"
+    )
+    if dropped:
+        return [
+            Finding(
+                "rules-split",
+                "blocking",
+                "the legacy xtables filter table drops " + " and ".join(dropped) + ", and "
+                "netvm's rules are in nftables, whose accept cannot override it",
+                evidence,
+                fix,
+            )
+        ]
     return [
         Finding(
-            "rules-split",
-            "blocking",
-            "the legacy xtables filter table drops forwarded packets, and netvm's rules are in "
-            "nftables, whose accept cannot override it",
-            f"iptables-legacy filter FORWARD policy {policy}",
-            "use the iptables firewall: --firewall iptables (MICROVM_NETWORK_FIREWALL)",
+            "rules-split-unsure",
+            "warning",
+            "the legacy xtables filter table may drop " + " and ".join(unsure) + ": its "
+            "rules match on what netvm cannot tell (ports, addresses, other matches)",
+            evidence,
+            fix,
         )
     ]
+
+
+@dataclass(frozen=True)
+class _LegacyPacket:
+    in_iface: str
+    out_iface: str
+    ctstate: tuple[str, ...]
+
+
+def _iface_matches(pattern: str | None, name: str) -> bool:
+    if pattern is None:
+        return True
+    if pattern.endswith("+"):
+        return name.startswith(pattern[:-1])
+    return pattern == name
+
+
+def _legacy_verdict(
+    backend: Backend, chain: str, packet: _LegacyPacket, policy: str | None, depth: int
+) -> str:
+    """ "accept", "drop", "unknown", or "return" (a user chain's end) for `packet`, walking
+    the rules of `chain` and the chains they jump to. A rule with matches netvm does not
+    model (ports, addresses...) may or may not take the packet: its drop is "unknown"."""
+    if depth > 16:
+        return "unknown"
+    unsure = False
+    for rule in backend.list_rules(FILTER, chain):
+        if not (
+            _iface_matches(rule.in_iface, packet.in_iface)
+            and _iface_matches(rule.out_iface, packet.out_iface)
+            and (not rule.ctstate or set(rule.ctstate) & set(packet.ctstate))
+        ):
+            continue
+        # Options of the target itself (REJECT --reject-with) come first in `other` only
+        # when the rule has no match netvm does not model; a negated interface comes last.
+        only_target = rule.other.startswith("-j ") and " -i !" not in rule.other
+        certain = rule.source is None and (
+            not rule.other or (only_target and " -o !" not in rule.other)
+        )
+        target = rule.target
+        if target in ("DROP", "REJECT"):
+            if certain and not unsure:
+                return "drop"
+            unsure = True
+            continue
+        if target == "ACCEPT":
+            if certain and not unsure:
+                return "accept"
+            unsure = True
+            continue
+        if target == "RETURN":
+            if certain:
+                return "unknown" if unsure else "return"
+            unsure = True
+            continue
+        if target in STANDARD_TARGETS:  # LOG, MASQUERADE: on to the next rule
+            continue
+        inner = _legacy_verdict(backend, target, packet, None, depth + 1)
+        if inner == "return":
+            continue
+        if inner == "unknown" or not certain or unsure:
+            unsure = True
+            continue
+        return inner
+    if unsure:
+        return "unknown"
+    if policy is None:
+        return "return"
+    return "accept" if policy == "ACCEPT" else "drop"

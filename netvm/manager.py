@@ -204,12 +204,7 @@ class NetworkManager:
         when Docker on iptables-legacy started after them, or the configuration changed)."""
         if chosen.kind == "nftables":
             return
-        with self.leases.transaction() as tx:
-            guarded = {vm_id for vm_id, text in tx.policies().items() if text != OPEN.describe()}
-        nftables = self.backend.firewall("nftables")
-        if nftables.unavailable() is None:
-            held = nftables.guards(self.config.bridge_name)
-            guarded |= {tap for tap, guard in held.items() if guard.policy.any}
+        guarded = self._guarded_vms()
         if guarded:
             names = ", ".join(sorted(guarded)[:5]) + (", ..." if len(guarded) > 5 else "")
             raise ConflictError(
@@ -219,6 +214,20 @@ class NetworkManager:
                 "detach them, or attach them again with the open policy under "
                 "firewall=nftables"
             )
+
+    def _guarded_vms(self) -> list[str]:
+        """The vm_ids of the VMs with guarantees: those the lease store remembers with a
+        policy, and those whose TAP the firewall holds guarantees for (by their TAP's
+        name where no lease names it)."""
+        with self.leases.transaction() as tx:
+            policies = tx.policies()
+            by_tap = {lease.tap_name: lease.vm_id for lease in tx.all()}
+        guarded = {vm_id for vm_id, text in policies.items() if text != OPEN.describe()}
+        nftables = self.backend.firewall("nftables")
+        if nftables.unavailable() is None:
+            held = nftables.guards(self.config.bridge_name)
+            guarded |= {by_tap.get(tap, tap) for tap, guard in held.items() if guard.policy.any}
+        return sorted(guarded)
 
     @property
     def _restore_flag(self) -> Path:

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from netvm import FakeBackend, NetworkConfig, NetworkManager, doctor
-from netvm.backends.base import FILTER
+from netvm.backends.base import FILTER, Rule
 from netvm.cli import main
 from netvm.firewall.fake_nft import FakeNftRunner
 from netvm.testing import snapshot
@@ -61,7 +61,7 @@ def test_a_legacy_drop_beside_netvms_nftables_rules_is_a_split(config: NetworkCo
         backend.set_policy(FILTER, "FORWARD", "DROP")
         (split,) = [f for f in doctor(manager) if f.code == "rules-split"]
     assert split.blocking
-    assert "--firewall iptables" in split.fix
+    assert f"iptables-legacy -I FORWARD -i {config.bridge_name} -j ACCEPT" in split.fix
 
 
 def test_a_foreign_nftables_drop_at_the_forward_hook_is_reported(config: NetworkConfig) -> None:
@@ -176,3 +176,93 @@ def test_a_drop_at_another_hook_than_forward_blocks(
         (finding,) = found
         assert finding.blocking
         assert "table " + family + " t chain c" in finding.message
+
+
+@pytest.mark.parametrize(
+    ("rules", "code"),
+    [
+        ([Rule("REJECT", other="-p tcp -m tcp --dport 25 -j REJECT --reject-with x")], "unsure"),
+        ([Rule("BLK")], "drop"),
+        ([Rule("ACCEPT", in_iface="nvbr0"), Rule("ACCEPT", out_iface="nvbr0"), Rule("DROP")], None),
+        ([Rule("DROP", in_iface="eth9")], None),
+        ([Rule("DROP", in_iface="nv+")], "drop"),
+    ],
+    ids=["port-reject", "jump-to-a-drop", "bridge-let-through", "other-device", "wildcard"],
+)
+def test_the_legacy_forward_chain_is_walked_for_the_guests_packets(
+    config: NetworkConfig, rules: list[Rule], code: str | None
+) -> None:
+    """A drop there beats netvm's nftables accept: blocking when it certainly takes the
+    guests' packets, a warning when its matches say what netvm cannot tell (a port), and
+    nothing when it does not take them; jumps are followed."""
+    backend = ready_host()
+    with NetworkManager(dataclasses.replace(config, firewall="nftables"), backend) as manager:
+        manager.ensure_host()
+        backend.create_chain(FILTER, "BLK")
+        backend.insert_rule(FILTER, "BLK", Rule("DROP"))
+        for position, rule in enumerate(rules):
+            backend.insert_rule(FILTER, "FORWARD", rule, position)
+        found = {f.code: f for f in doctor(manager) if f.code.startswith("rules-split")}
+    if code is None:
+        assert found == {}
+    elif code == "drop":
+        assert list(found) == ["rules-split"]
+        assert found["rules-split"].blocking
+        assert "iptables-legacy -I FORWARD -i nvbr0 -j ACCEPT" in found["rules-split"].fix
+    else:
+        assert list(found) == ["rules-split-unsure"]
+        assert not found["rules-split-unsure"].blocking
+
+
+def test_auto_turning_to_iptables_under_guarded_vms_gets_advice_that_leads_out(
+    config: NetworkConfig,
+) -> None:
+    """Docker on iptables-legacy started after VMs with guarantees: auto would now pick
+    iptables, which ensure_host refuses (the guarantees would go). doctor must not send
+    the user to that ensure_host, and the refusal counts each VM once."""
+    from netvm import ConflictError
+
+    backend = ready_host()
+    auto = dataclasses.replace(config, firewall="auto")
+    with NetworkManager(auto, backend) as manager:
+        manager.ensure_host()
+        manager.attach("vm-a")
+        manager.attach("vm-b")
+    backend.insert_rule(FILTER, "FORWARD", Rule("DROP", in_iface="docker0"))
+    with NetworkManager(auto, backend) as manager:
+        with pytest.raises(ConflictError, match=r"2 attached VM\(s\) \(vm-a, vm-b\)"):
+            manager.ensure_host()
+        (missing,) = [f for f in doctor(manager) if f.code == "netvm-rules-missing"]
+    assert "cannot hold the guarantees of 2 VM(s) (vm-a, vm-b)" in missing.fix
+    assert "--firewall nftables" in missing.fix
+    assert "iptables-legacy -I FORWARD -i nvbr0 -j ACCEPT" in missing.fix
+
+
+def test_a_drop_in_iptables_nfts_table_gets_a_fix_iptables_nft_can_still_list(
+    config: NetworkConfig,
+) -> None:
+    """A native `ct state` rule in iptables-nft's table makes iptables-nft refuse to list
+    the chain (docs/firewall.md): the fix is written with iptables-nft there."""
+    backend = ready_host()
+    base = {"type": "filter", "hook": "forward", "prio": 0, "policy": "drop"}
+    FakeNftRunner(backend.state.nftables).run(
+        [
+            {"add": {"table": {"family": "ip", "name": "filter"}}},
+            {"add": {"chain": {"family": "ip", "table": "filter", "name": "FORWARD", **base}}},
+        ],
+        "test",
+        None,
+    )
+    with NetworkManager(dataclasses.replace(config, firewall="nftables"), backend) as manager:
+        manager.ensure_host()
+        # Docker's hardening advice, above netvm's accepts: `iptables -I DOCKER-USER -i up0
+        # -j DROP` (here in FORWARD).
+        iif = {"meta": {"key": "iifname"}}
+        drop = [{"match": {"op": "==", "left": iif, "right": "up0"}}, {"drop": None}]
+        rule = {"family": "ip", "table": "filter", "chain": "FORWARD", "expr": drop}
+        FakeNftRunner(backend.state.nftables).run([{"insert": {"rule": rule}}], "test", None)
+        drops = [f for f in doctor(manager) if f.code == "foreign-forward-drop"]
+    assert drops
+    for drop in drops:
+        assert drop.fix.startswith("iptables-nft -I FORWARD -i nvbr0 -j ACCEPT")
+        assert "nft insert" not in drop.fix
