@@ -251,8 +251,8 @@ class NetworkManager:
         asks for some, whose TAP is this bridge's and has no record, is guarded with it
         again. A foreign `nft delete table` of one of the tables can leave the records (in
         the bridge table) and take the rest: each VM with a record gets every element of
-        it written again (firewall.restore). False if a VM's could not be (logged): the
-        next ensure_host tries again."""
+        it written again (firewall.restore). Elements no record names then go (prune).
+        False if a VM's could not be (logged): the next ensure_host tries again."""
         if self._kind() != "nftables":
             return True
         firewall = self.backend.firewall("nftables")
@@ -262,7 +262,8 @@ class NetworkManager:
         with self._changing() as tx:
             wanted = tx.policies()
             held = firewall.guards(bridge)
-            for tap in netvm_taps(self.backend, bridge):
+            taps = netvm_taps(self.backend, bridge)
+            for tap in taps:
                 mark, name = tap.mark, tap.link.name
                 lease = tx.get(mark.vm_id) if mark is not None else None
                 if mark is None or lease is None:
@@ -287,6 +288,14 @@ class NetworkManager:
                 except NetvmError as exc:
                     log.error("the guarantees of %r not given back (retried): %s", mark.vm_id, exc)
                     failed = True
+            try:
+                # A table lost with the records leaves the other table's elements of VMs
+                # detached since (their record named them): prune's job, done now, before
+                # another VM is given such a VM's address.
+                firewall.prune(bridge, [tap.link.name for tap in taps])
+            except NetvmError as exc:
+                log.error("elements without a record not removed (retried): %s", exc)
+                failed = True
         if restored:
             log.warning(
                 "the firewall had lost the guarantees of %d VM(s), given back: %s",

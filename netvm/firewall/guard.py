@@ -280,6 +280,41 @@ def element_json(element: Element) -> Any:
     return [key, data]
 
 
+def _value_of(kind: FieldType, value: Any) -> Value:
+    if kind == "ipv4_addr" and isinstance(value, str):
+        return ipaddress.IPv4Address(value)
+    if kind == "inet_proto" and isinstance(value, str):
+        return PROTOCOLS[value]
+    if kind in ("inet_proto", "inet_service") and isinstance(value, int):
+        return value
+    raise ValueError(f"not a {kind}: {value!r}")
+
+
+def element_from_json(schema: SetSchema, item: Any) -> Element | None:
+    """An element of a plain set or map as `nft -j list` prints it (element_json's
+    inverse for the inet sets, which have no interval and no comment); None if it is not
+    one netvm could have written."""
+    key, data = (
+        (item[0], item[1])
+        if schema.data is not None and isinstance(item, list)
+        else (
+            item,
+            None,
+        )
+    )
+    keys = key["concat"] if isinstance(key, dict) and "concat" in key else [key]
+    try:
+        if len(keys) != len(schema.key):
+            return None
+        parsed = tuple(_value_of(kind, v) for kind, v in zip(schema.key, keys, strict=True))
+        datum = None
+        if schema.data is not None:
+            datum = (_value_of(schema.data[0], data),)
+    except (KeyError, ValueError, TypeError):
+        return None
+    return Element(schema, parsed, data=datum)
+
+
 def element_command(verb: str, element: Element, table: str) -> dict[str, Any]:
     schema = element.schema
     body = {

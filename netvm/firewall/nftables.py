@@ -37,6 +37,7 @@ from netvm.firewall.guard import (
     egress_chain,
     egress_chain_rules,
     egress_members,
+    element_from_json,
     elements,
     record_key,
 )
@@ -57,6 +58,7 @@ FAMILY = "inet"
 BRIDGE_FAMILY = "bridge"
 IPTABLES_FAMILY, IPTABLES_TABLE = "ip", "filter"
 TABLE_PREFIX = "netvm-"
+_INET_SCHEMAS = {schema.name: schema for schema in SCHEMAS if schema.family == FAMILY}
 UNGUARD_CHUNK = 128
 """TAPs whose elements one transaction removes: their keys stay well within a netlink
 attribute (64 KiB) and the socket's send buffer."""
@@ -911,9 +913,49 @@ class NftablesFirewall:
         What a crash can leave is elements of a TAP that no longer exists: this is the
         reconciliation (gc, teardown). Returns the TAPs whose elements went.
         """
+        listed = self._inet_elements(bridge)  # first: an attach committing later has a record
         removed = sorted(self.unguard(bridge, sorted(set(self.guards(bridge)) - set(live))))
+        self._remove_stranded(bridge, listed)
         self._prune_egress_chains(bridge)
         return removed
+
+    def _inet_elements(self, bridge: str) -> list[Element]:
+        """The elements of netvm's inet sets (forwards, egress members), from one listing."""
+        table = self._try_list(FAMILY, table_name(bridge))
+        if table is None:
+            return []
+        found: list[Element] = []
+        for name, declared in table.sets.items():
+            schema = _INET_SCHEMAS.get(name)
+            if schema is None and name.startswith(EGRESS_PREFIX):
+                schema = egress_members(name)
+            if schema is None:
+                continue
+            for value in declared.get("elem", []):
+                element = element_from_json(schema, value)
+                if element is not None:
+                    found.append(element)
+        return found
+
+    def _remove_stranded(self, bridge: str, listed: list[Element]) -> None:
+        """Elements of the inet table that no record names: a foreign change took the
+        bridge table, which holds the records, and its VMs were detached since (a forward
+        would hand the next VM with that address the connections meant for the old one)."""
+        expected = {_full(e) for guard in self.guards(bridge).values() for e in elements(guard)}
+        stranded = _by_set(e for e in listed if _full(e) not in expected)
+        if not stranded:
+            return
+        table, where = table_name(bridge), f"nftables {table_name(bridge)}"
+        operation = "remove elements no VM's record names"
+        log.warning(
+            "nftables %s: removing %d element(s) no VM's record names", table, len(stranded)
+        )
+        try:
+            self._store().commit([("destroy", e) for e in stranded], table, operation, where)
+        except HostError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            self._unguard_set_by_set(stranded, table, operation, where)
 
     def _prune_egress_chains(self, bridge: str) -> None:
         """The set, chain and dispatch rule of every egress policy no VM has any more."""

@@ -484,3 +484,27 @@ def test_vms_of_one_egress_policy_share_one_dispatch_rule(nft: NftablesFirewall)
         item for item in nft.ruleset() if item.get("rule", {}).get("chain") == "egress_dispatch"
     ]
     assert rules == []
+
+
+def test_prune_removes_inet_elements_whose_records_are_gone(
+    backend: Backend, nft: NftablesFirewall
+) -> None:
+    """A foreign `nft delete table bridge netvm-B` takes the records; the forward and the
+    egress member of a VM stay in the inet table. gc's prune removes them: the next VM
+    with that address must not get the old one's forwarded connections."""
+    x = vm("tap-x", 5, GuestPolicy.of(egress_deny=("198.51.100.0/24",), port_forwards=("8080:80",)))
+    kept = vm(
+        "tap-k", 6, GuestPolicy.of(egress_deny=("198.51.100.0/24",), port_forwards=("9090:90",))
+    )
+    nft.guard("nvbr0", x)
+    assert len(nft._inet_elements("nvbr0")) == 3
+    nft._run([{"delete": {"table": {"family": "bridge", "name": "netvm-nvbr0"}}}], "test", None)
+    nft.ensure(POLICY)
+    nft.guard("nvbr0", kept)  # a VM attached since, whose elements must stay
+    assert nft.unguard("nvbr0", ["tap-x"]) == {}, "no record names them"
+    assert len(nft._inet_elements("nvbr0")) == 6
+    assert nft.prune("nvbr0", live=["tap-k"]) == []
+    assert sorted(e.schema.name for e in nft._inet_elements("nvbr0")) == sorted(
+        e.schema.name for e in elements(kept) if e.schema.family == "inet"
+    )
+    assert nft.record("nvbr0", "tap-k") == kept
