@@ -258,11 +258,11 @@ def test_a_drop_in_iptables_nfts_table_gets_a_fix_iptables_nft_can_still_list(
         # Docker's hardening advice, above netvm's accepts: `iptables -I DOCKER-USER -i up0
         # -j DROP` (here in FORWARD).
         iif = {"meta": {"key": "iifname"}}
-        drop = [{"match": {"op": "==", "left": iif, "right": "up0"}}, {"drop": None}]
-        rule = {"family": "ip", "table": "filter", "chain": "FORWARD", "expr": drop}
+        exprs = [{"match": {"op": "==", "left": iif, "right": "up0"}}, {"drop": None}]
+        rule = {"family": "ip", "table": "filter", "chain": "FORWARD", "expr": exprs}
         FakeNftRunner(backend.state.nftables).run([{"insert": {"rule": rule}}], "test", None)
         drops = [f for f in doctor(manager) if f.code == "foreign-forward-drop"]
     assert drops
-    for drop in drops:
-        assert drop.fix.startswith("iptables-nft -I FORWARD -i nvbr0 -j ACCEPT")
-        assert "nft insert" not in drop.fix
+    for finding in drops:
+        assert finding.fix.startswith("iptables-nft -I FORWARD -i nvbr0 -j ACCEPT")
+        assert "nft insert" not in finding.fix
