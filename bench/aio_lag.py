@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.report import write_result
 from netvm import KernelBackend, NetworkConfig, NetworkManager
 from netvm.aio import AsyncNetworkManager
 from netvm.testing import throwaway_netns
@@ -189,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="sys.setswitchinterval() in ms for the run (default: Python's, 5 ms)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--out", type=Path, help="write DIR/aio_lag.json in the bench schema (bench/report.py)"
+    )
     args = parser.parse_args(argv)
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval / 1000)
@@ -217,7 +221,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.out is not None:
+        command = "python -m bench.aio_lag " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_result(args.out, "aio_lag", command.strip(), schema_figures(counts, results))
     return 0
+
+
+def schema_figures(
+    counts: Sequence[int], results: dict[str, list[dict[str, Any]]]
+) -> dict[str, float | int]:
+    """One table: a row per (detach managers, phase), the lag's p50/p99/max and ops/s."""
+    labels = {
+        f"AsyncNetworkManager.open(detach_managers={n})": f"{n} detach managers" for n in counts
+    }
+    labels["control"] = ""  # its phase says what it is
+    figures: dict[str, float | int] = {}
+    for name, rows in results.items():
+        for row in rows:
+            label = f"{labels[name]}: " if labels[name] else ""
+            key = f"lag/{label}{row['phase']}".replace(".", ",")
+            figures[f"{key}.p50_ms"] = row["lag_p50_ms"]
+            figures[f"{key}.p99_ms"] = row["lag_p99_ms"]
+            figures[f"{key}.max_ms"] = row["lag_max_ms"]
+            if row["ops_per_s"] is not None:
+                figures[f"{key}.ops per s"] = row["ops_per_s"]
+    return figures
 
 
 if __name__ == "__main__":
