@@ -509,7 +509,11 @@ def _attach(args: argparse.Namespace, manager: NetworkManager) -> int:
     # Check the ip= and VMM fields before anything is created.
     for vm_id in args.vm_id:
         probe = VmNetwork.for_slot(vm_id, manager.config.vm_subnet, 0)
-        probe.kernel_ip_arg(args.hostname, args.guest_device, tuple(args.dns))
+        try:
+            probe.kernel_ip_arg(args.hostname, args.guest_device, tuple(args.dns))
+        except ConfigError as exc:  # under the option's name, as every bad option value
+            option = _IP_ARG_OPTIONS.get(exc.field, exc.field)
+            raise ConfigError(option, exc.value, exc.allowed) from None
         if args.vmm is not None:  # the VMM fields too (--iface-id, --queues)
             _vmm_config(args, probe, tap, "", manager.config.mtu)
     if len(args.vm_id) == 1:
@@ -668,6 +672,7 @@ def _run(args: argparse.Namespace, manager: NetworkManager) -> int:
     return 0
 
 
+_IP_ARG_OPTIONS = {"hostname": "--hostname", "device": "--guest-device", "dns": "--dns"}
 STATE_DIR_OPTION_HINT = "--state-dir (MICROVM_NETWORK_STATE_DIR) must be a writable directory"
 
 

@@ -46,8 +46,9 @@ def _parsed(parse: Callable[[str], T], allowed: str) -> Callable[[str], T]:
     def convert(text: str) -> T:
         try:
             return parse(text)
-        except ConfigError:
-            raise argparse.ArgumentTypeError(f"{text!r}: {allowed}") from None
+        except ConfigError as exc:  # the library's rule, with its reason where it has one
+            rule = exc.allowed if exc.allowed.startswith(allowed) else allowed
+            raise argparse.ArgumentTypeError(f"{text!r}: {rule}") from None
 
     return convert
 

@@ -45,6 +45,40 @@ MAC_FIRST_OCTET = 0x02
 MAC_SECOND_OCTET = 0x6E
 
 
+HOSTNAME_RULE = "1 to 64 characters: ASCII letters, digits, '-' and '.'"
+DNS_RULE = "at most 2 servers (the kernel's dns0 and dns1)"
+
+
+def check_hostname(hostname: object) -> str:
+    """A host name the `ip=` argument can carry (ConfigError otherwise)."""
+    if (
+        not isinstance(hostname, str)
+        or not 0 < len(hostname) <= 64
+        or not all(c.isascii() and (c.isalnum() or c in "-.") for c in hostname)
+    ):
+        raise ConfigError("hostname", hostname, HOSTNAME_RULE)
+    return str.__str__(hostname)
+
+
+def check_guest_device(device: object) -> str:
+    if (
+        not isinstance(device, str)
+        or not 0 < len(device.encode(errors="replace")) < 16
+        or any(c in "/:" or c.isspace() or not c.isprintable() for c in device)
+    ):
+        raise ConfigError("device", device, "a guest interface name of 1 to 15 bytes")
+    return str.__str__(device)
+
+
+def check_dns_server(server: object) -> str:
+    try:
+        if not isinstance(server, (str, ipaddress.IPv4Address)):
+            raise ValueError(server)
+        return str(ipaddress.IPv4Address(server))
+    except ValueError:
+        raise ConfigError("dns", server, "an IPv4 address") from None
+
+
 def validate_vm_id(vm_id: object) -> str:
     """Check a vm_id: text that the ifalias, the lease store and every output can carry.
 
@@ -310,32 +344,14 @@ class VmNetwork:
         `ip=<guest>::<gateway>:<netmask>::eth0:off`; `hostname`, the guest's `device` name and
         up to two `dns` servers fill their fields. Trailing empty fields are left out.
         """
-        if hostname is not None and (
-            not isinstance(hostname, str)
-            or not 0 < len(hostname) <= 64
-            or not all(c.isascii() and (c.isalnum() or c in "-.") for c in hostname)
-        ):
-            raise ConfigError(
-                "hostname", hostname, "1 to 64 characters: ASCII letters, digits, '-' and '.'"
-            )
-        if (
-            not isinstance(device, str)
-            or not 0 < len(device.encode()) < 16
-            or any(c in "/:" or c.isspace() or not c.isprintable() for c in device)
-        ):
-            raise ConfigError("device", device, "a guest interface name of 1 to 15 bytes")
+        if hostname is not None:
+            hostname = check_hostname(hostname)
+        device = check_guest_device(device)
         if isinstance(dns, (str, bytes)) or not isinstance(dns, (tuple, list)):
             raise ConfigError("dns", dns, "a tuple of at most 2 IPv4 addresses, not one string")
         if len(dns) > 2:
-            raise ConfigError("dns", list(dns), "at most 2 servers (the kernel's dns0 and dns1)")
-        servers: list[str] = []
-        for server in dns:
-            try:
-                if not isinstance(server, (str, ipaddress.IPv4Address)):
-                    raise ValueError(server)
-                servers.append(str(ipaddress.IPv4Address(server)))
-            except ValueError:
-                raise ConfigError("dns", server, "an IPv4 address") from None
+            raise ConfigError("dns", list(dns), DNS_RULE)
+        servers = [check_dns_server(server) for server in dns]
         fields = [
             str(self.guest_ip),
             "",

@@ -366,7 +366,9 @@ def test_bad_vm_id(run: Run, state: FakeState, vm_id: str) -> None:
         (["--queues", "2"], "invalid queue_pairs: 2"),
         (["--multi-queue", "--queues", "1"], "invalid queue_pairs: 1"),
         (["--dns", "192.0.2.1", "--dns", "192.0.2.2", "--dns", "192.0.2.3"], "at most 2"),
-        (["--hostname", "a:b"], "invalid hostname: 'a:b'"),
+        (["--dns", "1.2.3"], "invalid --dns: '1.2.3': an IPv4 address"),
+        (["--hostname", "a:b"], "invalid --hostname: 'a:b'"),
+        (["--guest-device", "a/b"], "invalid --guest-device: 'a/b'"),
     ],
 )
 def test_bad_attach_options_create_nothing(
