@@ -54,9 +54,10 @@ _SCHEMA = (
 
 LOCK_TIMEOUT = 60.0
 """Seconds SQLite waits for a connection that is not netvm's (netvm's own wait in the queue)."""
-_DAMAGED = {10, 11, 26}
+_DAMAGED = {10, 11, 19, 26}
 """SQLITE_IOERR (e.g. a -shm whose WAL was deleted: its frames cannot be read), SQLITE_CORRUPT,
-SQLITE_NOTADB."""
+SQLITE_CONSTRAINT (netvm checks before every insert: a violated UNIQUE means tables that
+contradict each other, edited by hand), SQLITE_NOTADB."""
 _SQLITE_ERROR = 1
 _NO_ROOM = {8, 13, 14}  # SQLITE_READONLY, SQLITE_FULL, SQLITE_CANTOPEN
 _SMALLEST_DATABASE = 512

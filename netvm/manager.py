@@ -714,6 +714,7 @@ class NetworkManager:
         if mark.slot is not None and mark.slot != lease.slot:
             # The kernel is the truth: the VM behind this TAP uses the address it records.
             if tx.claim(network.vm_id, mark.slot) is None:
+                self._check_holder(tx, mark.slot)
                 raise ConflictError(
                     f"TAP {link.name} of {network.vm_id!r} records address slot {mark.slot}, "
                     f"which the lease store gives to {tx.holder(mark.slot)!r}; detach one of them"
@@ -731,6 +732,24 @@ class NetworkManager:
         ):
             self._enslave(link.name, alias)
         return network
+
+    def _check_holder(self, tx: LeaseTransaction, slot: int) -> None:
+        """The store gives `slot`, which a TAP records, to another VM: if that VM's own TAP
+        records another slot, the store contradicts the kernel on both (rows edited by
+        hand): DamagedStore, and the attach retries on a store rebuilt from the kernel."""
+        holder = tx.holder(slot)
+        link = self.backend.get_link(naming.tap_name(holder)) if holder is not None else None
+        if holder is None or link is None or link.kind != "tun":
+            return
+        theirs = naming.parse_tap_alias(link.alias, self.config.bridge_name, link.name)
+        if theirs is not None and theirs.vm_id == holder and theirs.slot not in (None, slot):
+            self.leases.mark_damaged()
+            raise DamagedStore(
+                "read",
+                str(self.leases.path),
+                f"slot {slot} is leased to {holder!r}, whose TAP records slot {theirs.slot}: "
+                "the store contradicts the kernel; it is rebuilt from the kernel",
+            )
 
     def _check_tap(self, link: Link, vm_id: str) -> naming.TapMark:
         mark = None

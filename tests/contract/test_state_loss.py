@@ -57,11 +57,39 @@ def _garbage(path: Path) -> None:
         path.with_name(path.name + suffix).unlink(missing_ok=True)
 
 
+def _edited(*statements: str) -> Callable[[Path], None]:
+    """Rows edited by hand, each table still valid on its own, contradicting each other."""
+
+    def edit(path: Path) -> None:
+        with closing(sqlite3.connect(path, isolation_level=None)) as db:
+            for statement in statements:
+                db.execute(statement)
+
+    return edit
+
+
+def _swap_slots(path: Path) -> None:
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        a, b = (
+            db.execute("SELECT slot FROM leases WHERE vm_id = ?", (v,)).fetchone()[0]
+            for v in ("vm-a", "vm-b")
+        )
+        db.execute("UPDATE leases SET slot = -1 WHERE vm_id = 'vm-a'")
+        db.execute("UPDATE leases SET slot = ? WHERE vm_id = 'vm-b'", (a,))
+        db.execute("UPDATE leases SET slot = ? WHERE vm_id = 'vm-a'", (b,))
+
+
 DAMAGE: dict[str, Callable[[Path], None]] = {
     "deleted": _delete,
     "truncated to zero": _truncate_to_zero,
     "truncated to half": _truncate_half,
     "garbage": _garbage,
+    # every slot free again, the leased ones too: the next insert breaks a UNIQUE
+    "free overlapping the leases": _edited(
+        "INSERT OR IGNORE INTO free SELECT slot FROM leases",
+    ),
+    # two VMs' slots swapped: each TAP's mark now names the other's slot
+    "slots swapped": _swap_slots,
 }
 
 
