@@ -230,7 +230,7 @@ def _nftables(
     bridged = nf_call is not None and nf_call.strip() == "1"
     chains: dict[tuple[str, str], dict[str, Json]] = {}
     rules: dict[tuple[str, str], list[Json]] = {}
-    for item in firewall.ruleset():
+    for item in firewall.walkable_ruleset():
         if "chain" in item:
             chain = item["chain"]
             chains.setdefault((chain["family"], chain["table"]), {})[chain["name"]] = chain
@@ -246,10 +246,13 @@ def _nftables(
         walk = Walk(by_name, table_rules)
         iptables_forward = (family, table) == (IPTABLES_FAMILY, IPTABLES_TABLE)
         if iptables_forward and "FORWARD" in by_name:
-            found += _iptables_nft(by_name, table_rules, chosen, bridge, egress, bridged)
-            if chosen == "nftables" and not any(n.startswith("ufw-") for n in by_name):
-                # netvm's accepts stand in this table: is anything before them in the way?
-                found += _walked(walk, family, table, "FORWARD", packets, bridge)
+            if any(n.startswith("ufw-") for n in by_name):
+                found += _ufw(walk, packets, bridge, egress, bridged)
+            else:
+                found += _iptables_nft(by_name, table_rules, chosen)
+                if chosen == "nftables":
+                    # netvm's accepts stand in this table: is anything before them in the way?
+                    found += _walked(walk, family, table, "FORWARD", packets, bridge)
         for name, chain in by_name.items():
             hook = chain.get("hook")
             if hook is None or (iptables_forward and name == "FORWARD"):
@@ -318,71 +321,55 @@ def _dropped_at(
     ]
 
 
-def _iptables_nft(
-    chains: dict[str, Json],
-    rules: list[Json],
-    chosen: str,
-    bridge: str,
-    egress: str,
-    bridged: bool,
-) -> list[Finding]:
+def _iptables_nft(chains: dict[str, Json], rules: list[Json], chosen: str) -> list[Finding]:
     forward = chains["FORWARD"]
     drops = forward.get("policy") == "drop" or any(
         rule["chain"] == "FORWARD" and _verdicts(rule) & {"drop", "reject"} for rule in rules
     )
-    if not drops:
-        return []
-    if any(name.startswith("ufw-") for name in chains):
-        return _ufw(rules, bridge, egress, bridged)
-    if chosen != "nftables":
-        return [
-            Finding(
-                "rules-split",
-                "blocking",
-                "the iptables-nft filter table drops forwarded packets, and netvm's rules are "
-                "in the legacy tables, whose accept cannot override it",
-                "ip filter FORWARD drops; netvm firewall = iptables (legacy)",
-                "use the nftables firewall: --firewall nftables (MICROVM_NETWORK_FIREWALL)",
-            )
-        ]
-    return []  # netvm's own accepts stand there: `check` reports them when missing
-
-
-def _ufw(rules: list[Json], bridge: str, egress: str, bridged: bool) -> list[Finding]:
-    def allowed(out: str) -> bool:
-        return any(
-            rule["chain"] == "ufw-user-forward"
-            and _matches(rule, "iifname", bridge)
-            and _matches(rule, "oifname", out)
-            and "accept" in _verdicts(rule)
-            for rule in rules
+    if not drops or chosen == "nftables":
+        return []  # netvm's own accepts stand there: `check` reports them when missing
+    return [
+        Finding(
+            "rules-split",
+            "blocking",
+            "the iptables-nft filter table drops forwarded packets, and netvm's rules are "
+            "in the legacy tables, whose accept cannot override it",
+            "ip filter FORWARD drops; netvm firewall = iptables (legacy)",
+            "use the nftables firewall: --firewall nftables (MICROVM_NETWORK_FIREWALL)",
         )
+    ]
 
-    evidence = (
-        "iptables-nft filter FORWARD policy DROP with ufw-* chains; ufw rewrites them on "
-        "reload, so netvm does not write there"
-    )
+
+def _ufw(
+    walk: Walk, packets: list[Packet], bridge: str, egress: str, bridged: bool
+) -> list[Finding]:
+    """ufw's FORWARD chain walked like any other (ufw rewrites its chains on reload, so
+    netvm writes nothing there: the fix is ufw's own command)."""
     found: list[Finding] = []
-    if not allowed(egress):
-        found.append(
-            Finding(
-                "ufw-forward-drop",
-                "blocking",
-                f"ufw drops forwarded packets and lets nothing from {bridge} to {egress} through",
-                evidence,
-                f"ufw route allow in on {bridge} out on {egress}",
-            )
+    between = Packet("frames between guests on the bridge", bridge, bridge, "new", None, None)
+    cases = [(p, f"ufw route allow in on {bridge} out on {egress}", False) for p in packets]
+    if bridged:  # with br_netfilter, bridged frames pass the forward hook too
+        cases.append((between, f"ufw route allow in on {bridge} out on {bridge}", True))
+    note = "ufw rewrites its chains on reload, so netvm does not write there"
+    for packet, fix, between_guests in cases:
+        verdict = walk.verdict("FORWARD", packet)
+        evidence = (
+            f"iptables-nft filter FORWARD with ufw-* chains: {packet.what}: {verdict}; {note}"
         )
-    if bridged and not allowed(bridge):
-        found.append(
-            Finding(
-                "ufw-bridge-drop",
-                "warning",
-                "with br_netfilter, ufw also drops frames between guests on the bridge",
-                evidence,
-                f"ufw route allow in on {bridge} out on {bridge}",
+        if verdict == "drop" and between_guests:
+            found.append(
+                Finding("ufw-bridge-drop", "warning", f"ufw drops {packet.what}", evidence, fix)
             )
-        )
+        elif verdict == "drop":
+            found.append(
+                Finding("ufw-forward-drop", "blocking", f"ufw drops {packet.what}", evidence, fix)
+            )
+        elif verdict == "unknown":
+            message = (
+                f"ufw may drop {packet.what}: its rules match on what netvm cannot tell "
+                "(ports, addresses)"
+            )
+            found.append(Finding("ufw-forward-unsure", "warning", message, evidence, fix))
     return found
 
 

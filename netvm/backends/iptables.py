@@ -27,6 +27,7 @@ from netvm.backends import iptc_compat
 from netvm.backends.base import STANDARD_TARGETS, Rule
 from netvm.backends.iptc_compat import load_iptc
 from netvm.errors import host_error
+from netvm.firewall.xt import conntrack_states
 
 _LOCK = threading.RLock()
 T = TypeVar("T")
@@ -289,13 +290,6 @@ def _parameters(thing: Any) -> str:
     return " ".join(f"--{k} {' '.join(v)}".strip() for k, v in sorted(params.items()))
 
 
-XT_CONNTRACK_STATE = 1
-# struct xt_conntrack_mtinfo3: four address/mask pairs (128 bytes), expires_min/max (8),
-# l4proto and four ports (10), then match_flags, invert_flags, state_mask (u16 each).
-_CONNTRACK3 = struct.Struct("=146xHHH")
-CT_STATES = {1 << 0: "INVALID", 1 << 1: "ESTABLISHED", 1 << 2: "RELATED", 1 << 3: "NEW"}
-
-
 def _decode_match(match: Any) -> tuple[str, str] | None:
     """("comment", text) or ("ctstate", "A,B") from a match's bytes; None if it is not a
     plain comment or a plain --ctstate (revision 3) match."""
@@ -303,14 +297,9 @@ def _decode_match(match: Any) -> tuple[str, str] | None:
     data, revision = raw[XT_HEADER:], raw[XT_HEADER - 1]
     if match.name == "comment":
         return "comment", data[:256].split(b"\0", 1)[0].decode(errors="replace")
-    if match.name == "conntrack" and revision == 3 and len(data) >= _CONNTRACK3.size:
-        flags, invert, mask = _CONNTRACK3.unpack_from(data)
-        states = [name for bit, name in CT_STATES.items() if mask & bit]
-        if (
-            flags == XT_CONNTRACK_STATE
-            and not invert
-            and mask == sum(bit for bit in CT_STATES if mask & bit)
-        ):
+    if match.name == "conntrack":
+        states = conntrack_states(data, revision)
+        if states is not None:
             return "ctstate", ",".join(states)
     return None
 

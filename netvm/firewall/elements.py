@@ -25,6 +25,7 @@ from typing import Any, Literal
 from netvm.errors import host_error
 from netvm.firewall.guard import Element, FieldType, SetSchema, Value
 from netvm.firewall.listeners import SockDiag, listening
+from netvm.firewall.xt import conntrack_states
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -67,6 +68,7 @@ NFTA_RULE_USERDATA = 7
 NFTA_EXPR_NAME = 1
 NFTA_EXPR_DATA = 2
 NFTA_MATCH_NAME = 1
+NFTA_MATCH_REV = 2
 NFTA_MATCH_INFO = 3
 NFTA_CHAIN_TABLE = 1
 NFTA_CHAIN_NAME = 3
@@ -472,6 +474,17 @@ class NetlinkElements:
                 found[(table, chain)] = devices
         return found
 
+    def rule_ctstates(self, family: str, table: str, operation: str) -> dict[int, tuple[str, ...]]:
+        """handle -> states of the table's rules whose one xtables match is a plain
+        `conntrack --ctstate` (a GETRULE dump); {} for a table that does not exist."""
+        body = _NFGENMSG.pack(FAMILIES[family], 0, 0) + _attr(NFTA_RULE_TABLE, _string(table))
+        found: dict[int, tuple[str, ...]] = {}
+        for message in self._dump(NFT_MSG_GETRULE, body, operation, f"{family} {table}"):
+            handle, states = _rule_ctstates(message)
+            if handle is not None and states is not None:
+                found[handle] = states
+        return found
+
     def rule_comments(self, family: str, table: str, operation: str) -> dict[int, str]:
         """handle -> comment of the table's rules that have one (a GETRULE dump); {} for
         a table that does not exist."""
@@ -482,6 +495,49 @@ class NetlinkElements:
             if handle is not None and comment is not None:
                 found[handle] = comment
         return found
+
+
+def _rule_ctstates(message: bytes) -> tuple[int | None, tuple[str, ...] | None]:
+    """(handle, states) of one NEWRULE message whose only xtables match is a plain
+    `conntrack --ctstate` (xt.conntrack_states), as iptables-nft writes it; (handle, None)
+    for any other rule."""
+    handle: int | None = None
+    states: tuple[str, ...] | None = None
+    matches = 0
+    for kind, begin, end in _attrs(message, _HEADER.size + _NFGENMSG.size, len(message)):
+        if kind == NFTA_RULE_HANDLE and end - begin == 8:
+            (handle,) = struct.unpack_from(">Q", message, begin)
+        elif kind == NFTA_RULE_EXPRESSIONS:
+            for _, expr_begin, expr_end in _attrs(message, begin, end):
+                found = _xt_match(message, expr_begin, expr_end)
+                if found is None or found[0] == b"comment":
+                    continue
+                matches += 1
+                name, revision, info = found
+                if name == b"conntrack":
+                    states = conntrack_states(info, revision)
+    return handle, states if matches == 1 else None
+
+
+def _xt_match(message: bytes, begin: int, end: int) -> tuple[bytes, int, bytes] | None:
+    """(name, revision, info) of an xtables match expression; None for another one."""
+    name, data = b"", (0, 0)
+    for kind, start, stop in _attrs(message, begin, end):
+        if kind == NFTA_EXPR_NAME:
+            name = message[start:stop].split(b"\0", 1)[0]
+        elif kind == NFTA_EXPR_DATA:
+            data = (start, stop)
+    if name != b"match":
+        return None
+    match, revision, info = b"", 0, b""
+    for kind, start, stop in _attrs(message, *data):
+        if kind == NFTA_MATCH_NAME:
+            match = message[start:stop].split(b"\0", 1)[0]
+        elif kind == NFTA_MATCH_REV and stop - start == 4:
+            (revision,) = struct.unpack_from(">I", message, start)
+        elif kind == NFTA_MATCH_INFO:
+            info = message[start:stop]
+    return match, revision, info
 
 
 def _chain_devices(message: bytes) -> tuple[str, str, list[str]]:
@@ -526,23 +582,10 @@ def _rule_comment(message: bytes) -> tuple[int | None, str | None]:
 
 
 def _xt_comment(message: bytes, begin: int, end: int) -> str | None:
-    name, data = b"", (0, 0)
-    for kind, start, stop in _attrs(message, begin, end):
-        if kind == NFTA_EXPR_NAME:
-            name = message[start:stop].split(b"\0", 1)[0]
-        elif kind == NFTA_EXPR_DATA:
-            data = (start, stop)
-    if name != b"match":
+    found = _xt_match(message, begin, end)
+    if found is None or found[0] != b"comment":
         return None
-    match, info = b"", b""
-    for kind, start, stop in _attrs(message, *data):
-        if kind == NFTA_MATCH_NAME:
-            match = message[start:stop].split(b"\0", 1)[0]
-        elif kind == NFTA_MATCH_INFO:
-            info = message[start:stop]
-    if match != b"comment":
-        return None
-    return info.split(b"\0", 1)[0].decode(errors="replace")
+    return found[2].split(b"\0", 1)[0].decode(errors="replace")
 
 
 def _comment_of(message: bytes) -> str:
@@ -587,6 +630,9 @@ class KernelElements:
 
     def chain_devices(self, operation: str) -> dict[tuple[str, str], list[str]]:
         return self._open().chain_devices(operation)
+
+    def rule_ctstates(self, family: str, table: str, operation: str) -> dict[int, tuple[str, ...]]:
+        return self._open().rule_ctstates(family, table, operation)
 
     def listening(self, wanted: Collection[tuple[str, int]]) -> list[str]:
         with self._lock:

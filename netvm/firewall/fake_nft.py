@@ -366,6 +366,10 @@ class FakeElements:
         no xtables matches, which only iptables-nft writes)."""
         return {}
 
+    def rule_ctstates(self, family: str, table: str, operation: str) -> dict[int, tuple[str, ...]]:
+        """The model has no xtables matches: nothing to read."""
+        return {}
+
     def chain_devices(self, operation: str) -> dict[tuple[str, str], list[str]]:
         """The model's netdev chains list their devices (as libnftables 1.0.7 and later
         do): nothing to add."""

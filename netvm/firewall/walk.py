@@ -214,6 +214,20 @@ class Walk:
         return self._from(target, 0, packet, depth + 1, forks)
 
 
+_XT_GOES_ON = frozenset(
+    {"LOG", "NFLOG", "ULOG", "MARK", "CONNMARK", "TCPMSS", "CT", "NOTRACK", "CLASSIFY", "DSCP"}
+    | {"TOS", "TTL", "SECMARK", "CONNSECMARK", "AUDIT", "CHECKSUM", "TRACE"}
+)
+"""xtables targets after which the packet goes on to the next rule."""
+
+
+def _xt_target(expr: Json) -> str | None:
+    xt = expr.get("xt")
+    if isinstance(xt, dict) and xt.get("type") == "target":
+        return str(xt.get("name"))
+    return None
+
+
 def _verdict_of(rule: Json) -> tuple[str, str | None] | None:
     for expr in rule.get("expr", []):
         if not isinstance(expr, dict):
@@ -223,6 +237,11 @@ def _verdict_of(rule: Json) -> tuple[str, str | None] | None:
                 return kind, None
         if "reject" in expr:
             return "drop", None
+        target = _xt_target(expr)  # iptables-nft writes REJECT (and others) as xtables
+        if target == "REJECT":
+            return "drop", None
+        if target is not None and target not in _XT_GOES_ON:
+            return "unknown", None
         if "vmap" in expr:
             return "unknown", None  # a verdict looked up by a key: not walked
         if "queue" in expr:
@@ -241,7 +260,7 @@ def matches(rule: Json, packet: Packet) -> bool | None:
             continue
         if "match" in expr:
             found = _match(expr["match"], packet)
-        elif any(key in _IGNORED for key in expr) or is_xt_comment(expr):
+        elif any(key in _IGNORED for key in expr) or is_xt_comment(expr) or _xt_target(expr):
             continue
         else:
             found = None
