@@ -778,6 +778,8 @@ def _sqlite_errors() -> tuple[type[Exception], ...]:
 
 
 def _quiet_stdout() -> None:
+    """stdout to /dev/null, so that the interpreter's flush at exit fails no more (exit 1,
+    as Python does on EPIPE: the signal module's note on SIGPIPE)."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -797,7 +799,21 @@ def main(
     Whatever goes wrong ends in one line on stderr: a netvm error, an error of the lease
     store's database or of the operating system (exit 1), a usage error (exit 2). Anything
     else is a bug, reported as one "internal error" line (exit 1); -v adds the traceback.
+    A closed pipe on stdout (`netvm list | head -0`), wherever it shows, ends the command
+    silently with 1: what it changed stands.
     """
+    try:
+        return _main(argv, backend_factory, environ)
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 1
+
+
+def _main(
+    argv: Sequence[str] | None,
+    backend_factory: BackendFactory | None,
+    environ: Mapping[str, str] | None,
+) -> int:
     parser = build_parser()
     _Parser.usage_error = None
     _emitted[0] = False
@@ -828,11 +844,7 @@ def main(
     except NetvmError as exc:
         return _fail(args, type(exc).__name__, _message(exc))
     except BrokenPipeError:
-        # `netvm list | head -1`: the reader has what it wanted. What the command changed
-        # stands; stdout is pointed at /dev/null so that the exit's flush fails no more.
-        # Exit 1, as Python does on EPIPE (the signal module's note on SIGPIPE).
-        _quiet_stdout()
-        return 1
+        raise  # main's: also from the printing of an error below
     except _sqlite_errors() as exc:
         # Last resort: the lease store should have turned this into a netvm error.
         return _fail(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from netvm import naming
-from netvm.backends.base import FILTER, STANDARD_TARGETS, Backend
+from netvm.backends.base import FILTER, Backend
 from netvm.errors import NetvmError
 from netvm.firewall.nftables import IPTABLES_FAMILY, IPTABLES_TABLE, TABLE_PREFIX, NftablesFirewall
 from netvm.firewall.walk import ANY_TAP, Packet, Walk, guest_packets, hook_packets
@@ -447,8 +447,9 @@ def _legacy(backend: Backend, chosen: str, bridge: str, egress: str) -> list[Fin
         "new connections from the guests": _LegacyPacket(bridge, egress, ("NEW",)),
         "replies to the guests": _LegacyPacket(egress, bridge, ("ESTABLISHED", "RELATED")),
     }
+    chains = set(backend.list_chains(FILTER))
     verdicts = {
-        what: _legacy_verdict(backend, "FORWARD", packet, policy, 0)
+        what: _legacy_verdict(backend, chains, "FORWARD", packet, policy, 0)
         for what, packet in packets.items()
     }
     dropped = [what for what, verdict in verdicts.items() if verdict == "drop"]
@@ -502,8 +503,17 @@ def _iface_matches(pattern: str | None, name: str) -> bool:
     return pattern == name
 
 
+_GOES_ON = frozenset({"LOG", "NFLOG", "ULOG", "MARK", "CONNMARK", "TCPMSS", "CT", "NOTRACK"})
+"""Targets after which a packet goes on to the next rule."""
+
+
 def _legacy_verdict(
-    backend: Backend, chain: str, packet: _LegacyPacket, policy: str | None, depth: int
+    backend: Backend,
+    chains: set[str],
+    chain: str,
+    packet: _LegacyPacket,
+    policy: str | None,
+    depth: int,
 ) -> str:
     """ "accept", "drop", "unknown", or "return" (a user chain's end) for `packet`, walking
     the rules of `chain` and the chains they jump to. A rule with matches netvm does not
@@ -540,9 +550,13 @@ def _legacy_verdict(
                 return "unknown" if unsure else "return"
             unsure = True
             continue
-        if target in STANDARD_TARGETS:  # LOG, MASQUERADE: on to the next rule
+        if target not in chains or " -g " in f" {rule.other}":
+            # Another extension target (NFQUEUE...), or a goto (its chain's end is the
+            # policy of the chain that called this one): not walked.
+            if target not in _GOES_ON:
+                unsure = True
             continue
-        inner = _legacy_verdict(backend, target, packet, None, depth + 1)
+        inner = _legacy_verdict(backend, chains, target, packet, None, depth + 1)
         if inner == "return":
             continue
         if inner == "unknown" or not certain or unsure:

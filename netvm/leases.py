@@ -262,6 +262,7 @@ class LeaseTransaction:
             with suppress(sqlite3.Error):
                 self._db.execute("ROLLBACK")
             raise self._store.error("commit to", exc) from None
+        self.undo = Undo()  # committed: a later failure must not undo what this kept
 
     def rollback(self) -> None:
         if self._open:

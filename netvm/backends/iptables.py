@@ -330,6 +330,8 @@ def to_rule(entry: Any, is_chain: Callable[[str], bool]) -> Rule:
         other.append(f"-d {entry.dst}")
     if entry.protocol not in ("ip", "0", 0, None):
         other.append(f"-p {entry.protocol}")
+    if entry.fragment:
+        other.append("-f")  # second and later fragments only
     comment: str | None = None
     ctstate: tuple[str, ...] = ()
     for match in entry.matches:
@@ -341,7 +343,9 @@ def to_rule(entry: Any, is_chain: Callable[[str], bool]) -> Rule:
         else:
             other.append(f"-m {match.name} {_parameters(match)}".strip())
     target = entry.target.name if entry.target is not None else ""
-    if entry.target is not None and not _plain_target(entry.target, is_chain):
+    if entry.target is not None and getattr(entry.target, "_goto", False):
+        other.append(f"-g {target}")  # a goto: the chain's end is not a return here
+    elif entry.target is not None and not _plain_target(entry.target, is_chain):
         other.append(f"-j {target} {_parameters(entry.target)}".strip())
     for attr, flag in (("in_interface", "-i"), ("out_interface", "-o")):
         value = getattr(entry, attr)

@@ -68,6 +68,8 @@ VMS = SetSchema("bridge", "vms", ("ifname", "inet_service"))
 GUARDED = SetSchema("bridge", "guarded", ("ifname",))
 ADDRS = SetSchema("bridge", "addrs", ("ifname", "ether_addr", "ipv4_addr"))
 ISOLATED = SetSchema("bridge", "isolated", ("ifname",))
+ISOLATED_ADDRS = SetSchema("inet", "isolated_addrs", ("ipv4_addr",))
+"""The isolated VMs' addresses: what the host must not route to from the bridge."""
 # Two maps rather than one to `ipv4_addr . inet_service`: libnftables 1.0.6 cannot declare a
 # map to a concatenation in JSON. A DNAT looks both up, once per new connection.
 FORWARD_ADDRS = SetSchema(
@@ -76,7 +78,7 @@ FORWARD_ADDRS = SetSchema(
 FORWARD_PORTS = SetSchema(
     "inet", "forward_ports", ("inet_proto", "inet_service"), data=("inet_service",)
 )
-SCHEMAS = (VMS, GUARDED, ADDRS, ISOLATED, FORWARD_ADDRS, FORWARD_PORTS)
+SCHEMAS = (VMS, GUARDED, ADDRS, ISOLATED, ISOLATED_ADDRS, FORWARD_ADDRS, FORWARD_PORTS)
 """The sets of every bridge. Each egress policy adds its own set (egress_members)."""
 UNSPECIFIED = ipaddress.IPv4Address("0.0.0.0")
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
@@ -173,7 +175,7 @@ def elements(vm: VmGuard) -> list[Element]:
             Element(ADDRS, (tap, mac, UNSPECIFIED)),
         )
     if policy.isolated:
-        found.append(Element(ISOLATED, (tap,)))
+        found += (Element(ISOLATED, (tap,)), Element(ISOLATED_ADDRS, (ip,)))
     chain = egress_chain(policy)
     if chain is not None:
         found.append(Element(egress_members(chain), (ip,)))

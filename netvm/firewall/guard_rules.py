@@ -27,7 +27,7 @@ kernel passes the other 802.1D addresses through the input hook only.
 
     prerouting  (hook prerouting, dstnat)  from the egress to a local address: DNAT by
                                            @forward_addrs and @forward_ports
-    forward     iifname B oifname B ip saddr != SUBNET drop    (routed back to the bridge)
+    forward     iifname B oifname B ip daddr @isolated_addrs drop   (routed back, to one)
                 iifname B ct status dnat accept       (replies of forwarded connections)
                 iifname B jump egress_dispatch         (per egress policy, shared by its
                                                         VMs: ip saddr @egress-D jump egress-D)
@@ -46,6 +46,7 @@ from netvm.firewall.guard import (
     FORWARD_PORTS,
     GUARDED,
     ISOLATED,
+    ISOLATED_ADDRS,
     UNSPECIFIED,
 )
 from netvm.firewall.model import BridgeFirewall
@@ -169,17 +170,17 @@ def _dnat_status(*matches: Json) -> list[Json]:
 def forward_head(policy: BridgeFirewall) -> list[list[Json]]:
     """Rules before BridgeFirewall.forward's accepts.
 
-    The first drops what the host would route from the bridge back to it with a source
-    outside the subnet: a guest without anti-spoofing could otherwise reach an isolated VM
-    through the gateway, as the bridge's output rule lets such sources pass (replies and
-    forwards from the egress have them). A source of the host's own, the gateway's, the
-    kernel drops as a martian."""
+    The first drops what the host would route from the bridge back to it, to an isolated
+    VM: a guest without anti-spoofing could otherwise reach one through the gateway from
+    a source outside the subnet, which the bridge's output rule lets pass (replies and
+    forwards from the egress have such sources). By destination, so that frames between
+    other VMs that br_netfilter passes through this hook keep whatever source they have."""
     bridge = _match(_meta("iifname"), policy.bridge)
     return [
         [
             bridge,
             _match(_meta("oifname"), policy.bridge),
-            _match(_payload("ip", "saddr"), _prefix(policy), "!="),
+            _match(_payload("ip", "daddr"), _set(ISOLATED_ADDRS.name)),
             {"drop": None},
         ],
         _dnat_status(bridge),

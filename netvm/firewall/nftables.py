@@ -30,9 +30,11 @@ from netvm.firewall import guard_rules
 from netvm.firewall.guard import (
     EGRESS_DISPATCH,
     EGRESS_PREFIX,
+    FORWARD_PORTS,
     SCHEMAS,
     VMS,
     Element,
+    Value,
     VmGuard,
     egress_chain,
     egress_chain_rules,
@@ -745,9 +747,9 @@ class NftablesFirewall:
         after = elements(vm)
         keep = {_full(e) for e in before} & {_full(e) for e in after}
         gone = _by_set(e for e in before if _full(e) not in keep)
-        # Destroyed, not deleted: no failure on an element someone removed. Grouped by
-        # set, each group is one message (elements.py).
-        changes = [("destroy", e) for e in gone]
+        # No failure on an element someone removed (_removal). Grouped by set, each group
+        # is one message (elements.py).
+        changes = _removal(gone)
         changes += [("add", e) for e in _by_set(e for e in after if _full(e) not in keep)]
         self._write(bridge, vm, changes)
 
@@ -884,9 +886,9 @@ class NftablesFirewall:
             where = f"{', '.join(olds)} in nftables {table}"
             operation = f"remove the guarantees of {', '.join(olds)}"
             try:
-                self._store().commit([("destroy", e) for e in gone], table, operation, where)
+                self._store().commit(_removal(gone), table, operation, where)
             except HostError as exc:
-                if exc.errno != errno.ENOENT:
+                if exc.errno not in (errno.ENOENT, errno.EEXIST):
                     raise
                 self._unguard_set_by_set(gone, table, operation, where)
             found.update(olds)
@@ -896,31 +898,53 @@ class NftablesFirewall:
         self, gone: list[Element], table: str, operation: str, where: str
     ) -> None:
         """A set of the elements is gone (a foreign change took one of netvm's tables, and
-        ensure_host made it again without the egress sets): the elements of each set in a
-        batch of their own, skipping the sets that are gone; the record last, so that a
-        failure on the way leaves it to say what is left."""
+        ensure_host made it again without the egress sets), or a key of a map now holds
+        another VM's datum (its own element was deleted by hand, and the key given to
+        another VM since): the elements of each set in a batch of their own, skipping the
+        sets that are gone, and each map element alone, skipping one that is not this
+        VM's any more; the record last, so that a failure on the way leaves it to say
+        what is left."""
         groups: dict[tuple[str, str], list[Element]] = {}
         for element in gone:
             groups.setdefault((element.schema.family, element.schema.name), []).append(element)
-        for key in sorted(groups, key=lambda key: key == (VMS.family, VMS.name)):
+        # forward_addrs before forward_ports: a forward's port may equal another VM's, its
+        # address tells whose the key is.
+        order: dict[tuple[str, str], int] = {(VMS.family, VMS.name): 2}
+        order[(FORWARD_PORTS.family, FORWARD_PORTS.name)] = 1
+        others: set[tuple[Value, ...]] = set()
+        for key in sorted(groups, key=lambda key: order.get(key, 0)):
             part = groups[key]
-            changes = [("destroy", e) for e in part]
-            try:
-                self._store().commit(changes, table, operation, where)
-            except HostError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
+            if part[0].schema is FORWARD_PORTS:
+                part = [e for e in part if e.key not in others]
+            for batch in [part] if part and part[0].schema.data is None else [[e] for e in part]:
+                try:
+                    self._store().commit(_removal(batch), table, operation, where)
+                except HostError as exc:
+                    if exc.errno == errno.EEXIST:
+                        others.add(batch[0].key)
+                        log.warning(
+                            "nftables %s: %s %s is another VM's now: kept",
+                            table,
+                            batch[0].schema.name,
+                            batch[0].key,
+                        )
+                    elif exc.errno != errno.ENOENT:
+                        raise
 
     def guards(self, bridge: str) -> dict[str, VmGuard]:
         """Every VM's record on this bridge (one listing of set vms, O(number of VMs))."""
+        return self._records(bridge)[0]
+
+    def _records(self, bridge: str) -> tuple[dict[str, VmGuard], set[str]]:
+        """The readable records, and the TAPs whose record netvm cannot read."""
         table = table_name(bridge)
         command = {"list": {"set": {"family": BRIDGE_FAMILY, "table": table, "name": "vms"}}}
         if (BRIDGE_FAMILY, table) not in self._tables():
-            return {}
+            return {}, set()
         try:
             listed = self._run([command], "list nftables set", f"{BRIDGE_FAMILY} {table} vms")
         except NotFound:
-            return {}
+            return {}, set()
         chunks: dict[str, dict[int, str]] = {}
         for item in listed:
             for value in item.get("set", {}).get("elem", []):
@@ -928,6 +952,7 @@ class NftablesFirewall:
                 tap, index = elem.get("val", {}).get("concat", ["", 0])
                 chunks.setdefault(tap, {})[int(index)] = elem.get("comment", "")
         found: dict[str, VmGuard] = {}
+        unreadable: set[str] = set()
         for tap, parts in chunks.items():
             first = parts.get(0, "")
             count, _, text = first.partition(" ")
@@ -937,7 +962,8 @@ class NftablesFirewall:
                 found[tap] = VmGuard.from_record(tap, record)
             except ValueError:
                 log.warning("nftables %s: unreadable record for %s: %r", table, tap, record)
-        return found
+                unreadable.add(tap)
+        return found, unreadable
 
     def prune(self, bridge: str, live: Collection[str]) -> list[str]:
         """Remove the elements of every TAP not in `live`, and egress chains no VM uses.
@@ -973,9 +999,17 @@ class NftablesFirewall:
         """Elements of the inet table that no record names: a foreign change took the
         bridge table, which holds the records, and its VMs were detached since (a forward
         would hand the next VM with that address the connections meant for the old one)."""
-        expected = {_full(e) for guard in self.guards(bridge).values() for e in elements(guard)}
+        records, unreadable = self._records(bridge)
+        expected = {_full(e) for guard in records.values() for e in elements(guard)}
         stranded = _by_set(e for e in listed if _full(e) not in expected)
         if not stranded:
+            return
+        if unreadable:  # its elements are among them, and cannot be told apart
+            log.warning(
+                "nftables %s: elements no record names are kept: the record of %s cannot be read",
+                table_name(bridge),
+                ", ".join(sorted(unreadable)),
+            )
             return
         table, where = table_name(bridge), f"nftables {table_name(bridge)}"
         operation = "remove elements no VM's record names"
@@ -983,9 +1017,9 @@ class NftablesFirewall:
             "nftables %s: removing %d element(s) no VM's record names", table, len(stranded)
         )
         try:
-            self._store().commit([("destroy", e) for e in stranded], table, operation, where)
+            self._store().commit(_removal(stranded), table, operation, where)
         except HostError as exc:
-            if exc.errno != errno.ENOENT:
+            if exc.errno not in (errno.ENOENT, errno.EEXIST):
                 raise
             self._unguard_set_by_set(stranded, table, operation, where)
 
@@ -1054,6 +1088,17 @@ def _in(ref: Json, chain: str) -> Json:
 
 def _by_set(found: Iterable[Element]) -> list[Element]:
     return sorted(found, key=lambda e: (e.schema.family, e.schema.name))
+
+
+def _removal(gone: Iterable[Element]) -> list[tuple[str, Element]]:
+    """The changes that remove `gone` and nothing else: a set's element is destroyed (no
+    failure where it is gone already); a map's is added and then deleted, since a destroy
+    goes by the key alone and the key may hold another VM's datum now (the add then fails,
+    EEXIST, instead of deleting that VM's element)."""
+    found = list(gone)
+    maps = [e for e in found if e.schema.data is not None]
+    changes: list[tuple[str, Element]] = [("destroy", e) for e in found if e.schema.data is None]
+    return changes + [("add", e) for e in maps] + [("delete", e) for e in maps]
 
 
 def _full(element: Element) -> tuple[object, ...]:

@@ -534,6 +534,17 @@ class _ClosedPipe:
         raise ValueError("no descriptor")
 
 
+def test_a_closed_pipe_under_an_error_document_is_no_traceback(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--json prints the error's document on stdout: a closed pipe there too."""
+    monkeypatch.setattr("sys.stdout", _ClosedPipe())
+    result = run("--json", "attach", "vm-1")  # no bridge: an error, as a document
+    monkeypatch.undo()
+    assert result.code == 1
+    assert "Traceback" not in result.err
+
+
 @pytest.mark.parametrize("command", [["list"], ["--json", "list"], ["attach", "vm-1"]])
 def test_a_closed_pipe_is_no_error_message_and_the_change_stands(
     run: Run,

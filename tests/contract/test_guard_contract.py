@@ -508,3 +508,24 @@ def test_prune_removes_inet_elements_whose_records_are_gone(
         e.schema.name for e in elements(kept) if e.schema.family == "inet"
     )
     assert nft.record("nvbr0", "tap-k") == kept
+
+
+def test_unguard_leaves_a_forward_key_another_vm_holds_now(nft: NftablesFirewall) -> None:
+    """A's forward was deleted by hand and its host port given to B since: removing A's
+    guarantees must not take B's forward (a destroy goes by the key alone; the forward's
+    guest port is the same, so only its address tells whose it is)."""
+    forward = GuestPolicy.of(port_forwards=("8080:80",))
+    a, b = vm("tap-a", 5, forward), vm("tap-b", 6, forward)
+    nft.guard("nvbr0", a)
+    mine = [e for e in elements(a) if e.schema.data is not None]
+    assert len(mine) == 2
+    nft._store().commit([("delete", e) for e in mine], "netvm-nvbr0", "take", "tap-a")
+    nft.guard("nvbr0", b)
+    assert nft.unguard("nvbr0", ["tap-a"]) == {"tap-a": a}
+    theirs = {_key(e) for e in elements(b) if e.schema.family == "inet"}
+    assert {_key(e) for e in nft._inet_elements("nvbr0")} == theirs
+    assert nft.record("nvbr0", "tap-b") == b
+
+
+def _key(element: Any) -> tuple[object, ...]:
+    return (element.schema.name, element.key, element.data)

@@ -268,14 +268,16 @@ def test_an_isolated_vm_reaches_no_neighbour(
 
 
 def test_two_isolated_vms_are_apart_also_by_the_kernels_port_flag(host: NetworkManager) -> None:
-    """With netvm's nftables bridge table gone, the kernel's port isolation still holds
-    between two isolated ports (and not between two plain ones: the control)."""
+    """With netvm's nftables tables gone, the kernel's port isolation still holds between
+    two isolated ports (and not between two plain ones: the control). Both tables: with
+    br_netfilter, the inet table's drop to isolated addresses sees bridged frames too."""
     isolated = GuestPolicy.of(isolated=True)
     with guest(host, "a", isolated) as a, guest(host, "b", isolated) as b:
-        table = {"family": "bridge", "name": "netvm-nvbr0"}
         firewall = host.backend.firewall("nftables")
         assert hasattr(firewall, "_run")
-        firewall._run([{"delete": {"table": table}}], "test", None)
+        for family in ("bridge", "inet"):
+            table = {"family": family, "name": "netvm-nvbr0"}
+            firewall._run([{"delete": {"table": table}}], "test", None)
         assert not a.ping(b.network.guest_ip)
         host.backend.set_port_isolated(a.network.tap_name, False)
         # A few tries: the failed ping above left b's neighbour entry unresolved in a, and
@@ -677,7 +679,7 @@ def test_a_link_local_frame_takes_no_neighbours_mac(
 
 
 def _hairpin_rules(host: NetworkManager) -> list[int]:
-    """Handles of netvm's drop of routed bridge-to-bridge packets from outside the subnet."""
+    """Handles of netvm's drop of routed bridge-to-bridge packets to an isolated VM."""
     firewall = host.backend.firewall("nftables")
     assert hasattr(firewall, "_run")
     listed = firewall._run(
@@ -691,7 +693,7 @@ def _hairpin_rules(host: NetworkManager) -> list[int]:
         if rule is None:
             continue
         text = str(rule["expr"])
-        if "'oifname'" in text and "'saddr'" in text and "'drop'" in text:
+        if "'oifname'" in text and "isolated_addrs" in text and "'drop'" in text:
             found.append(int(rule["handle"]))
     return found
 
