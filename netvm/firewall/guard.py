@@ -67,6 +67,11 @@ class SetSchema:
 VMS = SetSchema("bridge", "vms", ("ifname", "inet_service"))
 GUARDED = SetSchema("bridge", "guarded", ("ifname",))
 ADDRS = SetSchema("bridge", "addrs", ("ifname", "ether_addr", "ipv4_addr"))
+OWNED_MACS = SetSchema("bridge", "owned_macs", ("ether_addr",))
+"""The guarded VMs' MACs, and (next) each with its TAP: no other port may use one."""
+MAC_PORTS = SetSchema("bridge", "mac_ports", ("ether_addr", "ifname"))
+OWNED_IPS = SetSchema("bridge", "owned_ips", ("ipv4_addr",))
+"""The guarded VMs' addresses: no other port may claim one (by IPv4 or by ARP)."""
 ISOLATED = SetSchema("bridge", "isolated", ("ifname",))
 ISOLATED_ADDRS = SetSchema("inet", "isolated_addrs", ("ipv4_addr",))
 """The isolated VMs' addresses: what the host must not route to from the bridge."""
@@ -78,7 +83,18 @@ FORWARD_ADDRS = SetSchema(
 FORWARD_PORTS = SetSchema(
     "inet", "forward_ports", ("inet_proto", "inet_service"), data=("inet_service",)
 )
-SCHEMAS = (VMS, GUARDED, ADDRS, ISOLATED, ISOLATED_ADDRS, FORWARD_ADDRS, FORWARD_PORTS)
+SCHEMAS = (
+    VMS,
+    GUARDED,
+    ADDRS,
+    OWNED_MACS,
+    MAC_PORTS,
+    OWNED_IPS,
+    ISOLATED,
+    ISOLATED_ADDRS,
+    FORWARD_ADDRS,
+    FORWARD_PORTS,
+)
 """The sets of every bridge. Each egress policy adds its own set (egress_members)."""
 UNSPECIFIED = ipaddress.IPv4Address("0.0.0.0")
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
@@ -173,6 +189,9 @@ def elements(vm: VmGuard) -> list[Element]:
             Element(ADDRS, (tap, mac, ip)),
             # DHCP discovery and ARP probes come from 0.0.0.0 (with the VM's MAC).
             Element(ADDRS, (tap, mac, UNSPECIFIED)),
+            Element(OWNED_MACS, (mac,)),
+            Element(MAC_PORTS, (mac, tap)),
+            Element(OWNED_IPS, (ip,)),
         )
     if policy.isolated:
         found += (Element(ISOLATED, (tap,)), Element(ISOLATED_ADDRS, (ip,)))

@@ -4,7 +4,9 @@ Written as `nft -j list` prints them, so that a listing compares equal to what n
 
 `bridge netvm-B` (the bridge family sees every frame with the port it came in on):
 
-    prerouting  (hook prerouting)  iifname @guarded jump anti_spoof
+    prerouting  (hook prerouting)  from any port, a guarded VM's MAC, or its address (IPv4
+                                   source, ARP sender), not from its own TAP: drop
+                                   iifname @guarded jump anti_spoof
     anti_spoof                     ether type other than ip, arp: drop    (VLAN tags, IPv6, ...)
                                    udp sport 67 drop                      (DHCP server replies)
                                    ARP (Ethernet/IPv4 request or reply): sender MAC and
@@ -47,6 +49,9 @@ from netvm.firewall.guard import (
     GUARDED,
     ISOLATED,
     ISOLATED_ADDRS,
+    MAC_PORTS,
+    OWNED_IPS,
+    OWNED_MACS,
     UNSPECIFIED,
 )
 from netvm.firewall.model import BridgeFirewall
@@ -94,8 +99,29 @@ def bridge_rules(policy: BridgeFirewall) -> dict[str, list[list[Json]]]:
     gateway = str(policy.gateway)
     iif, oif = _meta("iifname"), _meta("oifname")
     ether_saddr = _payload("ether", "saddr")
+    arp_ip, ip_saddr = _payload("arp", "saddr ip"), _payload("ip", "saddr")
     return {
-        "prerouting": [[_match(iif, _set(GUARDED.name)), {"jump": {"target": "anti_spoof"}}]],
+        "prerouting": [
+            # From any port: a guarded VM's MAC or address used by another port (a VM
+            # without anti-spoofing would take its traffic: the bridge learns the MAC, the
+            # host the address).
+            [
+                _match(ether_saddr, _set(OWNED_MACS.name)),
+                _match(_concat(ether_saddr, iif), _set(MAC_PORTS.name), "!="),
+                {"drop": None},
+            ],
+            [
+                _match(ip_saddr, _set(OWNED_IPS.name)),
+                _match(_concat(iif, ether_saddr, ip_saddr), _set(ADDRS.name), "!="),
+                {"drop": None},
+            ],
+            [
+                _match(arp_ip, _set(OWNED_IPS.name)),
+                _match(_concat(iif, ether_saddr, arp_ip), _set(ADDRS.name), "!="),
+                {"drop": None},
+            ],
+            [_match(iif, _set(GUARDED.name)), {"jump": {"target": "anti_spoof"}}],
+        ],
         "anti_spoof": [
             # `ether type` reads a VLAN tag (802.1Q, 802.1ad) as the kernel took it off, so
             # tagged frames, IPv6 and every other ethertype end here. Without this rule a

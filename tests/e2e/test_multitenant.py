@@ -620,7 +620,8 @@ def test_a_link_local_frame_with_a_forged_source_reaches_no_host_service(
     address or the egress's)."""
     with (
         guest(host, "attacker", GuestPolicy() if on else OPEN) as a,
-        guest(host, "neighbour") as b,
+        # open: a guarded neighbour's address no port but its own may use at all
+        guest(host, "neighbour", OPEN) as b,
         UdpEchoServer(topology.host_netns, "0.0.0.0", 9003) as service,
     ):
         vm, forged = a.network, str(b.network.guest_ip)
@@ -723,3 +724,40 @@ def test_a_neighbour_without_anti_spoofing_reaches_no_isolated_vm_through_the_ga
         target = str(b.network.guest_ip)
         send(a, udp_frame(a.network.guest_mac, bridge_mac(host), forged, target, 7, 9004, b"i"))
         assert arrives(listener, 0) is not on
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["victim-guarded", "control-victim-open"])
+def test_a_neighbour_without_anti_spoofing_cannot_take_a_guarded_vms_traffic(
+    host: NetworkManager, topology: Topology, on: bool
+) -> None:
+    """A VM with no guarantees forges a guarded VM's MAC (the bridge would learn it on
+    the attacker's port) and claims its address by ARP (the host would send it the
+    victim's traffic). The guarded VM's MAC and address are its own TAP's only; the
+    control leaves the victim open, and both forgeries take."""
+    netns = topology.host_netns
+    with (
+        guest(host, "attacker", OPEN) as a,
+        guest(host, "victim", GuestPolicy() if on else OPEN) as b,
+    ):
+        victim = b.network
+        assert b.ping(victim.gateway_ip)
+        assert _port_of(netns, victim.guest_mac) == victim.tap_name
+        ip = str(victim.guest_ip)
+        forged = udp_frame(victim.guest_mac, BROADCAST, ip, "192.0.2.255", 9, 9, b"m")
+        moved = False
+        for _ in range(5):  # the victim's own frames (its IPv6 chatter) may move it back
+            send(a, forged, times=1)
+            moved = moved or _port_of(netns, victim.guest_mac) == a.network.tap_name
+        assert moved is not on, "the MAC"
+        time.sleep(1.2)  # past the host's neighbour entry locktime
+        claim = arp_frame(
+            a.network.guest_mac,
+            2,
+            a.network.guest_mac,
+            str(victim.guest_ip),
+            str(victim.gateway_ip),
+        )
+        send(a, claim)
+        time.sleep(0.2)
+        taken = neighbour(netns, victim.guest_ip) == a.network.guest_mac
+        assert taken is not on, "the address"
