@@ -312,10 +312,12 @@ class NetworkManager:
         with self.host.locked(required=False):
             try:
                 self._check_owner(again=True, claim=True)  # an older mark too: all of it goes
-                self._collect(set())
+                self._collect(set(), prune=False)  # the elements go with netvm's tables
                 with suppress(StateStoreError):
                     self._mark_restore(False)
                 problems = self.host.teardown()
+                if problems:  # a table stays (a foreign jump into it): its elements go
+                    self._prune_quietly([])
             finally:
                 self._bridge_index = None  # claimed for teardown only, checked again after
         if problems:
@@ -834,6 +836,14 @@ class NetworkManager:
         """Wait until the TAPs this manager detached so far are deleted; False on timeout."""
         return self._reaper.wait(timeout)
 
+    def _prune_quietly(self, live: list[str]) -> None:
+        try:
+            firewall = self._elements()
+            if firewall is not None:
+                firewall.prune(self.config.bridge_name, live)
+        except NetvmError as exc:
+            log.error("guarantees of gone TAPs not removed (gc will): %s", exc)
+
     def _unguard_into(self, taps: Collection[str], unguarded: list[VmGuard]) -> None:
         """Remove the TAPs' guarantees, keeping what they were for a rollback."""
         firewall = self._elements()
@@ -881,18 +891,21 @@ class NetworkManager:
         self._check_owner(again=True)
         return self._collect(kept)
 
-    def _collect(self, kept: set[str]) -> list[str]:
-        """gc, the bridge's owner checked."""
+    def _collect(self, kept: set[str], prune: bool = True) -> list[str]:
+        """gc, the bridge's owner checked. `prune`: remove the guarantees of the TAPs that
+        are gone (teardown does not: it removes netvm's tables with them)."""
         removed: set[str] = set()
         try:
             with self._changing() as tx:
-                self._gc(kept, tx, removed)
+                self._gc(kept, tx, removed, prune)
         except StateStoreError as exc:
             log.warning("gc works from the kernel alone: %s", exc)
-            self._gc(kept, None, removed)
+            self._gc(kept, None, removed, prune)
         return sorted(removed)
 
-    def _gc(self, kept: set[str], tx: LeaseTransaction | None, removed: set[str]) -> None:
+    def _gc(
+        self, kept: set[str], tx: LeaseTransaction | None, removed: set[str], prune: bool
+    ) -> None:
         doomed: set[str] = set()
         names: list[str] = []
         for tap in netvm_taps(self.backend, self.config.bridge_name):
@@ -905,7 +918,7 @@ class NetworkManager:
         if tx is not None:
             doomed.update(lease.vm_id for lease in tx.all() if lease.vm_id not in kept)
         self.backend.delete_links(names)
-        firewall = self._elements()
+        firewall = self._elements() if prune else None
         if firewall is not None:
             # Also the elements of TAPs that are gone already (a crash, a hand-deleted TAP).
             live = [t.link.name for t in netvm_taps(self.backend, self.config.bridge_name)]

@@ -874,12 +874,21 @@ class NftablesFirewall:
         """Remove every element of these TAPs, UNGUARD_CHUNK TAPs per transaction (a
         detach_many, gc or teardown of many VMs pays the kernel's commit once per chunk);
         return what each had."""
-        found: dict[str, VmGuard] = {}
-        table = table_name(bridge)
         pending = list(dict.fromkeys(taps))
+        found: dict[str, VmGuard] = {}
         for first in range(0, len(pending), UNGUARD_CHUNK):
             chunk = pending[first : first + UNGUARD_CHUNK]
             olds = {tap: old for tap in chunk if (old := self.record(bridge, tap)) is not None}
+            found.update(self._unguard_known(bridge, olds))
+        return found
+
+    def _unguard_known(self, bridge: str, records: dict[str, VmGuard]) -> dict[str, VmGuard]:
+        """unguard, the records read already (prune's one listing)."""
+        found: dict[str, VmGuard] = {}
+        table = table_name(bridge)
+        pending = list(records)
+        for first in range(0, len(pending), UNGUARD_CHUNK):
+            olds = {tap: records[tap] for tap in pending[first : first + UNGUARD_CHUNK]}
             if not olds:
                 continue
             gone = _by_set(e for old in olds.values() for e in elements(old))
@@ -972,8 +981,11 @@ class NftablesFirewall:
         reconciliation (gc, teardown). Returns the TAPs whose elements went.
         """
         listed = self._inet_elements(bridge)  # first: an attach committing later has a record
-        removed = sorted(self.unguard(bridge, sorted(set(self.guards(bridge)) - set(live))))
-        self._remove_stranded(bridge, listed)
+        records, unreadable = self._records(bridge)
+        dead = {tap: records[tap] for tap in sorted(set(records) - set(live))}
+        removed = sorted(self._unguard_known(bridge, dead))
+        left = {tap: guard for tap, guard in records.items() if tap not in dead}
+        self._remove_stranded(bridge, listed, left, unreadable)
         self._prune_egress_chains(bridge)
         return removed
 
@@ -995,11 +1007,16 @@ class NftablesFirewall:
                     found.append(element)
         return found
 
-    def _remove_stranded(self, bridge: str, listed: list[Element]) -> None:
+    def _remove_stranded(
+        self,
+        bridge: str,
+        listed: list[Element],
+        records: dict[str, VmGuard],
+        unreadable: set[str],
+    ) -> None:
         """Elements of the inet table that no record names: a foreign change took the
         bridge table, which holds the records, and its VMs were detached since (a forward
         would hand the next VM with that address the connections meant for the old one)."""
-        records, unreadable = self._records(bridge)
         expected = {_full(e) for guard in records.values() for e in elements(guard)}
         stranded = _by_set(e for e in listed if _full(e) not in expected)
         if not stranded:
