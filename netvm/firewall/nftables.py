@@ -984,8 +984,8 @@ class NftablesFirewall:
         records, unreadable = self._records(bridge)
         dead = {tap: records[tap] for tap in sorted(set(records) - set(live))}
         removed = sorted(self._unguard_known(bridge, dead))
-        left = {tap: guard for tap, guard in records.items() if tap not in dead}
-        self._remove_stranded(bridge, listed, left, unreadable)
+        # The dead ones' elements went with them: stranded are those no record names.
+        self._remove_stranded(bridge, listed, records, unreadable)
         self._prune_egress_chains(bridge)
         return removed
 

@@ -529,3 +529,23 @@ def test_unguard_leaves_a_forward_key_another_vm_holds_now(nft: NftablesFirewall
 
 def _key(element: Any) -> tuple[object, ...]:
     return (element.schema.name, element.key, element.data)
+
+
+def test_prune_of_gone_taps_finds_nothing_stranded(
+    nft: NftablesFirewall, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The elements of the TAPs prune removes are theirs, not elements without a record:
+    no warning, and the live VM keeps everything."""
+    lists = GuestPolicy.of(
+        isolated=True, egress_deny=("198.51.100.0/24",), port_forwards=("81:80",)
+    )
+    gone, kept = vm("tap-g", 5, lists), vm("tap-k", 6, GuestPolicy.of(isolated=True))
+    nft.guard("nvbr0", gone)
+    nft.guard("nvbr0", kept)
+    with caplog.at_level("WARNING", logger="netvm"):
+        assert nft.prune("nvbr0", live=["tap-k"]) == ["tap-g"]
+    assert "no VM's record names" not in caplog.text
+    assert nft.guards("nvbr0") == {"tap-k": kept}
+    assert {_key(e) for e in nft._inet_elements("nvbr0")} == {
+        _key(e) for e in elements(kept) if e.schema.family == "inet"
+    }
