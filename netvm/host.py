@@ -194,9 +194,11 @@ class HostSetup:
 
     def _ensure_link_local(self, link: Link, undo: Undo) -> None:
         """Frames to 802.1D link-local addresses take the bridge's hooks, where netvm's
-        rules see them, and teach the bridge no MAC (BridgeOptions)."""
+        rules see them, and teach the bridge no MAC; STP stays off (BridgeOptions)."""
         have = link.bridge or BridgeOptions()
         want = BridgeOptions(have.group_fwd_mask | LINK_LOCAL_TO_HOOKS, no_linklocal_learn=True)
+        # STP off: with it on, BPDUs (01:80:c2:00:00:00) pass no hook and a guest's would
+        # make its TAP the root port.
         if want == have:
             return
         self.backend.set_bridge_options(link.name, want)

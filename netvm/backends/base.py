@@ -57,11 +57,13 @@ class BridgeOptions:
     bridge family's prerouting hook, and learns their source MAC: a guest could reach the
     host's services from any address and take a neighbour's MAC. `group_fwd_mask` bit X
     sends those to X through the bridge's hooks like any frame (bits 0-2 are refused by the
-    kernel: EINVAL); `no_linklocal_learn` stops the learning.
+    kernel: EINVAL); `no_linklocal_learn` stops the learning. With `stp` on, frames to the
+    STP address (01:80:c2:00:00:00) take that way again, whatever the mask.
     """
 
     group_fwd_mask: int = 0
     no_linklocal_learn: bool = False
+    stp: bool = False
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,7 @@ class KernelBackend:
         """
         info = None
         if options is not None:
-            info = rtnl.bridge_data(options.group_fwd_mask, options.no_linklocal_learn)
+            info = rtnl.bridge_data(options.group_fwd_mask, options.no_linklocal_learn, options.stp)
         with _kernel_errors("create bridge", name):
             self.rtnl.create_link(name, "bridge", info, group or None)
         try:
@@ -231,7 +231,9 @@ class KernelBackend:
 
     def set_bridge_options(self, name: str, options: BridgeOptions) -> None:
         with _kernel_errors("set bridge options", name):
-            self.rtnl.set_bridge(name, options.group_fwd_mask, options.no_linklocal_learn)
+            self.rtnl.set_bridge(
+                name, options.group_fwd_mask, options.no_linklocal_learn, options.stp
+            )
 
     def _tun_fd(self) -> int:
         """A /dev/net/tun descriptor opened in the namespace (a hop only every TUN_POOL)."""

@@ -59,6 +59,7 @@ IFLA_INFO_KIND = 1
 IFLA_INFO_DATA = 2
 IFLA_INFO_SLAVE_DATA = 5
 IFLA_BRPORT_ISOLATED = 33
+IFLA_BR_STP_STATE = 5
 IFLA_BR_GROUP_FWD_MASK = 9
 IFLA_BR_MULTI_BOOLOPT = 46
 BR_BOOLOPT_NO_LL_LEARN = 0
@@ -135,28 +136,32 @@ class LinkInfo:
     """For a TAP/TUN device: (owner, group, multi_queue, vnet_hdr)."""
     isolated: bool = False
     """For a bridge port: IFLA_BRPORT_ISOLATED."""
-    bridge: tuple[int, bool] | None = None
-    """For a bridge: (IFLA_BR_GROUP_FWD_MASK, the no_linklocal_learn option)."""
+    bridge: tuple[int, bool, bool] | None = None
+    """For a bridge: (IFLA_BR_GROUP_FWD_MASK, the no_linklocal_learn option, STP on)."""
 
 
-def bridge_data(group_fwd_mask: int, no_linklocal_learn: bool) -> bytes:
+def bridge_data(group_fwd_mask: int, no_linklocal_learn: bool, stp: bool) -> bytes:
     """IFLA_LINKINFO of a bridge with these link-local options."""
     learn = 1 << BR_BOOLOPT_NO_LL_LEARN
     data = attr(IFLA_BR_GROUP_FWD_MASK, _U16.pack(group_fwd_mask)) + attr(
         IFLA_BR_MULTI_BOOLOPT, _U32.pack(learn if no_linklocal_learn else 0) + _U32.pack(learn)
     )
+    data += u32_attr(IFLA_BR_STP_STATE, int(stp))
     return attr(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"bridge") + attr(IFLA_INFO_DATA, data))
 
 
-def _bridge_options(data: bytes | memoryview, start: int, stop: int) -> tuple[int, bool]:
-    mask, no_learn = 0, False
+def _bridge_options(data: bytes | memoryview, start: int, stop: int) -> tuple[int, bool, bool]:
+    mask, no_learn, stp = 0, False, False
     for kind, begin, _ in attrs(data, start, stop):
         if kind == IFLA_BR_GROUP_FWD_MASK:
             (mask,) = _U16.unpack_from(data, begin)
         elif kind == IFLA_BR_MULTI_BOOLOPT:
             (value,) = _U32.unpack_from(data, begin)
             no_learn = bool(value & 1 << BR_BOOLOPT_NO_LL_LEARN)
-    return mask, no_learn
+        elif kind == IFLA_BR_STP_STATE:
+            (state,) = _U32.unpack_from(data, begin)
+            stp = state != 0
+    return mask, no_learn, stp
 
 
 _LINK_ATTRS = frozenset(
@@ -170,7 +175,7 @@ def parse_link(data: bytes | memoryview, offset: int, end: int) -> LinkInfo:
     master, mtu, group = 0, 0, 0
     tun: tuple[int | None, int | None, bool, bool] | None = None
     isolated = False
-    bridge: tuple[int, bool] | None = None
+    bridge: tuple[int, bool, bool] | None = None
     u32 = _U32.unpack_from
     unpack = _RTATTR.unpack_from
     at = offset + _HEADER + _IFINFOMSG.size
@@ -449,9 +454,11 @@ class Rtnl:
             body += u32_attr(IFLA_GROUP, group)
         self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body + info)
 
-    def set_bridge(self, name: str, group_fwd_mask: int, no_linklocal_learn: bool) -> None:
+    def set_bridge(
+        self, name: str, group_fwd_mask: int, no_linklocal_learn: bool, stp: bool
+    ) -> None:
         body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + name_attr(name)
-        self.request(RTM_NEWLINK, 0, body + bridge_data(group_fwd_mask, no_linklocal_learn))
+        self.request(RTM_NEWLINK, 0, body + bridge_data(group_fwd_mask, no_linklocal_learn, stp))
 
     def delete_link(self, name: str, index: int | None = None) -> None:
         """By name, or by index when given (the kernel then ignores any name)."""

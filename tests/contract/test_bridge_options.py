@@ -32,7 +32,7 @@ def test_ensure_host_mends_the_options_and_keeps_what_an_admin_added(
 ) -> None:
     manager.ensure_host()
     eapol = 1 << 3  # the admin forwards 802.1X too
-    manager.backend.set_bridge_options("nvbr0", BridgeOptions(eapol, no_linklocal_learn=False))
+    manager.backend.set_bridge_options("nvbr0", BridgeOptions(eapol, False, stp=True))
     manager.ensure_host()
     assert bridge_options(manager) == BridgeOptions(eapol | LINK_LOCAL_TO_HOOKS, True)
     manager.ensure_host()  # nothing left to change

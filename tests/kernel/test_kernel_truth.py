@@ -49,6 +49,7 @@ def test_iproute2_and_iptables_see_what_netvm_made(
         # Link-local frames through the hooks, and no MAC learnt from them (host.py).
         assert bridge["linkinfo"]["info_data"]["group_fwd_mask"] == "0x4000"
         assert bridge["linkinfo"]["info_data"]["no_linklocal_learn"] == 1
+        assert bridge["linkinfo"]["info_data"]["stp_state"] == 0
         assert bridge["group"] == "default"
         assert tap["linkinfo"]["info_kind"] == "tun"
         assert tap["linkinfo"]["info_data"]["type"] == "tap"
