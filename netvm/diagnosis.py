@@ -73,9 +73,8 @@ def doctor(manager: NetworkManager) -> list[Finding]:
                 f"{chosen.kind} ({chosen.reason}) cannot hold the guarantees of "
                 f"{len(guarded)} VM(s) ({', '.join(guarded[:5])}): keep nftables "
                 "(--firewall nftables, then `netvm ensure-host`) and let the bridge through "
-                f"the legacy table: iptables-legacy -I FORWARD -i {bridge} -j ACCEPT; "
-                f"iptables-legacy -I FORWARD -o {bridge} -m conntrack --ctstate "
-                "ESTABLISHED,RELATED -j ACCEPT; or detach those VMs first"
+                f"the legacy table: {_let_through('iptables-legacy', 'FORWARD', bridge)}; "
+                "or detach those VMs first"
             )
         found.append(
             Finding(
@@ -392,10 +391,7 @@ def _walked(
         # iptables-nft's table: a native `ct state` rule there makes iptables-nft refuse to
         # list the chain (docs/firewall.md), so the fix is written with iptables-nft.
         tool = "iptables-nft" if family == "ip" else "ip6tables-nft"
-        fix = (
-            f"{tool} -I {name} -i {bridge} -j ACCEPT; {tool} -I {name} -o {bridge} "
-            "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
-        )
+        fix = _let_through(tool, name, bridge)
     if table == "firewalld":
         fix = (
             f"firewall-cmd --zone=trusted --add-interface={bridge} "
@@ -435,6 +431,15 @@ def _walked(
 _REPLIES = "ct state established,related accept"
 
 
+def _let_through(tool: str, chain: str, bridge: str) -> str:
+    """The iptables commands (of `tool`) that let the guests' traffic and its replies
+    through `chain`: what the nft `ct state` fix says, in a form iptables can list."""
+    return (
+        f"{tool} -I {chain} -i {bridge} -j ACCEPT; {tool} -I {chain} -o {bridge} "
+        "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+    )
+
+
 def _legacy(backend: Backend, chosen: str, bridge: str, egress: str) -> list[Finding]:
     """What the legacy filter FORWARD does to the guests' packets, while netvm's rules are
     in nftables (an accept there cannot override a drop here)."""
@@ -460,10 +465,9 @@ def _legacy(backend: Backend, chosen: str, bridge: str, egress: str) -> list[Fin
         f"{what}: {verdict}" for what, verdict in verdicts.items()
     )
     fix = (
-        f"let the bridge through the legacy table: iptables-legacy -I FORWARD -i {bridge} "
-        f"-j ACCEPT; iptables-legacy -I FORWARD -o {bridge} -m conntrack --ctstate "
-        "ESTABLISHED,RELATED -j ACCEPT (or, with no VM that has guarantees, which only "
-        "nftables holds: --firewall iptables)"
+        "let the bridge through the legacy table: "
+        f"{_let_through('iptables-legacy', 'FORWARD', bridge)} (or, with no VM that has "
+        "guarantees, which only nftables holds: --firewall iptables)"
     )
     if dropped:
         return [

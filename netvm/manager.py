@@ -846,6 +846,8 @@ class NetworkManager:
 
     def _unguard_into(self, taps: Collection[str], unguarded: list[VmGuard]) -> None:
         """Remove the TAPs' guarantees, keeping what they were for a rollback."""
+        if not taps:
+            return  # a detach whose TAPs are all there asks nothing more of the firewall
         firewall = self._elements()
         if firewall is not None:
             unguarded += firewall.unguard(self.config.bridge_name, taps).values()
