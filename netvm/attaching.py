@@ -158,6 +158,7 @@ def _attach_group(
             up=True,
             alias=naming.tap_alias(manager.config.bridge_name, vm_id, slots[vm_id]),
             isolated=True if policy.isolated else None,
+            group=manager.port_group,
         )
         for vm_id, network in made.items()
         if vm_id not in result.errors

@@ -184,6 +184,7 @@ class HostSetup:
                 f"restore the alias of {name}", lambda: self.backend.set_link(name, alias=old)
             )
         self._ensure_link_local(link, undo)
+        self._ensure_no_router_advertisements(link, undo)
         if link.mtu != mtu or not link.up:
             before = link
             self.backend.set_link(name, mtu=mtu, up=True)
@@ -205,6 +206,20 @@ class HostSetup:
         undo.push(
             f"restore the link-local options of {link.name}",
             lambda: self.backend.set_bridge_options(link.name, have),
+        )
+
+    def _ensure_no_router_advertisements(self, link: Link, undo: Undo) -> None:
+        """The host takes no IPv6 router advertisement from a guest: with accept_ra on
+        (the kernel's default unless the host forwards IPv6), one RA from any VM without
+        anti-spoofing, a router VM's radvd say, would give the host a default route via
+        that guest and an address of its choosing."""
+        old = link.accept_ra
+        if old is None or old == 0:
+            return
+        self.backend.set_accept_ra(link.name, 0)
+        undo.push(
+            f"restore accept_ra of {link.name}",
+            lambda: self.backend.set_accept_ra(link.name, old),
         )
 
     def _ensure_gateway(self, bridge: Link, undo: Undo) -> None:

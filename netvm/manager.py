@@ -112,6 +112,8 @@ class NetworkManager:
             repair=self._repair,
         )
         self._bridge_index: int | None = None
+        self.port_group = naming.port_group(self.config.bridge_name)
+        """The link group of this bridge's TAPs (naming.port_group), set with the enslave."""
         self._firewall_kind: FirewallKind | None = None
         self._reaper = Reaper(
             self.backend.deleter, f"netvm-reaper-{self.config.bridge_name}", self._sweep
@@ -731,6 +733,7 @@ class NetworkManager:
             or link.mtu != self.config.mtu
             or not link.up
             or link.alias != alias
+            or link.group != self.port_group
         ):
             self._enslave(link.name, alias)
         return network
@@ -782,8 +785,8 @@ class NetworkManager:
     def _enslave(
         self, name: str, alias: str, index: int | None = None, isolated: bool = False
     ) -> None:
-        """One request: master, MTU, up and alias, and for an isolated VM the port's
-        isolation in the same datagram (`index`: the new TAP's, known from its creation).
+        """One request: master, MTU, up, alias and the port group, and for an isolated VM
+        the port's isolation in the same datagram (`index`: the new TAP's, known from its creation).
         A cached bridge index is checked on failure."""
         cached = self._bridge_index
 
@@ -796,6 +799,7 @@ class NetworkManager:
                 up=True,
                 alias=alias,
                 isolated=True if isolated else None,  # a new port is not isolated
+                group=self.port_group,
             )
 
         try:

@@ -127,6 +127,19 @@ def tap_name(vm_id: str) -> str:
     return TAP_PREFIX + _digest(validate_vm_id(vm_id)).hex()[:11]
 
 
+PORT_GROUPS = (1 << 16, 1 << 20)
+"""Link groups of the TAPs of netvm's bridges, one per bridge: apart from the groups that
+administrators name (/etc/iproute2/group, small numbers), the reaper's (reaper.py) and those
+of a bridge being created (host.py)."""
+
+
+def port_group(bridge: str) -> int:
+    """The link group netvm's TAPs on `bridge` are in, so that one rule can name them all:
+    the bridge family has no `meta ibrname` on every kernel (nft_meta_bridge)."""
+    low, high = PORT_GROUPS
+    return low + int.from_bytes(_SHA256(bridge.encode()).digest()[:4], "big") % (high - low)
+
+
 BRIDGE_ALIAS = "netvm-bridge"
 """The ifalias of a bridge netvm created before it recorded the subnet (still accepted)."""
 

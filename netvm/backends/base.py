@@ -84,6 +84,9 @@ class Link:
     """The link group (IFLA_GROUP); 0 is the kernel's default group."""
     bridge: BridgeOptions | None = None
     """For a bridge: its link-local options."""
+    accept_ra: int | None = None
+    """For a bridge: net.ipv6.conf.<name>.accept_ra, whether the host's IPv6 takes router
+    advertisements that arrive on it (None: the device has no IPv6)."""
 
 
 NO_MASTER = 0
@@ -120,6 +123,8 @@ class LinkSetting:
     alias: str | None = None
     isolated: bool | None = None
     """The port isolation to set once the device is a bridge port (set_link)."""
+    group: int | None = None
+    """The link group (IFLA_GROUP)."""
 
 
 @dataclass(frozen=True)
@@ -226,6 +231,9 @@ class Backend(XtablesTables, Protocol):
     def set_bridge_options(self, name: str, options: BridgeOptions) -> None:
         """The bridge's link-local options (one request)."""
 
+    def set_accept_ra(self, name: str, value: int) -> None:
+        """net.ipv6.conf.<name>.accept_ra (HostError ENOENT where the device has no IPv6)."""
+
     def create_tap(self, name: str, options: TapOptions) -> int:
         """A persistent TAP, and its ifindex; DeviceExists if any device has that name
         (never reused)."""
@@ -240,6 +248,7 @@ class Backend(XtablesTables, Protocol):
         up: bool | None = None,
         alias: str | None = None,
         isolated: bool | None = None,
+        group: int | None = None,
     ) -> None:
         """Change several attributes of a link in one request; `isolated` (the port's
         isolation, as set_port_isolated) applies once the other changes are made, so it

@@ -66,6 +66,9 @@ class FakeState:
     nftables: FakeRuleset = field(default_factory=FakeRuleset)
     proc: dict[str, str] = field(default_factory=dict)
     """Other /proc/sys/net and /proc/thread-self/net files, by path (ip_forward is above)."""
+    ipv6: bool = True
+    """The kernel has IPv6 (its devices have net.ipv6.conf); the fake models accept_ra for
+    bridges only, as netvm reads it for those."""
     next_index: int = 2
     live_rename: bool = True
     """Linux >= 6.2 renames a device that is up; older kernels refuse it (EBUSY)."""
@@ -152,7 +155,13 @@ class FakeBackend:
         if options is not None:
             self._check_bridge_options("create bridge", name, options)
         self._new_link("create bridge", name, "bridge", mtu)
-        made = replace(self.state.links[name], alias=alias, bridge=options or BridgeOptions())
+        accept_ra = 1 if self.state.ipv6 else None
+        made = replace(
+            self.state.links[name],
+            alias=alias,
+            bridge=options or BridgeOptions(),
+            accept_ra=accept_ra,
+        )
         self.state.links[name] = made
 
     def set_bridge_options(self, name: str, options: BridgeOptions) -> None:
@@ -171,6 +180,15 @@ class FakeBackend:
         if options.group_fwd_mask & RESTRICTED_GROUP_FWD or options.group_fwd_mask < 0:
             raise host_error(operation, name, errno.EINVAL)
 
+    def set_accept_ra(self, name: str, value: int) -> None:
+        operation = "set accept_ra"
+        link = self.state.links.get(name)
+        if link is None or link.accept_ra is None:
+            # No /proc/sys/net/ipv6/conf/<name>: no such device, or it has no IPv6.
+            raise host_error(operation, name, errno.ENOENT)
+        self._mutate(operation, name)
+        self.state.links[name] = replace(link, accept_ra=value)
+
     def create_tap(self, name: str, options: TapOptions) -> int:
         self._new_link("create tap", name, "tun", 1500, tap=options)
         return self.state.links[name].index
@@ -185,9 +203,10 @@ class FakeBackend:
         up: bool | None = None,
         alias: str | None = None,
         isolated: bool | None = None,
+        group: int | None = None,
     ) -> None:
         """Like the kernel's do_setlink: the attributes are applied in its order (MTU,
-        alias, flags, then master), and a failing step keeps the earlier ones. Changing
+        group, alias, flags, then master), and a failing step keeps the earlier ones. Changing
         the master releases the old one before the new one is checked. The isolation is
         a request of its own after that one (as the kernel backend sends it)."""
         operation = "set link"
@@ -205,6 +224,8 @@ class FakeBackend:
         changes: dict[str, object] = {}
         if mtu is not None:
             changes["mtu"] = mtu
+        if group is not None:
+            changes["group"] = group
         if alias is not None:
             changes["alias"] = alias or None
         if up is not None:
@@ -259,6 +280,7 @@ class FakeBackend:
                     up=c.up,
                     alias=c.alias,
                     isolated=c.isolated,
+                    group=c.group,
                 )
             except HostError as exc:
                 failed[c.name] = exc

@@ -80,6 +80,7 @@ def _to_link(info: LinkInfo) -> Link:
         isolated=info.isolated,
         group=info.group,
         bridge=None if info.bridge is None else BridgeOptions(*info.bridge),
+        accept_ra=info.accept_ra,
     )
 
 
@@ -235,6 +236,16 @@ class KernelBackend:
                 name, options.group_fwd_mask, options.no_linklocal_learn, options.stp
             )
 
+    def set_accept_ra(self, name: str, value: int) -> None:
+        path = f"/proc/sys/net/ipv6/conf/{name}/accept_ra"
+
+        def run() -> None:
+            # The path is looked up in the namespace of the thread that opens it.
+            with _kernel_errors("set accept_ra", name), open(path, "w") as conf:
+                conf.write(f"{value}\n")
+
+        self._call(run)
+
     def _tun_fd(self) -> int:
         """A /dev/net/tun descriptor opened in the namespace (a hop only every TUN_POOL)."""
         self._check_process()
@@ -321,12 +332,16 @@ class KernelBackend:
         up: bool | None = None,
         alias: str | None = None,
         isolated: bool | None = None,
+        group: int | None = None,
     ) -> None:
         if isolated is None:
             with _kernel_errors("set link", name):
-                self.rtnl.set_link(name, index=index, master=master, mtu=mtu, up=up, alias=alias)
+                self.rtnl.set_link(
+                    name, index=index, master=master, mtu=mtu, up=up, alias=alias, group=group
+                )
             return
-        failed = self.set_links([LinkSetting(name, index, master, mtu, up, alias, isolated)])
+        change = LinkSetting(name, index, master, mtu, up, alias, isolated, group)
+        failed = self.set_links([change])
         if failed:
             raise failed[name]
 

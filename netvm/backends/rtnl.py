@@ -53,6 +53,7 @@ IFLA_MASTER = 10
 IFLA_PROTINFO = 12
 IFLA_LINKINFO = 18
 IFLA_IFALIAS = 20
+IFLA_AF_SPEC = 26
 IFLA_GROUP = 27
 IFLA_EXT_MASK = 29
 IFLA_INFO_KIND = 1
@@ -62,6 +63,10 @@ IFLA_BRPORT_ISOLATED = 33
 IFLA_BR_STP_STATE = 5
 IFLA_BR_GROUP_FWD_MASK = 9
 IFLA_BR_MULTI_BOOLOPT = 46
+AF_INET6 = 10
+IFLA_INET6_CONF = 2
+DEVCONF_ACCEPT_RA = 3
+"""Index of accept_ra in IFLA_INET6_CONF, the device's net.ipv6.conf values (s32 each)."""
 BR_BOOLOPT_NO_LL_LEARN = 0
 AF_BRIDGE = 7
 IFLA_TUN_OWNER = 1
@@ -82,6 +87,7 @@ _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, ind
 _RTATTR = struct.Struct("=HH")  # length, type
 _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
+_S32 = struct.Struct("=i")
 _ERRNO = struct.Struct("=i")
 _HEADER = _NLMSGHDR.size
 
@@ -138,6 +144,8 @@ class LinkInfo:
     """For a bridge port: IFLA_BRPORT_ISOLATED."""
     bridge: tuple[int, bool, bool] | None = None
     """For a bridge: (IFLA_BR_GROUP_FWD_MASK, the no_linklocal_learn option, STP on)."""
+    accept_ra: int | None = None
+    """For a bridge: its net.ipv6.conf accept_ra (None: the device has no IPv6)."""
 
 
 def bridge_data(group_fwd_mask: int, no_linklocal_learn: bool, stp: bool) -> bytes:
@@ -165,8 +173,20 @@ def _bridge_options(data: bytes | memoryview, start: int, stop: int) -> tuple[in
 
 
 _LINK_ATTRS = frozenset(
-    {IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_IFALIAS, IFLA_GROUP, IFLA_LINKINFO}
+    {IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_IFALIAS, IFLA_GROUP, IFLA_LINKINFO, IFLA_AF_SPEC}
 )
+
+
+def _accept_ra(data: bytes | memoryview, start: int, stop: int) -> int | None:
+    """accept_ra from IFLA_AF_SPEC; None if the device has no IPv6 (no AF_INET6 part)."""
+    for family, family_start, family_stop in attrs(data, start, stop):
+        if family == AF_INET6:
+            for kind, conf_start, conf_stop in attrs(data, family_start, family_stop):
+                at = conf_start + 4 * DEVCONF_ACCEPT_RA
+                if kind == IFLA_INET6_CONF and at + 4 <= conf_stop:
+                    (value,) = _S32.unpack_from(data, at)
+                    return int(value)
+    return None
 
 
 def parse_link(data: bytes | memoryview, offset: int, end: int) -> LinkInfo:
@@ -176,6 +196,7 @@ def parse_link(data: bytes | memoryview, offset: int, end: int) -> LinkInfo:
     tun: tuple[int | None, int | None, bool, bool] | None = None
     isolated = False
     bridge: tuple[int, bool, bool] | None = None
+    af_spec: tuple[int, int] | None = None
     u32 = _U32.unpack_from
     unpack = _RTATTR.unpack_from
     at = offset + _HEADER + _IFINFOMSG.size
@@ -197,6 +218,8 @@ def parse_link(data: bytes | memoryview, offset: int, end: int) -> LinkInfo:
             alias = _string(data, start, stop) or None
         elif kind_ == IFLA_GROUP:
             (group,) = u32(data, start)
+        elif kind_ == IFLA_AF_SPEC:
+            af_spec = (start, stop)
         elif kind_ == IFLA_LINKINFO:
             info_data: tuple[int, int] | None = None
             for info, info_start, info_stop in attrs(data, start, stop):
@@ -225,7 +248,11 @@ def parse_link(data: bytes | memoryview, offset: int, end: int) -> LinkInfo:
                         vnet_hdr = bool(data[tun_start])
                 tun = (owner, tun_group, multi_queue, vnet_hdr)
     up = bool(flags & IFF_UP)
-    return LinkInfo(index, name, kind, master or None, mtu, up, alias, group, tun, isolated, bridge)
+    # Decoded for bridges only: a TAP's look-up on the attach path does not pay for it.
+    accept_ra = _accept_ra(data, *af_spec) if kind == "bridge" and af_spec else None
+    return LinkInfo(
+        index, name, kind, master or None, mtu, up, alias, group, tun, isolated, bridge, accept_ra
+    )
 
 
 def parse_address(data: bytes | memoryview, offset: int, end: int) -> tuple[int, str, int]:
@@ -276,7 +303,9 @@ def _link_body(change: LinkSetting) -> bytes:
     """By index when it is known: then the name is not sent (it would rename the device)."""
     index = change.index or 0
     name = None if index else change.name
-    return _newlink_body(index, name, change.up, change.master, change.mtu, change.alias)
+    return _newlink_body(
+        index, name, change.up, change.master, change.mtu, change.alias, change.group
+    )
 
 
 def _isolation_body(index: int, isolated: bool) -> bytes:

@@ -15,7 +15,8 @@ Written as `nft -j list` prints them, so that a listing compares equal to what n
                                    IPv4: source MAC and address in @addrs, accept
                                    drop                                   (everything else)
     forward     (hook forward)     iifname @isolated drop; oifname @isolated drop
-    input       (hook input)       iifname @guarded, to 01:80:c2:00:00:00-0f: drop
+    input       (hook input)       from the bridge's port group (all of netvm's TAPs) or
+                                   iifname @guarded, to 01:80:c2:00:00:00-0f: drop
                                    iifname @isolated, to the subnet but not the gateway: drop
     output      (hook output)      oifname @isolated, from the subnet but not the gateway: drop
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from netvm import naming
 from netvm.firewall.guard import (
     ADDRS,
     EGRESS_DISPATCH,
@@ -164,9 +166,18 @@ def bridge_rules(policy: BridgeFirewall) -> dict[str, list[list[Json]]]:
             [_match(oif, _set(ISOLATED.name)), {"drop": None}],
         ],
         "input": [
+            # 802.1D link-local frames, which the kernel would hand to the host's stack on
+            # the TAP itself (past prerouting, where anti_spoof is): dropped from every
+            # netvm TAP of the bridge (its port group), guarded or not, so that no guest
+            # reconfigures the host (an IPv6 router advertisement there would give it a
+            # default route via the guest), nor passes the host's filters on the bridge's
+            # name. By @guarded too: a TAP attached by an older netvm is in no group yet.
             [
-                # 802.1D link-local frames, which the kernel would hand to the host's stack
-                # on the TAP itself (past prerouting, where anti_spoof is): dropped.
+                _match(_meta("iifgroup"), naming.port_group(policy.bridge)),
+                _match(_payload("ether", "daddr"), {"range": list(LINK_LOCAL)}),
+                {"drop": None},
+            ],
+            [
                 _match(iif, _set(GUARDED.name)),
                 _match(_payload("ether", "daddr"), {"range": list(LINK_LOCAL)}),
                 {"drop": None},

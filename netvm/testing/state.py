@@ -28,6 +28,7 @@ def snapshot(backend: Backend) -> dict[str, Any]:
                 link.up,
                 link.alias,
                 link.tap,
+                link.accept_ra,
             )
             for link in links
         ),

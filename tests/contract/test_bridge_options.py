@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from netvm import ConflictError, NetworkManager
+from netvm import ConflictError, NetworkConfig, NetworkManager
 from netvm.backends.base import BridgeOptions, LinkChange
 from netvm.host import CREATING_GROUPS, LINK_LOCAL_TO_HOOKS
 from netvm.naming import parse_bridge_alias
@@ -97,3 +97,42 @@ def test_a_bridge_made_by_hand_after_a_cut_short_creation_is_not_deleted(
     assert before is not None
     assert after is not None
     assert after.index == before.index
+
+
+def accept_ra(manager: NetworkManager) -> int | None:
+    link = manager.backend.get_link("nvbr0")
+    assert link is not None
+    return link.accept_ra
+
+
+def test_ensure_host_makes_the_host_take_no_router_advertisement_on_the_bridge(
+    manager: NetworkManager,
+) -> None:
+    manager.ensure_host()
+    assert accept_ra(manager) == 0
+
+
+@pytest.mark.parametrize("admin", [1, 2])
+def test_ensure_host_mends_accept_ra(manager: NetworkManager, admin: int) -> None:
+    manager.ensure_host()
+    manager.backend.set_accept_ra("nvbr0", admin)
+    assert accept_ra(manager) == admin
+    manager.ensure_host()
+    assert accept_ra(manager) == 0
+
+
+def test_accept_ra_of_a_missing_device_is_enoent(manager: NetworkManager) -> None:
+    from netvm import HostError
+
+    with pytest.raises(HostError) as refused:
+        manager.backend.set_accept_ra("nvbr0", 0)
+    assert refused.value.errno == 2
+
+
+def test_a_host_without_ipv6_needs_no_accept_ra(config: NetworkConfig) -> None:
+    """A kernel booted with ipv6.disable=1 has no net.ipv6.conf: nothing to switch off."""
+    from netvm.backends.fake import FakeBackend, FakeState
+
+    with NetworkManager(config, FakeBackend(FakeState(ipv6=False))) as manager:
+        manager.ensure_host()
+        assert accept_ra(manager) is None

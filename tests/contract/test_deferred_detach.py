@@ -94,7 +94,7 @@ def test_an_attach_right_after_its_detach_needs_no_deletion(
     assert again == first
     new = _link(manager.backend, again.tap_name)
     assert new.index != old.index
-    assert (new.up, new.group, new.tap) == (True, 0, TapOptions())
+    assert (new.up, new.group, new.tap) == (True, manager.port_group, TapOptions())
     renamed = _link(manager.backend, detached_name(old.index))
     assert (renamed.index, renamed.up) == (old.index, False)
     assert [a.vm_id for a in manager.list()] == ["vm-1"]

@@ -31,6 +31,8 @@ MUTATORS = frozenset(
         "add_address",
         "delete_address",
         "set_ip_forward",
+        "set_accept_ra",
+        "set_bridge_options",
         "create_chain",
         "delete_chain",
         "insert_rule",
@@ -132,8 +134,8 @@ def test_every_step_of_ensure_host_rolls_back(
     target = armed(backend)
     with NetworkManager(dataclasses.replace(config, firewall=kind), target) as manager:
         steps = walk_failures(target, lambda m: m.ensure_host(), manager)
-    # bridge, up, address, ip_forward, then the firewall
-    assert steps == 4 + firewall_steps
+    # bridge, accept_ra, up, address, ip_forward, then the firewall
+    assert steps == 5 + firewall_steps
 
 
 def test_every_step_of_attach_rolls_back(backend: Backend, config: NetworkConfig) -> None:

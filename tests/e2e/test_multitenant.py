@@ -617,13 +617,20 @@ def test_a_link_local_frame_with_a_forged_source_reaches_no_host_service(
 ) -> None:
     """A frame to a link-local address takes another way into the host than prerouting's
     anti_spoof: it must not carry a forged source to a service of the host (the gateway's
-    address or the egress's)."""
+    address or the egress's). The input hook drops such frames from every netvm TAP (its
+    port group) and from guarded ones: the control is a VM without anti-spoofing whose TAP
+    was taken out of the group."""
     with (
         guest(host, "attacker", GuestPolicy() if on else OPEN) as a,
         # open: a guarded neighbour's address no port but its own may use at all
         guest(host, "neighbour", OPEN) as b,
         UdpEchoServer(topology.host_netns, "0.0.0.0", 9003) as service,
     ):
+        if not on:
+            tap = a.network.tap_name
+            subprocess.run(
+                ["ip", "-n", topology.host_netns, "link", "set", tap, "group", "0"], check=True
+            )
         vm, forged = a.network, str(b.network.guest_ip)
         gateway = str(host.config.gateway.ip)
         send(a, udp_frame(vm.guest_mac, address, forged, gateway, 5002, 9003, b"x"))
@@ -761,3 +768,72 @@ def test_a_neighbour_without_anti_spoofing_cannot_take_a_guarded_vms_traffic(
         time.sleep(0.2)
         taken = neighbour(netns, victim.guest_ip) == a.network.guest_mac
         assert taken is not on, "the address"
+
+
+# The host's IPv6: router advertisements ------------------------------------------------------
+
+ALL_NODES = bytes.fromhex("333300000001")
+"""ff02::1's MAC: to the bridge device, whose accept_ra netvm keeps 0."""
+LACP_ADDRESS = bytes.fromhex("0180c2000002")
+"""A link-local address the kernel passes up on the TAP itself (group_fwd_mask cannot
+forward it): to the TAP's own IPv6, stopped by the bridge input hook's port-group drop."""
+
+
+def router_advertisement(source_mac: bytes, destination_mac: bytes) -> bytes:
+    """An RA from fe80::6e:1 to ff02::1: router lifetime 1800 s, prefix 2001:db8:bad::/64."""
+    source = socket.inet_pton(socket.AF_INET6, "fe80::6e:1")
+    destination = socket.inet_pton(socket.AF_INET6, "ff02::1")
+    body = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0)
+    body += struct.pack("!BB6s", 1, 1, source_mac)  # source link-layer address
+    body += struct.pack(
+        "!BBBBIII16s",
+        3,
+        4,
+        64,
+        0xC0,
+        86400,
+        14400,
+        0,
+        socket.inet_pton(socket.AF_INET6, "2001:db8:bad::"),
+    )
+    pseudo = source + destination + struct.pack("!IxxxB", len(body), socket.IPPROTO_ICMPV6)
+    padded = pseudo + body + b"\0" * (len(body) % 2)
+    body = body[:2] + struct.pack("!H", _checksum(padded)) + body[4:]
+    header = struct.pack("!IHBB", 6 << 28, len(body), socket.IPPROTO_ICMPV6, 255)
+    frame = destination_mac + source_mac + struct.pack("!H", ETH_IPV6)
+    return frame + header + source + destination + body
+
+
+def default_route6(netns: str) -> str:
+    return subprocess.run(
+        ["ip", "-n", netns, "-6", "route", "show", "default"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+@pytest.mark.parametrize("way", [ALL_NODES, LACP_ADDRESS], ids=["to-the-bridge", "to-the-tap"])
+@pytest.mark.parametrize("on", [True, False], ids=["netvm", "control-undone"])
+def test_a_router_advertisement_from_a_vm_gives_the_host_no_route(
+    host: NetworkManager, topology: Topology, way: bytes, on: bool
+) -> None:
+    """Any VM, one without anti-spoofing too (a router VM's radvd, say): the host must not
+    route its IPv6 through the guest. The control undoes what stops each way: accept_ra
+    back on the bridge, the TAP out of its port group."""
+    netns = topology.host_netns
+    assert default_route6(netns) == ""
+    with guest(host, "router", OPEN) as a:
+        if not on and way == ALL_NODES:
+            path = f"/proc/sys/net/ipv6/conf/{host.config.bridge_name}/accept_ra"
+            subprocess.run(
+                ["ip", "netns", "exec", netns, "sh", "-c", f"echo 1 > {path}"], check=True
+            )
+        if not on and way == LACP_ADDRESS:
+            tap = a.network.tap_name
+            subprocess.run(["ip", "-n", netns, "link", "set", tap, "group", "0"], check=True)
+        send(a, router_advertisement(a.network.guest_mac, way))
+        deadline = time.monotonic() + 1.5
+        while not default_route6(netns) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert bool(default_route6(netns)) is not on
