@@ -220,8 +220,38 @@ def forward_head(policy: BridgeFirewall) -> list[list[Json]]:
             _match(_payload("ip", "daddr"), _set(ISOLATED_ADDRS.name)),
             {"drop": None},
         ],
-        _dnat_status(bridge),
+        # Replies only: `ct status dnat` is the whole connection's, and a connection the
+        # host's own prerouting DNATed (a service address, kube-proxy, a published port)
+        # would pass the VM's egress lists in its original direction.
+        _dnat_status(bridge, _match({"ct": {"key": "direction"}}, "reply")),
         [bridge, {"jump": {"target": EGRESS_DISPATCH}}],
+    ]
+
+
+MASQUERADE_GUARD = "masquerade_guard"
+"""A filter chain after srcnat: a guest's connection that masquerade would give a forwarded
+host port as its source port is dropped."""
+MASQUERADE_GUARD_CHAIN: Json = {
+    "type": "filter",
+    "hook": "postrouting",
+    "prio": 101,
+    "policy": "accept",
+}
+
+
+def masquerade_guard(policy: BridgeFirewall) -> list[list[Json]]:
+    """Masquerade keeps a guest's source port: a guest sending first from a forwarded host
+    port to a peer would own the conntrack entry that the peer's later connections to the
+    forward are replies of (they would reach that guest, not the forward's VM). After
+    srcnat (priority 100) the packet carries the port it leaves with."""
+    return [
+        [
+            _match(_meta("iifname"), policy.bridge),
+            _match(_meta("oifname"), policy.egress),
+            _match({"ct": {"key": "direction"}}, "original"),
+            _match(_concat(_meta("l4proto"), _payload("th", "sport")), _set(FORWARD_PORTS.name)),
+            {"drop": None},
+        ]
     ]
 
 

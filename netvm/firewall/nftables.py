@@ -68,6 +68,7 @@ CHAINS: dict[str, Json] = {
     "forward": {"type": "filter", "hook": "forward", "prio": 0, "policy": "accept"},
     "postrouting": {"type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"},
     "prerouting": {"type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"},
+    guard_rules.MASQUERADE_GUARD: guard_rules.MASQUERADE_GUARD_CHAIN,
 }
 OWN_CHAINS: dict[str, dict[str, Json]] = {FAMILY: CHAINS, BRIDGE_FAMILY: guard_rules.BRIDGE_CHAINS}
 
@@ -269,6 +270,7 @@ def wanted_rules(policy: BridgeFirewall) -> dict[str, dict[str, list[list[Json]]
             ],
             "postrouting": [rule_exprs(rule) for rule in policy.postrouting],
             "prerouting": guard_rules.prerouting(policy),
+            guard_rules.MASQUERADE_GUARD: guard_rules.masquerade_guard(policy),
         },
         BRIDGE_FAMILY: guard_rules.bridge_rules(policy),
     }

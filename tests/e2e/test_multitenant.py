@@ -353,6 +353,29 @@ def test_an_allow_list_is_all_a_vm_reaches(
     assert reached is not on
 
 
+VIP = "203.0.113.80"
+"""A service address the host's own prerouting DNATs (kube-proxy's, Docker's published
+ports): in the host namespace only."""
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["deny-holds", "control-no-deny"])
+def test_a_host_dnat_carries_no_vm_past_its_deny_list(
+    host: NetworkManager, topology: Topology, denied_host: UdpEchoServer, on: bool
+) -> None:
+    """A connection the host DNATs has `ct status dnat` in both directions: netvm's accept
+    of port forwards' replies must not let its original direction pass the VM's lists."""
+    rule = (
+        "add table ip vip; add chain ip vip pre { type nat hook prerouting priority -100; }; "
+        f"add rule ip vip pre ip daddr {VIP} udp dport 7 dnat to {denied_host.address}:"
+        f"{denied_host.port}"
+    )
+    subprocess.run(["ip", "netns", "exec", topology.host_netns, "nft", rule], check=True)
+    policy = GuestPolicy.of(egress_deny=["198.51.100.0/24"] if on else [])
+    with guest(host, "vm", policy) as g:
+        reached = g.udp_request(VIP, 7, b"via") == b"via"
+    assert reached is not on
+
+
 # Port forwards ------------------------------------------------------------------------------
 
 
@@ -837,3 +860,59 @@ def test_a_router_advertisement_from_a_vm_gives_the_host_no_route(
         while not default_route6(netns) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert bool(default_route6(netns)) is not on
+
+
+# A forward's peers, taken by a neighbour's first datagram -----------------------------------
+
+
+def _bound(netns: str, address: str, port: int) -> socket.socket:
+    def bind() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((address, port))
+        sock.settimeout(0.3)
+        return sock
+
+    return run_in_netns(netns, bind)
+
+
+def _received(sock: socket.socket) -> int:
+    count = 0
+    try:
+        while True:
+            sock.recvfrom(100)
+            count += 1
+    except TimeoutError:
+        return count
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["netvm", "control-guard-flushed"])
+def test_a_neighbour_sending_first_from_a_forwarded_port_takes_none_of_its_peers(
+    host: NetworkManager, topology: Topology, on: bool
+) -> None:
+    """Masquerade keeps a guest's source port: B's datagram from host port 8080 (A's forward)
+    to a peer would make the peer's later datagrams to 8080 replies of B's connection. netvm
+    drops such a datagram after srcnat (the masquerade_guard chain); the control flushes it."""
+    peer_port = 5353
+    policy = GuestPolicy.of(port_forwards=["8080:9000/udp"])
+    with (
+        guest(host, "a", policy) as a,
+        guest(host, "b", GuestPolicy.of(isolated=True)) as b,
+        UdpEchoServer(a.netns, "0.0.0.0", 9000) as service,
+    ):
+        if not on:
+            flush = "flush chain inet netvm-nvbr0 masquerade_guard"
+            subprocess.run(["ip", "netns", "exec", topology.host_netns, "nft", flush], check=True)
+        taker = _bound(b.netns, "0.0.0.0", 8080)
+        peer = _bound(topology.internet_netns, str(topology.internet.ip), peer_port)
+        try:
+            taker.sendto(b"first", (str(topology.internet.ip), peer_port))
+            time.sleep(0.2)
+            for _ in range(3):
+                peer.sendto(b"to-a", (str(topology.uplink.ip), 8080))
+            time.sleep(0.3)
+            taken = _received(taker)
+        finally:
+            taker.close()
+            peer.close()
+        assert (taken > 0) is not on
+        assert (len(service.peers) > 0) is on
