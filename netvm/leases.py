@@ -59,6 +59,7 @@ _DAMAGED = {10, 11, 19, 26}
 SQLITE_CONSTRAINT (netvm checks before every insert: a violated UNIQUE means tables that
 contradict each other, edited by hand), SQLITE_NOTADB."""
 _SQLITE_ERROR = 1
+_SQLITE_IOERR = 10
 _NO_ROOM = {8, 13, 14}  # SQLITE_READONLY, SQLITE_FULL, SQLITE_CANTOPEN
 _SMALLEST_DATABASE = 512
 """A database in WAL mode has at least its first page: a shorter file was truncated."""
@@ -79,6 +80,20 @@ class DamagedStore(StateStoreError):
 
 def _code(exc: sqlite3.Error) -> int:
     return int(getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
+ROOM_NEEDED = 1 << 20
+"""Bytes free in state_dir below which an I/O error is taken for a full disk, not damage:
+SQLite reports a -shm or WAL it cannot grow as SQLITE_IOERR, not SQLITE_FULL."""
+
+
+def _out_of_room(directory: Path) -> bool:
+    try:
+        fs = os.statvfs(directory)
+    except OSError:
+        return False
+    no_inodes = fs.f_files > 0 and fs.f_favail == 0  # 0 files: no inode limit (tmpfs, btrfs)
+    return fs.f_bavail * fs.f_frsize < ROOM_NEEDED or no_inodes
 
 
 class LeaseTransaction:
@@ -332,14 +347,15 @@ class LeaseStore:
                 f"{exc}: a table of the database is gone; the next call rebuilds it from "
                 "the kernel",
             )
-        if code in _DAMAGED:
+        full = code in _NO_ROOM or (code in (_SQLITE_IOERR, 0) and _out_of_room(self.path.parent))
+        if code in _DAMAGED and not full:
             self._damaged = True
             return DamagedStore(
                 operation,
                 str(self.path),
                 f"{exc}: the database is damaged; the next call rebuilds it from the kernel",
             )
-        hint = f"; {STATE_DIR_HINT}" if code in _NO_ROOM else ""
+        hint = f"; {STATE_DIR_HINT}" if full else ""
         return StateStoreError(operation, str(self.path), f"{exc}{hint}")
 
     # Opening ----------------------------------------------------------------------------
@@ -369,7 +385,11 @@ class LeaseStore:
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             db.close()
-            if type(exc) is sqlite3.DatabaseError and not _code(exc):
+            if (
+                type(exc) is sqlite3.DatabaseError
+                and not _code(exc)
+                and not _out_of_room(self.path.parent)
+            ):
                 self._damaged = True
                 raise DamagedStore("check", str(self.path), str(exc)) from None
             raise self.error("open", exc) from None
