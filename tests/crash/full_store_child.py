@@ -38,7 +38,7 @@ def main(state_dir: Path, control: bool) -> dict[str, Any]:
     if control:
         import netvm.leases
 
-        netvm.leases._out_of_room = lambda directory: False  # type: ignore[assignment]
+        netvm.leases._out_of_room = lambda directory: False
     config = NetworkConfig(
         bridge_name="nvfull1",
         vm_subnet="192.0.2.0/24",
