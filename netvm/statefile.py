@@ -38,6 +38,7 @@ import logging
 import os
 import struct
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -182,6 +183,22 @@ class StateFile:
         """Slot -> a descriptor of its own (OFD locks of one open file never conflict)."""
         self._busy: set[int] = set()
         """Slots this object's in-flight operations use (under _slots)."""
+        self._slots = threading.Lock()
+        _files.add(self)
+
+    def _forget_in_child(self) -> None:
+        """In a forked child: close the copies of the parent's descriptors, unlocking
+        nothing (F_UNLCK on them would release the parent's locks: an OFD lock belongs to
+        the open file both share). Kept open, they would hold the parent's locks for as
+        long as the child lives, also after the parent died holding them."""
+        for fd in [self._fd, *self._slot_fds.values()]:
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._fd, self._ticket = None, None
+        self._slot_fds, self._busy = {}, set()
         self._slots = threading.Lock()
 
     def _error(self, operation: str, exc: OSError) -> StateStoreError:
@@ -402,3 +419,14 @@ class StateFile:
 
     def close(self) -> None:
         self._drop()
+
+
+_files: weakref.WeakSet[StateFile] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    for state_file in list(_files):
+        state_file._forget_in_child()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)

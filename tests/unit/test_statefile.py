@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -236,3 +237,62 @@ def test_a_damaged_ticket_counter_counts_again_after_the_live_tickets(
     alone = _holding(path)  # and with nobody holding any: from 0 again, at once
     alone.release()
     alone.close()
+
+
+def _hold_and_fork(path: Path, ready: Any, pids: Any, hooks: bool) -> None:
+    """Hold the lock with an operation in flight, fork a child that just lives on, and
+    wait to be killed. `hooks`: os.fork (Python's at-fork hooks run); else libc's fork()
+    itself, as C code forking would (no hook runs)."""
+    file = _holding(path)
+    assert file.begin_inflight({"op": "attach"}, 1) is not None
+    if hooks:
+        pid = os.fork()
+    else:
+        import ctypes
+
+        pid = ctypes.CDLL(None, use_errno=True).fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    pids.put(pid)
+    ready.set()
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["os-fork", "control-fork-without-hooks"])
+def test_a_forked_child_does_not_keep_a_dead_parents_locks(tmp_path: Path, hooks: bool) -> None:
+    """A child forked by a netvm user (a multiprocessing worker, say) that outlives its
+    parent must not hold the locks the parent died with: every other process would wait
+    for the child. The control forks without Python's hooks: the child keeps them."""
+    path = tmp_path / "x.lock"
+    context = multiprocessing.get_context("fork")
+    ready, pids = context.Event(), context.Queue()
+    holder = context.Process(target=_hold_and_fork, args=(path, ready, pids, hooks))
+    holder.start()
+    child = None
+    try:
+        assert ready.wait(10)
+        child = pids.get(timeout=10)
+        assert holder.pid is not None
+        os.kill(holder.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while holder.is_alive() and time.monotonic() < deadline:  # join() would wait for the
+            time.sleep(0.01)  # child too: it holds the sentinel pipe multiprocessing waits on
+        got = threading.Event()
+        probe = StateFile(path)
+
+        def take() -> None:
+            probe.acquire()
+            probe.drain()  # the dead parent's operation in flight does not hold it either
+            got.set()
+
+        taker = threading.Thread(target=take, daemon=True)
+        taker.start()
+        assert got.wait(5 if hooks else 1) is hooks
+    finally:
+        if child is not None:
+            os.kill(child, signal.SIGKILL)  # not ours to wait for: its parent died
+    taker.join(10)
+    assert got.is_set()
+    probe.release()
+    probe.close()
