@@ -250,10 +250,13 @@ class LeaseTransaction:
     def clear_intent(self) -> None:
         self._store.file.clear_intent()
 
-    def begin_inflight(self, intent: dict[str, Any], key: int) -> InFlight | None:
+    def begin_inflight(
+        self, intent: dict[str, Any], key: int, owner: list[InFlight] | None = None
+    ) -> InFlight | None:
         """An operation on `key` (an address slot) that goes on after this transaction has
-        committed and let go of the lock; None: do it inside the transaction instead."""
-        return self._store.file.begin_inflight(intent, key)
+        committed and let go of the lock; None: do it inside the transaction instead.
+        `owner`: as StateFile.begin_inflight."""
+        return self._store.file.begin_inflight(intent, key, owner)
 
     def wait_for(self, key: int) -> None:
         """Wait for the in-flight operation on `key`, if there is one; `orphans` is read

@@ -535,40 +535,51 @@ class NetworkManager:
         A VM that has a lease already (attached again, or one whose TAP must be checked)
         is attached inside the transaction, after any attach of it still in flight.
         """
-        with self._changing(drain=False) as tx:
-            lease, new = tx.acquire(vm_id)
-            tx.set_policy(vm_id, policy.describe())
-            network = VmNetwork.for_slot(vm_id, self.config.vm_subnet, lease.slot)
-            intent = {
-                "op": "attach",
-                "tap": network.tap_name,
-                "vm_id": vm_id,
-                "slot": lease.slot,
-                "new": True,
-            }
-            flight = tx.begin_inflight(intent, lease.slot) if new else None
-            if flight is None:
-                tx.wait_for(lease.slot)
-                if tx.orphans:  # the attach waited for failed or died: mend it first
-                    self._repair(tx)
-                return self._attach(tx, vm_id, options, policy)
-            try:
-                tx.commit()
-            except BaseException:
-                flight.finish()  # nothing was committed: nothing to mend
-                raise
+        flight: InFlight | None = None
+        held: list[InFlight] = []  # the flight, from before its slot is locked
         try:
-            self._attach_in_flight(flight, network, lease.slot, options, policy)
-        except _Occupied:
-            # The TAP's name is taken, not by a detach of this VM: the checks of an attach
-            # inside the transaction decide (netvm's TAP of this VM, or someone else's).
-            self._abandon(flight)
-            with self._changing() as tx:
-                return self._attach(tx, vm_id, options, policy)
-        except BaseException:
-            self._abandon(flight)
-            raise
-        flight.finish()
+            with self._changing(drain=False) as tx:
+                lease, new = tx.acquire(vm_id)
+                tx.set_policy(vm_id, policy.describe())
+                network = VmNetwork.for_slot(vm_id, self.config.vm_subnet, lease.slot)
+                intent = {
+                    "op": "attach",
+                    "tap": network.tap_name,
+                    "vm_id": vm_id,
+                    "slot": lease.slot,
+                    "new": True,
+                }
+                flight = tx.begin_inflight(intent, lease.slot, held) if new else None
+                if flight is None:
+                    tx.wait_for(lease.slot)
+                    if tx.orphans:  # the attach waited for failed or died: mend it first
+                        self._repair(tx)
+                    return self._attach(tx, vm_id, options, policy)
+                try:
+                    tx.commit()
+                except BaseException:
+                    flight.finish()  # nothing was committed: nothing to mend
+                    raise
+            try:
+                self._attach_in_flight(flight, network, lease.slot, options, policy)
+            except _Occupied:
+                # The TAP's name is taken, not by a detach of this VM: the checks of an
+                # attach inside the transaction decide (netvm's TAP of this VM, or someone
+                # else's).
+                self._abandon(flight)
+                with self._changing() as tx:
+                    return self._attach(tx, vm_id, options, policy)
+            except Exception:
+                self._abandon(flight)
+                raise
+            flight.finish()
+        finally:
+            # Whatever stopped this call before finish() (KeyboardInterrupt, SystemExit
+            # from a signal handler, anywhere from the slot's taking on): the slot is let
+            # go, its intent left to the next transaction as a dead process's would be. A
+            # slot kept would make every drain, in every process, wait for ever.
+            for taken in held:
+                taken.abandon()
         log.debug("attached %s as %s", vm_id, network.tap_name)
         return network
 

@@ -31,6 +31,7 @@ the holders that must see the kernel and the leases at rest (detach, gc, a rebui
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -160,16 +161,16 @@ class InFlight:
         self._let_go()
 
     def _let_go(self) -> None:
+        """Idempotent: done only once both locks are let go (an interrupted call is
+        repeated by abandon(); unlocking twice is harmless)."""
         if self._done:
             return
+        # The slot first: a waiter woken by the key must find an abandoned operation among
+        # the orphans (its slot no longer locked), or it would miss mending it.
+        _lock(self._fd, fcntl.F_UNLCK, _INFLIGHT + self.index, 1, wait=False)
+        _lock(self._fd, fcntl.F_UNLCK, _KEYS + self._key, 1, wait=False)
+        self._file.slot_done(self.index)
         self._done = True
-        try:
-            # The slot first: a waiter woken by the key must find an abandoned operation
-            # among the orphans (its slot no longer locked), or it would miss mending it.
-            _lock(self._fd, fcntl.F_UNLCK, _INFLIGHT + self.index, 1, wait=False)
-            _lock(self._fd, fcntl.F_UNLCK, _KEYS + self._key, 1, wait=False)
-        finally:
-            self._file.slot_done(self.index)
 
 
 class StateFile:
@@ -193,10 +194,8 @@ class StateFile:
         long as the child lives, also after the parent died holding them."""
         for fd in [self._fd, *self._slot_fds.values()]:
             if fd is not None:
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)
-                except OSError:
-                    pass
         self._fd, self._ticket = None, None
         self._slot_fds, self._busy = {}, set()
         self._slots = threading.Lock()
@@ -333,10 +332,17 @@ class StateFile:
 
     # In-flight operations -------------------------------------------------------------------
 
-    def begin_inflight(self, intent: dict[str, Any], key: int) -> InFlight | None:
+    def begin_inflight(
+        self, intent: dict[str, Any], key: int, owner: list[InFlight] | None = None
+    ) -> InFlight | None:
         """Take a slot for an operation on `key` that goes on after release(), recording
         `intent` for it; None when every slot is taken or `key` is busy (the caller then
-        keeps the lock for the operation). Only the holder of the lock may call this."""
+        keeps the lock for the operation). Only the holder of the lock may call this.
+
+        `owner` gets the flight before its slot is locked: a caller whose `finally`
+        abandons what it holds lets the slot go also when an exception (KeyboardInterrupt)
+        comes between the locking and the return (abandoning a flight that locked nothing
+        unlocks nothing)."""
         main = self._held_fd()
         with self._slots:
             free = [i for i in range(INFLIGHT_SLOTS) if i not in self._busy]
@@ -345,14 +351,17 @@ class StateFile:
             if flags[index : index + 1] not in (b"\0", b""):
                 continue  # in use by another process, or an orphan not mended yet
             fd = self.guarded(self._slot_fd, index)
-            if not self.guarded(_try_lock, fd, fcntl.F_WRLCK, _INFLIGHT + index, 1):
-                continue
-            if not self.guarded(_try_lock, fd, fcntl.F_WRLCK, _KEYS + key, 1):
-                _lock(fd, fcntl.F_UNLCK, _INFLIGHT + index, 1, wait=False)
-                return None
             with self._slots:
                 self._busy.add(index)
             flight = InFlight(self, index, fd, key)
+            if owner is not None:
+                owner.append(flight)
+            if not self.guarded(_try_lock, fd, fcntl.F_WRLCK, _INFLIGHT + index, 1):
+                flight.abandon()
+                continue
+            if not self.guarded(_try_lock, fd, fcntl.F_WRLCK, _KEYS + key, 1):
+                flight.abandon()
+                return None
             try:
                 flight.update(intent)
                 self.guarded(os.pwrite, main, b"\1", _FLAGS_AT + index)
