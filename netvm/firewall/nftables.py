@@ -741,6 +741,12 @@ class NftablesFirewall:
                     return
         old = self.record(bridge, vm.tap)
         if old == vm:
+            # Attached again with the policy it has: what its record names is written
+            # again, for an element or an egress chain deleted by hand since (nothing
+            # else would notice: the record says all is well).
+            if egress_chain(vm.policy) is not None:
+                self._add_egress_chain(bridge, vm)
+            self.restore(bridge, vm)
             return
         if not fresh:
             had = set(old.policy.port_forwards) if old is not None else set()

@@ -199,3 +199,34 @@ def test_detach_gc_and_teardown_work_while_a_table_of_netvms_is_gone(
         assert set(policies(manager)) == {"vm-c"}
         manager.teardown_host()
     assert snapshot(backend) == empty
+
+
+def test_attaching_again_gives_back_elements_and_egress_rules_deleted_by_hand(
+    config: NetworkConfig, backend: Backend
+) -> None:
+    """An element of the VM's (its anti-spoofing, its isolation) and its egress chain's
+    rules deleted behind netvm's back: the VM's record still says all is well, so only an
+    attach again with its policy can see it; it writes them back."""
+    from netvm.firewall.guard import GUARDED, ISOLATED, egress_chain, elements
+    from netvm.firewall.nftables import NftablesFirewall, table_name
+    from netvm.testing.state import nftables_ruleset
+
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        vm = manager.attach("vm-shop", policy=SHOP)
+        firewall = backend.firewall("nftables")
+        assert isinstance(firewall, NftablesFirewall)
+        record = firewall.record("nvbr0", vm.tap_name)
+        assert record is not None
+        whole = nftables_ruleset(backend)
+        table = table_name("nvbr0")
+        cut = [("delete", e) for e in elements(record) if e.schema in (GUARDED, ISOLATED)]
+        assert len(cut) == 2
+        firewall._store().commit(cut, table, "test", "test")
+        chain = egress_chain(SHOP)
+        assert chain is not None
+        flush = {"flush": {"chain": {"family": "inet", "table": table, "name": chain}}}
+        firewall._run([flush], "test", None)
+        assert nftables_ruleset(backend) != whole  # the control: the loss is seen
+        manager.attach("vm-shop", policy=SHOP)
+        assert nftables_ruleset(backend) == whole
