@@ -98,7 +98,7 @@ def attach_many(
     result = AttachManyResult()
     for group in groups(ids):
         with manager._changing() as tx:
-            _attach_group(manager, tx, group, options, chosen, result)
+            _attach_group(manager, tx, group, options, chosen, result, policy)
     ordered = AttachManyResult(
         {v: result.networks[v] for v in ids if v in result.networks},
         {v: result.errors[v] for v in ids if v in result.errors},
@@ -113,7 +113,10 @@ def _attach_group(
     options: TapOptions,
     policy: GuestPolicy,
     result: AttachManyResult,
+    requested: GuestPolicy | None,
 ) -> None:
+    """`policy` for the new VMs; `requested` (None: each keeps its own) for those leased
+    already, as attach."""
     bridge = manager._bridge()  # no bridge: nothing of the group is begun
     fresh: dict[str, VmNetwork] = {}
     slots: dict[str, int] = {}
@@ -174,7 +177,7 @@ def _attach_group(
     tx.restart()  # the group's leases are durable; its intent is done
     tx.clear_intent()
     for vm_id, new in again.items():
-        _attach_one(manager, tx, vm_id, new, options, policy, result)
+        _attach_one(manager, tx, vm_id, new, options, requested, result)
 
 
 def _intent(networks: dict[str, VmNetwork], slots: dict[str, int]) -> dict[str, Any]:
@@ -202,7 +205,7 @@ def _attach_one(
     vm_id: str,
     new: bool,
     options: TapOptions,
-    policy: GuestPolicy,
+    policy: GuestPolicy | None,
     result: AttachManyResult,
 ) -> None:
     """attach's own checks for a VM leased already or whose TAP's name is taken, inside

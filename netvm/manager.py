@@ -487,20 +487,22 @@ class NetworkManager:
         guarantees of `policy` (default: `config.guest_policy`, else anti-spoofing where the
         firewall can give it; docs/firewall.md).
 
-        Attaching a vm_id again returns the same network (and gives it `policy`). If a step
-        fails, the TAP and the lease this call created are removed.
+        Attaching a vm_id again returns the same network, and gives it `policy` if one is
+        given; with None it keeps the guarantees it has (a retry without the policy must not
+        take a tenant's isolation away). If a step fails, the TAP and the lease this call
+        created are removed.
         """
         vm_id = naming.validate_vm_id(vm_id)
         check_attach_args(tap, policy)
         options = tap if tap is not None else TapOptions()
-        chosen = self._policy(policy)
+        self._policy(policy)  # the firewall is picked before anything changes
         try:
-            return self._attach_two_phase(vm_id, options, chosen)
+            return self._attach_two_phase(vm_id, options, policy)
         except DamagedStore:
             # Found damaged mid-way (what this call did is undone): the store is rebuilt
             # from the kernel when the next transaction opens it.
             with self._changing() as tx:
-                return self._attach(tx, vm_id, options, chosen)
+                return self._attach(tx, vm_id, options, policy)
 
     def attach_many(
         self,
@@ -528,7 +530,24 @@ class NetworkManager:
             self._attach(tx, vm_id, options, policy)
             return True
 
-    def _attach_two_phase(self, vm_id: str, options: TapOptions, policy: GuestPolicy) -> VmNetwork:
+    def _policy_for(
+        self, tx: LeaseTransaction, vm_id: str, new: bool, requested: GuestPolicy | None
+    ) -> GuestPolicy:
+        """`requested`; for a VM leased already and none requested, the policy it was
+        attached with (the default if none is remembered, or not one netvm can read)."""
+        if requested is not None or new:
+            return self._policy(requested)
+        kept = tx.policy(vm_id)
+        if kept is not None:
+            try:
+                return GuestPolicy.parse(kept)
+            except ConfigError:
+                log.warning("the remembered policy of %r is unreadable: the default", vm_id)
+        return self._policy(None)
+
+    def _attach_two_phase(
+        self, vm_id: str, options: TapOptions, requested: GuestPolicy | None
+    ) -> VmNetwork:
         """A new VM: the lease and an in-flight intent under the lock, the kernel work after
         it, so that other attaches do not queue behind this one's (docs/performance.md).
 
@@ -540,6 +559,7 @@ class NetworkManager:
         try:
             with self._changing(drain=False) as tx:
                 lease, new = tx.acquire(vm_id)
+                policy = self._policy_for(tx, vm_id, new, requested)
                 tx.set_policy(vm_id, policy.describe())
                 network = VmNetwork.for_slot(vm_id, self.config.vm_subnet, lease.slot)
                 intent = {
@@ -554,7 +574,7 @@ class NetworkManager:
                     tx.wait_for(lease.slot)
                     if tx.orphans:  # the attach waited for failed or died: mend it first
                         self._repair(tx)
-                    return self._attach(tx, vm_id, options, policy)
+                    return self._attach(tx, vm_id, options, requested)
                 try:
                     tx.commit()
                 except BaseException:
@@ -568,7 +588,7 @@ class NetworkManager:
                 # else's).
                 self._abandon(flight)
                 with self._changing() as tx:
-                    return self._attach(tx, vm_id, options, policy)
+                    return self._attach(tx, vm_id, options, requested)
             except Exception:
                 self._abandon(flight)
                 raise
@@ -658,9 +678,14 @@ class NetworkManager:
             log.error("rollback: could not remove the guarantees of %s (gc will): %s", tap, exc)
 
     def _attach(
-        self, tx: LeaseTransaction, vm_id: str, options: TapOptions, policy: GuestPolicy
+        self,
+        tx: LeaseTransaction,
+        vm_id: str,
+        options: TapOptions,
+        requested: GuestPolicy | None,
     ) -> VmNetwork:
-        lease, _ = tx.acquire(vm_id)
+        lease, new = tx.acquire(vm_id)
+        policy = self._policy_for(tx, vm_id, new, requested)
         tx.set_policy(vm_id, policy.describe())
         network = VmNetwork.for_slot(vm_id, self.config.vm_subnet, lease.slot)
         name = network.tap_name

@@ -230,3 +230,22 @@ def test_attaching_again_gives_back_elements_and_egress_rules_deleted_by_hand(
         assert nftables_ruleset(backend) != whole  # the control: the loss is seen
         manager.attach("vm-shop", policy=SHOP)
         assert nftables_ruleset(backend) == whole
+
+
+def test_attaching_again_without_a_policy_keeps_the_vms_own(
+    config: NetworkConfig, backend: Backend
+) -> None:
+    """A retry of an attach without its policy (an orchestrator's, `netvm attach VM`) must
+    not take a tenant's isolation, lists and forwards away; a policy given replaces it."""
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        manager.attach("vm-shop", policy=SHOP)
+        manager.attach("vm-shop")
+        assert policies(manager)["vm-shop"] == SHOP
+        result = manager.attach_many(["vm-shop", "vm-new"])
+        assert not result.errors
+        assert policies(manager) == {"vm-shop": SHOP, "vm-new": GuestPolicy()}
+        manager.attach("vm-shop", policy=GuestPolicy())  # the control: given, it replaces
+        assert policies(manager)["vm-shop"] == GuestPolicy()
+        manager.attach_many(["vm-shop"], policy=OPEN)
+        assert policies(manager)["vm-shop"] is None
