@@ -98,8 +98,11 @@ class HostError(NetvmError):
 class PermissionDenied(HostError):
     """The process lacks CAP_NET_ADMIN (or access to /dev/net/tun)."""
 
-    def __init__(self, operation: str, device: str | None, errno: int, detail: str = "") -> None:
-        hint = "needs CAP_NET_ADMIN: run as root or grant the capability"
+    HINT = "needs CAP_NET_ADMIN: run as root or grant the capability"
+
+    def __init__(
+        self, operation: str, device: str | None, errno: int, detail: str = "", hint: str = HINT
+    ) -> None:
         super().__init__(operation, device, errno, f"{detail}; {hint}" if detail else hint)
 
 

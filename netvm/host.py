@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import random
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,9 @@ class HostSetup:
         """The lease store the bridge's mark names (naming.store_id of state_dir)."""
         self.firewall_changed = False
         """The last ensure changed netvm's firewall rules (made its tables, after a flush)."""
+        self._threads = threading.RLock()
+        """The lock file serialises processes; the threads of one manager take turns here
+        (a StateFile is not thread-safe)."""
 
     @property
     def alias(self) -> str:
@@ -65,6 +69,10 @@ class HostSetup:
         Not `required` (teardown), an unusable state_dir is no reason to stop: no netvm
         process can take the lock there either, so the work goes on unlocked.
         """
+        with self._threads:
+            yield from self._locked(required)
+
+    def _locked(self, required: bool) -> Iterator[None]:
         try:
             self.file.acquire()
         except StateStoreError as exc:
@@ -259,8 +267,10 @@ class HostSetup:
             ) from None
         if not existed:
             undo.push("forget ip_forward", lambda: flag.unlink(missing_ok=True))
-        self.backend.set_ip_forward(True)
+        # Pushed first: an exception (KeyboardInterrupt) between the switch and a push after
+        # it would leave ip_forward on and its record forgotten. Off while off is harmless.
         undo.push("switch ip_forward back off", lambda: self.backend.set_ip_forward(False))
+        self.backend.set_ip_forward(True)
 
     def chosen_firewall(self) -> ChosenFirewall:
         return choose_firewall(self.config.firewall, self.backend)

@@ -469,6 +469,10 @@ class KernelBackend:
                     return {line.strip() for line in names if line.strip()}
             except FileNotFoundError:
                 return set()  # the kernel has no legacy ip_tables at all
+            except OSError as exc:  # EACCES without root: the file is the kernel's 0440
+                raise host_error(
+                    "read the legacy xtables tables", LEGACY_TABLE_NAMES, exc.errno or errno.EIO
+                ) from None
 
         return self._call(run)
 

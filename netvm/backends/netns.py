@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from netvm.errors import host_error
+from netvm.errors import PermissionDenied, host_error
 
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = Path("/run/netns")
@@ -43,7 +43,16 @@ def enter_netns(netns: str) -> None:
         raise host_error("open network namespace", str(path), exc.errno or errno.ENOENT) from None
     try:
         if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise host_error("enter network namespace", str(path), ctypes.get_errno())
+            code = ctypes.get_errno()
+            if code == errno.EPERM:  # setns(CLONE_NEWNET) checks CAP_SYS_ADMIN
+                raise PermissionDenied(
+                    "enter network namespace",
+                    str(path),
+                    code,
+                    hint="entering a network namespace needs CAP_SYS_ADMIN (and CAP_NET_ADMIN "
+                    "in it): run as root or grant both capabilities",
+                )
+            raise host_error("enter network namespace", str(path), code)
     finally:
         os.close(fd)
 

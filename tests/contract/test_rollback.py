@@ -168,3 +168,54 @@ def test_fake_fail_at_fails_exactly_the_kth_change() -> None:
     assert failed.value.errno == errno.ENOMEM
     fake.create_bridge("br1", 1500)
     assert {link.name for link in fake.list_links()} == {"lo", "br0", "br1"}
+
+
+def test_an_interrupt_right_after_switching_ip_forward_leaves_it_off(
+    backend: Backend, config: NetworkConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KeyboardInterrupt as the switch returns: the rollback must switch it off again, not
+    only forget that netvm switched it on (which would leave it on for ever)."""
+    switch = backend.set_ip_forward
+
+    def interrupted(enabled: bool) -> None:
+        switch(enabled)
+        if enabled:
+            raise KeyboardInterrupt
+
+    with NetworkManager(config, backend) as manager:
+        monkeypatch.setattr(backend, "set_ip_forward", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            manager.ensure_host()
+        monkeypatch.undo()
+        assert backend.get_ip_forward() is False
+        manager.ensure_host()
+        assert backend.get_ip_forward() is True
+        manager.teardown_host()
+        assert backend.get_ip_forward() is False
+
+
+def test_threads_of_one_manager_take_turns_at_the_host_lock(
+    backend: Backend, config: NetworkConfig
+) -> None:
+    """ensure_host and teardown_host from several threads of one manager: each waits for the
+    others (the lock file is per process; a StateFile is not thread-safe)."""
+    import threading
+
+    errors: list[BaseException] = []
+    with NetworkManager(config, backend) as manager:
+
+        def work() -> None:
+            try:
+                for _ in range(5):
+                    manager.ensure_host()
+                    manager.list()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        manager.teardown_host()
