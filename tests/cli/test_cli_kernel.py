@@ -227,16 +227,24 @@ def test_the_capability_drop_works() -> None:
 
 
 @pytest.mark.parametrize(
-    ("caps", "where"),
+    ("caps", "where", "hint"),
     [
         # Without CAP_NET_ADMIN: the namespace is entered, the kernel refuses the change.
-        ([CAP_NET_ADMIN], "nvbr0 failed: Operation not permitted (EPERM)"),
-        # Without CAP_SYS_ADMIN too: entering the namespace is refused.
-        ([CAP_NET_ADMIN, CAP_SYS_ADMIN], "enter network namespace on /run/netns/"),
+        (
+            [CAP_NET_ADMIN],
+            "nvbr0 failed: Operation not permitted (EPERM)",
+            "needs CAP_NET_ADMIN: run as root or grant the capability",
+        ),
+        # Without CAP_SYS_ADMIN too: entering the namespace is refused (setns checks it).
+        (
+            [CAP_NET_ADMIN, CAP_SYS_ADMIN],
+            "enter network namespace on /run/netns/",
+            "entering a network namespace needs CAP_SYS_ADMIN",
+        ),
     ],
 )
 def test_missing_privilege_is_one_line(
-    netns: str, tmp_path: Path, kernel: KernelBackend, caps: list[int], where: str
+    netns: str, tmp_path: Path, kernel: KernelBackend, caps: list[int], where: str, hint: str
 ) -> None:
     for command in (["ensure-host"], ["attach", "vm-a"]):
         done = without_caps(
@@ -256,7 +264,7 @@ def test_missing_privilege_is_one_line(
         (line,) = done.stderr.splitlines()
         assert line.startswith(f"netvm {command[0]}: error: ")
         assert "(EPERM)" in line
-        assert "needs CAP_NET_ADMIN: run as root or grant the capability" in line
+        assert hint in line
         if command == ["ensure-host"]:
             assert where in line
     assert [link.name for link in kernel.list_links()] == ["lo"]

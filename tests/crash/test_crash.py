@@ -268,7 +268,8 @@ EVERY = GuestPolicy.of(
     isolated=True, egress_deny=["198.51.100.0/24"], port_forwards=["8080:80", "5353:53/udp"]
 )
 """Every guarantee: the elements, an egress chain, the kernel's port isolation. The agent
-attaches its VMs again with the default policy: the elements must then be replaced."""
+attaches its VMs again with the default policy, given (without one, a VM attached already
+keeps its own): the elements must then be replaced."""
 
 
 def _attach_failing(manager: NetworkManager) -> None:
@@ -345,7 +346,7 @@ def recover_and_check(
     with managed(netns, config) as manager:
         manager.ensure_host()
         for vm_id in live:
-            manager.attach(vm_id, OWNED)
+            manager.attach(vm_id, OWNED, GuestPolicy())
         manager.gc(keep=list(live))
         check_recovered(netns, manager, live, where)
         manager.teardown_host()
@@ -402,7 +403,7 @@ def _churn(netns: str, config: NetworkConfig, seed: int) -> None:
         while True:
             vm_id = f"vm-{chance.randrange(4)}"
             if chance.random() < 0.6:
-                manager.attach(vm_id, OWNED)
+                manager.attach(vm_id, OWNED, GuestPolicy())
             else:
                 manager.detach(vm_id)
             if chance.random() < 0.1:

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from netvm import NetworkConfig
+from netvm.policy import GuestPolicy
 from tests.crash.test_crash import (
     OWNED,
     SCENARIOS,
@@ -60,7 +61,7 @@ def _child(
             live: dict[str, str | None] = {v: before.get(v) for v in scenario.live}
             manager.ensure_host()
             for vm_id in live:
-                manager.attach(vm_id, OWNED)
+                manager.attach(vm_id, OWNED, GuestPolicy())
             manager.gc(keep=list(live))
             where = f"{name} interrupted at step {at}"
             check_recovered(netns, manager, live, where)
