@@ -134,6 +134,14 @@ def _attach_group(
             fresh[vm_id] = VmNetwork.for_slot(vm_id, manager.config.vm_subnet, lease.slot)
         else:
             again[vm_id] = False
+    for vm_id, network in list(fresh.items()):
+        if tx.take_stale(slots[vm_id]):  # the address was another VM's: its connections go
+            try:
+                manager.backend.forget_connections(network.guest_ip)
+            except NetvmError as exc:
+                result.errors[vm_id] = exc
+                del fresh[vm_id]
+                tx.release(vm_id)  # marks the slot stale again
     tx.intend(_intent(fresh, slots))
     failed = manager.backend.create_taps([n.tap_name for n in fresh.values()], options)
     made: dict[str, VmNetwork] = {}

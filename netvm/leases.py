@@ -50,6 +50,9 @@ _SCHEMA = (
     # The policy each VM was last attached with (GuestPolicy.describe()): what ensure_host
     # gives back to a VM whose guarantees the firewall lost (a foreign `nft flush ruleset`).
     "CREATE TABLE IF NOT EXISTS policies (vm_id TEXT PRIMARY KEY, policy TEXT NOT NULL)",
+    # Slots freed whose address may still have conntrack entries (the VM's flows): deleted
+    # (backends/conntrack.py) before the address is a new lease's.
+    "CREATE TABLE IF NOT EXISTS stale (slot INTEGER PRIMARY KEY)",
 )
 
 LOCK_TIMEOUT = 60.0
@@ -193,6 +196,12 @@ class LeaseTransaction:
         self._db.execute("INSERT INTO leases VALUES (?, ?, ?)", (vm_id, slot, tap))
         return Lease(vm_id, slot, tap)
 
+    def take_stale(self, slot: int) -> bool:
+        """Whether the address of `slot` was a VM's since its connections were last
+        deleted; it is not from now on (the caller deletes them before the address is
+        used; a crash before that frees the new lease again, and marks the slot anew)."""
+        return self._db.execute("DELETE FROM stale WHERE slot = ?", (slot,)).rowcount > 0
+
     def release(self, vm_id: str, forget_policy: bool = True) -> bool:
         """Free the vm_id's lease and (unless told not to: a lease being moved) forget its
         policy; False when it had no lease."""
@@ -209,6 +218,7 @@ class LeaseTransaction:
             return False
         self._db.execute("DELETE FROM leases WHERE vm_id = ?", (vm_id,))
         self._db.execute("INSERT INTO free VALUES (?)", (lease.slot,))
+        self._db.execute("INSERT OR IGNORE INTO stale VALUES (?)", (lease.slot,))
         return True
 
     # Policies ---------------------------------------------------------------------------

@@ -570,7 +570,10 @@ class NetworkManager:
                     "new": True,
                 }
                 flight = tx.begin_inflight(intent, lease.slot, held) if new else None
+                stale = new and tx.take_stale(lease.slot)
                 if flight is None:
+                    if stale:  # attached inside the transaction: the connections first
+                        self.backend.forget_connections(network.guest_ip)
                     tx.wait_for(lease.slot)
                     if tx.orphans:  # the attach waited for failed or died: mend it first
                         self._repair(tx)
@@ -581,7 +584,7 @@ class NetworkManager:
                     flight.finish()  # nothing was committed: nothing to mend
                     raise
             try:
-                self._attach_in_flight(flight, network, lease.slot, options, policy)
+                self._attach_in_flight(flight, network, lease.slot, options, policy, stale)
             except _Occupied:
                 # The TAP's name is taken, not by a detach of this VM: the checks of an
                 # attach inside the transaction decide (netvm's TAP of this VM, or someone
@@ -610,9 +613,13 @@ class NetworkManager:
         slot: int,
         options: TapOptions,
         policy: GuestPolicy,
+        stale: bool = False,
     ) -> None:
-        """The kernel work of a new VM's attach, outside the lock; its intent is `flight`."""
+        """The kernel work of a new VM's attach, outside the lock; its intent is `flight`.
+        `stale`: its address was another VM's, whose connections are deleted first."""
         name = network.tap_name
+        if stale:
+            self.backend.forget_connections(network.guest_ip)
         try:
             index = self.backend.create_tap(name, options)
         except DeviceExists:
@@ -688,6 +695,9 @@ class NetworkManager:
         policy = self._policy_for(tx, vm_id, new, requested)
         tx.set_policy(vm_id, policy.describe())
         network = VmNetwork.for_slot(vm_id, self.config.vm_subnet, lease.slot)
+        if new and tx.take_stale(lease.slot):
+            # Inside the transaction: a failure rolls the stale mark back with the lease.
+            self.backend.forget_connections(network.guest_ip)
         name = network.tap_name
         intent = {"op": "attach", "tap": name, "vm_id": vm_id, "slot": lease.slot}
         tx.intend(intent)

@@ -231,6 +231,10 @@ class Backend(XtablesTables, Protocol):
     def set_bridge_options(self, name: str, options: BridgeOptions) -> None:
         """The bridge's link-local options (one request)."""
 
+    def forget_connections(self, address: ipaddress.IPv4Address) -> None:
+        """Delete the kernel's connection tracking entries whose original or reply source
+        is `address` (a kernel without conntrack has none: no error)."""
+
     def set_accept_ra(self, name: str, value: int) -> None:
         """net.ipv6.conf.<name>.accept_ra (HostError ENOENT where the device has no IPv6)."""
 

@@ -49,6 +49,14 @@ BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
 }
 
 
+@dataclass(frozen=True)
+class Connection:
+    """A conntrack entry, by the source address of each direction."""
+
+    original: ipaddress.IPv4Address
+    reply: ipaddress.IPv4Address
+
+
 @dataclass
 class FakeState:
     """Everything the fake kernel holds; tests may read it, the backend changes it."""
@@ -66,6 +74,8 @@ class FakeState:
     nftables: FakeRuleset = field(default_factory=FakeRuleset)
     proc: dict[str, str] = field(default_factory=dict)
     """Other /proc/sys/net and /proc/thread-self/net files, by path (ip_forward is above)."""
+    connections: list[Connection] = field(default_factory=list)
+    """The conntrack table: a test adds what traffic would have made."""
     ipv6: bool = True
     """The kernel has IPv6 (its devices have net.ipv6.conf); the fake models accept_ra for
     bridges only, as netvm reads it for those."""
@@ -179,6 +189,12 @@ class FakeBackend:
         never forwarded (BR_GROUPFWD_RESTRICTED)."""
         if options.group_fwd_mask & RESTRICTED_GROUP_FWD or options.group_fwd_mask < 0:
             raise host_error(operation, name, errno.EINVAL)
+
+    def forget_connections(self, address: ipaddress.IPv4Address) -> None:
+        self._mutate("delete the connections of", str(address))
+        self.state.connections = [
+            c for c in self.state.connections if address not in (c.original, c.reply)
+        ]
 
     def set_accept_ra(self, name: str, value: int) -> None:
         operation = "set accept_ra"

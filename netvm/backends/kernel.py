@@ -40,6 +40,7 @@ from netvm.errors import HostError, NetvmError, UsedAfterFork, host_error
 if TYPE_CHECKING:
     # Imported where used: python-iptables, libnftables and the firewall modules cost a
     # command that does not touch them tens of milliseconds (docs/performance.md).
+    from netvm.backends.conntrack import Conntrack
     from netvm.backends.iptables import IptablesFirewall
     from netvm.firewall.model import Firewall, FirewallKind
     from netvm.firewall.nftables import NftablesFirewall
@@ -123,6 +124,7 @@ class KernelBackend:
         self._iptc: IptablesFirewall | None = None
         self._firewalls: dict[FirewallKind, Firewall] = {}
         self._rtnl: Rtnl | None = None
+        self._conntrack: Conntrack | None = None
         self._namespace_inode = 0
         self._tun_fds: list[int] = []
         self._tun_lock = threading.Lock()
@@ -235,6 +237,21 @@ class KernelBackend:
             self.rtnl.set_bridge(
                 name, options.group_fwd_mask, options.no_linklocal_learn, options.stp
             )
+
+    def forget_connections(self, address: ipaddress.IPv4Address) -> None:
+        """conntrack.py: the entries whose original or reply source is `address`."""
+        self._check_process()
+        if self._conntrack is None:
+
+            def open_socket() -> Conntrack:
+                from netvm.backends.conntrack import Conntrack
+
+                return Conntrack()
+
+            with _kernel_errors("open ctnetlink socket", self.netns):
+                self._conntrack = self._call(open_socket)
+        with _kernel_errors("delete the connections of", str(address)):
+            self._conntrack.forget(address)
 
     def set_accept_ra(self, name: str, value: int) -> None:
         path = f"/proc/sys/net/ipv6/conf/{name}/accept_ra"
@@ -525,4 +542,7 @@ class KernelBackend:
         if self._rtnl is not None:
             self._rtnl.close()
             self._rtnl = None
+        if self._conntrack is not None:
+            self._conntrack.close()
+            self._conntrack = None
         self._thread.stop()

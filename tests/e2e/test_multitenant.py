@@ -916,3 +916,36 @@ def test_a_neighbour_sending_first_from_a_forwarded_port_takes_none_of_its_peers
             peer.close()
         assert (taken > 0) is not on
         assert (len(service.peers) > 0) is on
+
+
+# The next VM at an address inherits nothing of the last one's connections -----------------
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["netvm", "control-connections-kept"])
+def test_a_vm_given_a_detached_vms_address_gets_none_of_its_flows(
+    host: NetworkManager, topology: Topology, on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old tenant's forwarded flow lives on in conntrack after its detach (each datagram
+    refreshes it): the next VM at its address, asking for no forward, would receive it.
+    netvm deletes the address's connections before it is another VM's; the control keeps
+    them."""
+    if not on:
+        monkeypatch.setattr(host.backend, "forget_connections", lambda address: None)
+    peer = _bound(topology.internet_netns, str(topology.internet.ip), 5555)
+    try:
+        forward = GuestPolicy.of(port_forwards=["8080:9000/udp"])
+        with guest(host, "tenant", forward) as old, UdpEchoServer(old.netns, "0.0.0.0", 9000):
+            peer.sendto(b"to-old", (str(topology.uplink.ip), 8080))
+            assert peer.recvfrom(100)[0] == b"to-old", "the forward works"
+            address = old.network.guest_ip
+        host.detach("tenant")
+        with guest(host, "tenant") as new:
+            assert new.network.guest_ip == address, "the same address again"
+            with UdpEchoServer(new.netns, "0.0.0.0", 9000) as service:
+                for _ in range(3):
+                    peer.sendto(b"to-new", (str(topology.uplink.ip), 8080))
+                time.sleep(0.3)
+                inherited = len(service.peers) > 0
+    finally:
+        peer.close()
+    assert inherited is not on

@@ -1,0 +1,71 @@
+"""netvm/backends/conntrack.py against the kernel: the entries of one address go, the others
+stay, read back from /proc/net/nf_conntrack (the kernel's own listing)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from netvm import KernelBackend
+from netvm.backends.conntrack import Conntrack
+from netvm.testing import run_in_netns
+
+pytestmark = pytest.mark.privileged
+
+A, B = "127.0.0.7", "127.0.0.8"
+
+
+def _entries(netns: str) -> list[str]:
+    listing = Path("/proc/net/nf_conntrack")
+    if not listing.exists():
+        pytest.skip("this kernel has no /proc/net/nf_conntrack to check against")
+    out = subprocess.run(
+        ["ip", "netns", "exec", netns, "cat", str(listing)], capture_output=True, text=True
+    )
+    return [line for line in out.stdout.splitlines() if "udp" in line]
+
+
+def _traffic(netns: str) -> None:
+    """UDP from A and from B over loopback, tracked (a ct rule makes conntrack see it)."""
+    subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+    rule = (
+        "add table ip t; add chain ip t out { type filter hook output priority 0; }; "
+        "add rule ip t out ct state new counter"
+    )
+    subprocess.run(["ip", "netns", "exec", netns, "nft", rule], check=True)
+
+    def send() -> None:
+        for source in (A, B):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.bind((source, 0))
+                for port in range(40000, 40005):
+                    sock.sendto(b"x", ("127.0.0.1", port))
+
+    run_in_netns(netns, send)
+
+
+@pytest.mark.parametrize("way", ["filtered-delete", "dump-then-delete"])
+def test_the_connections_of_one_address_go_and_the_others_stay(netns: str, way: str) -> None:
+    _traffic(netns)
+    before = _entries(netns)
+    assert sum(f"src={A} " in e for e in before) == 5, before
+    assert sum(f"src={B} " in e for e in before) == 5
+    if way == "filtered-delete":
+        backend = KernelBackend(netns)
+        try:
+            backend.forget_connections(ipaddress.IPv4Address(A))
+        finally:
+            backend.close()
+    else:  # the way for kernels before filtered deletes (6.10)
+        conntrack = run_in_netns(netns, Conntrack)
+        try:
+            assert conntrack._forget_one_by_one(ipaddress.IPv4Address(A)) == 5
+        finally:
+            conntrack.close()
+    after = _entries(netns)
+    assert not any(f"src={A} " in e for e in after), after
+    assert sum(f"src={B} " in e for e in after) == 5
