@@ -34,6 +34,7 @@ from netvm.errors import (
     host_error,
 )
 from netvm.firewall import BridgeFirewall, ChosenFirewall, Firewall, FirewallKind
+from netvm.firewall.choice import NO_NFTABLES
 from netvm.firewall.guard import VmGuard
 from netvm.host import HostSetup
 from netvm.leases import DamagedStore, LeaseStore, LeaseTransaction
@@ -115,6 +116,8 @@ class NetworkManager:
         self.port_group = naming.port_group(self.config.bridge_name)
         """The link group of this bridge's TAPs (naming.port_group), set with the enslave."""
         self._firewall_kind: FirewallKind | None = None
+        self._fell_back: str | None = None
+        """Why `auto` picked iptables, until the missing default guarantees are said."""
         self._reaper = Reaper(
             self.backend.deleter, f"netvm-reaper-{self.config.bridge_name}", self._sweep
         )
@@ -653,7 +656,9 @@ class NetworkManager:
 
     def _kind(self) -> FirewallKind:
         if self._firewall_kind is None:
-            self._firewall_kind = self.choose_firewall().kind
+            chosen = self.choose_firewall()
+            self._firewall_kind = chosen.kind
+            self._fell_back = chosen.reason if chosen.kind == "iptables" else None
         return self._firewall_kind
 
     def _policy(self, policy: GuestPolicy | None) -> GuestPolicy:
@@ -661,7 +666,18 @@ class NetworkManager:
             return policy
         if self.config.guest_policy is not None:
             return self.config.guest_policy
-        return GuestPolicy() if self._kind() == "nftables" else OPEN
+        if self._kind() == "nftables":
+            return GuestPolicy()
+        if self._fell_back is not None and self._fell_back.startswith(NO_NFTABLES):
+            # Not the host's choice (its legacy tables hold rules) but nftables unusable,
+            # a library missing say: the VMs lose the default anti-spoofing. Said, once.
+            log.warning(
+                "VMs attached without a policy get no guarantee: the default (anti-spoofing) "
+                "needs nftables, and %s",
+                self._fell_back.removeprefix("auto: "),
+            )
+            self._fell_back = None
+        return OPEN
 
     def _guard(self, network: VmNetwork, policy: GuestPolicy, fresh: bool = False) -> None:
         """The firewall's elements for the VM (`fresh`: its TAP was just made)."""

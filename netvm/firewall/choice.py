@@ -14,6 +14,9 @@ from netvm.config import FirewallChoice
 from netvm.errors import ConfigError
 from netvm.firewall.model import Firewall, FirewallKind
 
+NO_NFTABLES = "auto: nftables cannot be used"
+"""The start of the reason when `auto` picks iptables only because nftables is unusable."""
+
 
 class HasFirewalls(Protocol):
     def firewall(self, kind: FirewallKind) -> Firewall: ...
@@ -43,7 +46,7 @@ def choose_firewall(choice: FirewallChoice, backend: HasFirewalls) -> ChosenFire
             raise ConfigError(
                 "firewall", choice, f"no firewall can be used: {nft_missing}; {ipt_missing}"
             )
-        return ChosenFirewall("iptables", f"auto: nftables cannot be used ({nft_missing})", choice)
+        return ChosenFirewall("iptables", f"{NO_NFTABLES} ({nft_missing})", choice)
     # Only a host whose legacy tables hold rules can get iptables: ask nftables only then.
     nft_used = legacy_used and nftables.in_use()
     if legacy_used and not nft_used:

@@ -249,3 +249,23 @@ def test_attaching_again_without_a_policy_keeps_the_vms_own(
         assert policies(manager)["vm-shop"] == GuestPolicy()
         manager.attach_many(["vm-shop"], policy=OPEN)
         assert policies(manager)["vm-shop"] is None
+
+
+def test_auto_without_a_usable_nftables_says_the_default_guarantees_are_lost(
+    config: NetworkConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`auto` turning to iptables because nftables cannot be used (its Python binding
+    missing, say), not because the host's legacy tables hold rules: VMs attached without a
+    policy get no anti-spoofing, and netvm says so once."""
+    backend = FakeBackend()
+    nftables = backend.firewall("nftables")
+    missing = "libnftables' Python binding is not installed"
+    nftables._unavailable = lambda: missing  # type: ignore[attr-defined]
+    with NetworkManager(config, backend) as manager, caplog.at_level("WARNING", "netvm"):
+        manager.ensure_host()
+        manager.attach("vm-1")
+        manager.attach("vm-2")
+        assert policies(manager) == {"vm-1": None, "vm-2": None}
+    said = [r.getMessage() for r in caplog.records if "get no guarantee" in r.getMessage()]
+    assert len(said) == 1, said
+    assert missing in said[0]
