@@ -159,6 +159,7 @@ def _attach_group(
     for vm_id, network in list(made.items()):
         try:
             manager._guard(network, policy, fresh=True)
+            manager._forget_claim(network, policy)
         except NetvmError as exc:
             result.errors[vm_id] = exc
     changes = [

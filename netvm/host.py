@@ -193,6 +193,7 @@ class HostSetup:
             )
         self._ensure_link_local(link, undo)
         self._ensure_no_router_advertisements(link, undo)
+        self._ensure_address(link, undo)
         if link.mtu != mtu or not link.up:
             before = link
             self.backend.set_link(name, mtu=mtu, up=True)
@@ -214,6 +215,23 @@ class HostSetup:
         undo.push(
             f"restore the link-local options of {link.name}",
             lambda: self.backend.set_bridge_options(link.name, have),
+        )
+
+    def _ensure_address(self, link: Link, undo: Undo) -> None:
+        """The bridge's MAC, the gateway's to every guest, is set: left to the kernel, a
+        bridge takes the lowest MAC of its ports, and a TAP's coming or going changed it.
+        The guests kept the old one in their ARP caches, and their frames to it, no longer
+        local, were flooded to the other ports instead of reaching the host (their internet
+        gone until the entry went stale); the host's own ARP table was flushed with each
+        change. Derived from the gateway's address (naming.guest_mac): the same after a
+        teardown and a new ensure_host, and no guest's."""
+        want = naming.guest_mac(self.config.gateway.ip)
+        old = link.address
+        if old is None or old == want:
+            return
+        self.backend.set_link(link.name, address=want)
+        undo.push(
+            f"restore the MAC of {link.name}", lambda: self.backend.set_link(link.name, address=old)
         )
 
     def _ensure_no_router_advertisements(self, link: Link, undo: Undo) -> None:

@@ -30,6 +30,7 @@ from netvm.errors import (
     DeviceExists,
     HostError,
     NetvmError,
+    NotFound,
     StateStoreError,
     host_error,
 )
@@ -637,6 +638,7 @@ class NetworkManager:
         # first frame. A failure from here on is undone by the intent (_recover_attach).
         self._bridge()
         self._guard(network, policy, fresh=True)
+        self._forget_claim(network, policy)
         alias = naming.tap_alias(self.config.bridge_name, network.vm_id, slot)
         self._enslave(name, alias, index, policy.isolated)
 
@@ -683,6 +685,15 @@ class NetworkManager:
         """The firewall's elements for the VM (`fresh`: its TAP was just made)."""
         vm = VmGuard(network.tap_name, network.guest_mac, network.guest_ip, policy)
         self.backend.firewall(self._kind()).guard(self.config.bridge_name, vm, fresh)
+
+    def _forget_claim(self, network: VmNetwork, policy: GuestPolicy) -> None:
+        """The host's ARP entry of a guarded VM's address goes once its guarantees stop new
+        claims: a neighbour without anti-spoofing may have answered for the free address
+        before (the host would send it the VM's traffic until the entry went stale)."""
+        if not policy.anti_spoof:
+            return
+        with suppress(NotFound):
+            self.backend.forget_neighbour(self._bridge(), network.guest_ip)
 
     def _elements(self) -> Firewall | None:
         """The firewall that holds per-VM elements: nftables, where it can be used."""
@@ -734,6 +745,7 @@ class NetworkManager:
         # first frame. A failure from here on is undone by the intent (_recover_attach).
         self._bridge()  # no bridge: say "run ensure_host() first" before anything else
         self._guard(network, policy, fresh=True)
+        self._forget_claim(network, policy)
         alias = naming.tap_alias(self.config.bridge_name, vm_id, lease.slot)
         self._enslave(name, alias, index, policy.isolated)
         log.debug("attached %s as %s", vm_id, name)

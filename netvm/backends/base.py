@@ -87,6 +87,8 @@ class Link:
     accept_ra: int | None = None
     """For a bridge: net.ipv6.conf.<name>.accept_ra, whether the host's IPv6 takes router
     advertisements that arrive on it (None: the device has no IPv6)."""
+    address: bytes | None = None
+    """For a bridge: its MAC, the gateway's to the guests."""
 
 
 NO_MASTER = 0
@@ -253,6 +255,7 @@ class Backend(XtablesTables, Protocol):
         alias: str | None = None,
         isolated: bool | None = None,
         group: int | None = None,
+        address: bytes | None = None,
     ) -> None:
         """Change several attributes of a link in one request; `isolated` (the port's
         isolation, as set_port_isolated) applies once the other changes are made, so it
@@ -308,6 +311,10 @@ class Backend(XtablesTables, Protocol):
     def add_address(self, index: int, interface: ipaddress.IPv4Interface) -> None: ...
 
     def delete_address(self, index: int, interface: ipaddress.IPv4Interface) -> None: ...
+
+    def forget_neighbour(self, index: int, address: ipaddress.IPv4Address) -> None:
+        """Delete the host's neighbour (ARP) entry of `address` on device `index`; NotFound
+        if it has none."""
 
     def get_ip_forward(self) -> bool: ...
 

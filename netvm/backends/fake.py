@@ -74,6 +74,9 @@ class FakeState:
     nftables: FakeRuleset = field(default_factory=FakeRuleset)
     proc: dict[str, str] = field(default_factory=dict)
     """Other /proc/sys/net and /proc/thread-self/net files, by path (ip_forward is above)."""
+    neighbours: dict[tuple[int, ipaddress.IPv4Address], bytes] = field(default_factory=dict)
+    """The host's ARP entries, (device index, address) -> MAC: a test adds what an ARP reply
+    would have taught it."""
     connections: list[Connection] = field(default_factory=list)
     """The conntrack table: a test adds what traffic would have made."""
     ipv6: bool = True
@@ -166,11 +169,15 @@ class FakeBackend:
             self._check_bridge_options("create bridge", name, options)
         self._new_link("create bridge", name, "bridge", mtu)
         accept_ra = 1 if self.state.ipv6 else None
+        link = self.state.links[name]
+        # The kernel gives a new bridge a random MAC (and, unless one is set, its ports').
+        address = bytes([0x0A, 0, 0, 0, link.index >> 8 & 0xFF, link.index & 0xFF])
         made = replace(
-            self.state.links[name],
+            link,
             alias=alias,
             bridge=options or BridgeOptions(),
             accept_ra=accept_ra,
+            address=address,
         )
         self.state.links[name] = made
 
@@ -220,9 +227,10 @@ class FakeBackend:
         alias: str | None = None,
         isolated: bool | None = None,
         group: int | None = None,
+        address: bytes | None = None,
     ) -> None:
-        """Like the kernel's do_setlink: the attributes are applied in its order (MTU,
-        group, alias, flags, then master), and a failing step keeps the earlier ones. Changing
+        """Like the kernel's do_setlink: the attributes are applied in its order (address,
+        MTU, group, alias, flags, then master), and a failing step keeps the earlier ones. Changing
         the master releases the old one before the new one is checked. The isolation is
         a request of its own after that one (as the kernel backend sends it)."""
         operation = "set link"
@@ -236,8 +244,12 @@ class FakeBackend:
             raise host_error(operation, name, errno.ERANGE, "ifalias too long")
         if mtu is not None and not MIN_MTU <= mtu <= MAX_MTU:
             raise host_error(operation, name, errno.EINVAL)
+        if address is not None and (len(address) != 6 or address[0] & 1 or not any(address)):
+            raise host_error(operation, name, errno.EADDRNOTAVAIL)  # eth_mac_addr's rule
         self._mutate(operation, name)
         changes: dict[str, object] = {}
+        if address is not None:
+            changes["address"] = address
         if mtu is not None:
             changes["mtu"] = mtu
         if group is not None:
@@ -312,6 +324,9 @@ class FakeBackend:
     def _remove(self, link: Link) -> None:
         del self.state.links[link.name]
         self.state.addresses = [a for a in self.state.addresses if a.index != link.index]
+        self.state.neighbours = {
+            k: v for k, v in self.state.neighbours.items() if k[0] != link.index
+        }
         for other in list(self.state.links.values()):
             if other.master == link.index:
                 self.state.links[other.name] = replace(other, master=None, isolated=False)
@@ -421,6 +436,13 @@ class FakeBackend:
             raise host_error("delete address", device, errno.EADDRNOTAVAIL, str(interface))
         self._mutate("delete address", device)
         self.state.addresses.remove(Address(index, interface))
+
+    def forget_neighbour(self, index: int, address: ipaddress.IPv4Address) -> None:
+        device = self._device("delete neighbour", index)
+        if (index, address) not in self.state.neighbours:
+            raise host_error(f"delete neighbour {address}", device, errno.ENOENT)
+        self._mutate("delete neighbour", device)
+        del self.state.neighbours[index, address]
 
     # ip_forward -------------------------------------------------------------------------
 

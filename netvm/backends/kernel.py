@@ -82,6 +82,7 @@ def _to_link(info: LinkInfo) -> Link:
         group=info.group,
         bridge=None if info.bridge is None else BridgeOptions(*info.bridge),
         accept_ra=info.accept_ra,
+        address=info.address,
     )
 
 
@@ -350,13 +351,23 @@ class KernelBackend:
         alias: str | None = None,
         isolated: bool | None = None,
         group: int | None = None,
+        address: bytes | None = None,
     ) -> None:
         if isolated is None:
             with _kernel_errors("set link", name):
                 self.rtnl.set_link(
-                    name, index=index, master=master, mtu=mtu, up=up, alias=alias, group=group
+                    name,
+                    index=index,
+                    master=master,
+                    mtu=mtu,
+                    up=up,
+                    alias=alias,
+                    group=group,
+                    address=address,
                 )
             return
+        if address is not None:
+            raise ValueError("set_link: address and isolated in one call")
         change = LinkSetting(name, index, master, mtu, up, alias, isolated, group)
         failed = self.set_links([change])
         if failed:
@@ -432,6 +443,10 @@ class KernelBackend:
     def delete_address(self, index: int, interface: ipaddress.IPv4Interface) -> None:
         with _kernel_errors("delete address " + str(interface), f"index {index}"):
             self.rtnl.change_address(False, index, str(interface.ip), interface.network.prefixlen)
+
+    def forget_neighbour(self, index: int, address: ipaddress.IPv4Address) -> None:
+        with _kernel_errors("delete neighbour " + str(address), f"index {index}"):
+            self.rtnl.delete_neighbour(index, str(address))
 
     # Read-only views for `doctor` -------------------------------------------------------
 

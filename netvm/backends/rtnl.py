@@ -46,7 +46,10 @@ RTM_SETLINK = 19
 RTM_NEWADDR = 20
 RTM_DELADDR = 21
 RTM_GETADDR = 22
+RTM_DELNEIGH = 29
+NDA_DST = 1
 
+IFLA_ADDRESS = 1
 IFLA_IFNAME = 3
 IFLA_MTU = 4
 IFLA_MASTER = 10
@@ -84,6 +87,7 @@ IFF_UP = 0x1
 _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefix length, flags, scope, index
+_NDMSG = struct.Struct("=BxxxiHBB")  # family, index, state, flags, type
 _RTATTR = struct.Struct("=HH")  # length, type
 _U32 = struct.Struct("=I")
 _U16 = struct.Struct("=H")
@@ -146,6 +150,8 @@ class LinkInfo:
     """For a bridge: (IFLA_BR_GROUP_FWD_MASK, the no_linklocal_learn option, STP on)."""
     accept_ra: int | None = None
     """For a bridge: its net.ipv6.conf accept_ra (None: the device has no IPv6)."""
+    address: bytes | None = None
+    """For a bridge: its MAC (IFLA_ADDRESS)."""
 
 
 def bridge_data(group_fwd_mask: int, no_linklocal_learn: bool, stp: bool) -> bytes:
@@ -173,7 +179,16 @@ def _bridge_options(data: bytes | memoryview, start: int, stop: int) -> tuple[in
 
 
 _LINK_ATTRS = frozenset(
-    {IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_IFALIAS, IFLA_GROUP, IFLA_LINKINFO, IFLA_AF_SPEC}
+    {
+        IFLA_ADDRESS,
+        IFLA_IFNAME,
+        IFLA_MTU,
+        IFLA_MASTER,
+        IFLA_IFALIAS,
+        IFLA_GROUP,
+        IFLA_LINKINFO,
+        IFLA_AF_SPEC,
+    }
 )
 
 
@@ -197,6 +212,7 @@ def parse_link(data: bytes | memoryview, offset: int, end: int) -> LinkInfo:
     isolated = False
     bridge: tuple[int, bool, bool] | None = None
     af_spec: tuple[int, int] | None = None
+    mac: tuple[int, int] | None = None
     u32 = _U32.unpack_from
     unpack = _RTATTR.unpack_from
     at = offset + _HEADER + _IFINFOMSG.size
@@ -220,6 +236,8 @@ def parse_link(data: bytes | memoryview, offset: int, end: int) -> LinkInfo:
             (group,) = u32(data, start)
         elif kind_ == IFLA_AF_SPEC:
             af_spec = (start, stop)
+        elif kind_ == IFLA_ADDRESS:
+            mac = (start, stop)
         elif kind_ == IFLA_LINKINFO:
             info_data: tuple[int, int] | None = None
             for info, info_start, info_stop in attrs(data, start, stop):
@@ -250,8 +268,21 @@ def parse_link(data: bytes | memoryview, offset: int, end: int) -> LinkInfo:
     up = bool(flags & IFF_UP)
     # Decoded for bridges only: a TAP's look-up on the attach path does not pay for it.
     accept_ra = _accept_ra(data, *af_spec) if kind == "bridge" and af_spec else None
+    address = bytes(data[mac[0] : mac[1]]) if kind == "bridge" and mac else None
     return LinkInfo(
-        index, name, kind, master or None, mtu, up, alias, group, tun, isolated, bridge, accept_ra
+        index,
+        name,
+        kind,
+        master or None,
+        mtu,
+        up,
+        alias,
+        group,
+        tun,
+        isolated,
+        bridge,
+        accept_ra,
+        address,
     )
 
 
@@ -276,6 +307,7 @@ def _newlink_body(
     mtu: int | None = None,
     alias: str | None = None,
     group: int | None = None,
+    address: bytes | None = None,
 ) -> bytes:
     """An RTM_NEWLINK body: the device by `index` (or by `name` when index is 0, else
     `name` renames it); None leaves an attribute as is, master 0 releases the device."""
@@ -290,6 +322,8 @@ def _newlink_body(
         body += u32_attr(IFLA_GROUP, group)
     if alias is not None:
         body += attr(IFLA_IFALIAS, alias.encode())
+    if address is not None:
+        body += attr(IFLA_ADDRESS, address)
     return body
 
 
@@ -458,10 +492,18 @@ class Rtnl:
         up: bool | None = None,
         alias: str | None = None,
         group: int | None = None,
+        address: bytes | None = None,
     ) -> None:
         """One RTM_NEWLINK on the device called `name` (or with ifindex `index`)."""
-        body = _newlink_body(index or 0, None if index else name, up, master, mtu, alias, group)
+        body = _newlink_body(
+            index or 0, None if index else name, up, master, mtu, alias, group, address
+        )
         self.request(RTM_NEWLINK, 0, body)
+
+    def delete_neighbour(self, index: int, address: str) -> None:
+        """RTM_DELNEIGH of the IPv4 neighbour entry `address` on device `index`."""
+        body = _NDMSG.pack(socket.AF_INET, index, 0, 0, 0)
+        self.request(RTM_DELNEIGH, 0, body + attr(NDA_DST, socket.inet_aton(address)))
 
     def set_port_isolated(self, index: int, isolated: bool) -> None:
         """The kernel's isolation of bridge port `index` (RTM_SETLINK, AF_BRIDGE, protinfo).

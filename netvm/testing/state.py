@@ -29,6 +29,7 @@ def snapshot(backend: Backend) -> dict[str, Any]:
                 link.alias,
                 link.tap,
                 link.accept_ra,
+                link.address,
             )
             for link in links
         ),

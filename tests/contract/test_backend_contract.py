@@ -240,3 +240,34 @@ def test_delete_by_index_spares_a_newer_device_of_the_same_name(backend: Backend
     assert new is not None
     backend.delete_link("tap0", index=new.index)
     assert backend.get_link("tap0") is None
+
+
+def _learn_neighbour(backend: Backend, index: int, address: str, mac: bytes) -> None:
+    """What an ARP request to the host from `address` would teach it."""
+    from netvm import FakeBackend, KernelBackend
+
+    if isinstance(backend, FakeBackend):
+        backend.state.neighbours[index, ipaddress.IPv4Address(address)] = mac
+        return
+    assert isinstance(backend, KernelBackend)
+    assert backend.netns is not None
+    import subprocess
+
+    shown = ":".join(f"{b:02x}" for b in mac)
+    link = next(link.name for link in backend.list_links() if link.index == index)
+    subprocess.run(
+        ["ip", "-n", backend.netns, "neigh", "add", address, "lladdr", shown, "dev", link],
+        check=True,
+    )
+
+
+def test_a_neighbour_entry_is_forgotten_and_a_missing_one_is_not_found(backend: Backend) -> None:
+    backend.create_bridge("br0", 1500)
+    bridge = backend.get_link("br0")
+    assert bridge is not None
+    backend.set_link("br0", up=True)
+    _learn_neighbour(backend, bridge.index, "192.0.2.7", bytes.fromhex("026666666666"))
+    backend.forget_neighbour(bridge.index, ipaddress.IPv4Address("192.0.2.7"))
+    with pytest.raises(NotFound) as missing:
+        backend.forget_neighbour(bridge.index, ipaddress.IPv4Address("192.0.2.7"))
+    assert errno_of(missing) == errno.ENOENT

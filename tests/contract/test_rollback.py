@@ -135,8 +135,8 @@ def test_every_step_of_ensure_host_rolls_back(
     target = armed(backend)
     with NetworkManager(dataclasses.replace(config, firewall=kind), target) as manager:
         steps = walk_failures(target, lambda m: m.ensure_host(), manager)
-    # bridge, accept_ra, up, address, ip_forward, then the firewall
-    assert steps == 5 + firewall_steps
+    # bridge, accept_ra, its MAC, up, address, ip_forward, then the firewall
+    assert steps == 6 + firewall_steps
 
 
 def test_every_step_of_attach_rolls_back(backend: Backend, config: NetworkConfig) -> None:

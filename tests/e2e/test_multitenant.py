@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 from pyroute2 import IPRoute
 
-from netvm import ConfigError, KernelBackend, NetworkConfig, NetworkManager
+from netvm import ConfigError, KernelBackend, NetworkConfig, NetworkManager, naming
 from netvm.naming import VmNetwork
 from netvm.policy import OPEN, GuestPolicy
 from netvm.testing import (
@@ -949,3 +949,81 @@ def test_a_vm_given_a_detached_vms_address_gets_none_of_its_flows(
     finally:
         peer.close()
     assert inherited is not on
+
+
+def _neighbour_mac(netns: str, address: ipaddress.IPv4Address) -> str | None:
+    shown = subprocess.run(
+        ["ip", "-n", netns, "neigh", "show", str(address), "dev", "nvbr0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return shown[shown.index("lladdr") + 1] if "lladdr" in shown else None
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["netvm", "control-entry-kept"])
+def test_an_address_claimed_before_its_vm_came_is_not_the_claimants(
+    host: NetworkManager, topology: Topology, on: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A neighbour without anti-spoofing asks the gateway from a free address: the host
+    learns that address at the neighbour's MAC, and would send the traffic of the guarded
+    VM given the address next there, until the entry went stale. The attach deletes the
+    entry once the VM's guarantees stop new claims; the control keeps it."""
+    if not on:
+        monkeypatch.setattr(host.backend, "forget_neighbour", lambda index, address: None)
+    netns = topology.host_netns
+    with guest(host, "claimant", OPEN) as o:
+        address = host.attach("victim").guest_ip
+        host.detach("victim")  # its address is free again; the next attach gets it back
+        gateway = str(host.config.gateway.ip)
+        claim = arp_frame(o.network.guest_mac, 1, o.network.guest_mac, str(address), gateway)
+        claimant = ":".join(f"{b:02x}" for b in o.network.guest_mac)
+        for _ in range(20):  # the first frames after the detach are not always learnt
+            send(o, claim)
+            time.sleep(0.1)
+            if _neighbour_mac(netns, address) == claimant:
+                break
+        assert _neighbour_mac(netns, address) == claimant, "the claim was learnt"
+        assert host.attach("victim").guest_ip == address
+        assert (_neighbour_mac(netns, address) == claimant) is not on
+
+
+# The gateway's MAC -------------------------------------------------------------------------
+
+
+def _bridge_address(netns: str) -> str:
+    shown = subprocess.run(
+        ["ip", "-n", netns, "-o", "link", "show", "nvbr0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return shown[shown.index("link/ether") + 1]
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["netvm", "control-mac-changed"])
+def test_the_gateways_mac_outlives_other_vms_coming_and_going(
+    host: NetworkManager, topology: Topology, on: bool
+) -> None:
+    """A bridge left to the kernel takes its lowest port's MAC: a TAP coming or going
+    changed the gateway's MAC, and guests that had the old one in their ARP cache reached
+    the host no more. The guest here keeps the MAC it learnt (a permanent entry, so that it
+    cannot quietly learn a new one); the control changes the bridge's MAC as the kernel did."""
+    netns = topology.host_netns
+    gateway = str(host.config.gateway.ip)
+    expected = ":".join(f"{b:02x}" for b in naming.guest_mac(host.config.gateway.ip))
+    with guest(host, "stays") as a:
+        assert a.ping(gateway)
+        learnt = _bridge_address(netns)
+        assert learnt == expected
+        pin = ["ip", "-n", a.netns, "neigh", "replace", gateway, "lladdr", learnt]
+        subprocess.run([*pin, "nud", "permanent", "dev", "eth0"], check=True)
+        for i in range(4):
+            host.attach(f"comes-{i}", policy=OPEN)
+        host.detach_many([f"comes-{i}" for i in range(4)])
+        host.wait_detached(5)
+        assert _bridge_address(netns) == expected
+        if not on:
+            other = ["ip", "-n", netns, "link", "set", "nvbr0", "address", "02:6e:00:00:00:99"]
+            subprocess.run(other, check=True)
+        assert a.ping(gateway) is on
