@@ -1,11 +1,27 @@
 """netvm: host networking for microVMs, straight through netlink, netfilter and TUN ioctls.
 
-The public names below are loaded on first use (PEP 562), so `import netvm` costs almost
-nothing and a command loads only what it needs: `from netvm import NetworkManager` loads the
-manager and the kernel backend, not the in-memory fake or the doctor. Type checkers see the
-names through the TYPE_CHECKING imports, which list the same names as `_LAZY`
-(tests/unit/test_exported_members.py holds the two lists and `__all__` equal).
+A bridge with a gateway address, IPv4 forwarding, NAT toward an egress interface, and one
+TAP per VM with a leased address, a MAC and the kernel's `ip=` argument:
+
+    from netvm import NetworkConfig, NetworkManager
+
+    config = NetworkConfig(bridge_name="fcbr0", vm_subnet="172.30.0.0/24",
+                           host_egress_iface="eth0")
+    with NetworkManager(config) as net:      # as root, or with CAP_NET_ADMIN
+        net.ensure_host()                    # bridge, gateway, ip_forward, NAT and rules
+        vm = net.attach("vm-1")              # VmNetwork: tap_name, guest_ip, guest_mac...
+        print(vm.tap_name, vm.guest_ip, vm.kernel_ip_arg())
+        net.detach("vm-1")
+
+Every error is a NetvmError naming what failed and what to do. The README has the rest:
+the CLI (`netvm --help`), guest policies, firewalls, asyncio, the testing helpers.
 """
+
+# The public names below are loaded on first use (PEP 562), so `import netvm` costs almost
+# nothing and a command loads only what it needs: `from netvm import NetworkManager` loads
+# the manager and the kernel backend, not the in-memory fake or the doctor. Type checkers
+# see the names through the TYPE_CHECKING imports, which list the same names as `_LAZY`
+# (tests/unit/test_exported_members.py holds the two lists and `__all__` equal).
 
 from __future__ import annotations
 
@@ -24,6 +40,7 @@ if TYPE_CHECKING:
     from netvm.config import NetworkConfig
     from netvm.diagnosis import Finding, doctor
     from netvm.errors import (
+        Closed,
         ConfigError,
         ConflictError,
         DeviceExists,
@@ -79,6 +96,7 @@ _LAZY: dict[str, str] = {
     "StateStoreError": "netvm.errors",
     "SubnetExhausted": "netvm.errors",
     "UsedAfterFork": "netvm.errors",
+    "Closed": "netvm.errors",
     "TapOptions": "netvm.backends.base",
     "VmNetwork": "netvm.naming",
     "cloud_hypervisor_net": "netvm.glue",
@@ -97,6 +115,7 @@ __all__ = [
     "Attachment",
     "Backend",
     "BridgeFirewall",
+    "Closed",
     "ConfigError",
     "ConflictError",
     "DeviceExists",
@@ -140,6 +159,15 @@ def __getattr__(name: str) -> Any:
     Any other name raises AttributeError, which is also what lets `from netvm import naming`
     fall through to importing the submodule.
     """
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("netvm")
+        except PackageNotFoundError:  # a checkout on sys.path, not installed
+            found = "unknown"
+        globals()[name] = found
+        return found
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'netvm' has no attribute {name!r}")

@@ -45,7 +45,7 @@ from netvm.attaching import AttachManyResult
 from netvm.backends.base import Backend, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
-from netvm.errors import NetvmError
+from netvm.errors import Closed, NetvmError
 from netvm.manager import Attachment, NetworkManager
 from netvm.naming import VmNetwork
 from netvm.policy import GuestPolicy
@@ -208,7 +208,7 @@ class AsyncNetworkManager:
     def _submit(self, lane: _Lane, fn: Callable[[], T], *, closing: bool = False) -> Future[T]:
         with self._lock:
             if self._closed and not closing:
-                raise RuntimeError("the AsyncNetworkManager is closed")
+                raise Closed("the AsyncNetworkManager")
             future = lane.executor.submit(fn)
             lane.queued += 1
         future.add_done_callback(lambda _: self._done(lane))
@@ -266,7 +266,7 @@ class AsyncNetworkManager:
         once the TAPs detached so far are deleted, False after `timeout` seconds. It waits
         on a thread of its own, not behind the calls queued on the managers'."""
         if self._closed:
-            raise RuntimeError("the AsyncNetworkManager is closed")
+            raise Closed("the AsyncNetworkManager")
         managers = [self._main.manager, *(lane.manager for lane in self._detachers)]
 
         def wait() -> bool:

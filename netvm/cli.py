@@ -504,7 +504,10 @@ def _attach(args: argparse.Namespace, manager: NetworkManager) -> int:
         tap = TapOptions(args.owner, args.group, args.multi_queue, args.vnet_hdr)
     if args.vnet_hdr:
         tap = TapOptions(tap.owner, tap.group, tap.multi_queue, True)
-    glue.queue_pairs_for(tap, args.queues)
+    try:
+        glue.queue_pairs_for(tap, args.queues)
+    except ConfigError as exc:  # under the option's name
+        raise ConfigError("--queues", exc.value, exc.allowed) from None
     policy = cli_policy.policy_from_args(args, manager.config.guest_policy)
     # Check the ip= and VMM fields before anything is created.
     for vm_id in args.vm_id:
@@ -515,7 +518,11 @@ def _attach(args: argparse.Namespace, manager: NetworkManager) -> int:
             option = _IP_ARG_OPTIONS.get(exc.field, exc.field)
             raise ConfigError(option, exc.value, exc.allowed) from None
         if args.vmm is not None:  # the VMM fields too (--iface-id, --queues)
-            _vmm_config(args, probe, tap, "", manager.config.mtu)
+            try:
+                _vmm_config(args, probe, tap, "", manager.config.mtu)
+            except ConfigError as exc:
+                option = _VMM_OPTIONS.get(exc.field, exc.field)
+                raise ConfigError(option, exc.value, exc.allowed) from None
     if len(args.vm_id) == 1:
         network = manager.attach(args.vm_id[0], tap, policy)
         link = manager.backend.get_link(network.tap_name)
@@ -673,6 +680,7 @@ def _run(args: argparse.Namespace, manager: NetworkManager) -> int:
 
 
 _IP_ARG_OPTIONS = {"hostname": "--hostname", "device": "--guest-device", "dns": "--dns"}
+_VMM_OPTIONS = {"iface_id": "--iface-id", "queue_pairs": "--queues", "multi_queue": "--multi-queue"}
 STATE_DIR_OPTION_HINT = "--state-dir (MICROVM_NETWORK_STATE_DIR) must be a writable directory"
 
 

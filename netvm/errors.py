@@ -64,6 +64,14 @@ class StateStoreError(NetvmError):
         super().__init__(f"{operation} {path} failed: {detail}")
 
 
+class Closed(NetvmError, RuntimeError):
+    """A NetworkManager, KernelBackend or AsyncNetworkManager used after close()."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(f"{what} is closed: make a new one")
+
+
 class UsedAfterFork(NetvmError):
     """A backend or lease store made before fork() is used in the child: its netlink
     sockets and lock file descriptors are the parent's (a reply could reach either

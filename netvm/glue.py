@@ -87,6 +87,10 @@ def queue_pairs_for(tap: TapOptions, queue_pairs: int | None = None) -> int:
 # Firecracker ------------------------------------------------------------------------------
 
 
+MAX_FIRECRACKER_ID = 64
+"""The longest id Firecracker's API server takes (its checked_id)."""
+
+
 def firecracker_network_interface(
     network: VmNetwork, tap: TapOptions, iface_id: str = "eth0"
 ) -> dict[str, str]:
@@ -103,10 +107,11 @@ def firecracker_network_interface(
     # src/firecracker/src/api_server/parsed_request.rs): a '-' is a 400 InvalidID.
     if (
         not isinstance(iface_id, str)
-        or not iface_id
+        or not 0 < len(iface_id) <= MAX_FIRECRACKER_ID
         or not all(c.isascii() and (c.isalnum() or c == "_") for c in iface_id)
     ):
-        raise ConfigError("iface_id", iface_id, "ASCII letters, digits and '_'")
+        rule = f"1 to {MAX_FIRECRACKER_ID} ASCII letters, digits and '_'"
+        raise ConfigError("iface_id", iface_id, rule)
     return {
         "iface_id": iface_id,
         "host_dev_name": network.tap_name,

@@ -25,6 +25,7 @@ from netvm.backends.base import Backend, Link, LinkChange, TapOptions
 from netvm.backends.kernel import KernelBackend
 from netvm.config import NetworkConfig
 from netvm.errors import (
+    Closed,
     ConfigError,
     ConflictError,
     DeviceExists,
@@ -113,6 +114,7 @@ class NetworkManager:
             self.config.vm_subnet,
             repair=self._repair,
         )
+        self._closed = False
         self._bridge_index: int | None = None
         self.port_group = naming.port_group(self.config.bridge_name)
         """The link group of this bridge's TAPs (naming.port_group), set with the enslave."""
@@ -138,11 +140,16 @@ class NetworkManager:
         """Wait (at most `timeout` seconds) for the deletion of the TAPs detached so far,
         then release everything. What is not deleted by then is left, marked, to the next
         ensure_host or gc."""
+        self._closed = True
         self._reaper.close(timeout)
         self.leases.close()
         self.host.close()
         if self._owns_backend:
             self.backend.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed("the NetworkManager")
 
     def __enter__(self) -> NetworkManager:
         return self
@@ -171,6 +178,7 @@ class NetworkManager:
         Only what is missing is added; running it again changes nothing. If a step fails,
         what this call created is removed before the error is raised.
         """
+        self._check_open()
         undo = _Undo()
         with self.host.locked():
             # Reads first: a bridge another configuration owns, or an unusable state_dir,
@@ -315,6 +323,7 @@ class NetworkManager:
         if netvm created it. Nothing that is not netvm's is touched; running it on a clean
         host is success.
         """
+        self._check_open()
         with self.host.locked(required=False):
             try:
                 self._check_owner(again=True, claim=True)  # an older mark too: all of it goes
@@ -496,6 +505,7 @@ class NetworkManager:
         take a tenant's isolation away). If a step fails, the TAP and the lease this call
         created are removed.
         """
+        self._check_open()
         vm_id = naming.validate_vm_id(vm_id)
         check_attach_args(tap, policy)
         options = tap if tap is not None else TapOptions()
@@ -521,6 +531,7 @@ class NetworkManager:
         to its error, and a VM that failed left nothing behind. Errors that concern every
         VM (no bridge, the lease store) raise, and nothing of this call is left.
         """
+        self._check_open()
         return attaching.attach_many(self, vm_ids, tap, policy)
 
     def _reattach_if_leased(self, vm_id: str, tap: TapOptions | None, policy: GuestPolicy) -> bool:
@@ -899,6 +910,7 @@ class NetworkManager:
         reaper's thread deletes the group, all the TAPs detached meanwhile in one request
         (netvm/reaper.py).
         """
+        self._check_open()
         vm_id = naming.validate_vm_id(vm_id)
         detaching.detach(self, [vm_id])
 
@@ -906,6 +918,7 @@ class NetworkManager:
         """Detach each vm_id: one lock, the TAPs looked up and changed in pipelined
         requests, one deferred deletion. Every TAP is checked first (a ConflictError
         changes nothing); the leases are committed every detaching.DETACH_CHUNK VMs."""
+        self._check_open()
         wanted = list(dict.fromkeys(naming.validate_vm_ids("vm_ids", vm_ids)))
         if wanted:
             detaching.detach(self, wanted)
@@ -967,6 +980,7 @@ class NetworkManager:
         The TAPs are deleted in one kernel request. With the lease store unusable (state_dir
         read-only, say), the TAPs are found and deleted from the kernel alone.
         """
+        self._check_open()
         kept = set(naming.validate_vm_ids("keep", keep))
         self._check_owner(again=True)
         return self._collect(kept)
@@ -1040,6 +1054,7 @@ class NetworkManager:
     # Defined last: inside the class body, the name `list` is this method from here on.
     def list(self) -> list[Attachment]:
         """Every VM of this bridge: leased ones, and netvm TAPs on the bridge without a lease."""
+        self._check_open()
         with self.leases.transaction() as tx:
             found = self._list(tx, netvm_taps(self.backend, self.config.bridge_name))
         firewall = self._elements()

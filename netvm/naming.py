@@ -71,12 +71,20 @@ def check_guest_device(device: object) -> str:
 
 
 def check_dns_server(server: object) -> str:
+    """A unicast IPv4 address: 0.0.0.0, 255.255.255.255 and multicast serve no one."""
+    rule = "a unicast IPv4 address (not 0.0.0.0, 255.255.255.255 or multicast)"
     try:
         if not isinstance(server, (str, ipaddress.IPv4Address)):
             raise ValueError(server)
-        return str(ipaddress.IPv4Address(server))
+        address = ipaddress.IPv4Address(server)
     except ValueError:
-        raise ConfigError("dns", server, "an IPv4 address") from None
+        raise ConfigError("dns", server, rule) from None
+    if address.is_unspecified or address.is_multicast or address == BROADCAST:
+        raise ConfigError("dns", server, rule)
+    return str(address)
+
+
+BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 def validate_vm_id(vm_id: object) -> str:

@@ -35,7 +35,7 @@ from netvm.backends.base import (
 from netvm.backends.netns import NamespaceThread
 from netvm.backends.rtnl import LinkInfo, Rtnl, RtnlError
 from netvm.backends.tun import create_persistent_tap, open_tun
-from netvm.errors import HostError, NetvmError, UsedAfterFork, host_error
+from netvm.errors import Closed, HostError, NetvmError, UsedAfterFork, host_error
 
 if TYPE_CHECKING:
     # Imported where used: python-iptables, libnftables and the firewall modules cost a
@@ -150,7 +150,7 @@ class KernelBackend:
     def rtnl(self) -> Rtnl:
         self._check_process()
         if self._rtnl is None:
-            raise RuntimeError("the backend is closed")
+            raise Closed(f"the KernelBackend of {self.netns or 'this namespace'}")
         return self._rtnl
 
     def _call(self, fn: Callable[[], T]) -> T:

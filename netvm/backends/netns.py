@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
-from netvm.errors import PermissionDenied, host_error
+from netvm.errors import Closed, PermissionDenied, host_error
 
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = Path("/run/netns")
@@ -52,7 +52,8 @@ def enter_netns(netns: str) -> None:
                     hint="entering a network namespace needs CAP_SYS_ADMIN (and CAP_NET_ADMIN "
                     "in it): run as root or grant both capabilities",
                 )
-            raise host_error("enter network namespace", str(path), code)
+            detail = "not a network namespace" if code == errno.EINVAL else ""
+            raise host_error("enter network namespace", str(path), code, detail)
     finally:
         os.close(fd)
 
@@ -97,7 +98,7 @@ class NamespaceThread:
         future: Future[T] = Future()
         with self._lock:
             if self._closed or not self._thread.is_alive():
-                raise RuntimeError("the backend is closed")
+                raise Closed(f"the KernelBackend of {self.netns or 'this namespace'}")
             self._queue.put((fn, future))
         return future.result()
 

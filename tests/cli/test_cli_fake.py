@@ -363,10 +363,13 @@ def test_bad_vm_id(run: Run, state: FakeState, vm_id: str) -> None:
     ("argv", "expected"),
     [
         (["--for", "firecracker", "--multi-queue"], "Firecracker opens its TAP without"),
-        (["--queues", "2"], "invalid queue_pairs: 2"),
-        (["--multi-queue", "--queues", "1"], "invalid queue_pairs: 1"),
+        (["--queues", "2"], "invalid --queues: 2"),
+        (["--multi-queue", "--queues", "1"], "invalid --queues: 1"),
         (["--dns", "192.0.2.1", "--dns", "192.0.2.2", "--dns", "192.0.2.3"], "at most 2"),
-        (["--dns", "1.2.3"], "invalid --dns: '1.2.3': an IPv4 address"),
+        (["--dns", "1.2.3"], "invalid --dns: '1.2.3': a unicast IPv4 address"),
+        (["--dns", "0.0.0.0"], "invalid --dns: '0.0.0.0': a unicast IPv4 address"),
+        (["--dns", "255.255.255.255"], "invalid --dns: '255.255.255.255'"),
+        (["--for", "firecracker", "--owner", "0", "--iface-id", "a" * 65], "1 to 64 ASCII"),
         (["--hostname", "a:b"], "invalid --hostname: 'a:b'"),
         (["--guest-device", "a/b"], "invalid --guest-device: 'a/b'"),
     ],
@@ -465,7 +468,7 @@ def test_a_bad_vmm_field_is_refused_before_the_tap_is_made(
     assert run("ensure-host").code == 0
     refused = run("attach", "vm-a", *vmm_args)
     assert refused.code == 1
-    assert "iface_id" in refused.err
+    assert "invalid --iface-id" in refused.err
     assert not [link for link in state.links.values() if link.kind == "tun"]
     assert run("attach", "vm-a", "--for", "firecracker").code == 0  # the control
 

@@ -435,3 +435,33 @@ def test_an_unusable_state_dir_fails_ensure_host_before_the_kernel_is_touched(
     ):
         m.ensure_host()
     assert snapshot(backend) == before
+
+
+def test_a_closed_manager_refuses_with_a_netvm_error(
+    config: NetworkConfig, backend: Backend
+) -> None:
+    """After close(), a call would work on a lease store and a backend let go of (ensure_host
+    made the bridge again): it is Closed, a NetvmError (and a RuntimeError), and changes
+    nothing."""
+    from netvm import Closed, NetvmError
+    from netvm.testing import snapshot
+
+    manager = NetworkManager(config, backend)
+    manager.ensure_host()
+    manager.close()
+    before = snapshot(backend)
+    for call in (
+        manager.ensure_host,
+        manager.teardown_host,
+        manager.list,
+        manager.gc,
+        lambda: manager.attach("vm-1"),
+        lambda: manager.attach_many(["vm-1"]),
+        lambda: manager.detach("vm-1"),
+        lambda: manager.detach_many(["vm-1"]),
+    ):
+        with pytest.raises(Closed) as refused:
+            call()
+        assert isinstance(refused.value, NetvmError)
+        assert isinstance(refused.value, RuntimeError)
+    assert snapshot(backend) == before
