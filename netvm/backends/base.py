@@ -64,6 +64,9 @@ class BridgeOptions:
     group_fwd_mask: int = 0
     no_linklocal_learn: bool = False
     stp: bool = False
+    fdb_max_learned: int | None = None
+    """The cap on MACs the bridge learns (0: none); None where the kernel has no cap
+    (before 6.8): a guest without anti-spoofing could otherwise fill the FDB."""
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,8 @@ class FakeState:
     would have taught it."""
     connections: list[Connection] = field(default_factory=list)
     """The conntrack table: a test adds what traffic would have made."""
+    fdb_cap: bool = True
+    """The kernel caps learnt FDB entries on request (IFLA_BR_FDB_MAX_LEARNED, 6.8+)."""
     ipv6: bool = True
     """The kernel has IPv6 (its devices have net.ipv6.conf); the fake models accept_ra for
     bridges only, as netvm reads it for those."""
@@ -175,7 +177,7 @@ class FakeBackend:
         made = replace(
             link,
             alias=alias,
-            bridge=options or BridgeOptions(),
+            bridge=self._as_kept(options or BridgeOptions(), None),
             accept_ra=accept_ra,
             address=address,
         )
@@ -188,7 +190,17 @@ class FakeBackend:
             raise host_error(operation, name, errno.EOPNOTSUPP)
         self._check_bridge_options(operation, name, options)
         self._mutate(operation, name)
-        self.state.links[name] = replace(link, bridge=options)
+        self.state.links[name] = replace(link, bridge=self._as_kept(options, link.bridge))
+
+    def _as_kept(self, options: BridgeOptions, before: BridgeOptions | None) -> BridgeOptions:
+        """What the kernel keeps: without the FDB cap (before 6.8) none is reported; a
+        cap not given is left as it was (0, none, on a new bridge)."""
+        if not self.state.fdb_cap:
+            return replace(options, fdb_max_learned=None)
+        if options.fdb_max_learned is None:
+            kept = before.fdb_max_learned if before is not None else None
+            return replace(options, fdb_max_learned=kept or 0)
+        return options
 
     @staticmethod
     def _check_bridge_options(operation: str, name: str, options: BridgeOptions) -> None:

@@ -220,7 +220,12 @@ class KernelBackend:
         """
         info = None
         if options is not None:
-            info = rtnl.bridge_data(options.group_fwd_mask, options.no_linklocal_learn, options.stp)
+            info = rtnl.bridge_data(
+                options.group_fwd_mask,
+                options.no_linklocal_learn,
+                options.stp,
+                options.fdb_max_learned,
+            )
         with _kernel_errors("create bridge", name):
             self.rtnl.create_link(name, "bridge", info, group or None)
         try:
@@ -236,7 +241,11 @@ class KernelBackend:
     def set_bridge_options(self, name: str, options: BridgeOptions) -> None:
         with _kernel_errors("set bridge options", name):
             self.rtnl.set_bridge(
-                name, options.group_fwd_mask, options.no_linklocal_learn, options.stp
+                name,
+                options.group_fwd_mask,
+                options.no_linklocal_learn,
+                options.stp,
+                options.fdb_max_learned,
             )
 
     def forget_connections(self, address: ipaddress.IPv4Address) -> None:

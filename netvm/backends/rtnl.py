@@ -66,6 +66,7 @@ IFLA_BRPORT_ISOLATED = 33
 IFLA_BR_STP_STATE = 5
 IFLA_BR_GROUP_FWD_MASK = 9
 IFLA_BR_MULTI_BOOLOPT = 46
+IFLA_BR_FDB_MAX_LEARNED = 49
 AF_INET6 = 10
 IFLA_INET6_CONF = 2
 DEVCONF_ACCEPT_RA = 3
@@ -146,26 +147,35 @@ class LinkInfo:
     """For a TAP/TUN device: (owner, group, multi_queue, vnet_hdr)."""
     isolated: bool = False
     """For a bridge port: IFLA_BRPORT_ISOLATED."""
-    bridge: tuple[int, bool, bool] | None = None
-    """For a bridge: (IFLA_BR_GROUP_FWD_MASK, the no_linklocal_learn option, STP on)."""
+    bridge: tuple[int, bool, bool, int | None] | None = None
+    """For a bridge: (IFLA_BR_GROUP_FWD_MASK, the no_linklocal_learn option, STP on, the
+    cap on learnt FDB entries or None where the kernel has none)."""
     accept_ra: int | None = None
     """For a bridge: its net.ipv6.conf accept_ra (None: the device has no IPv6)."""
     address: bytes | None = None
     """For a bridge: its MAC (IFLA_ADDRESS)."""
 
 
-def bridge_data(group_fwd_mask: int, no_linklocal_learn: bool, stp: bool) -> bytes:
-    """IFLA_LINKINFO of a bridge with these link-local options."""
+def bridge_data(
+    group_fwd_mask: int, no_linklocal_learn: bool, stp: bool, fdb_max_learned: int | None = None
+) -> bytes:
+    """IFLA_LINKINFO of a bridge with these link-local options (and, unless None, this
+    cap on learnt FDB entries: a kernel before 6.8 ignores the attribute)."""
     learn = 1 << BR_BOOLOPT_NO_LL_LEARN
     data = attr(IFLA_BR_GROUP_FWD_MASK, _U16.pack(group_fwd_mask)) + attr(
         IFLA_BR_MULTI_BOOLOPT, _U32.pack(learn if no_linklocal_learn else 0) + _U32.pack(learn)
     )
     data += u32_attr(IFLA_BR_STP_STATE, int(stp))
+    if fdb_max_learned is not None:
+        data += u32_attr(IFLA_BR_FDB_MAX_LEARNED, fdb_max_learned)
     return attr(IFLA_LINKINFO, attr(IFLA_INFO_KIND, b"bridge") + attr(IFLA_INFO_DATA, data))
 
 
-def _bridge_options(data: bytes | memoryview, start: int, stop: int) -> tuple[int, bool, bool]:
+def _bridge_options(
+    data: bytes | memoryview, start: int, stop: int
+) -> tuple[int, bool, bool, int | None]:
     mask, no_learn, stp = 0, False, False
+    fdb_max: int | None = None
     for kind, begin, _ in attrs(data, start, stop):
         if kind == IFLA_BR_GROUP_FWD_MASK:
             (mask,) = _U16.unpack_from(data, begin)
@@ -175,7 +185,9 @@ def _bridge_options(data: bytes | memoryview, start: int, stop: int) -> tuple[in
         elif kind == IFLA_BR_STP_STATE:
             (state,) = _U32.unpack_from(data, begin)
             stp = state != 0
-    return mask, no_learn, stp
+        elif kind == IFLA_BR_FDB_MAX_LEARNED:
+            (fdb_max,) = _U32.unpack_from(data, begin)
+    return mask, no_learn, stp, fdb_max
 
 
 _LINK_ATTRS = frozenset(
@@ -210,7 +222,7 @@ def parse_link(data: bytes | memoryview, offset: int, end: int) -> LinkInfo:
     master, mtu, group = 0, 0, 0
     tun: tuple[int | None, int | None, bool, bool] | None = None
     isolated = False
-    bridge: tuple[int, bool, bool] | None = None
+    bridge: tuple[int, bool, bool, int | None] | None = None
     af_spec: tuple[int, int] | None = None
     mac: tuple[int, int] | None = None
     u32 = _U32.unpack_from
@@ -526,10 +538,16 @@ class Rtnl:
         self.request(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, body + info)
 
     def set_bridge(
-        self, name: str, group_fwd_mask: int, no_linklocal_learn: bool, stp: bool
+        self,
+        name: str,
+        group_fwd_mask: int,
+        no_linklocal_learn: bool,
+        stp: bool,
+        fdb_max_learned: int | None = None,
     ) -> None:
         body = _IFINFOMSG.pack(0, 0, 0, 0, 0) + name_attr(name)
-        self.request(RTM_NEWLINK, 0, body + bridge_data(group_fwd_mask, no_linklocal_learn, stp))
+        data = bridge_data(group_fwd_mask, no_linklocal_learn, stp, fdb_max_learned)
+        self.request(RTM_NEWLINK, 0, body + data)
 
     def delete_link(self, name: str, index: int | None = None) -> None:
         """By name, or by index when given (the kernel then ignores any name)."""

@@ -7,10 +7,12 @@ import pytest
 
 from netvm import ConflictError, NetworkConfig, NetworkManager
 from netvm.backends.base import BridgeOptions, LinkChange
-from netvm.host import CREATING_GROUPS, LINK_LOCAL_TO_HOOKS
+from netvm.host import CREATING_GROUPS, FDB_MAX_LEARNED, LINK_LOCAL_TO_HOOKS
 from netvm.naming import parse_bridge_alias
 
-NETVM_OPTIONS = BridgeOptions(LINK_LOCAL_TO_HOOKS, no_linklocal_learn=True)
+NETVM_OPTIONS = BridgeOptions(
+    LINK_LOCAL_TO_HOOKS, no_linklocal_learn=True, fdb_max_learned=FDB_MAX_LEARNED
+)
 CREATING = CREATING_GROUPS[0] + 7
 
 
@@ -34,9 +36,10 @@ def test_ensure_host_mends_the_options_and_keeps_what_an_admin_added(
     eapol = 1 << 3  # the admin forwards 802.1X too
     manager.backend.set_bridge_options("nvbr0", BridgeOptions(eapol, False, stp=True))
     manager.ensure_host()
-    assert bridge_options(manager) == BridgeOptions(eapol | LINK_LOCAL_TO_HOOKS, True)
+    kept = BridgeOptions(eapol | LINK_LOCAL_TO_HOOKS, True, fdb_max_learned=FDB_MAX_LEARNED)
+    assert bridge_options(manager) == kept
     manager.ensure_host()  # nothing left to change
-    assert bridge_options(manager) == BridgeOptions(eapol | LINK_LOCAL_TO_HOOKS, True)
+    assert bridge_options(manager) == kept
 
 
 def test_the_kernel_refuses_to_forward_stp_pause_and_lacp_addresses(
@@ -136,3 +139,29 @@ def test_a_host_without_ipv6_needs_no_accept_ra(config: NetworkConfig) -> None:
     with NetworkManager(config, FakeBackend(FakeState(ipv6=False))) as manager:
         manager.ensure_host()
         assert accept_ra(manager) is None
+
+
+@pytest.mark.parametrize(("admin", "after"), [(0, FDB_MAX_LEARNED), (100, 100)])
+def test_ensure_host_caps_the_fdb_and_keeps_an_administrators_cap(
+    manager: NetworkManager, admin: int, after: int
+) -> None:
+    """No cap (0, the kernel's default) gets netvm's; an administrator's stays."""
+    manager.ensure_host()
+    manager.backend.set_bridge_options(
+        "nvbr0", BridgeOptions(LINK_LOCAL_TO_HOOKS, True, fdb_max_learned=admin)
+    )
+    manager.ensure_host()
+    options = bridge_options(manager)
+    assert options is not None
+    assert options.fdb_max_learned == after
+
+
+def test_a_kernel_without_the_fdb_cap_gets_the_other_options(config: NetworkConfig) -> None:
+    """Before Linux 6.8 the bridge has no such cap: nothing to set, nothing to mend."""
+    from netvm.backends.fake import FakeBackend, FakeState
+
+    with NetworkManager(config, FakeBackend(FakeState(fdb_cap=False))) as manager:
+        manager.ensure_host()
+        manager.ensure_host()
+        options = bridge_options(manager)
+        assert options == BridgeOptions(LINK_LOCAL_TO_HOOKS, True, fdb_max_learned=None)

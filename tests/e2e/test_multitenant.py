@@ -1027,3 +1027,51 @@ def test_the_gateways_mac_outlives_other_vms_coming_and_going(
             other = ["ip", "-n", netns, "link", "set", "nvbr0", "address", "02:6e:00:00:00:99"]
             subprocess.run(other, check=True)
         assert a.ping(gateway) is on
+
+
+# The bridge's forwarding database -----------------------------------------------------------
+
+
+def _learnt_on(netns: str, tap: str) -> int:
+    out = subprocess.run(
+        ["bridge", "-n", netns, "fdb", "show", "br", "nvbr0", "dev", tap],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return sum(1 for line in out.splitlines() if "permanent" not in line)
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["netvm", "control-no-cap"])
+def test_a_guest_without_anti_spoofing_cannot_fill_the_fdb(
+    host: NetworkManager, topology: Topology, on: bool
+) -> None:
+    """Frames from 4500 source MACs: the bridge learns at most its cap (Linux 6.8+)."""
+    from netvm.host import FDB_MAX_LEARNED
+
+    link = host.backend.get_link("nvbr0")
+    assert link is not None
+    assert link.bridge is not None
+    if link.bridge.fdb_max_learned is None:
+        pytest.skip("this kernel has no cap on learnt FDB entries (Linux 6.8+)")
+    if not on:
+        uncapped = dataclasses.replace(link.bridge, fdb_max_learned=0)
+        host.backend.set_bridge_options("nvbr0", uncapped)
+    with guest(host, "flooder", OPEN) as a:
+        frames = [
+            udp_frame(b"\x02" + i.to_bytes(5, "big"), MARK, "192.0.2.9", "192.0.2.255", 9, 9, b"")
+            for i in range(1, FDB_MAX_LEARNED + 405)
+        ]
+
+        def flood() -> None:
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+                sock.bind(("eth0", 0))
+                for i, frame in enumerate(frames):
+                    sock.send(frame)
+                    if i % 100 == 99:
+                        time.sleep(0.01)  # at the pace the frame pump carries them
+
+        run_in_netns(a.netns, flood)
+        time.sleep(0.3)
+        learnt = _learnt_on(topology.host_netns, a.network.tap_name)
+    assert (learnt <= FDB_MAX_LEARNED) is on, learnt
