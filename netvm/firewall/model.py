@@ -52,8 +52,9 @@ class BridgeFirewall:
     """Everything netvm keeps in the firewall for one bridge.
 
     - `forward`: netvm's own chain at the forward hook. Guests may go out and talk to each
-      other; from the egress only replies come in (new connections towards the guests,
-      which sit behind NAT, are dropped here, where a drop is final).
+      other; from any other interface only replies come in (new connections towards the
+      guests, which sit behind NAT, are dropped here, where a drop is final: from the
+      egress, and from another netvm bridge's guests, docker0 or a LAN).
     - `postrouting`: netvm's own NAT chain: the subnet is masqueraded out of the egress.
     - `passes`: accepts that must also stand in a *foreign* forward chain whose DROP would
       otherwise win (the iptables-nft `filter` table of Docker, or of a plain `-P FORWARD
@@ -93,8 +94,10 @@ class BridgeFirewall:
             FirewallRule("accept", in_iface=bridge, out_iface=egress),
             # Guest to guest: with br_netfilter, bridged frames pass the forward hook too.
             FirewallRule("accept", in_iface=bridge, out_iface=bridge),
-            FirewallRule("accept", in_iface=egress, out_iface=bridge, established=True),
-            FirewallRule("drop", in_iface=egress, out_iface=bridge),
+            # From anywhere else (the egress, another netvm bridge, docker0, a LAN) only
+            # replies: guests sit behind NAT, and an isolated VM is no one's to reach.
+            FirewallRule("accept", out_iface=bridge, established=True),
+            FirewallRule("drop", out_iface=bridge),
         )
 
     @property

@@ -1075,3 +1075,51 @@ def test_a_guest_without_anti_spoofing_cannot_fill_the_fdb(
         time.sleep(0.3)
         learnt = _learnt_on(topology.host_netns, a.network.tap_name)
     assert (learnt <= FDB_MAX_LEARNED) is on, learnt
+
+
+# Two bridges on one host --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["netvm", "control-drop-deleted"])
+def test_the_guests_of_another_netvm_bridge_open_no_connection_to_this_ones(
+    host: NetworkManager, nft_config: NetworkConfig, topology: Topology, on: bool
+) -> None:
+    """Each bridge's chain let in, from anywhere but the egress, new connections: a guest of
+    a second bridge reached this one's guests (isolated ones too). The control deletes the
+    drop of the second bridge's chain."""
+    second = dataclasses.replace(
+        nft_config,
+        bridge_name="nvbr1",
+        vm_subnet=ipaddress.IPv4Network("198.51.100.0/24"),
+        state_dir=nft_config.state_dir.with_name("second"),
+    )
+    assert isinstance(host.backend, KernelBackend)
+    backend = KernelBackend(host.backend.netns)
+    try:
+        with NetworkManager(second, backend) as other:
+            other.ensure_host()
+            if not on:
+                firewall = backend.firewall("nftables")
+                assert hasattr(firewall, "_run")
+                chain = {"family": "inet", "table": "netvm-nvbr1", "name": "forward"}
+                listed = firewall._run([{"list": {"chain": chain}}], "test", None)
+                (drop,) = [
+                    item["rule"]["handle"]
+                    for item in listed
+                    if "rule" in item
+                    and item["rule"]["expr"][-1] == {"drop": None}
+                    and len(item["rule"]["expr"]) == 2
+                ]
+                rule = {"family": "inet", "table": "netvm-nvbr1", "chain": "forward"}
+                firewall._run([{"delete": {"rule": {**rule, "handle": drop}}}], "test", None)
+            with (
+                guest(other, "target", GuestPolicy.of(isolated=True)) as b,
+                guest(host, "prober") as a,
+                UdpEchoServer(b.netns, "0.0.0.0", 7) as service,
+            ):
+                reached = a.udp_request(b.network.guest_ip, 7, b"hello") == b"hello"
+                assert (len(service.peers) > 0) is reached
+            other.teardown_host()
+    finally:
+        backend.close()
+    assert reached is not on

@@ -88,8 +88,8 @@ def check_nft(netns: str, manager: NetworkManager) -> None:
         "type filter hook forward priority filter; policy accept;",
         f'iifname "nvbr0" oifname "up0" accept {tag}',
         f'iifname "nvbr0" oifname "nvbr0" accept {tag}',
-        f'iifname "up0" oifname "nvbr0" ct state established,related accept {tag}',
-        f'iifname "up0" oifname "nvbr0" drop {tag}',
+        f'oifname "nvbr0" ct state established,related accept {tag}',
+        f'oifname "nvbr0" drop {tag}',
         "type nat hook postrouting priority srcnat; policy accept;",
         f'ip saddr 192.0.2.0/24 oifname "up0" masquerade {tag}',
     ):
@@ -110,9 +110,8 @@ def check_legacy(netns: str, manager: NetworkManager) -> None:
         f"-A FORWARD {tag} -j NETVM-FWD-nvbr0",
         f"-A NETVM-FWD-nvbr0 -i nvbr0 -o up0 {tag} -j ACCEPT",
         f"-A NETVM-FWD-nvbr0 -i nvbr0 -o nvbr0 {tag} -j ACCEPT",
-        "-A NETVM-FWD-nvbr0 -i up0 -o nvbr0 -m conntrack --ctstate RELATED,ESTABLISHED "
-        f"{tag} -j ACCEPT",
-        f"-A NETVM-FWD-nvbr0 -i up0 -o nvbr0 {tag} -j DROP",
+        f"-A NETVM-FWD-nvbr0 -o nvbr0 -m conntrack --ctstate RELATED,ESTABLISHED {tag} -j ACCEPT",
+        f"-A NETVM-FWD-nvbr0 -o nvbr0 {tag} -j DROP",
     ):
         assert line in filter_rules
     nat_rules = run_in(netns, "iptables-legacy", "-t", "nat", "-S").splitlines()

@@ -54,8 +54,8 @@ def test_after_ensure_host_and_attach_everything_is_present(config: NetworkConfi
     assert [(r["chain"], r["rule"]) for r in firewall["rules"]] == [
         ("inet netvm-nvbr0 forward", "in nvbr0 out up0 accept"),
         ("inet netvm-nvbr0 forward", "in nvbr0 out nvbr0 accept"),
-        ("inet netvm-nvbr0 forward", "in up0 out nvbr0 established/related accept"),
-        ("inet netvm-nvbr0 forward", "in up0 out nvbr0 drop"),
+        ("inet netvm-nvbr0 forward", "out nvbr0 established/related accept"),
+        ("inet netvm-nvbr0 forward", "out nvbr0 drop"),
         ("inet netvm-nvbr0 postrouting", "from 192.0.2.0/24 out up0 masquerade"),
     ]
 
