@@ -238,7 +238,7 @@ class Backend(XtablesTables, Protocol):
 
     def forget_connections(self, address: ipaddress.IPv4Address) -> None:
         """Delete the kernel's connection tracking entries whose original or reply source
-        is `address` (a kernel without conntrack has none: no error)."""
+        is `address`. A kernel without ctnetlink: nothing is deleted, a warning says so."""
 
     def set_accept_ra(self, name: str, value: int) -> None:
         """net.ipv6.conf.<name>.accept_ra (HostError ENOENT where the device has no IPv6)."""

@@ -5,13 +5,16 @@ receive the old tenant's flows (a port forward's peers, replies to its own conne
 steady flow refreshes its entry for ever). netvm deletes the entries whose original or
 reply source is the address when it hands the address to another VM.
 
-Two IPCTNL_MSG_CT_DELETE requests without a tuple but with CTA_FILTER (original source,
-then reply source): the kernel walks its table once per request and deletes what matches
-(Linux 6.10 and later). An older kernel refuses the filter (EOPNOTSUPP): then the entries
-are dumped with the same filter (Linux 5.8 and later) and deleted one by one, each by the
-CTA_TUPLE_ORIG the dump gave. Like the rtnetlink messages (rtnl.py), packed by hand on one
-NETLINK_NETFILTER socket: no library of the standard set speaks ctnetlink, and a process
-(`conntrack -D`) is what netvm never starts.
+Two IPCTNL_MSG_CT_DELETE requests without a full tuple but with CTA_FILTER (original
+source, then reply source): the kernel walks its table once per request and deletes what
+matches (Linux 6.12 and later). An older kernel reads the tuple as one to look up and
+refuses it (EINVAL): then the entries are dumped with the same filter (Linux 5.8 and later)
+and deleted one by one, each by the CTA_TUPLE_ORIG the dump gave, and only if its own
+tuples name the address (a kernel that ignored the filter would dump every entry). The way
+that worked is kept for the socket's life. A kernel without ctnetlink refuses both (or the
+socket): there is nothing netvm can delete, and it says so once. Like the rtnetlink
+messages (rtnl.py), packed by hand on one NETLINK_NETFILTER socket: no library of the
+standard set speaks ctnetlink, and a process (`conntrack -D`) is what netvm never starts.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ _HEADER = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")
 _ERRNO = struct.Struct("=i")
 _U32 = struct.Struct("=I")
-UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.EPROTONOSUPPORT, errno.ENOENT})
-"""What a kernel without (filtered) ctnetlink answers: nothing to delete then."""
+REFUSED_FILTER = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.EPROTONOSUPPORT})
+"""What a kernel answers a message it cannot take: a filter where it wants a tuple (before
+6.12), or ctnetlink absent (no such subsystem)."""
 
 
 def _filter(address: ipaddress.IPv4Address, direction: int) -> bytes:
@@ -73,6 +77,8 @@ class Conntrack:
         self._seq = 0
         self._lock = threading.Lock()
         self._buffer = bytearray(1 << 16)
+        self._filtered: bool | None = None
+        """Whether the kernel deletes by filter (None: not known yet)."""
 
     def close(self) -> None:
         self._sock.close()
@@ -106,31 +112,37 @@ class Conntrack:
         (code,) = _ERRNO.unpack_from(self._buffer, offset + _HEADER.size)
         return -int(code)
 
-    def forget(self, address: ipaddress.IPv4Address) -> int:
-        """Delete every entry whose original or reply source is `address`; how many were
-        deleted when the kernel had to be asked one by one (-1: deleted by filter, the
-        kernel does not say how many). RtnlError on a refusal other than UNSUPPORTED."""
+    def forget(self, address: ipaddress.IPv4Address) -> int | None:
+        """Delete every entry whose original or reply source is `address`: -1 when deleted
+        by filter (the kernel does not say how many), else how many were deleted one by
+        one; None when this kernel has no ctnetlink to ask. RtnlError on another refusal."""
         with self._lock:
-            requests = [
-                self._message(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, _filter(address, direction))
-                for direction in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY)
-            ]
-            self._sock.send(b"".join(message for _, message in requests))
-            codes = {}
-            for seq, kind, offset, _ in self._answers({seq for seq, _ in requests}):
-                if kind == NLMSG_ERROR:
-                    codes[seq] = self._code(offset)
-            refused = {code for code in codes.values() if code}
-            if not refused:
-                return -1
-            if refused - {errno.EOPNOTSUPP} - UNSUPPORTED:
-                raise RtnlError(next(iter(refused - UNSUPPORTED)))
-            if errno.EOPNOTSUPP not in refused:
-                return 0  # no conntrack in this kernel: nothing to delete
+            if self._filtered is not False:
+                refused = self._filtered_delete(address)
+                if not refused:
+                    self._filtered = True
+                    return -1
+                if refused - REFUSED_FILTER:
+                    raise RtnlError(next(iter(refused - REFUSED_FILTER)))
+                self._filtered = False  # before 6.12: the filter is read as a tuple
             return self._forget_one_by_one(address)
 
-    def _forget_one_by_one(self, address: ipaddress.IPv4Address) -> int:
-        """A kernel before filtered deletes: dump with the filter, delete each by tuple."""
+    def _filtered_delete(self, address: ipaddress.IPv4Address) -> set[int]:
+        requests = [
+            self._message(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, _filter(address, direction))
+            for direction in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY)
+        ]
+        self._sock.send(b"".join(message for _, message in requests))
+        codes = [
+            self._code(offset)
+            for _, kind, offset, _ in self._answers({seq for seq, _ in requests})
+            if kind == NLMSG_ERROR
+        ]
+        return {code for code in codes if code}
+
+    def _forget_one_by_one(self, address: ipaddress.IPv4Address) -> int | None:
+        """Before filtered deletes: dump with the filter, delete each entry that names the
+        address by its original tuple; None if the kernel refuses the dump too."""
         tuples: list[bytes] = []
         for direction in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
             seq, message = self._message(IPCTNL_MSG_CT_GET, NLM_F_DUMP, _filter(address, direction))
@@ -138,18 +150,16 @@ class Conntrack:
             for _, kind, offset, end in self._answers({seq}):
                 if kind == NLMSG_ERROR:
                     code = self._code(offset)
-                    if code in UNSUPPORTED:
-                        return 0
+                    if code in REFUSED_FILTER:
+                        return None
                     if code:
                         raise RtnlError(code)
                     continue
                 if kind == NLMSG_DONE:
                     continue
-                start = offset + _HEADER.size + _NFGENMSG.size
-                for kind_, attr_start, attr_end in attrs(memoryview(self._buffer), start, end):
-                    if kind_ == CTA_TUPLE_ORIG:
-                        raw = bytes(self._buffer[attr_start:attr_end])
-                        tuples.append(attr(CTA_TUPLE_ORIG | NLA_F_NESTED, raw))
+                found = self._entry(offset, end)
+                if found is not None and address in found[1]:
+                    tuples.append(found[0])
         deleted = 0
         for tuple_attr in dict.fromkeys(tuples):
             seq, message = self._message(IPCTNL_MSG_CT_DELETE, NLM_F_ACK, tuple_attr)
@@ -160,3 +170,25 @@ class Conntrack:
                     raise RtnlError(code)
                 deleted += not code
         return deleted
+
+    def _entry(self, offset: int, end: int) -> tuple[bytes, set[ipaddress.IPv4Address]] | None:
+        """One dumped entry: its CTA_TUPLE_ORIG (to delete it by) and the source addresses
+        of its two tuples."""
+        view = memoryview(self._buffer)
+        start = offset + _HEADER.size + _NFGENMSG.size
+        original: bytes | None = None
+        sources: set[ipaddress.IPv4Address] = set()
+        for kind, attr_start, attr_end in attrs(view, start, end):
+            if kind not in (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY):
+                continue
+            if kind == CTA_TUPLE_ORIG:
+                raw = bytes(view[attr_start:attr_end])
+                original = attr(CTA_TUPLE_ORIG | NLA_F_NESTED, raw)
+            for part, part_start, part_end in attrs(view, attr_start, attr_end):
+                if part != CTA_TUPLE_IP:
+                    continue
+                for field, field_start, field_end in attrs(view, part_start, part_end):
+                    if field == CTA_IP_V4_SRC and field_end - field_start == 4:
+                        packed = bytes(view[field_start:field_end])
+                        sources.add(ipaddress.IPv4Address(packed))
+        return (original, sources) if original is not None else None

@@ -210,7 +210,7 @@ class FakeBackend:
             raise host_error(operation, name, errno.EINVAL)
 
     def forget_connections(self, address: ipaddress.IPv4Address) -> None:
-        self._mutate("delete the connections of", str(address))
+        self._mutate(f"delete the connections of {address}", None)
         self.state.connections = [
             c for c in self.state.connections if address not in (c.original, c.reply)
         ]

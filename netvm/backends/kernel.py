@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import ipaddress
+import logging
 import os
 import random
 import threading
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from netvm.firewall.nftables import NftablesFirewall
 
 T = TypeVar("T")
+log = logging.getLogger("netvm")
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 LEGACY_TABLE_NAMES = "/proc/thread-self/net/ip_tables_names"
 """/proc/net is the namespace of the process; /proc/thread-self/net that of the thread."""
@@ -126,6 +128,7 @@ class KernelBackend:
         self._firewalls: dict[FirewallKind, Firewall] = {}
         self._rtnl: Rtnl | None = None
         self._conntrack: Conntrack | None = None
+        self._no_conntrack = False
         self._namespace_inode = 0
         self._tun_fds: list[int] = []
         self._tun_lock = threading.Lock()
@@ -249,8 +252,11 @@ class KernelBackend:
             )
 
     def forget_connections(self, address: ipaddress.IPv4Address) -> None:
-        """conntrack.py: the entries whose original or reply source is `address`."""
+        """conntrack.py: the entries whose original or reply source is `address`; a kernel
+        without ctnetlink has nothing netvm can delete (said once)."""
         self._check_process()
+        if self._no_conntrack:
+            return
         if self._conntrack is None:
 
             def open_socket() -> Conntrack:
@@ -258,10 +264,22 @@ class KernelBackend:
 
                 return Conntrack()
 
-            with _kernel_errors("open ctnetlink socket", self.netns):
+            try:
                 self._conntrack = self._call(open_socket)
-        with _kernel_errors("delete the connections of", str(address)):
-            self._conntrack.forget(address)
+            except OSError as exc:  # no nfnetlink in this kernel
+                self._without_conntrack(exc.strerror or str(exc))
+                return
+        with _kernel_errors("delete the connections of " + str(address), None):
+            if self._conntrack.forget(address) is None:
+                self._without_conntrack("ctnetlink refuses the filter and the dump")
+
+    def _without_conntrack(self, why: str) -> None:
+        self._no_conntrack = True
+        log.warning(
+            "the kernel's connection tracking cannot be asked (%s): a VM given a detached "
+            "VM's address may receive that VM's flows until their entries expire",
+            why,
+        )
 
     def set_accept_ra(self, name: str, value: int) -> None:
         path = f"/proc/sys/net/ipv6/conf/{name}/accept_ra"
