@@ -182,7 +182,7 @@ def recover_retired(
             up=True,
             master=master if link.master != master else None,
             alias=naming.tap_alias(bridge, vm_id, lease.slot),
-            group=0,
+            group=manager.port_group,
         )
         failed = manager.backend.change_links([restore])
         if failed:

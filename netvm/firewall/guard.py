@@ -83,6 +83,9 @@ FORWARD_ADDRS = SetSchema(
 FORWARD_PORTS = SetSchema(
     "inet", "forward_ports", ("inet_proto", "inet_service"), data=("inet_service",)
 )
+FORWARD_OWNERS = SetSchema("inet", "forward_owners", ("inet_proto", "inet_service", "ipv4_addr"))
+"""Each forward's host port with the address of the VM it goes to: that VM may send from
+the port (masquerade_guard drops any other guest's connection mapped to it)."""
 SCHEMAS = (
     VMS,
     GUARDED,
@@ -94,6 +97,7 @@ SCHEMAS = (
     ISOLATED_ADDRS,
     FORWARD_ADDRS,
     FORWARD_PORTS,
+    FORWARD_OWNERS,
 )
 """The sets of every bridge. Each egress policy adds its own set (egress_members)."""
 UNSPECIFIED = ipaddress.IPv4Address("0.0.0.0")
@@ -206,6 +210,7 @@ def elements(vm: VmGuard) -> list[Element]:
             Element(FORWARD_PORTS, key, data=(f.guest_port,))
             for key, f in zip(keys, forwards, strict=True)
         )
+        found += (Element(FORWARD_OWNERS, (*key, ip)) for key in keys)
     return found
 
 

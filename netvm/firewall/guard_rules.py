@@ -47,6 +47,7 @@ from netvm.firewall.guard import (
     ADDRS,
     EGRESS_DISPATCH,
     FORWARD_ADDRS,
+    FORWARD_OWNERS,
     FORWARD_PORTS,
     GUARDED,
     ISOLATED,
@@ -250,6 +251,16 @@ def masquerade_guard(policy: BridgeFirewall) -> list[list[Json]]:
             _match(_meta("oifname"), policy.egress),
             _match({"ct": {"key": "direction"}}, "original"),
             _match(_concat(_meta("l4proto"), _payload("th", "sport")), _set(FORWARD_PORTS.name)),
+            # ...unless it is the forward's own VM (its original source address).
+            _match(
+                _concat(
+                    _meta("l4proto"),
+                    _payload("th", "sport"),
+                    {"ct": {"key": "ip saddr", "dir": "original"}},
+                ),
+                _set(FORWARD_OWNERS.name),
+                "!=",
+            ),
             {"drop": None},
         ]
     ]

@@ -230,7 +230,7 @@ def test_isolation_is_restored_when_a_detach_is_undone(config: NetworkConfig) ->
             manager.detach("vm-1")
         manager._unguard_into = real  # type: ignore[method-assign]
         tap = _link(backend, vm.tap_name)
-        assert (tap.up, tap.isolated, tap.group) == (True, True, 0)
+        assert (tap.up, tap.isolated, tap.group) == (True, True, manager.port_group)
         assert tap.master == _link(backend, "nvbr0").index
 
 

@@ -497,12 +497,12 @@ def test_prune_removes_inet_elements_whose_records_are_gone(
         "tap-k", 6, GuestPolicy.of(egress_deny=("198.51.100.0/24",), port_forwards=("9090:90",))
     )
     nft.guard("nvbr0", x)
-    assert len(nft._inet_elements("nvbr0")) == 3
+    assert len(nft._inet_elements("nvbr0")) == 4  # forward addr, port, owner; egress member
     nft._run([{"delete": {"table": {"family": "bridge", "name": "netvm-nvbr0"}}}], "test", None)
     nft.ensure(POLICY)
     nft.guard("nvbr0", kept)  # a VM attached since, whose elements must stay
     assert nft.unguard("nvbr0", ["tap-x"]) == {}, "no record names them"
-    assert len(nft._inet_elements("nvbr0")) == 6
+    assert len(nft._inet_elements("nvbr0")) == 8
     assert nft.prune("nvbr0", live=["tap-k"]) == []
     assert sorted(e.schema.name for e in nft._inet_elements("nvbr0")) == sorted(
         e.schema.name for e in elements(kept) if e.schema.family == "inet"

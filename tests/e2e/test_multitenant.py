@@ -1123,3 +1123,28 @@ def test_the_guests_of_another_netvm_bridge_open_no_connection_to_this_ones(
     finally:
         backend.close()
     assert reached is not on
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["netvm", "control-owner-deleted"])
+def test_a_forwards_own_vm_may_send_first_from_its_port(
+    host: NetworkManager, topology: Topology, on: bool
+) -> None:
+    """A WireGuard or SIP VM forwarded 51820:51820/udp starts its own flows from that port:
+    the guard against neighbours taking the port must let its own VM through (the
+    forward_owners set); the control deletes the VM's element there."""
+    peer_port = 5353
+    with guest(host, "wg", GuestPolicy.of(port_forwards=["51820:51820/udp"])) as a:
+        if not on:
+            owner = f"udp . 51820 . {a.network.guest_ip}"
+            command = f"delete element inet netvm-nvbr0 forward_owners {{ {owner} }}"
+            subprocess.run(["ip", "netns", "exec", topology.host_netns, "nft", command], check=True)
+        sender = _bound(a.netns, "0.0.0.0", 51820)
+        peer = _bound(topology.internet_netns, str(topology.internet.ip), peer_port)
+        try:
+            sender.sendto(b"handshake", (str(topology.internet.ip), peer_port))
+            time.sleep(0.3)
+            arrived = _received(peer)
+        finally:
+            sender.close()
+            peer.close()
+    assert (arrived > 0) is on
