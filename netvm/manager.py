@@ -509,7 +509,7 @@ class NetworkManager:
         vm_id = naming.validate_vm_id(vm_id)
         check_attach_args(tap, policy)
         options = tap if tap is not None else TapOptions()
-        self._policy(policy)  # the firewall is picked before anything changes
+        self._kind()  # the firewall is picked before anything changes
         try:
             return self._attach_two_phase(vm_id, options, policy)
         except DamagedStore:
