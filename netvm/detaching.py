@@ -206,6 +206,14 @@ def sweep(manager: NetworkManager) -> None:
             if firewall is not None:  # the guarantees of TAPs gone or going
                 live = [tap.link.name for tap in taps if not tap.detaching]
                 firewall.prune(manager.config.bridge_name, live)
+            # TAPs an older netvm attached are in the default group: into the port group,
+            # where the bridge's input rule drops their link-local frames (guard_rules.py).
+            older = [t.link for t in taps if not t.detaching and t.link.group == 0]
+            if older:
+                regroup = [LinkChange(t.index, group=manager.port_group) for t in older]
+                for change, code in manager.backend.change_links(regroup):
+                    if code != errno.ENODEV:  # ENODEV: gone meanwhile
+                        log.warning("TAP %d not put in its port group: %d", change.index, code)
             if not marked:
                 return
             group = manager._reaper.begin()

@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 import errno
 import ipaddress
+import threading
 from collections.abc import Collection
 from typing import Any
 
 import pytest
 
 from netvm import ConfigError, ConflictError, FakeBackend, HostError, NetworkConfig, NetworkManager
-from netvm.backends.base import Backend, Link, TapOptions
+from netvm.backends.base import Backend, Link, LinkChange, TapOptions
 from netvm.naming import detached_name, detaching_alias, tap_name
 from netvm.status import host_status
 from netvm.testing import snapshot
@@ -24,8 +25,9 @@ def _link(backend: Backend, name: str) -> Link:
     return link
 
 
-def _count_deletions(manager: NetworkManager) -> list[int]:
-    """Make the manager's reaper record each group deletion it sends."""
+def _count_deletions(manager: NetworkManager, gate: threading.Event | None = None) -> list[int]:
+    """Make the manager's reaper record each group deletion it sends (once `gate` is set,
+    if given: until then the reaper's deletions wait)."""
     deleted: list[int] = []
     real = manager.backend.deleter
 
@@ -37,6 +39,8 @@ def _count_deletions(manager: NetworkManager) -> list[int]:
                 return inner.link_groups()
 
             def delete_group(self, group: int) -> None:
+                if gate is not None:
+                    gate.wait(30)
                 deleted.append(group)
                 inner.delete_group(group)
 
@@ -64,6 +68,9 @@ def test_a_detached_tap_is_down_marked_grouped_and_not_listed(
     manager: NetworkManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manager.ensure_host()
+    assert manager.wait_detached()  # the sweep after ensure_host has run
+    gate = threading.Event()  # the reaper deletes only once the checks below are made
+    _count_deletions(manager, gate)
     vm = manager.attach("vm-1")
     index = _link(manager.backend, vm.tap_name).index
     manager.attach("vm-2")
@@ -77,6 +84,7 @@ def test_a_detached_tap_is_down_marked_grouped_and_not_listed(
     assert [lease.vm_id for lease in manager.leases.all()] == ["vm-2"]
     assert host_status(manager).vms_attached == 1
     monkeypatch.undo()
+    gate.set()
     assert manager.wait_detached()
     assert manager.backend.get_link(vm.tap_name) is None
     assert [a.vm_id for a in manager.list()] == ["vm-2"]
@@ -86,6 +94,9 @@ def test_an_attach_right_after_its_detach_needs_no_deletion(
     manager: NetworkManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     manager.ensure_host()
+    assert manager.wait_detached()  # the sweep after ensure_host has run
+    gate = threading.Event()  # the reaper deletes only once the checks below are made
+    _count_deletions(manager, gate)
     first = manager.attach("vm-1", TapOptions(owner=1000))
     old = _link(manager.backend, first.tap_name)
     _no_deletion_here(manager, monkeypatch)
@@ -99,6 +110,7 @@ def test_an_attach_right_after_its_detach_needs_no_deletion(
     assert (renamed.index, renamed.up) == (old.index, False)
     assert [a.vm_id for a in manager.list()] == ["vm-1"]
     monkeypatch.undo()
+    gate.set()
     assert manager.wait_detached()
     assert manager.backend.get_link(detached_name(old.index)) is None
     assert _link(manager.backend, again.tap_name).index == new.index
@@ -368,3 +380,23 @@ def test_a_vm_moves_to_another_bridge_right_after_its_detach(
         assert a.wait_detached()
         assert b.wait_detached()
         assert snapshot(backend) == before
+
+
+def test_the_sweep_puts_an_older_netvms_taps_in_their_port_group(
+    config: NetworkConfig, backend: Backend
+) -> None:
+    """A TAP attached before TAPs had a port group (the default group, 0) is moved into it
+    by the sweep after the next ensure_host, where the bridge's input rule sees it."""
+    with NetworkManager(config, backend) as first:
+        first.ensure_host()
+        vm = first.attach("vm-1")
+        link = backend.get_link(vm.tap_name)
+        assert link is not None
+        assert not backend.change_links([LinkChange(link.index, group=0)])
+    with NetworkManager(config, backend) as second:
+        second.ensure_host()
+        assert second.wait_detached()  # the sweep has run
+        moved = backend.get_link(vm.tap_name)
+        assert moved is not None
+        assert moved.group == second.port_group
+        assert [a.vm_id for a in second.list()] == ["vm-1"]
