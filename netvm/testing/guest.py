@@ -287,7 +287,9 @@ def emulate_guest(
     mtu: int = 1500,
     mac: bytes | None = None,
     tap: TapOptions | None = None,
+    prefix: str = "netvm-guest-",
 ) -> Iterator[GuestEmulator]:
-    """`with emulate_guest(vm, host_netns, mtu=config.mtu) as guest: guest.ping(gw)`."""
-    with GuestEmulator(network, host_netns, mtu=mtu, mac=mac, tap=tap) as guest:
+    """`with emulate_guest(vm, host_netns, mtu=config.mtu) as guest: guest.ping(gw)`.
+    `prefix`: the start of the guest namespace's name (a test cleaning up by prefix)."""
+    with GuestEmulator(network, host_netns, mtu=mtu, mac=mac, tap=tap, prefix=prefix) as guest:
         yield guest

@@ -1148,3 +1148,16 @@ def test_a_forwards_own_vm_may_send_first_from_its_port(
             sender.close()
             peer.close()
     assert (arrived > 0) is on
+
+
+def test_emulate_guest_names_its_namespace_by_the_prefix_given(host: NetworkManager) -> None:
+    """A test that cleans up its namespaces by prefix finds the guests' too."""
+    from netvm.testing import emulate_guest
+
+    vm = host.attach("named")
+    assert isinstance(host.backend, KernelBackend)
+    with emulate_guest(vm, host.backend.netns, prefix="netvm-test-guest-") as g:
+        assert g.netns.startswith("netvm-test-guest-")
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert g.netns in listed
+        assert g.ping(vm.gateway_ip)
