@@ -7,7 +7,6 @@ where they fail, so that a broken privilege check cannot hide the kernel tests.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 from netvm import FakeBackend, KernelBackend, NetworkConfig, NetworkManager
 from netvm.backends.base import Backend
 from netvm.testing import Topology, UdpEchoServer, kernel_unavailable, throwaway_netns
+from tests.required import cannot_run
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -24,9 +24,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     reason = kernel_unavailable()
     if reason is None:
         return
-    if os.environ.get("NETVM_REQUIRE_PRIVILEGED") == "1":
-        pytest.fail(f"privileged test cannot run, and NETVM_REQUIRE_PRIVILEGED=1: {reason}")
-    pytest.skip(reason)
+    cannot_run("privileged test", reason)
 
 
 @pytest.fixture

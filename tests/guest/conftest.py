@@ -32,15 +32,14 @@ from netvm.testing.qemu import (
     module_paths,
     qemu_unusable,
 )
+from tests.required import cannot_run
 
 ACCEL = os.environ.get("NETVM_GUEST_ACCEL", "tcg")
 """TCG unless told: this machine's /dev/kvm opens but a KVM guest never boots on it."""
 
 
 def _cannot_set_up(reason: str) -> NoReturn:
-    if os.environ.get("NETVM_REQUIRE_PRIVILEGED") == "1":
-        pytest.fail(f"guest tier cannot be set up, and NETVM_REQUIRE_PRIVILEGED=1: {reason}")
-    pytest.skip(reason)
+    cannot_run("guest tier", reason)
 
 
 @pytest.fixture(scope="session")
