@@ -50,7 +50,9 @@ def _count_deletions(manager: NetworkManager, gate: threading.Event | None = Non
         return Counting()
 
     manager._reaper.close()
-    manager._reaper = type(manager._reaper)(deleter, sweep=manager._sweep)
+    manager._reaper = type(manager._reaper)(
+        deleter, sweep=manager._sweep, deleted=manager._forget_freed
+    )
     return deleted
 
 
