@@ -95,6 +95,7 @@ def attach_many(
     check_attach_args(tap, policy)
     options = tap if tap is not None else TapOptions()
     chosen = manager._policy(policy)
+    manager._check_owner()  # another store's bridge: refused before this store is made
     result = AttachManyResult()
     for group in groups(ids):
         with manager._changing() as tx:

@@ -147,7 +147,9 @@ def parse_state_dir(field_name: str, value: object) -> Path:
         text.encode()
     except UnicodeEncodeError:
         raise ConfigError(field_name, value, STATE_DIR_RULE) from None
-    return Path(value)
+    # Absolute now: the bridge's mark records the store by its path, which must not depend
+    # on the working directory of each later call.
+    return Path(os.path.abspath(value))
 
 
 @dataclass(frozen=True, init=False)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from netvm import naming
 from netvm.backends.base import Backend, BridgeOptions, Link
-from netvm.config import NetworkConfig
+from netvm.config import DEFAULT_STATE_DIR, NetworkConfig
 from netvm.errors import ConflictError, NetvmError, StateStoreError, host_error
 from netvm.firewall import KINDS, BridgeFirewall, ChosenFirewall, choose_firewall
 from netvm.statefile import STATE_DIR_HINT, StateFile
@@ -150,11 +150,14 @@ class HostSetup:
                 f"this state_dir ({self.config.state_dir}), which records it"
             )
         if mark.store is not None and mark.store != self.store:
+            default = mark.store == naming.store_id(DEFAULT_STATE_DIR)
+            where = f" ({DEFAULT_STATE_DIR}, the default)" if default else ""
             raise ConflictError(
-                f"bridge {name} has its leases in another state_dir than "
+                f"bridge {name} has its leases in another state_dir{where} than "
                 f"{self.config.state_dir} (its mark {link.alias!r}): two lease stores would "
                 "hand one address out twice; use the state_dir of the manager that made it "
-                "(the same absolute path), or another bridge_name"
+                "(the same absolute path: the mark keeps only a digest of it), or another "
+                "bridge_name"
             )
 
     def check_owner(self) -> Link | None:

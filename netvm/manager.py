@@ -513,6 +513,7 @@ class NetworkManager:
         check_attach_args(tap, policy)
         options = tap if tap is not None else TapOptions()
         self._kind()  # the firewall is picked before anything changes
+        self._check_owner()  # another store's bridge: refused before this store is made
         try:
             return self._attach_two_phase(vm_id, options, policy)
         except DamagedStore:
@@ -1079,8 +1080,11 @@ class NetworkManager:
 
     # Defined last: inside the class body, the name `list` is this method from here on.
     def list(self) -> list[Attachment]:
-        """Every VM of this bridge: leased ones, and netvm TAPs on the bridge without a lease."""
+        """Every VM of this bridge: leased ones, and netvm TAPs on the bridge without a lease.
+        ConflictError for a bridge whose leases are in another state_dir (before any store
+        is made in this one: a mistyped state_dir must not leave a second store behind)."""
         self._check_open()
+        self._check_owner(again=True)
         with self.leases.transaction() as tx:
             found = self._list(tx, netvm_taps(self.backend, self.config.bridge_name))
         firewall = self._elements()

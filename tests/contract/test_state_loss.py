@@ -352,10 +352,15 @@ def test_a_manager_with_another_state_dir_is_refused_before_anything_changes(
                 lambda: intruder.detach_many(["vm-a"]),
                 lambda: intruder.gc(keep=()),
                 intruder.teardown_host,
+                intruder.list,
+                lambda: intruder.attach_many(["vm-c", "vm-d"]),
             ):
                 with pytest.raises(ConflictError, match="another state_dir"):
                     operation()
         assert snapshot(backend) == before
+        # A mistyped state_dir leaves no second store (rebuilt from the bridge's TAPs) behind.
+        made = sorted(p.name for p in other.state_dir.iterdir()) if other.state_dir.exists() else []
+        assert not [name for name in made if ".sqlite" in name], made
         same = dataclasses.replace(config, state_dir=config.state_dir / ".." / "state")
         with NetworkManager(same, backend) as alias:  # the same directory, another spelling
             assert [a.vm_id for a in alias.list()] == ["vm-a"]

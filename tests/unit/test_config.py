@@ -286,3 +286,16 @@ def test_from_env_names_the_variable_when_bridge_and_egress_are_one() -> None:
         NetworkConfig.from_env({"MICROVM_NETWORK_BRIDGE": "eth0"})
     assert error.value.field == "MICROVM_NETWORK_BRIDGE"
     assert "must differ from eth0" in str(error.value)
+
+
+def test_a_relative_state_dir_is_made_absolute_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bridge's mark names its store by the state_dir's path: a relative one, resolved
+    at each call against that call's working directory, would name another store."""
+    monkeypatch.chdir(tmp_path)
+    config = NetworkConfig(state_dir="rel/dir")
+    assert config.state_dir == tmp_path / "rel" / "dir"
+    monkeypatch.chdir("/")
+    assert config.state_dir == tmp_path / "rel" / "dir"
+    assert NetworkConfig.from_env({"MICROVM_NETWORK_STATE_DIR": "x"}).state_dir == Path("/x")
