@@ -189,7 +189,7 @@ def test_a_forged_source_address_does_not_get_out(
             a,
             udp_frame(vm.guest_mac, gateway, "192.0.2.200", server, 4001, internet_host.port, b"y"),
         )
-        assert arrives(internet_host, before) is not on
+        assert arrives(internet_host, before) is not on, internet_host.peers
 
 
 @ON_OFF
