@@ -10,6 +10,7 @@ xtables table the kernel has not instantiated (reading one would create it).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -265,7 +266,7 @@ def _nftables(
             prio = chain.get("prio")
             priority = prio if isinstance(prio, int) else 0
             seen = [
-                packet
+                _before_conntrack(packet) if _untracked(family, hook, priority) else packet
                 for device in (named or ([egress, bridge] if unnamed else [None]))
                 for packet in hook_packets(family, hook, device, priority, bridge, egress, guest)
                 if chain.get("type") != "nat" or packet.ct_state == "new"  # a first packet
@@ -289,35 +290,83 @@ def _dropped_at(
     host a warning). `unnamed`: a netdev chain whose device libnftables does not name,
     walked as if on the egress and on the bridge: a warning, not blocking."""
     family, table, name = at
-    dropped = [packet.what for packet in packets if walk.verdict(name, packet) == "drop"]
+    dropped_packets = [packet for packet in packets if walk.verdict(name, packet) == "drop"]
+    dropped = [packet.what for packet in dropped_packets]
     if not dropped:
         return []
+    at_text = f"{family} {table} {name}"
     hook = str(chain.get("hook"))
     where = f"table {family} {table} chain {name} (hook {hook}"
     if unnamed:
         where += f" of a device libnftables does not name: if it is {egress} or {bridge})"
     else:
         where += f" of {chain['dev']})" if chain.get("dev") else ")"
+    prio = chain.get("prio")
+    priority = prio if isinstance(prio, int) else 0
     if family == "bridge":  # the guests' TAPs (meta ibrname needs nft_meta_bridge)
         key = "iifname" if hook in ("prerouting", "input") else "oifname"
-        rule = f'{key} "{ANY_TAP}" accept'
+        fix = (
+            f'let them through before the drop: nft insert rule {at_text} {key} "{ANY_TAP}" accept'
+        )
     elif family == "netdev":
         rule = "accept for the guests' traffic"
-    elif hook == "prerouting":
-        again = f"nft insert rule {family} {table} {name}"
-        rule = f'iifname "{bridge}" accept; {again} iifname "{egress}" {_REPLIES}'
+        fix = f"let them through before the drop: nft insert rule {at_text} {rule}"
     else:
-        again = f"nft insert rule {family} {table} {name}"
-        rule = f'oifname "{egress}" accept; {again} oifname "{bridge}" {_REPLIES}'
+        fix = _let_dropped_through(at, hook, priority, dropped_packets, bridge, egress)
     return [
         Finding(
             "foreign-hook-unsure" if unnamed else "foreign-hook-drop",
             "warning" if unnamed else "blocking",
             f"{where} drops " + " and ".join(dict.fromkeys(dropped)),
             f"{where}: policy {chain.get('policy', 'accept')}; walked to a drop",
-            f"let them through before the drop: nft insert rule {family} {table} {name} {rule}",
+            fix,
         )
     ]
+
+
+def _let_dropped_through(
+    at: tuple[str, str, str],
+    hook: str,
+    priority: int,
+    dropped: list[Packet],
+    bridge: str,
+    egress: str,
+) -> str:
+    """The rules that let the dropped packets (and only those) through the ip or inet base
+    chain `at` at prerouting or postrouting; where no rule can (the replies, before
+    conntrack has seen them), what the administrator must change instead."""
+    family, table, name = at
+    commands: list[str] = []
+    untracked = False
+    for packet in dropped:
+        reply = packet.iifname == egress
+        if hook == "prerouting" and reply and _untracked(family, hook, priority):
+            untracked = True
+        elif hook == "prerouting":
+            commands.append(_insert(at, "-i", egress if reply else bridge, reply))
+        else:
+            commands.append(_insert(at, "-o", bridge if reply else egress, reply))
+    fix = ""
+    if commands:
+        fix = "let them through before the drop: " + "; ".join(dict.fromkeys(commands))
+    if untracked:
+        chain = f"table {family} {table} chain {name}"
+        if _xtables_tool(family, table, name) is not None:
+            replies = _insert((family, "mangle", name), "-i", egress, True)
+            later = f"to the mangle table's PREROUTING behind `{replies}`"
+        else:
+            later = (
+                f"to a prerouting chain of priority above {CONNTRACK_PRIORITY} behind "
+                f'`iifname "{egress}" {_REPLIES}`'
+            )
+        fix += (". " if fix else "") + (
+            f"No rule in {chain} can let the replies to the guests through: at priority "
+            f"{priority} conntrack has not seen them yet (it runs at {CONNTRACK_PRIORITY}), so "
+            f"there a reply from {egress} cannot be told from a new packet. Narrow that drop "
+            f"(to the sources, ports or addresses it is meant for) so that it does not take "
+            f"every packet from {egress}, or move it {later}, or remove it"
+        )
+    return fix
 
 
 def _iptables_nft(chains: dict[str, Json], rules: list[Json], chosen: str) -> list[Finding]:
@@ -382,16 +431,8 @@ def _walked(
     evidence = f"table {family} {table} chain {name}: " + "; ".join(
         f"{what}: {verdict}" for what, verdict in verdicts.items()
     )
-    fix = (
-        f'nft insert rule {family} {table} {name} iifname "{bridge}" accept; '
-        f'nft insert rule {family} {table} {name} oifname "{bridge}" '
-        "ct state established,related accept"
-    )
-    if family in ("ip", "ip6") and table == "filter" and name.isupper():
-        # iptables-nft's table: a native `ct state` rule there makes iptables-nft refuse to
-        # list the chain (docs/firewall.md), so the fix is written with iptables-nft.
-        tool = "iptables-nft" if family == "ip" else "ip6tables-nft"
-        fix = _let_through(tool, name, bridge)
+    at = (family, table, name)
+    fix = f"{_insert(at, '-i', bridge, False)}; {_insert(at, '-o', bridge, True)}"
     if table == "firewalld":
         fix = (
             f"firewall-cmd --zone=trusted --add-interface={bridge} "
@@ -429,6 +470,52 @@ def _walked(
 
 
 _REPLIES = "ct state established,related accept"
+CONNTRACK_PRIORITY = -200
+"""Where conntrack hooks prerouting: a chain at or before it sees no connection state."""
+_IPTABLES_NFT_CHAINS = {
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
+    "raw": ("PREROUTING", "OUTPUT"),
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+    "security": ("INPUT", "FORWARD", "OUTPUT"),
+}
+"""The tables iptables-nft makes in the ip and ip6 families, and their base chains."""
+
+
+def _xtables_tool(family: str, table: str, chain: str) -> str | None:
+    """iptables-nft (ip6tables-nft) where `chain` is a base chain of a table iptables-nft
+    made: a native nft rule there makes iptables-nft refuse to list the whole table
+    ("table is incompatible, use 'nft' tool"), so the fix is written with iptables-nft."""
+    if family in ("ip", "ip6") and chain in _IPTABLES_NFT_CHAINS.get(table, ()):
+        return "iptables-nft" if family == "ip" else "ip6tables-nft"
+    return None
+
+
+def _insert(at: tuple[str, str, str], flag: Literal["-i", "-o"], iface: str, replies: bool) -> str:
+    """The command that inserts, at the top of the base chain `at` (family, table, chain),
+    an accept of what comes in on (`-i`) or goes out through (`-o`) `iface`, of its
+    replies only when `replies`: with iptables-nft in the tables it made, else with nft."""
+    family, table, chain = at
+    tool = _xtables_tool(family, table, chain)
+    if tool is not None:
+        where = f"{tool} -I {chain}" if table == "filter" else f"{tool} -t {table} -I {chain}"
+        state = " -m conntrack --ctstate ESTABLISHED,RELATED" if replies else ""
+        return f"{where} {flag} {iface}{state} -j ACCEPT"
+    key = "iifname" if flag == "-i" else "oifname"
+    verdict = _REPLIES if replies else "accept"
+    return f'nft insert rule {family} {table} {chain} {key} "{iface}" {verdict}'
+
+
+def _untracked(family: str, hook: str, priority: int) -> bool:
+    """A base chain that sees the guests' packets before conntrack does (raw prerouting)."""
+    return family in ("ip", "inet") and hook == "prerouting" and priority <= CONNTRACK_PRIORITY
+
+
+def _before_conntrack(packet: Packet) -> Packet:
+    """`packet` as a chain before conntrack sees it: `ct state` reads invalid there (the
+    kernel has no connection for it yet), so a `ct state established` accept never takes
+    a reply."""
+    return dataclasses.replace(packet, ct_state="invalid")
 
 
 def _let_through(tool: str, chain: str, bridge: str) -> str:

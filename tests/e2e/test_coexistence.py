@@ -11,6 +11,7 @@ and that teardown leaves both rulesets as they were before ensure_host.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -375,5 +376,83 @@ def test_a_save_and_restore_of_iptables_nft_keeps_netvms_rules_its_own(
         assert tagged() == []
         assert "--comment mine" in run(host, "iptables-nft", "-S", "DOCKER-USER")
         assert as_before(rulesets(host), before)
+    finally:
+        backend.close()
+
+
+IPTABLES_NFT_DROPS = {
+    "mangle-forward-from-the-bridge": ("mangle", ["FORWARD", "-i", "nvbr0", "-j", "DROP"]),
+    "mangle-prerouting-from-the-egress": ("mangle", ["PREROUTING", "-i", "eth0", "-j", "DROP"]),
+    "mangle-postrouting-to-the-egress": ("mangle", ["POSTROUTING", "-o", "eth0", "-j", "DROP"]),
+    "raw-prerouting-from-the-bridge": ("raw", ["PREROUTING", "-i", "nvbr0", "-j", "DROP"]),
+}
+"""Drops in iptables-nft's other tables than filter, each with the tool iptables-nft is."""
+
+
+def doctors_commands(fix: str) -> list[list[str]]:
+    """The commands of a fix as doctor prints them ("let them through ...: A; B")."""
+    commands = fix.removeprefix("let them through before the drop: ")
+    return [shlex.split(command) for command in commands.split("; ")]
+
+
+@pytest.mark.parametrize("case", IPTABLES_NFT_DROPS, ids=str)
+def test_doctors_fix_in_an_iptables_nft_table_keeps_it_listable(
+    case: str, topology: Topology, config: NetworkConfig, internet_host: UdpEchoServer
+) -> None:
+    """A drop that iptables-nft wrote into its mangle or raw table: doctor's fix, run as
+    printed, lets the guest out, and iptables-nft still lists and saves every table (a
+    native nft rule there would make it refuse: "table `mangle' is incompatible, use 'nft'
+    tool")."""
+    host = topology.host_netns
+    table, rule = IPTABLES_NFT_DROPS[case]
+    run(host, "iptables-nft", "-t", table, "-A", *rule)
+    auto = dataclasses.replace(config, host_egress_iface="eth0", firewall="auto")
+    backend = KernelBackend(host)
+    try:
+        with NetworkManager(auto, backend) as net:
+            net.ensure_host()
+            vm = net.attach("vm-a")
+            with GuestEmulator(vm, host, mtu=auto.mtu) as g:
+                assert not reaches_internet(g, internet_host, topology)
+                (finding,) = [f for f in doctor(net) if f.blocking]
+                commands = doctors_commands(finding.fix)
+                assert all(command[0] == "iptables-nft" for command in commands), finding.fix
+                for command in commands:
+                    run(host, *command)
+                for listed in ("filter", "mangle", "raw", "nat"):
+                    run(host, "iptables-nft", "-t", listed, "-S")
+                assert "incompatible" not in run(host, "iptables-nft-save")
+                assert not [f for f in doctor(net) if f.blocking]
+                assert reaches_internet_soon(g, internet_host, topology)
+            net.teardown_host()
+    finally:
+        backend.close()
+
+
+def test_a_raw_drop_of_the_replies_gets_no_fix_that_cannot_work(
+    topology: Topology, config: NetworkConfig, internet_host: UdpEchoServer
+) -> None:
+    """raw PREROUTING (priority -300) runs before conntrack: a `ct state established` (or
+    `--ctstate`) accept there never takes a reply, so doctor suggests none, and a drop of
+    everything from the egress stays blocking with such a rule above it (as the kernel
+    does); doctor says what the administrator must change instead."""
+    host = topology.host_netns
+    run(host, "iptables-nft", "-t", "raw", "-A", "PREROUTING", "-i", "eth0", "-j", "DROP")
+    auto = dataclasses.replace(config, host_egress_iface="eth0", firewall="auto")
+    backend = KernelBackend(host)
+    try:
+        with NetworkManager(auto, backend) as net:
+            net.ensure_host()
+            vm = net.attach("vm-a")
+            (finding,) = [f for f in doctor(net) if f.blocking]
+            assert "conntrack has not seen them yet" in finding.fix
+            assert not finding.fix.startswith("let them through")
+            assert "Narrow that drop" in finding.fix
+            useless = ["PREROUTING", "-i", "eth0", "-m", "conntrack", "--ctstate"]
+            run(host, "iptables-nft", "-t", "raw", "-I", *useless, "ESTABLISHED", "-j", "ACCEPT")
+            with GuestEmulator(vm, host, mtu=auto.mtu) as g:
+                assert not reaches_internet(g, internet_host, topology)
+                assert [f for f in doctor(net) if f.blocking], "the kernel still drops them"
+            net.teardown_host()
     finally:
         backend.close()

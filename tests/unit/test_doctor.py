@@ -266,3 +266,84 @@ def test_a_drop_in_iptables_nfts_table_gets_a_fix_iptables_nft_can_still_list(
     for finding in drops:
         assert finding.fix.startswith("iptables-nft -I FORWARD -i nvbr0 -j ACCEPT")
         assert "nft insert" not in finding.fix
+
+
+def _iptables_nft_chain(backend: FakeBackend, table: str, chain: str, hook: str, prio: int) -> None:
+    """A base chain as iptables-nft makes it (`iptables-nft -t TABLE ...`)."""
+    base = {"type": "filter", "hook": hook, "prio": prio, "policy": "accept"}
+    FakeNftRunner(backend.state.nftables).run(
+        [
+            {"add": {"table": {"family": "ip", "name": table}}},
+            {"add": {"chain": {"family": "ip", "table": table, "name": chain, **base}}},
+        ],
+        "test",
+        None,
+    )
+
+
+def _rule(backend: FakeBackend, table: str, chain: str, *exprs: object) -> None:
+    rule = {"family": "ip", "table": table, "chain": chain, "expr": list(exprs)}
+    FakeNftRunner(backend.state.nftables).run([{"add": {"rule": rule}}], "test", None)
+
+
+@pytest.mark.parametrize(
+    ("table", "chain", "hook", "prio", "match", "fix"),
+    [
+        ("mangle", "FORWARD", "forward", -150, _meta("iifname", "nvbr0"),
+         "iptables-nft -t mangle -I FORWARD -i nvbr0 -j ACCEPT; iptables-nft -t mangle -I "
+         "FORWARD -o nvbr0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"),
+        ("mangle", "PREROUTING", "prerouting", -150, _meta("iifname", "up0"),
+         "let them through before the drop: iptables-nft -t mangle -I PREROUTING -i up0 "
+         "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"),
+        ("raw", "PREROUTING", "prerouting", -300, _meta("iifname", "nvbr0"),
+         "let them through before the drop: iptables-nft -t raw -I PREROUTING -i nvbr0 -j ACCEPT"),
+        ("security", "FORWARD", "forward", 50, _meta("oifname", "nvbr0"),
+         "iptables-nft -t security -I FORWARD -i nvbr0 -j ACCEPT; iptables-nft -t security -I "
+         "FORWARD -o nvbr0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"),
+    ],
+    ids=["mangle-forward", "mangle-prerouting-replies", "raw-prerouting", "security-forward"],
+)  # fmt: skip
+def test_a_drop_in_another_iptables_nft_table_gets_an_iptables_nft_fix(
+    config: NetworkConfig,
+    table: str,
+    chain: str,
+    hook: str,
+    prio: int,
+    match: dict[str, object],
+    fix: str,
+) -> None:
+    """Every table iptables-nft made refuses to be listed by it once a native nft rule is
+    there ("table `mangle' is incompatible, use 'nft' tool"): the fix is iptables-nft's,
+    for the packets that are dropped only."""
+    backend = ready_host()
+    _iptables_nft_chain(backend, table, chain, hook, prio)
+    _rule(backend, table, chain, match, DROP)
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        (finding,) = [f for f in doctor(manager) if f.blocking]
+    assert finding.fix == fix
+
+
+@pytest.mark.parametrize("family_table", [("iptables-nft", "raw"), ("nft", "raw1")])
+def test_no_connection_state_fix_before_conntrack(
+    config: NetworkConfig, family_table: tuple[str, str]
+) -> None:
+    """A prerouting chain at priority -300 sees no connection state (the kernel's `ct
+    state` reads invalid there): doctor suggests no reply rule that cannot match, says what
+    to change instead, and an `established` accept above the drop lets nothing through."""
+    tool, table = family_table
+    chain = "PREROUTING" if tool == "iptables-nft" else "pre"
+    backend = ready_host()
+    _iptables_nft_chain(backend, table, chain, "prerouting", -300)
+    _rule(backend, table, chain, _meta("iifname", "up0"), DROP)
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        (finding,) = [f for f in doctor(manager) if f.blocking]
+        assert "established" not in finding.fix.partition("No rule")[0].lower()
+        assert "conntrack has not seen them yet" in finding.fix
+        assert "Narrow that drop" in finding.fix
+        ct = {"ct": {"key": "state"}}
+        replies = {"match": {"op": "in", "left": ct, "right": ["established", "related"]}}
+        rule = {"family": "ip", "table": table, "chain": chain, "expr": [replies, ACCEPT]}
+        FakeNftRunner(backend.state.nftables).run([{"insert": {"rule": rule}}], "test", None)
+        assert [f for f in doctor(manager) if f.blocking], "the kernel still drops them"
