@@ -18,6 +18,7 @@ from typing import Any, Literal
 from netvm import naming
 from netvm.backends.base import FILTER, Backend
 from netvm.errors import NetvmError
+from netvm.firewall.choice import ChosenFirewall
 from netvm.firewall.nftables import IPTABLES_FAMILY, IPTABLES_TABLE, TABLE_PREFIX, NftablesFirewall
 from netvm.firewall.walk import ANY_TAP, Packet, Walk, guest_packets, hook_packets
 from netvm.manager import NetworkManager
@@ -64,39 +65,113 @@ def doctor(manager: NetworkManager) -> list[Finding]:
             *found,
             Finding("no-firewall", "blocking", str(exc), "", "install python3-nftables"),
         ]
-    missing = backend.firewall(chosen.kind).check(manager.firewall_policy)
+    kind = chosen.kind
+    if kind != "nftables":
+        attached, stopped = _guarded(manager)
+        if attached or stopped:
+            switch = _switch_refused(manager, chosen, attached, stopped)
+            if switch is not None:
+                return [*found, switch]  # the legacy tables' findings would only say it again
+            # ensure_host refuses to move the rules to iptables: they stay in nftables,
+            # where the VMs' guarantees are, and that is what decides for the guests.
+            found.append(_pin_nftables(config.firewall, chosen.reason, attached, stopped))
+            kind = "nftables"
+    missing = backend.firewall(kind).check(manager.firewall_policy)
     if missing:
         fix = f"run `netvm ensure-host` (or NetworkManager.ensure_host()) for {bridge}"
-        guarded = _guarded(manager) if chosen.kind != "nftables" else []
-        if guarded:
-            # ensure_host would refuse: the legacy tables cannot hold guarantees.
-            fix = (
-                f"{chosen.kind} ({chosen.reason}) cannot hold the guarantees of "
-                f"{len(guarded)} VM(s) ({', '.join(guarded[:5])}): keep nftables "
-                "(--firewall nftables, then `netvm ensure-host`) and let the bridge through "
-                f"the legacy table: {_let_through('iptables-legacy', 'FORWARD', bridge)}; "
-                "or detach those VMs first"
-            )
+        if kind != chosen.kind:
+            fix = f"with the firewall pinned to nftables ({_PIN}), {fix}"
         found.append(
             Finding(
                 "netvm-rules-missing",
                 "blocking",
-                f"netvm's {chosen.kind} rules for {bridge} are not (all) in place",
+                f"netvm's {kind} rules for {bridge} are not (all) in place",
                 "; ".join(missing),
                 fix,
             )
         )
     guest = naming.guest_ip(config.vm_subnet, 0)
-    found += _nftables(backend, chosen.kind, guest, bridge, egress)
-    found += _legacy(backend, chosen.kind, bridge, egress)
+    found += _nftables(backend, kind, guest, bridge, egress)
+    found += _legacy(backend, kind, bridge, egress)
     return found
 
 
-def _guarded(manager: NetworkManager) -> list[str]:
+_PIN = (
+    "MICROVM_NETWORK_FIREWALL=nftables in the environment of every netvm call, or "
+    "--firewall nftables on each, or NetworkConfig(firewall='nftables')"
+)
+"""How the firewall is pinned to nftables for good."""
+
+
+def _guarded(manager: NetworkManager) -> tuple[list[str], list[str]]:
+    """The VMs with guarantees (which ensure_host will not take from them): those whose TAP
+    exists, and those whose lease outlives their TAP (a stopped VM keeping its address)."""
     try:
-        return manager._guarded_vms()
+        guarded = manager._guarded_vms()
+        taps = {lease.vm_id: lease.tap_name for lease in manager.leases.all()}
     except NetvmError:
-        return []  # the lease store is unusable: doctor says so elsewhere
+        return [], []  # the lease store is unusable: doctor says so elsewhere
+    present = {link.name for link in manager.backend.list_links()}
+    attached = [vm for vm in guarded if taps.get(vm, vm) in present]
+    return attached, [vm for vm in guarded if vm not in attached]
+
+
+def _vms(attached: list[str], stopped: list[str]) -> str:
+    """e.g. "2 attached VM(s) (vm-a, vm-b) and 1 leased VM(s) whose TAP is gone (vm-c)"."""
+
+    def some(vms: list[str]) -> str:
+        return ", ".join(vms[:5]) + (", ..." if len(vms) > 5 else "")
+
+    parts = []
+    if attached:
+        parts.append(f"{len(attached)} attached VM(s) ({some(attached)})")
+    if stopped:
+        parts.append(f"{len(stopped)} leased VM(s) whose TAP is gone ({some(stopped)})")
+    return " and ".join(parts)
+
+
+def _switch_refused(
+    manager: NetworkManager, chosen: ChosenFirewall, attached: list[str], stopped: list[str]
+) -> Finding | None:
+    """Where nftables cannot be used (its binding is missing), the finding that says so;
+    None where it can (the rules stay there: `_pin_nftables`)."""
+    unusable = manager.backend.firewall("nftables").unavailable()
+    if unusable is None:
+        return None
+    return Finding(
+        "netvm-rules-missing",
+        "blocking",
+        f"the firewall is {chosen.kind} ({chosen.reason}), which cannot hold the guarantees "
+        f"of {_vms(attached, stopped)}: ensure_host refuses it",
+        f"nftables cannot be used: {unusable}",
+        f"make nftables usable again ({unusable}), then run `netvm ensure-host`; or detach "
+        "those VMs first",
+    )
+
+
+def _pin_nftables(configured: str, reason: str, attached: list[str], stopped: list[str]) -> Finding:
+    """The firewall configured (or `auto`, as the host is now) is iptables, but VMs hold
+    guarantees that only nftables can: ensure_host refuses to move the rules, which stay
+    in nftables, until the firewall is pinned there (or the VMs are detached)."""
+    if configured == "auto":
+        message = (
+            "firewall=auto now picks iptables, which cannot hold the guarantees of "
+            f"{_vms(attached, stopped)}: under auto, ensure_host refuses and a VM attached "
+            "gets no guarantee; netvm's rules stay in nftables, and doctor judges them there"
+        )
+    else:
+        message = (
+            f"firewall={configured} cannot hold the guarantees of {_vms(attached, stopped)}: "
+            "ensure_host refuses it; netvm's rules stay in nftables, and doctor judges them "
+            "there"
+        )
+    return Finding(
+        "firewall-pin-nftables",
+        "warning",
+        message,
+        reason,
+        f"pin the firewall to nftables for good: {_PIN}; or detach those VMs first",
+    )
 
 
 # Interfaces, routes, addresses ------------------------------------------------------------

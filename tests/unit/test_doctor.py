@@ -218,8 +218,10 @@ def test_auto_turning_to_iptables_under_guarded_vms_gets_advice_that_leads_out(
     config: NetworkConfig,
 ) -> None:
     """Docker on iptables-legacy started after VMs with guarantees: auto would now pick
-    iptables, which ensure_host refuses (the guarantees would go). doctor must not send
-    the user to that ensure_host, and the refusal counts each VM once."""
+    iptables, which ensure_host refuses (the guarantees would go), so netvm's rules stay in
+    nftables. doctor judges them there, says to pin nftables for good (not for one call:
+    under auto it would say the same again), gives the legacy table's commands while it
+    drops, and, once they are run, has nothing blocking under auto either."""
     from netvm import ConflictError
 
     backend = ready_host()
@@ -229,13 +231,44 @@ def test_auto_turning_to_iptables_under_guarded_vms_gets_advice_that_leads_out(
         manager.attach("vm-a")
         manager.attach("vm-b")
     backend.insert_rule(FILTER, "FORWARD", Rule("DROP", in_iface="docker0"))
+    backend.set_policy(FILTER, "FORWARD", "DROP")
     with NetworkManager(auto, backend) as manager:
         with pytest.raises(ConflictError, match=r"2 attached VM\(s\) \(vm-a, vm-b\)"):
             manager.ensure_host()
-        (missing,) = [f for f in doctor(manager) if f.code == "netvm-rules-missing"]
-    assert "cannot hold the guarantees of 2 VM(s) (vm-a, vm-b)" in missing.fix
-    assert "--firewall nftables" in missing.fix
-    assert "iptables-legacy -I FORWARD -i nvbr0 -j ACCEPT" in missing.fix
+        found = {f.code: f for f in doctor(manager)}
+    assert "netvm-rules-missing" not in found, "netvm's rules are in place, in nftables"
+    pin = found["firewall-pin-nftables"]
+    assert "2 attached VM(s) (vm-a, vm-b)" in pin.message
+    assert "MICROVM_NETWORK_FIREWALL=nftables in the environment of every netvm call" in pin.fix
+    assert "iptables-legacy -I FORWARD -i nvbr0 -j ACCEPT" in found["rules-split"].fix
+    # The administrator runs them (iptables-legacy -I FORWARD ...).
+    backend.insert_rule(FILTER, "FORWARD", Rule("ACCEPT", in_iface="nvbr0"))
+    replies = Rule("ACCEPT", out_iface="nvbr0", ctstate=("ESTABLISHED", "RELATED"))
+    backend.insert_rule(FILTER, "FORWARD", replies)
+    for firewall in ("auto", "nftables"):
+        with NetworkManager(dataclasses.replace(config, firewall=firewall), backend) as manager:
+            after = doctor(manager)
+        assert not [f for f in after if f.blocking], firewall
+        pinned = [f for f in after if f.code == "firewall-pin-nftables"]
+        assert bool(pinned) == (firewall == "auto")
+
+
+def test_vms_whose_taps_are_gone_are_not_counted_as_attached(config: NetworkConfig) -> None:
+    backend = ready_host()
+    auto = dataclasses.replace(config, firewall="auto")
+    with NetworkManager(auto, backend) as manager:
+        manager.ensure_host()
+        for vm_id in ("vm-a", "vm-b", "vm-c"):
+            manager.attach(vm_id)
+        stopped = [a.tap_name for a in manager.list() if a.vm_id != "vm-a"]
+    for tap in stopped:  # VMs stopped that keep their address (state tap-missing)
+        backend.delete_link(tap)
+    backend.insert_rule(FILTER, "FORWARD", Rule("DROP", in_iface="docker0"))
+    with NetworkManager(auto, backend) as manager:
+        (pin,) = [f for f in doctor(manager) if f.code == "firewall-pin-nftables"]
+    assert "1 attached VM(s) (vm-a) and 2 leased VM(s) whose TAP is gone (vm-b, vm-c)" in (
+        pin.message
+    )
 
 
 def test_a_drop_in_iptables_nfts_table_gets_a_fix_iptables_nft_can_still_list(
@@ -347,3 +380,22 @@ def test_no_connection_state_fix_before_conntrack(
         rule = {"family": "ip", "table": table, "chain": chain, "expr": [replies, ACCEPT]}
         FakeNftRunner(backend.state.nftables).run([{"insert": {"rule": rule}}], "test", None)
         assert [f for f in doctor(manager) if f.blocking], "the kernel still drops them"
+
+
+def test_without_nftables_under_guarded_vms_the_fix_is_to_make_it_usable(
+    config: NetworkConfig,
+) -> None:
+    """auto falls back to iptables because libnftables' binding is gone: "keep nftables"
+    cannot be followed there (--firewall nftables is refused), so the fix says what
+    nftables misses."""
+    backend = ready_host()
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        manager.attach("vm-a")
+    missing = "needs libnftables: apt-get install python3-nftables"
+    backend.firewall("nftables")._unavailable = lambda: missing  # type: ignore[attr-defined]
+    with NetworkManager(dataclasses.replace(config, firewall="auto"), backend) as manager:
+        (finding,) = [f for f in doctor(manager) if f.blocking]
+    assert "cannot hold the guarantees of 1 attached VM(s) (vm-a)" in finding.message
+    assert finding.fix.startswith(f"make nftables usable again ({missing})")
+    assert "--firewall nftables" not in finding.fix
