@@ -327,13 +327,13 @@ def _nftables(
                 found += _iptables_nft(by_name, table_rules, chosen)
                 if chosen == "nftables":
                     # netvm's accepts stand in this table: is anything before them in the way?
-                    found += _walked(walk, family, table, "FORWARD", packets, bridge)
+                    found += _walked(walk, (family, table, "FORWARD"), packets, bridge, egress)
         for name, chain in by_name.items():
             hook = chain.get("hook")
             if hook is None or (iptables_forward and name == "FORWARD"):
                 continue
             if family in ("ip", "inet") and hook == "forward":
-                found += _walked(walk, family, table, name, packets, bridge)
+                found += _walked(walk, (family, table, name), packets, bridge, egress)
                 continue
             devices = chain.get("dev")
             named = devices if isinstance(devices, list) else [devices] if devices else []
@@ -497,22 +497,20 @@ def _ufw(
 
 
 def _walked(
-    walk: Walk, family: str, table: str, name: str, packets: list[Packet], bridge: str
+    walk: Walk, at: tuple[str, str, str], packets: list[Packet], bridge: str, egress: str
 ) -> list[Finding]:
-    """What the base chain `name` does to the guests' packets (netvm/firewall/walk.py)."""
+    """What the base chain `at` (family, table, chain) does to the guests' packets
+    (netvm/firewall/walk.py)."""
+    family, table, name = at
     verdicts = {packet.what: walk.verdict(name, packet) for packet in packets}
     dropped = [what for what, verdict in verdicts.items() if verdict == "drop"]
     unsure = [what for what, verdict in verdicts.items() if verdict == "unknown"]
     evidence = f"table {family} {table} chain {name}: " + "; ".join(
         f"{what}: {verdict}" for what, verdict in verdicts.items()
     )
-    at = (family, table, name)
     fix = f"{_insert(at, '-i', bridge, False)}; {_insert(at, '-o', bridge, True)}"
     if table == "firewalld":
-        fix = (
-            f"firewall-cmd --zone=trusted --add-interface={bridge} "
-            "(and again with --permanent to keep it)"
-        )
+        fix = _firewalld_policy(bridge, egress)
     if dropped:
         code = "firewalld-forward-reject" if table == "firewalld" else "foreign-forward-drop"
         return [
@@ -539,6 +537,33 @@ def _walked(
             )
         ]
     return []
+
+
+def _firewalld_policy(bridge: str, egress: str) -> str:
+    """firewalld's own commands (it rewrites its table on reload): the bridge in a zone of
+    its own, and a policy from that zone to the uplink's that accepts (firewalld >= 0.9;
+    firewalld lets the replies back itself). Not the trusted zone: it would also accept
+    every packet from the guests to the host itself, opening each of its ports to them."""
+    cmd = "firewall-cmd --permanent"
+    policy = f"{bridge}-out"
+    uplink = (
+        f'"$(firewall-cmd --get-zone-of-interface={egress} || firewall-cmd --get-default-zone)"'
+    )
+    return "; ".join(
+        [
+            f"{cmd} --new-zone={bridge}",
+            f"{cmd} --zone={bridge} --add-interface={bridge}",
+            f"{cmd} --new-policy={policy}",
+            f"{cmd} --policy={policy} --add-ingress-zone={bridge}",
+            f"{cmd} --policy={policy} --add-egress-zone={uplink}",
+            f"{cmd} --policy={policy} --set-target=ACCEPT",
+            "firewall-cmd --reload",
+        ]
+    ) + (
+        f" (firewalld 0.9 or later: zone {bridge} takes the guests' packets to the host with "
+        f"firewalld's defaults, policy {policy} forwards them to {egress}'s zone; not "
+        f"--zone=trusted, which would open every port of the host to the guests)"
+    )
 
 
 # Legacy xtables ---------------------------------------------------------------------------

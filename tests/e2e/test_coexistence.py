@@ -224,11 +224,13 @@ SCENARIOS = [
                 "filter_FORWARD_ZONES",
                 "iifname",
                 bridge,
+                "oifname",
+                egress,
                 "goto",
-                "filter_FWD_trusted",
+                "filter_FWD_trusted",  # as the chain of a policy with target ACCEPT
             ]
         ],
-        "firewall-cmd --zone=trusted --add-interface=nvbr0",
+        "firewall-cmd --permanent --policy=nvbr0-out --set-target=ACCEPT",
     ),
 ]
 

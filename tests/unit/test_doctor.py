@@ -399,3 +399,49 @@ def test_without_nftables_under_guarded_vms_the_fix_is_to_make_it_usable(
     assert "cannot hold the guarantees of 1 attached VM(s) (vm-a)" in finding.message
     assert finding.fix.startswith(f"make nftables usable again ({missing})")
     assert "--firewall nftables" not in finding.fix
+
+
+def test_the_firewalld_fix_is_a_policy_not_the_trusted_zone(config: NetworkConfig) -> None:
+    """firewalld's trusted zone would accept everything from the guests to the host too
+    (every port that firewalld closes): the fix gives the bridge a zone of its own and a
+    policy from it to the uplink's zone."""
+    backend = ready_host()
+    base = {"type": "filter", "hook": "forward", "prio": 10, "policy": "accept"}
+    FakeNftRunner(backend.state.nftables).run(
+        [
+            {"add": {"table": {"family": "inet", "name": "firewalld"}}},
+            {
+                "add": {
+                    "chain": {"family": "inet", "table": "firewalld", "name": "filter_FORWARD"}
+                    | base
+                }
+            },
+            {
+                "add": {
+                    "rule": {
+                        "family": "inet",
+                        "table": "firewalld",
+                        "chain": "filter_FORWARD",
+                        "expr": [{"reject": None}],
+                    }
+                }
+            },
+        ],
+        "test",
+        None,
+    )
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        (finding,) = [f for f in doctor(manager) if f.code == "firewalld-forward-reject"]
+    commands = finding.fix.split(" (firewalld 0.9")[0].split("; ")
+    assert commands == [
+        "firewall-cmd --permanent --new-zone=nvbr0",
+        "firewall-cmd --permanent --zone=nvbr0 --add-interface=nvbr0",
+        "firewall-cmd --permanent --new-policy=nvbr0-out",
+        "firewall-cmd --permanent --policy=nvbr0-out --add-ingress-zone=nvbr0",
+        "firewall-cmd --permanent --policy=nvbr0-out --add-egress-zone="
+        '"$(firewall-cmd --get-zone-of-interface=up0 || firewall-cmd --get-default-zone)"',
+        "firewall-cmd --permanent --policy=nvbr0-out --set-target=ACCEPT",
+        "firewall-cmd --reload",
+    ]
+    assert "--zone=trusted --add-interface" not in finding.fix
