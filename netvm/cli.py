@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
     from netvm.backends.base import Backend
     from netvm.manager import Attachment, NetworkManager
+    from netvm.policy import GuestPolicy
     from netvm.status import HostStatus
 
 JSON_SCHEMA_VERSION = 1
@@ -464,9 +465,10 @@ def _guarantees(manager: NetworkManager, status: HostStatus) -> dict[str, Any]:
     """`status`'s guarantees: the default policy, each VM's, what becomes of guest IPv6."""
     default = cli_policy.default_policy(manager.config, status.firewall.kind)
     vms = manager.list() if status.bridge_present else []
+    ipv6 = _ipv6([a.policy for a in vms])
     lines = [
         f"policy      default {default.describe()}; " + cli_policy.summary([a.policy for a in vms]),
-        f"guest IPv6  {cli_policy.IPV6}",
+        f"guest IPv6  {ipv6}",
     ]
     return {
         "default": default.to_json(),
@@ -474,9 +476,25 @@ def _guarantees(manager: NetworkManager, status: HostStatus) -> dict[str, Any]:
             {"vm_id": a.vm_id, "tap_name": a.tap_name, "policy": cli_policy.policy_json(a.policy)}
             for a in vms
         ],
-        "ipv6": cli_policy.IPV6,
+        "ipv6": ipv6,
         "text": "\n".join(lines),
     }
+
+
+def _ipv6(policies: list[GuestPolicy | None]) -> str:
+    """What becomes of the guests' IPv6, for the VMs there are (the rule with none)."""
+    guarded = sum(1 for policy in policies if policy is not None and policy.anti_spoof)
+    if not policies:
+        return cli_policy.IPV6
+    why = "netvm is IPv4-only: no IPv6 source check"
+    if not guarded:
+        return f"passes unchecked: no VM has anti_spoof ({why}; under anti_spoof it is dropped)"
+    if guarded == len(policies):
+        return f"dropped under anti_spoof, which every VM has ({why})"
+    return (
+        f"dropped under anti_spoof, for the {guarded} VM(s) that have it ({why}); passes "
+        f"unchecked for the {len(policies) - guarded} without"
+    )
 
 
 def _attachment_state(a: Attachment) -> str:

@@ -57,7 +57,7 @@ def doctor(manager: NetworkManager) -> list[Finding]:
     found: list[Finding] = []
     found += _egress(backend, egress)
     found += _subnet(manager)
-    found += _sysctls(backend, bridge, egress)
+    found += _sysctls(backend, egress)
     try:
         chosen = manager.choose_firewall()
     except NetvmError as exc:
@@ -235,7 +235,7 @@ def _subnet(manager: NetworkManager) -> list[Finding]:
     return found
 
 
-def _sysctls(backend: Backend, bridge: str, egress: str) -> list[Finding]:
+def _sysctls(backend: Backend, egress: str) -> list[Finding]:
     found: list[Finding] = []
     if (backend.read_proc("/proc/sys/net/ipv4/ip_forward") or "0").strip() != "1":
         found.append(
@@ -257,18 +257,6 @@ def _sysctls(backend: Backend, bridge: str, egress: str) -> list[Finding]:
                 f"/proc/sys/net/ipv4/conf/{egress}/rp_filter = 1",
                 "fine while replies come back through the egress; with asymmetric routing use "
                 f"loose mode: sysctl net.ipv4.conf.{egress}.rp_filter=2",
-            )
-        )
-    nf_call = backend.read_proc("/proc/sys/net/bridge/bridge-nf-call-iptables")
-    if nf_call is not None and nf_call.strip() == "1":
-        found.append(
-            Finding(
-                "br-netfilter",
-                "warning",
-                "br_netfilter is loaded: frames bridged between guests pass the forward hook",
-                "/proc/sys/net/bridge/bridge-nf-call-iptables = 1",
-                f"netvm accepts {bridge} -> {bridge}; a foreign DROP at the forward hook "
-                "also stops guest-to-guest traffic",
             )
         )
     return found
@@ -327,13 +315,15 @@ def _nftables(
                 found += _iptables_nft(by_name, table_rules, chosen)
                 if chosen == "nftables":
                     # netvm's accepts stand in this table: is anything before them in the way?
-                    found += _walked(walk, (family, table, "FORWARD"), packets, bridge, egress)
+                    found += _walked(
+                        walk, (family, table, "FORWARD"), packets, bridge, egress, bridged
+                    )
         for name, chain in by_name.items():
             hook = chain.get("hook")
             if hook is None or (iptables_forward and name == "FORWARD"):
                 continue
             if family in ("ip", "inet") and hook == "forward":
-                found += _walked(walk, (family, table, name), packets, bridge, egress)
+                found += _walked(walk, (family, table, name), packets, bridge, egress, bridged)
                 continue
             devices = chain.get("dev")
             named = devices if isinstance(devices, list) else [devices] if devices else []
@@ -497,11 +487,17 @@ def _ufw(
 
 
 def _walked(
-    walk: Walk, at: tuple[str, str, str], packets: list[Packet], bridge: str, egress: str
+    walk: Walk,
+    at: tuple[str, str, str],
+    packets: list[Packet],
+    bridge: str,
+    egress: str,
+    bridged: bool,
 ) -> list[Finding]:
     """What the base chain `at` (family, table, chain) does to the guests' packets
-    (netvm/firewall/walk.py)."""
+    (netvm/firewall/walk.py); with br_netfilter (`bridged`), to frames between guests."""
     family, table, name = at
+    found = _between_guests(walk, at, bridge) if bridged else []
     verdicts = {packet.what: walk.verdict(name, packet) for packet in packets}
     dropped = [what for what, verdict in verdicts.items() if verdict == "drop"]
     unsure = [what for what, verdict in verdicts.items() if verdict == "unknown"]
@@ -513,7 +509,10 @@ def _walked(
         fix = _firewalld_policy(bridge, egress)
     if dropped:
         code = "firewalld-forward-reject" if table == "firewalld" else "foreign-forward-drop"
+        if table != "firewalld":
+            found = []  # the fix's accept of the bridge lets frames between guests by too
         return [
+            *found,
             Finding(
                 code,
                 "blocking",
@@ -521,10 +520,11 @@ def _walked(
                 + " and ".join(dropped),
                 evidence,
                 fix,
-            )
+            ),
         ]
     if unsure:
         return [
+            *found,
             Finding(
                 "foreign-forward-unsure",
                 "warning",
@@ -534,9 +534,38 @@ def _walked(
                 "ports, marks...)",
                 evidence,
                 fix,
-            )
+            ),
         ]
-    return []
+    return found
+
+
+def _between_guests(walk: Walk, at: tuple[str, str, str], bridge: str) -> list[Finding]:
+    """With br_netfilter loaded, frames bridged from guest to guest pass the forward hook:
+    a chain there that drops them stops the guests' traffic with each other (not their
+    way out). Reported only where the drop is certain, with the accept that lets them by."""
+    family, table, name = at
+    between = Packet("frames between guests on the bridge", bridge, bridge, "new", None, None)
+    if walk.verdict(name, between) != "drop":
+        return []
+    where = f"table {family} {table} chain {name}"
+    fix = _insert(at, "-i", bridge, False)
+    if table == "firewalld":
+        fix = (
+            f"firewall-cmd --permanent --zone={bridge} --add-forward; firewall-cmd --reload "
+            f"(firewalld 1.0 or later: forwarding within the bridge's zone {bridge})"
+        )
+    return [
+        Finding(
+            "bridged-frames-drop",
+            "warning",
+            f"{where} drops frames between guests on the bridge: br_netfilter is loaded, so "
+            "frames bridged between guests pass the forward hook",
+            f"/proc/sys/net/bridge/bridge-nf-call-iptables = 1; {where}: frames from "
+            f"{bridge} to {bridge}: drop",
+            f"{fix}; or, if nothing on this host needs br_netfilter (Docker and Kubernetes "
+            "do), sysctl -w net.bridge.bridge-nf-call-iptables=0",
+        )
+    ]
 
 
 def _firewalld_policy(bridge: str, egress: str) -> str:

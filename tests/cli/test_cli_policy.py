@@ -166,3 +166,16 @@ def test_a_guarantee_on_the_iptables_firewall_is_one_line(run: Run) -> None:
     code, out, err = run("--firewall", "iptables", "attach", "vm-a", "--json")
     assert code == 0, err
     assert json.loads(out)["policy"] is None, "the iptables default asks for nothing"
+
+
+def test_status_says_what_becomes_of_guest_ipv6_for_the_vms_there_are(run: Run) -> None:
+    """IPv6 is dropped only under anti_spoof: with no VM that has it, status must not say
+    it is dropped (review25b F16)."""
+    assert run("attach", "vm-a", "--open")[0] == 0
+    out = run("status")[1]
+    (line,) = [line for line in out.splitlines() if line.startswith("guest IPv6")]
+    assert line.startswith("guest IPv6  passes unchecked: no VM has anti_spoof")
+    assert run("attach", "vm-b")[0] == 0
+    ipv6 = json.loads(run("status", "--json")[1])["guarantees"]["ipv6"]
+    assert ipv6.startswith("dropped under anti_spoof, for the 1 VM(s) that have it")
+    assert ipv6.endswith("passes unchecked for the 1 without")

@@ -445,3 +445,30 @@ def test_the_firewalld_fix_is_a_policy_not_the_trusted_zone(config: NetworkConfi
         "firewall-cmd --reload",
     ]
     assert "--zone=trusted --add-interface" not in finding.fix
+
+
+BR_NF_CALL = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+
+
+@pytest.mark.parametrize("drops_between_guests", [False, True])
+def test_br_netfilter_is_said_only_where_a_chain_drops_frames_between_guests(
+    config: NetworkConfig, drops_between_guests: bool
+) -> None:
+    """br_netfilter loaded is no finding by itself (it was a WARNING on every run, with a
+    remark for a fix); a forward chain that drops the frames it passes between guests
+    is, with the accept that lets them by."""
+    backend = ready_host()
+    backend.state.proc[BR_NF_CALL] = "1\n"
+    forward = {"type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}
+    between = [_meta("iifname", "nvbr0"), _meta("oifname", "nvbr0"), DROP]
+    _foreign(backend, "inet", forward, *([between] if drops_between_guests else []))
+    with NetworkManager(config, backend) as manager:
+        manager.ensure_host()
+        found = doctor(manager)
+    if not drops_between_guests:
+        assert found == []
+        return
+    (finding,) = found
+    assert (finding.code, finding.severity) == ("bridged-frames-drop", "warning")
+    assert "table inet t chain c drops frames between guests on the bridge" in finding.message
+    assert finding.fix.startswith('nft insert rule inet t c iifname "nvbr0" accept')
