@@ -78,13 +78,14 @@ def _attach_host_tap(name: str, flags: int) -> int:
     return fd
 
 
-def _wait_until_passing(name: str, timeout: float = 3.0) -> None:
+def wait_until_passing(name: str, timeout: float = 3.0) -> None:
     """Wait until the kernel has acted on the TAP's carrier-on (bounded by `timeout`).
 
     Opening a TAP turns its carrier on at once, but the kernel applies that (operstate, qdisc
     activation, bridge port state) from its link-watch work, which it runs at most once a
     second for all namespaces: until then the host drops the guest's first frames. A TAP
-    that is administratively down is not waited for.
+    that is administratively down is not waited for. The same holds for a veth's carrier
+    (internet_topology waits for both ends). In the calling thread's namespace.
     """
     deadline = time.monotonic() + timeout
     with IPRoute() as ipr:
@@ -157,7 +158,7 @@ class GuestEmulator:
             self._host_fd = run_in_netns(
                 self.host_netns, lambda: _attach_host_tap(self.network.tap_name, self._host_flags)
             )
-            run_in_netns(self.host_netns, lambda: _wait_until_passing(self.network.tap_name))
+            run_in_netns(self.host_netns, lambda: wait_until_passing(self.network.tap_name))
             self._stop = os.eventfd(0, os.EFD_CLOEXEC)
             self._pump = threading.Thread(
                 target=self._run_pump, name=f"netvm-pump-{self.network.tap_name}", daemon=True

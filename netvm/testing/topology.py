@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 
 from netvm.backends.netns import netns_path
+from netvm.testing.guest import wait_until_passing
 from netvm.testing.namespaces import run_in_netns, throwaway_netns
 from netvm.testing.probes import allow_ping, up_loopback
 
@@ -93,4 +94,8 @@ def internet_topology(
 
         run_in_netns(host, build_host)
         run_in_netns(inet, build_internet)
+        # The kernel applies a veth's carrier (operstate, qdisc) from its link-watch work,
+        # at most once a second: until then both ends drop what is sent.
+        run_in_netns(host, lambda: wait_until_passing(egress_iface))
+        run_in_netns(inet, lambda: wait_until_passing(INTERNET_IFACE))
         yield Topology(host, inet, egress_iface, up, far)
