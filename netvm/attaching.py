@@ -21,7 +21,6 @@ single attach (NetworkManager._recover).
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -178,11 +177,6 @@ def _attach_group(
         if vm_id not in result.errors
     ]
     refused = manager.backend.set_links(changes)
-    full = [c for c in changes if getattr(refused.get(c.name), "errno", None) == errno.EXFULL]
-    if full and manager._free_ports():  # detached TAPs held ports: freed, the rest go in
-        for change in full:
-            del refused[change.name]
-        refused.update(manager.backend.set_links(full))
     for vm_id, network in made.items():
         if network.tap_name in refused:
             result.errors[vm_id] = refused[network.tap_name]

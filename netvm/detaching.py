@@ -1,8 +1,8 @@
 """Detach: a VM's TAP retired at once, deleted off the caller's path (docs/design.md).
 
-Under the lease lock, one request by ifindex takes each TAP down, marks it
-`netvm-detaching:<bridge>:<vm_id>` and moves it into the reaper's link group (it keeps its
-name and its port: `retire`); its guarantees are removed and its lease freed. The manager's reaper
+Under the lease lock, one request by ifindex takes each TAP down, renames it away (its VM's
+name is free at once), marks it `netvm-detaching:<bridge>:<vm_id>` and moves it into the
+reaper's link group; its guarantees are removed and its lease freed. The manager's reaper
 (netvm/reaper.py) deletes each group in one request, so the kernel's RCU wait is paid once
 per batch. What a detach cut short leaves is finished or undone by `recover_retired`, and
 what a dead process's reaper left is deleted by `sweep`.
@@ -10,12 +10,13 @@ what a dead process's reaper left is deleted by `sweep`.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 from typing import TYPE_CHECKING, Any
 
 from netvm import naming
-from netvm.backends.base import Link, LinkChange
+from netvm.backends.base import NO_MASTER, Link, LinkChange
 from netvm.errors import NetvmError, StateStoreError, host_error
 from netvm.leases import LeaseTransaction
 from netvm.reconcile import netvm_taps
@@ -104,29 +105,42 @@ def retire_vms(
 
 
 def retire(manager: NetworkManager, doomed: list[tuple[Link, str]], group: int) -> None:
-    """Down, marked and in `group`, in pipelined requests; still a port of the bridge and
-    still under its VM's name until the reaper deletes it.
+    """Down, renamed away, marked and in `group` (off the bridge too where the bridge
+    can fill up), in pipelined requests.
 
-    Neither rename nor release of the port is done here: each costs the kernel an RCU
-    grace period (~0.2 ms each, `bench/detach.py`), paid by every detach, while only an
-    attach of the same VM within the reaper's delay meets the name (it renames the old
-    TAP away first: NetworkManager._delete_if_same), and only an enslave into a full
-    bridge needs the port (it takes the retired TAPs off the bridge and tries again:
-    NetworkManager._free_ports).
+    The rename frees the VM's name at once: an attach of the VM makes its new TAP
+    without meeting the old one, which the reaper may delete at any moment.
     """
     bridge = manager.config.bridge_name
+    release = NO_MASTER if manager._release_ports else None
     changes = [
         LinkChange(
             link.index,
+            name=naming.detached_name(link.index),
             up=False,
+            master=release,
             alias=naming.detaching_alias(bridge, vm_id),
             group=group,
         )
         for link, vm_id in doomed
     ]
-    for change, code in manager.backend.change_links(changes):
+    failed = manager.backend.change_links(changes)
+    for change, code in failed:
+        if code not in (errno.ENODEV, errno.EEXIST, errno.EBUSY):
+            raise host_error("detach", f"TAP with ifindex {change.index}", code)
+    retry = [change for change, code in failed if code != errno.ENODEV]
+    if not retry:
+        return
+    # The name is taken, or the kernel (< 6.2) renames no device that is up: all else
+    # first, then the name alone. A TAP that cannot be renamed keeps its VM's name
+    # until deleted (an attach of the VM meanwhile renames or deletes it first).
+    unnamed = [dataclasses.replace(change, name=None) for change in retry]
+    for change, code in manager.backend.change_links(unnamed):
         if code != errno.ENODEV:  # gone meanwhile: nothing to delete
             raise host_error("detach", f"TAP with ifindex {change.index}", code)
+    renames = [LinkChange(change.index, name=change.name) for change in retry]
+    for change, code in manager.backend.change_links(renames):
+        log.info("detached TAP %d keeps its name: %s", change.index, errno.errorcode[code])
 
 
 def recover_retired(
