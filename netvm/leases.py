@@ -51,9 +51,8 @@ _SCHEMA = (
     # gives back to a VM whose guarantees the firewall lost (a foreign `nft flush ruleset`).
     "CREATE TABLE IF NOT EXISTS policies (vm_id TEXT PRIMARY KEY, policy TEXT NOT NULL)",
     # Slots freed whose address may still have conntrack entries (the VM's flows): deleted
-    # (backends/conntrack.py) by the reaper after a detach, or else before the address is
-    # a new lease's. `mark` is random per freeing: the reaper clears only the mark it saw.
-    "CREATE TABLE IF NOT EXISTS stale (slot INTEGER PRIMARY KEY, mark INTEGER NOT NULL DEFAULT 0)",
+    # (backends/conntrack.py) before the address is a new lease's.
+    "CREATE TABLE IF NOT EXISTS stale (slot INTEGER PRIMARY KEY)",
 )
 
 LOCK_TIMEOUT = 60.0
@@ -203,18 +202,6 @@ class LeaseTransaction:
         used; a crash before that frees the new lease again, and marks the slot anew)."""
         return self._db.execute("DELETE FROM stale WHERE slot = ?", (slot,)).rowcount > 0
 
-    def stale_marks(self) -> list[tuple[int, int]]:
-        """(slot, mark) of the free slots whose addresses' connections are not deleted yet."""
-        rows = self._db.execute(
-            "SELECT stale.slot, stale.mark FROM stale JOIN free ON free.slot = stale.slot"
-        )
-        return [(int(slot), int(mark)) for slot, mark in rows]
-
-    def clear_stale(self, marks: list[tuple[int, int]]) -> None:
-        """The connections of these (slot, mark) were deleted: a slot freed again since
-        (another mark) stays stale."""
-        self._db.executemany("DELETE FROM stale WHERE slot = ? AND mark = ?", marks)
-
     def release(self, vm_id: str, forget_policy: bool = True) -> bool:
         """Free the vm_id's lease and (unless told not to: a lease being moved) forget its
         policy; False when it had no lease."""
@@ -231,7 +218,7 @@ class LeaseTransaction:
             return False
         self._db.execute("DELETE FROM leases WHERE vm_id = ?", (vm_id,))
         self._db.execute("INSERT INTO free VALUES (?)", (lease.slot,))
-        self._db.execute("INSERT OR REPLACE INTO stale VALUES (?, random())", (lease.slot,))
+        self._db.execute("INSERT OR IGNORE INTO stale VALUES (?)", (lease.slot,))
         return True
 
     # Policies ---------------------------------------------------------------------------
@@ -407,7 +394,6 @@ class LeaseStore:
             db.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
                 db.execute(statement)
-            self._add_stale_mark(db)
             self._check_subnet(db)
             db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -424,13 +410,6 @@ class LeaseStore:
             db.close()
             raise
         return db
-
-    @staticmethod
-    def _add_stale_mark(db: sqlite3.Connection) -> None:
-        """A store written by a netvm whose `stale` table had no `mark` column gets one."""
-        columns = {row[1] for row in db.execute("PRAGMA table_info(stale)")}
-        if "mark" not in columns:
-            db.execute("ALTER TABLE stale ADD COLUMN mark INTEGER NOT NULL DEFAULT 0")
 
     @staticmethod
     def _switch_to_wal(db: sqlite3.Connection) -> None:

@@ -122,10 +122,7 @@ class NetworkManager:
         self._fell_back: str | None = None
         """Why `auto` picked iptables, until the missing default guarantees are said."""
         self._reaper = Reaper(
-            self.backend.deleter,
-            f"netvm-reaper-{self.config.bridge_name}",
-            self._sweep,
-            self._forget_freed,
+            self.backend.deleter, f"netvm-reaper-{self.config.bridge_name}", self._sweep
         )
         self._swept = False
         # A detached TAP stays a (down) port of the bridge until the reaper deletes it,
@@ -950,29 +947,6 @@ class NetworkManager:
     def _sweep(self) -> None:
         """(On the reaper's thread.) See netvm/detaching.py: sweep."""
         detaching.sweep(self)
-
-    def _forget_freed(self) -> None:
-        """(On the reaper's thread, after it deleted detached TAPs.) The connections of the
-        addresses detached VMs left are deleted here, off the callers' path and outside the
-        lease lock: each is two walks of the kernel's whole conntrack table (65 ms at 100k
-        entries, review26 #3). A slot stays stale until its deletion succeeded, so an
-        attach given it first (or after a crash here) deletes them itself."""
-        with self._changing(drain=False) as tx:
-            marks = tx.stale_marks()
-        done: list[tuple[int, int]] = []
-        for slot, mark in marks:
-            address = naming.guest_ip(self.config.vm_subnet, slot)
-            try:
-                self.backend.forget_connections(address)
-            except NetvmError as exc:
-                log.warning(
-                    "connections of %s not deleted (its next attach will): %s", address, exc
-                )
-                break
-            done.append((slot, mark))
-        if done:
-            with self._changing(drain=False) as tx:
-                tx.clear_stale(done)
 
     def _delete_if_same(self, link: Link) -> None:
         """Delete `link` if that very device (its ifindex) still exists.

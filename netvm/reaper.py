@@ -59,8 +59,6 @@ class Reaper:
 
     `sweep`, if given, is run on the thread when request_sweep() asks for it: the manager
     hands it the TAPs that dead processes marked (it calls begin()/end() itself).
-    `deleted`, if given, is run on the thread after each batch of deletions, before wait()
-    returns: the manager deletes the connections of the addresses the TAPs had.
     """
 
     def __init__(
@@ -68,12 +66,10 @@ class Reaper:
         open_deleter: Callable[[], GroupDeleter],
         name: str = "netvm-reaper",
         sweep: Callable[[], None] | None = None,
-        deleted: Callable[[], None] | None = None,
     ) -> None:
         self._open_deleter = open_deleter
         self._name = name
         self._sweep = sweep
-        self._deleted = deleted
         self._reset()
         _live.add(self)
 
@@ -274,11 +270,6 @@ class Reaper:
                 with self._cond:
                     if self._pending.pop(group, None) is not None:
                         self._spare = group  # one of this reaper's own
-            if groups and self._deleted is not None:
-                try:
-                    self._deleted()
-                except Exception as exc:  # the thread must go on: the next attach does it
-                    log.error("after deleting detached TAPs: %s", exc)
         finally:
             with self._cond:
                 self._busy = False

@@ -129,8 +129,6 @@ class KernelBackend:
         self._rtnl: Rtnl | None = None
         self._conntrack: Conntrack | None = None
         self._no_conntrack = False
-        self._conntrack_lock = threading.Lock()
-        """The socket is opened once: the caller's thread and the reaper's may both ask."""
         self._namespace_inode = 0
         self._tun_fds: list[int] = []
         self._tun_lock = threading.Lock()
@@ -257,31 +255,23 @@ class KernelBackend:
         """conntrack.py: the entries whose original or reply source is `address`; a kernel
         without ctnetlink has nothing netvm can delete (said once)."""
         self._check_process()
-        conntrack = self._conntrack_socket()
-        if conntrack is None:
+        if self._no_conntrack:
             return
+        if self._conntrack is None:
+
+            def open_socket() -> Conntrack:
+                from netvm.backends.conntrack import Conntrack
+
+                return Conntrack()
+
+            try:
+                self._conntrack = self._call(open_socket)
+            except OSError as exc:  # no nfnetlink in this kernel
+                self._without_conntrack(exc.strerror or str(exc))
+                return
         with _kernel_errors("delete the connections of " + str(address), None):
-            if conntrack.forget(address) is None:
+            if self._conntrack.forget(address) is None:
                 self._without_conntrack("ctnetlink refuses the filter and the dump")
-
-    def _conntrack_socket(self) -> Conntrack | None:
-        """The ctnetlink socket, opened on first use; None without ctnetlink."""
-        with self._conntrack_lock:
-            if self._no_conntrack:
-                return None
-            if self._conntrack is None:
-
-                def open_socket() -> Conntrack:
-                    from netvm.backends.conntrack import Conntrack
-
-                    return Conntrack()
-
-                try:
-                    self._conntrack = self._call(open_socket)
-                except OSError as exc:  # no nfnetlink in this kernel
-                    self._without_conntrack(exc.strerror or str(exc))
-                    return None
-            return self._conntrack
 
     def _without_conntrack(self, why: str) -> None:
         self._no_conntrack = True

@@ -50,9 +50,7 @@ def _count_deletions(manager: NetworkManager, gate: threading.Event | None = Non
         return Counting()
 
     manager._reaper.close()
-    manager._reaper = type(manager._reaper)(
-        deleter, sweep=manager._sweep, deleted=manager._forget_freed
-    )
+    manager._reaper = type(manager._reaper)(deleter, sweep=manager._sweep)
     return deleted
 
 
