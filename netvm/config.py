@@ -149,7 +149,7 @@ def parse_state_dir(field_name: str, value: object) -> Path:
         raise ConfigError(field_name, value, STATE_DIR_RULE) from None
     # Absolute now: the bridge's mark records the store by its path, which must not depend
     # on the working directory of each later call.
-    return Path(os.path.abspath(value))
+    return Path(value).absolute()  # not os.path.abspath: ".." after a symlink is the kernel's
 
 
 @dataclass(frozen=True, init=False)

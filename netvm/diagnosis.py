@@ -107,6 +107,7 @@ def _guarded(manager: NetworkManager) -> tuple[list[str], list[str]]:
     """The VMs with guarantees (which ensure_host will not take from them): those whose TAP
     exists, and those whose lease outlives their TAP (a stopped VM keeping its address)."""
     try:
+        manager.host.check_owner()  # another store's bridge: no store is made in this one
         guarded = manager._guarded_vms()
         taps = {lease.vm_id: lease.tap_name for lease in manager.leases.all()}
     except NetvmError:

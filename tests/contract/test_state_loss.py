@@ -237,6 +237,8 @@ def test_until_ensure_host_claims_an_older_mark_only_teardown_uses_the_bridge(
                     manager.detach("vm-a")
                 with pytest.raises(ConflictError, match="run ensure_host"):
                     manager.gc(keep=())
+            # Reading is not refused (review27 #6: `netvm status` failed on such a bridge).
+            assert [a.vm_id for a in first.list()] == ["vm-a"]
             assert snapshot(backend) == before
         first.ensure_host()  # records its store: the control, the same calls now work
         first.attach("vm-b")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 import pytest
@@ -299,3 +300,8 @@ def test_a_relative_state_dir_is_made_absolute_once(
     monkeypatch.chdir("/")
     assert config.state_dir == tmp_path / "rel" / "dir"
     assert NetworkConfig.from_env({"MICROVM_NETWORK_STATE_DIR": "x"}).state_dir == Path("/x")
+    # ".." is left to the kernel: after a symlink it is not the symlink's parent.
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
+    linked = NetworkConfig(state_dir=tmp_path / "link" / ".." / "netvm").state_dir
+    assert os.path.realpath(linked) == str(tmp_path / "real" / "netvm")

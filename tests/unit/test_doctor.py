@@ -4,6 +4,7 @@ coexistence tests run it on the kernel beside ufw and firewalld)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -472,3 +473,19 @@ def test_br_netfilter_is_said_only_where_a_chain_drops_frames_between_guests(
     assert (finding.code, finding.severity) == ("bridged-frames-drop", "warning")
     assert "table inet t chain c drops frames between guests on the bridge" in finding.message
     assert finding.fix.startswith('nft insert rule inet t c iifname "nvbr0" accept')
+
+
+def test_doctor_with_another_state_dir_makes_no_store_there(
+    config: NetworkConfig, tmp_path: Path
+) -> None:
+    """doctor reads only: under a mistyped state_dir (on a firewall choice that asks which
+    VMs have guarantees) it must not build a store there from the bridge's TAPs (review27 #7)."""
+    backend = ready_host()
+    with NetworkManager(config, backend) as owner:
+        owner.ensure_host()
+        owner.attach("vm-a")
+    other = dataclasses.replace(config, state_dir=tmp_path / "typo", firewall="iptables")
+    with NetworkManager(other, backend) as mistyped:
+        doctor(mistyped)
+    made = list(other.state_dir.iterdir()) if other.state_dir.exists() else []
+    assert not [p for p in made if ".sqlite" in p.name], made
