@@ -569,6 +569,10 @@ def _between_guests(walk: Walk, at: tuple[str, str, str], bridge: str) -> list[F
     ]
 
 
+FIREWALLD_NAME_MAX = 17
+"""firewalld's longest policy name (its max_policy_name_len(): 28 less 11 for its chains)."""
+
+
 def _firewalld_policy(bridge: str, egress: str) -> str:
     """firewalld's own commands (it rewrites its table on reload): the bridge in a zone of
     its own, and a policy from that zone to the uplink's that accepts (firewalld >= 0.9;
@@ -576,6 +580,8 @@ def _firewalld_policy(bridge: str, egress: str) -> str:
     every packet from the guests to the host itself, opening each of its ports to them."""
     cmd = "firewall-cmd --permanent"
     policy = f"{bridge}-out"
+    if len(policy) > FIREWALLD_NAME_MAX:  # firewalld refuses longer policy names
+        policy = f"nv{naming.sha256_hex(bridge.encode())[:8]}-out"
     uplink = (
         f'"$(firewall-cmd --get-zone-of-interface={egress} || firewall-cmd --get-default-zone)"'
     )

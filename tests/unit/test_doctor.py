@@ -489,3 +489,22 @@ def test_doctor_with_another_state_dir_makes_no_store_there(
         doctor(mistyped)
     made = list(other.state_dir.iterdir()) if other.state_dir.exists() else []
     assert not [p for p in made if ".sqlite" in p.name], made
+
+
+def test_the_firewalld_policy_name_fits_firewalld() -> None:
+    """firewalld refuses policy names longer than 17 characters (review27 #8): a 15-character
+    bridge name gets a short one of its own, a short bridge name keeps `<bridge>-out`."""
+    from netvm.diagnosis import FIREWALLD_NAME_MAX, _firewalld_policy
+
+    def policy(bridge: str) -> str:
+        (name,) = {
+            part.split("--new-policy=")[1].split()[0]
+            for part in _firewalld_policy(bridge, "up0").split("; ")
+            if "--new-policy=" in part
+        }
+        return name
+
+    assert policy("nvbr0") == "nvbr0-out"
+    long_one, other = policy("netvm-bridge-01"), policy("netvm-bridge-02")
+    assert len(long_one) <= FIREWALLD_NAME_MAX
+    assert long_one != other
