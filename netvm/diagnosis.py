@@ -505,13 +505,11 @@ def _walked(
     evidence = f"table {family} {table} chain {name}: " + "; ".join(
         f"{what}: {verdict}" for what, verdict in verdicts.items()
     )
-    fix = f"{_insert(at, '-i', bridge, False)}; {_insert(at, '-o', bridge, True)}"
+    fix = f"{_insert(at, '-i', bridge, False, egress)}; {_insert(at, '-o', bridge, True, egress)}"
     if table == "firewalld":
         fix = _firewalld_policy(bridge, egress)
     if dropped:
         code = "firewalld-forward-reject" if table == "firewalld" else "foreign-forward-drop"
-        if table != "firewalld":
-            found = []  # the fix's accept of the bridge lets frames between guests by too
         return [
             *found,
             Finding(
@@ -549,7 +547,7 @@ def _between_guests(walk: Walk, at: tuple[str, str, str], bridge: str) -> list[F
     if walk.verdict(name, between) != "drop":
         return []
     where = f"table {family} {table} chain {name}"
-    fix = _insert(at, "-i", bridge, False)
+    fix = _insert(at, "-i", bridge, False, bridge)
     if table == "firewalld":
         fix = (
             f"firewall-cmd --permanent --zone={bridge} --add-forward; firewall-cmd --reload "
@@ -627,19 +625,32 @@ def _xtables_tool(family: str, table: str, chain: str) -> str | None:
     return None
 
 
-def _insert(at: tuple[str, str, str], flag: Literal["-i", "-o"], iface: str, replies: bool) -> str:
+def _insert(
+    at: tuple[str, str, str],
+    flag: Literal["-i", "-o"],
+    iface: str,
+    replies: bool,
+    other: str | None = None,
+) -> str:
     """The command that inserts, at the top of the base chain `at` (family, table, chain),
-    an accept of what comes in on (`-i`) or goes out through (`-o`) `iface`, of its
-    replies only when `replies`: with iptables-nft in the tables it made, else with nft."""
+    an accept of what comes in on (`-i`) or goes out through (`-o`) `iface` (and, with
+    `other`, goes out through or came in on that one: a forward fix no wider than the
+    guests' way out), of its replies only when `replies`: with iptables-nft in the tables
+    it made, else with nft."""
     family, table, chain = at
     tool = _xtables_tool(family, table, chain)
+    pair = [(flag, iface)]
+    if other is not None:
+        pair.append(("-o" if flag == "-i" else "-i", other))
+    pair.sort()  # -i first
     if tool is not None:
         where = f"{tool} -I {chain}" if table == "filter" else f"{tool} -t {table} -I {chain}"
         state = " -m conntrack --ctstate ESTABLISHED,RELATED" if replies else ""
-        return f"{where} {flag} {iface}{state} -j ACCEPT"
-    key = "iifname" if flag == "-i" else "oifname"
+        match = " ".join(f"{f} {name}" for f, name in pair)
+        return f"{where} {match}{state} -j ACCEPT"
     verdict = _REPLIES if replies else "accept"
-    return f'nft insert rule {family} {table} {chain} {key} "{iface}" {verdict}'
+    match = " ".join(f'{"iifname" if f == "-i" else "oifname"} "{name}"' for f, name in pair)
+    return f"nft insert rule {family} {table} {chain} {match} {verdict}"
 
 
 def _untracked(family: str, hook: str, priority: int) -> bool:
@@ -654,12 +665,13 @@ def _before_conntrack(packet: Packet) -> Packet:
     return dataclasses.replace(packet, ct_state="invalid")
 
 
-def _let_through(tool: str, chain: str, bridge: str) -> str:
-    """The iptables commands (of `tool`) that let the guests' traffic and its replies
-    through `chain`: what the nft `ct state` fix says, in a form iptables can list."""
+def _let_through(tool: str, chain: str, bridge: str, egress: str) -> str:
+    """The iptables commands (of `tool`) that let the guests' traffic to `egress` and its
+    replies through `chain`, and nothing wider: what the nft `ct state` fix says, in a form
+    iptables can list."""
     return (
-        f"{tool} -I {chain} -i {bridge} -j ACCEPT; {tool} -I {chain} -o {bridge} "
-        "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+        f"{tool} -I {chain} -i {bridge} -o {egress} -j ACCEPT; {tool} -I {chain} -i {egress} "
+        f"-o {bridge} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
     )
 
 
@@ -689,7 +701,7 @@ def _legacy(backend: Backend, chosen: str, bridge: str, egress: str) -> list[Fin
     )
     fix = (
         "let the bridge through the legacy table: "
-        f"{_let_through('iptables-legacy', 'FORWARD', bridge)} (or, with no VM that has "
+        f"{_let_through('iptables-legacy', 'FORWARD', bridge, egress)} (or, with no VM that has "
         "guarantees, which only nftables holds: --firewall iptables)"
     )
     if dropped:

@@ -62,7 +62,7 @@ def test_a_legacy_drop_beside_netvms_nftables_rules_is_a_split(config: NetworkCo
         backend.set_policy(FILTER, "FORWARD", "DROP")
         (split,) = [f for f in doctor(manager) if f.code == "rules-split"]
     assert split.blocking
-    assert f"iptables-legacy -I FORWARD -i {config.bridge_name} -j ACCEPT" in split.fix
+    assert f"iptables-legacy -I FORWARD -i {config.bridge_name} -o up0 -j ACCEPT" in split.fix
 
 
 def test_a_foreign_nftables_drop_at_the_forward_hook_is_reported(config: NetworkConfig) -> None:
@@ -79,7 +79,7 @@ def test_a_foreign_nftables_drop_at_the_forward_hook_is_reported(config: Network
     with NetworkManager(config, backend) as manager:
         manager.ensure_host()
         (drop,) = [f for f in doctor(manager) if f.code == "foreign-forward-drop"]
-    assert 'nft insert rule inet filter forward iifname "nvbr0" accept' in drop.fix
+    assert 'nft insert rule inet filter forward iifname "nvbr0" oifname "up0" accept' in drop.fix
 
 
 def test_a_subnet_overlapping_a_route_blocks(config: NetworkConfig) -> None:
@@ -209,7 +209,7 @@ def test_the_legacy_forward_chain_is_walked_for_the_guests_packets(
     elif code == "drop":
         assert list(found) == ["rules-split"]
         assert found["rules-split"].blocking
-        assert "iptables-legacy -I FORWARD -i nvbr0 -j ACCEPT" in found["rules-split"].fix
+        assert "iptables-legacy -I FORWARD -i nvbr0 -o up0 -j ACCEPT" in found["rules-split"].fix
     else:
         assert list(found) == ["rules-split-unsure"]
         assert not found["rules-split-unsure"].blocking
@@ -241,7 +241,7 @@ def test_auto_turning_to_iptables_under_guarded_vms_gets_advice_that_leads_out(
     pin = found["firewall-pin-nftables"]
     assert "2 attached VM(s) (vm-a, vm-b)" in pin.message
     assert "MICROVM_NETWORK_FIREWALL=nftables in the environment of every netvm call" in pin.fix
-    assert "iptables-legacy -I FORWARD -i nvbr0 -j ACCEPT" in found["rules-split"].fix
+    assert "iptables-legacy -I FORWARD -i nvbr0 -o up0 -j ACCEPT" in found["rules-split"].fix
     # The administrator runs them (iptables-legacy -I FORWARD ...).
     backend.insert_rule(FILTER, "FORWARD", Rule("ACCEPT", in_iface="nvbr0"))
     replies = Rule("ACCEPT", out_iface="nvbr0", ctstate=("ESTABLISHED", "RELATED"))
@@ -298,7 +298,7 @@ def test_a_drop_in_iptables_nfts_table_gets_a_fix_iptables_nft_can_still_list(
         drops = [f for f in doctor(manager) if f.code == "foreign-forward-drop"]
     assert drops
     for finding in drops:
-        assert finding.fix.startswith("iptables-nft -I FORWARD -i nvbr0 -j ACCEPT")
+        assert finding.fix.startswith("iptables-nft -I FORWARD -i nvbr0 -o up0 -j ACCEPT")
         assert "nft insert" not in finding.fix
 
 
@@ -324,16 +324,16 @@ def _rule(backend: FakeBackend, table: str, chain: str, *exprs: object) -> None:
     ("table", "chain", "hook", "prio", "match", "fix"),
     [
         ("mangle", "FORWARD", "forward", -150, _meta("iifname", "nvbr0"),
-         "iptables-nft -t mangle -I FORWARD -i nvbr0 -j ACCEPT; iptables-nft -t mangle -I "
-         "FORWARD -o nvbr0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"),
+         "iptables-nft -t mangle -I FORWARD -i nvbr0 -o up0 -j ACCEPT; iptables-nft -t mangle -I "
+         "FORWARD -i up0 -o nvbr0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"),
         ("mangle", "PREROUTING", "prerouting", -150, _meta("iifname", "up0"),
          "let them through before the drop: iptables-nft -t mangle -I PREROUTING -i up0 "
          "-m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"),
         ("raw", "PREROUTING", "prerouting", -300, _meta("iifname", "nvbr0"),
          "let them through before the drop: iptables-nft -t raw -I PREROUTING -i nvbr0 -j ACCEPT"),
         ("security", "FORWARD", "forward", 50, _meta("oifname", "nvbr0"),
-         "iptables-nft -t security -I FORWARD -i nvbr0 -j ACCEPT; iptables-nft -t security -I "
-         "FORWARD -o nvbr0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"),
+         "iptables-nft -t security -I FORWARD -i nvbr0 -o up0 -j ACCEPT; iptables-nft -t security "
+         "-I FORWARD -i up0 -o nvbr0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"),
     ],
     ids=["mangle-forward", "mangle-prerouting-replies", "raw-prerouting", "security-forward"],
 )  # fmt: skip
@@ -472,7 +472,7 @@ def test_br_netfilter_is_said_only_where_a_chain_drops_frames_between_guests(
     (finding,) = found
     assert (finding.code, finding.severity) == ("bridged-frames-drop", "warning")
     assert "table inet t chain c drops frames between guests on the bridge" in finding.message
-    assert finding.fix.startswith('nft insert rule inet t c iifname "nvbr0" accept')
+    assert finding.fix.startswith('nft insert rule inet t c iifname "nvbr0" oifname "nvbr0" accept')
 
 
 def test_doctor_with_another_state_dir_makes_no_store_there(
